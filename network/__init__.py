@@ -1,0 +1,1 @@
+"""Backbones and heads: dilated torchvision ResNet, DeepLabv3+, DeepLabv2."""
