@@ -1,0 +1,107 @@
+"""Dilated torchvision ResNet backbone (reco_behaviour.md section 4.1) and its ImageNet / local weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+# depth -> (torchvision constructor name, weights enum name); IMAGENET1K_V1 is what the reference used.
+_RESNETS = {
+    18: ("resnet18", "ResNet18_Weights"),
+    34: ("resnet34", "ResNet34_Weights"),
+    50: ("resnet50", "ResNet50_Weights"),
+    101: ("resnet101", "ResNet101_Weights"),
+}
+RESNET_DEPTHS = tuple(_RESNETS)
+
+
+def dilate_layer(layer: nn.Sequential, dilation: int) -> None:
+    """Turn a strided ResNet stage into a dilated one, in place (the reference's no-stride-dilate rule).
+
+    A stride-2 conv gets stride 1 and, if 3x3, dilation = padding = dilation // 2 (the first block's 3x3
+    and its 1x1 downsample); every other 3x3 conv gets dilation = padding = dilation.
+    """
+    for module in layer.modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        is_3x3 = module.kernel_size == (3, 3)
+        if module.stride == (2, 2):
+            module.stride = (1, 1)
+            if is_3x3:
+                module.dilation = module.padding = (dilation // 2, dilation // 2)
+        elif is_3x3:
+            module.dilation = module.padding = (dilation, dilation)
+
+
+def _check_depth(resnet_depth: int) -> None:
+    if resnet_depth not in _RESNETS:
+        raise ValueError(f"--resnet_depth {resnet_depth} is not supported: choose one of "
+                         f"{', '.join(map(str, RESNET_DEPTHS))}.")
+
+
+def imagenet_weight_file(resnet_depth: int) -> Path:
+    """Where torch hub keeps torchvision's IMAGENET1K_V1 file for this depth."""
+    _check_depth(resnet_depth)
+    weights = getattr(torchvision.models, _RESNETS[resnet_depth][1]).IMAGENET1K_V1
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _imagenet_state_dict(resnet_depth: int) -> dict[str, torch.Tensor]:
+    """Torchvision's ImageNet weights, downloaded into the torch hub cache when not there yet."""
+    weights = getattr(torchvision.models, _RESNETS[resnet_depth][1]).IMAGENET1K_V1
+    path = imagenet_weight_file(resnet_depth)
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(path), progress=True)
+        except Exception as error:  # no network, proxy, disk: all end in the same instruction
+            raise RuntimeError(
+                f"cannot download the ImageNet ResNet-{resnet_depth} weights ({type(error).__name__}: {error}); "
+                f"put {weights.url} at {path}, or pass --pretrained none or --pretrained PATH to a local "
+                f"torchvision ResNet-{resnet_depth} state_dict.") from None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _local_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--pretrained {path}: no such file; pass 'imagenet', 'none' or the path of a "
+                                f"torchvision ResNet state_dict (.pth).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"--pretrained {path}: cannot read it as a weights-only torch file ({error}); "
+                         f"pass a torchvision ResNet state_dict saved with torch.save.") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"--pretrained {path}: holds a {type(state).__name__}, not a state_dict.")
+    return state
+
+
+def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: tuple[int, int] = (1, 2)) -> nn.Module:
+    """Torchvision ResNet with layer3/layer4 dilated by `dilations` (1 = keep the stride) and no fc.
+
+    pretrained: 'imagenet' (torchvision IMAGENET1K_V1), 'none' (random init) or a path to a torchvision
+    ResNet state_dict (its fc keys are ignored; every other key must match).
+    """
+    _check_depth(resnet_depth)
+    resnet = getattr(torchvision.models, _RESNETS[resnet_depth][0])(weights=None)
+    resnet.fc = nn.Identity()  # dropped by the model anyway; keeps the strict load below free of fc keys
+    if pretrained != "none":
+        source = f"ImageNet ResNet-{resnet_depth}" if pretrained == "imagenet" else str(pretrained)
+        state = _imagenet_state_dict(resnet_depth) if pretrained == "imagenet" else _local_state_dict(pretrained)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        try:
+            resnet.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            detail = " ".join(str(error).split())
+            raise ValueError(f"--pretrained {source}: does not fit a torchvision ResNet-{resnet_depth} backbone "
+                             f"({detail[:400]}); pass weights of the same depth as --resnet_depth "
+                             f"with torchvision key names (conv1.weight, layer1.0...).") from None
+    for layer, dilation in zip((resnet.layer3, resnet.layer4), dilations):
+        if dilation > 1:
+            dilate_layer(layer, dilation)
+    return resnet
