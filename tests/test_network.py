@@ -1,0 +1,198 @@
+"""network/: reference state_dict layout, strides, dilation rule, pretrained loading, predict."""
+
+import json
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import network
+from network.backbone import dilate_layer
+
+REFERENCE = Path("/work/shared/reference")
+KEY_FILES = [("deeplabv3p", 21, "checkpoint_keys_deeplabv3p_21.json"),
+             ("deeplabv3p", 19, "checkpoint_keys_deeplabv3p_19.json"),
+             ("deeplabv2", 21, "checkpoint_keys_deeplabv2_21.json")]
+
+
+def _reference_keys(name):
+    for folder in (REFERENCE, Path(__file__).parent / "data"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    pytest.skip(f"{name} not available")
+
+
+def _meta_model(backbone, num_classes, depth=101):
+    with torch.device("meta"):
+        return network.build_model(backbone, num_classes, resnet_depth=depth)
+
+
+@pytest.mark.parametrize("backbone,num_classes,name", KEY_FILES)
+def test_state_dict_keys_shapes_dtypes_match_reference(backbone, num_classes, name):
+    reference = _reference_keys(name)
+    ours = [[k, list(v.shape), str(v.dtype)] for k, v in _meta_model(backbone, num_classes).state_dict().items()]
+    assert ours == reference
+
+
+@pytest.mark.parametrize("backbone,num_classes,name", KEY_FILES)
+def test_reference_format_state_dict_loads_strictly(backbone, num_classes, name):
+    dtypes = {"torch.float32": torch.float32, "torch.int64": torch.int64}
+    state = {k: torch.empty(shape, dtype=dtypes[dtype], device="meta") for k, shape, dtype in _reference_keys(name)}
+    model = _meta_model(backbone, num_classes)
+    model.load_state_dict(state, strict=True, assign=True)
+    assert network.infer_config(state) == {"backbone": backbone, "resnet_depth": 101,
+                                           "num_classes": num_classes, "output_dim": 256}
+
+
+@pytest.mark.parametrize("backbone", ["deeplabv3p", "deeplabv2"])
+def test_checkpoint_round_trip_is_strict_and_exact(tmp_path, backbone):
+    torch.manual_seed(0)
+    model = network.build_model(backbone, 4, output_dim=8, resnet_depth=18).eval()
+    path = tmp_path / "model.pth"
+    torch.save(model.state_dict(), path)
+    other = network.build_model(backbone, 4, output_dim=8, resnet_depth=18).eval()
+    other.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = torch.randn(1, 3, 49, 65)
+    for a, b in zip(model(x), other(x)):
+        assert torch.equal(a, b)
+    assert network.infer_config(other.state_dict()) == {"backbone": backbone, "resnet_depth": 18,
+                                                        "num_classes": 4, "output_dim": 8}
+
+
+@pytest.mark.parametrize("backbone,size,expected", [("deeplabv3p", 321, 81), ("deeplabv3p", 513, 129),
+                                                    ("deeplabv2", 321, 41)])
+def test_output_strides(backbone, size, expected):
+    model = network.build_model(backbone, 5, output_dim=16, resnet_depth=18).eval()
+    with torch.no_grad():
+        logits, rep = model(torch.randn(1, 3, size, size))
+    assert logits.shape == (1, 5, expected, expected)
+    assert rep.shape == (1, 16, expected, expected)
+
+
+def _conv_config(layer):
+    return [(name, conv.stride, conv.dilation, conv.padding) for name, conv in layer.named_modules()
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)]
+
+
+def test_resnet101_dilation_layout_deeplabv3p():
+    model = _meta_model("deeplabv3p", 21)
+    assert model.resnet_layer3[0].conv2.stride == (2, 2)  # layer3 keeps its stride: OS16
+    assert all(d == (1, 1) for _, _, d, _ in _conv_config(model.resnet_layer3))
+    config = _conv_config(model.resnet_layer4)
+    assert config[0] == ("0.conv2", (1, 1), (1, 1), (1, 1))
+    assert all(c[1:] == ((1, 1), (2, 2), (2, 2)) for c in config[1:]) and len(config) == 3
+    assert model.resnet_layer4[0].downsample[0].stride == (1, 1)
+    rates = [branch[0].dilation for branch in model.ASPP.convs[1:4]]
+    assert rates == [(6, 6), (12, 12), (18, 18)]
+    assert len(model.resnet_layer3) == 23
+
+
+def test_resnet101_dilation_layout_deeplabv2():
+    model = _meta_model("deeplabv2", 21)
+    for layer, d in ((model.resnet_layer3, 2), (model.resnet_layer4, 4)):
+        config = _conv_config(layer)
+        assert config[0] == ("0.conv2", (1, 1), (d // 2, d // 2), (d // 2, d // 2))
+        assert all(c[1:] == ((1, 1), (d, d), (d, d)) for c in config[1:])
+        assert layer[0].downsample[0].stride == (1, 1)
+    assert [c.dilation for c in model.classifier.conv2d_list] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+
+
+def test_basic_block_dilation_rule():
+    resnet = torchvision.models.resnet18(weights=None)
+    dilate_layer(resnet.layer4, 4)
+    assert _conv_config(resnet.layer4) == [("0.conv1", (1, 1), (2, 2), (2, 2)), ("0.conv2", (1, 1), (4, 4), (4, 4)),
+                                           ("1.conv1", (1, 1), (4, 4), (4, 4)), ("1.conv2", (1, 1), (4, 4), (4, 4))]
+    assert resnet.layer4[0].downsample[0].stride == (1, 1)
+
+
+def test_deeplabv2_sums_all_four_branches():
+    torch.manual_seed(0)
+    head = network.deeplab.DeepLabv2Classifier(8, 3)
+    x = torch.randn(2, 8, 30, 30)
+    expected = sum(conv(x) for conv in head.conv2d_list)
+    torch.testing.assert_close(head(x), expected)
+    weights = torch.cat([c.weight.flatten() for c in head.conv2d_list])
+    assert abs(weights.std().item() - 0.01) < 0.002
+
+
+def test_bad_backbone_and_depth_are_clear():
+    with pytest.raises(ValueError, match="--backbone"):
+        network.build_model("unet", 3)
+    with pytest.raises(ValueError, match="--resnet_depth 42"):
+        network.build_model("deeplabv3p", 3, resnet_depth=42)
+
+
+def test_pretrained_path_loads_backbone_strictly(tmp_path):
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), path)  # includes fc.*, which is ignored
+    model = network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained=str(path))
+    assert torch.equal(model.resnet_conv1.weight, source.conv1.weight)
+    assert torch.equal(model.resnet_layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match=r"r34.pth.*ResNet-18"):
+        network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained=str(tmp_path / "r34.pth"))
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained=str(tmp_path / "nothing.pth"))
+
+
+def _no_network(url, dst, *args, **kwargs):
+    raise urllib.error.URLError("no network")
+
+
+def test_pretrained_imagenet_without_network_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    target = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert network.imagenet_weight_file(18) == target
+    with pytest.raises(RuntimeError) as error:
+        network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained="imagenet")
+    message = str(error.value)
+    assert str(target) in message and "none" in message and "\n" not in message
+
+    torch.manual_seed(2)
+    source = torchvision.models.resnet18(weights=None)
+    torch.save(source.state_dict(), target)  # a cached file is used without any download
+    model = network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained="imagenet")
+    assert torch.equal(model.resnet_layer2[0].conv1.weight, source.layer2[0].conv1.weight)
+
+
+class _Echo(nn.Module):
+    """Logits = the image plus a left-to-right ramp, at full resolution (a known answer for predict)."""
+
+    def forward(self, x):
+        ramp = torch.arange(x.shape[-1], dtype=x.dtype).expand_as(x)
+        return x + ramp, x
+
+
+def test_predict_flip_and_window_known_answers():
+    x = torch.randn(2, 3, 20, 31)
+    width = x.shape[-1]
+    ramp = torch.arange(width, dtype=x.dtype).expand_as(x)
+    torch.testing.assert_close(network.predict(_Echo(), x, (20, 31)), x + ramp)
+    # the flipped pass sees the ramp reversed; undoing the flip must realign the image
+    torch.testing.assert_close(network.predict(_Echo(), x, (20, 31), flip=True), x + (width - 1) / 2)
+    # windows are put back where they came from and overlaps are averaged: the identity model is exact
+    torch.testing.assert_close(network.predict(lambda t: (t, t), x, (20, 31), window=(8, 12)), x)
+    # each window's ramp restarts at 0: column 0 is only ever a window's first column, the last only a last one
+    windowed = network.predict(_Echo(), x, (20, 31), window=(8, 12))
+    torch.testing.assert_close(windowed[..., 0], x[..., 0])
+    torch.testing.assert_close(windowed[..., -1], x[..., -1] + 11)
+
+
+def test_predict_on_a_real_model():
+    torch.manual_seed(0)
+    model = network.build_model("deeplabv3p", 4, output_dim=8, resnet_depth=18).eval()
+    x = torch.randn(2, 3, 65, 81)
+    plain = network.predict(model, x, (65, 81))
+    assert plain.shape == (2, 4, 65, 81)
+    torch.testing.assert_close(network.predict(model, x, (65, 81), window=(65, 81)), plain)
+    torch.testing.assert_close(network.predict(model, x, (65, 81), window=(100, 100)), plain)
+    assert network.predict(model, x, (65, 81), flip=True, window=(33, 49)).shape == (2, 4, 65, 81)
+    assert network.predict(model, x, (30, 40), flip=True).shape == (2, 4, 30, 40)
+    assert network.predict(model, x, (30, 40), window=(33, 49)).shape == (2, 4, 30, 40)
