@@ -1,0 +1,114 @@
+"""Flag handling and helpers of the shared training engine (no training here)."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+
+
+def parse(mode, *argv):
+    return engine.get_args_parser(mode).parse_args(list(argv))
+
+
+@pytest.mark.parametrize("mode, dataset, has", [
+    ("sup", "cityscapes", "num_labels"), ("semi", "cityscapes", "num_labels"),
+    ("sup_partial", "cityscapes", "partial"), ("semi_partial", "pascal", "partial")])
+def test_reference_defaults(mode, dataset, has):
+    args = parse(mode)
+    assert args.dataset == dataset
+    assert (args.lr, args.weight_decay, args.seed, args.backbone, args.output_dim) == (2.5e-3, 5e-4, 0, "deeplabv3p", 256)
+    assert (args.num_queries, args.num_negatives, args.temp) == (256, 512, 0.5)
+    assert (args.weak_threshold, args.strong_threshold, args.apply_aug, args.apply_reco) == (0.7, 0.97, "cutout", False)
+    assert getattr(args, has) == (15 if has == "num_labels" else "p0")
+    # the unused reference flags are still accepted
+    parse(mode, "--mode", "x", "--port", "1", "--gpu", "0", "--id", "3")
+
+
+def test_table_fills_unset_flags():
+    args = engine.resolve_args(parse("semi", "--dataset", "pascal"))
+    assert (args.batch_size, args.crop_size, args.epochs, args.iters_per_epoch) == (10, (321, 321), 200, 200)
+    assert (args.resnet_depth, args.pretrained) == (101, "imagenet")
+    args = engine.resolve_args(parse("sup", "--dataset", "cityscapes", "--batch_size", "3", "--crop_size", "64", "96"))
+    assert (args.batch_size, args.crop_size) == (3, (64, 96))
+
+
+@pytest.mark.parametrize("mode, argv, name", [
+    ("sup", ["--dataset", "pascal", "--num_labels", "60"], "pascal_label60_sup_0"),
+    ("sup", ["--dataset", "pascal", "--num_labels", "60", "--apply_reco", "--seed", "2"], "pascal_label60_sup_reco_2"),
+    ("semi", ["--dataset", "cityscapes", "--num_labels", "20", "--apply_aug", "classmix", "--apply_reco"],
+     "cityscapes_label20_semi_classmix_reco_0"),
+    ("sup_partial", ["--partial", "p5", "--seed", "1"], "cityscapes_p5_sup_1"),
+    ("semi_partial", ["--apply_aug", "cutmix"], "pascal_p0_semi_cutmix_0"),
+])
+def test_reference_file_names(mode, argv, name):
+    assert engine.resolve_args(parse(mode, *argv)).name == name
+
+
+@pytest.mark.parametrize("mode, argv, words", [
+    ("sup_partial", ["--dataset", "sun"], "--dataset sun has no partial labels"),
+    ("semi", ["--batch_size", "0"], "--batch_size must be positive"),
+    ("semi", ["--iters_per_epoch", "-1"], "--iters_per_epoch must be positive"),
+    ("semi", ["--apply_reco", "--num_queries", "0"], "--num_queries must be positive"),
+    ("sup", ["--num_labels", "-3"], "--num_labels"),
+    ("sup", ["--dataset", "imagenet"], "imagenet"),
+])
+def test_bad_flags_name_the_flag(mode, argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        engine.main(mode, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and err.startswith("error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value", [("--backbone", "resnet"), ("--apply_aug", "mixup"), ("--partial", "p3")])
+def test_unknown_choices_are_refused_by_the_parser(flag, value, capsys):
+    mode = "semi_partial"
+    with pytest.raises(SystemExit) as exit_info:
+        parse(mode, flag, value)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_nearest_keeps_label_values_and_dtype():
+    labels = torch.randint(-1, 5, (2, 12, 12))
+    small = engine.nearest(labels, (6, 6))
+    assert small.dtype == labels.dtype and torch.equal(small, labels[:, ::2, ::2])
+    mask = labels >= 0
+    assert torch.equal(engine.nearest(mask, (6, 6)), mask[:, ::2, ::2])
+
+
+def test_seed_all_is_a_pure_function_of_its_keys():
+    engine.seed_all(0, 3, 1)
+    a = torch.rand(4), np.random.rand(), __import__("random").random()
+    engine.seed_all(0, 3, 1)
+    b = torch.rand(4), np.random.rand(), __import__("random").random()
+    engine.seed_all(0, 3, 2)
+    c = torch.rand(4)
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:] and not torch.equal(a[0], c)
+
+
+def test_atomic_save_leaves_nothing_half_written(tmp_path):
+    target = tmp_path / "sub" / "x.txt"
+    engine.atomic_save(lambda p: p.write_text("one"), target)
+
+    def broken(p):
+        p.write_text("partial")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        engine.atomic_save(broken, target)
+    assert target.read_text() == "one" and sorted(x.name for x in target.parent.iterdir()) == ["x.txt"]
+
+
+def test_load_checkpoint_accepts_plain_and_resume_dicts(tmp_path):
+    plain = {"a.weight": torch.ones(2)}
+    torch.save({"module.a.weight": torch.ones(2)}, tmp_path / "ddp.pth")
+    torch.save({"model": {"a.weight": torch.zeros(2)}, "teacher": plain, "epoch": 3}, tmp_path / "last.pth")
+    assert torch.equal(engine.load_checkpoint(tmp_path / "ddp.pth")["a.weight"], torch.ones(2))
+    assert torch.equal(engine.load_checkpoint(tmp_path / "last.pth")["a.weight"], torch.ones(2))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        engine.load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pth"):
+        engine.load_checkpoint(tmp_path / "bad.pth")

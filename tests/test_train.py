@@ -1,0 +1,122 @@
+"""The four training scripts end to end on the demo data: outputs, resume after SIGKILL, torchrun."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from network import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "demo", "--batch_size", "2", "--crop_size", "33", "33", "--iters_per_epoch", "2",
+        "--num_queries", "16", "--num_negatives", "32", "--output_dim", "16"]
+
+
+def tiny_args(demo_root, tmp_path, *extra):
+    return TINY + ["--data_root", str(demo_root), "--weights_dir", str(tmp_path / "w"),
+                   "--log_dir", str(tmp_path / "log"), *extra]
+
+
+@pytest.mark.parametrize("mode, extra, name, columns", [
+    ("sup", ["--num_labels", "6", "--apply_reco"], "demo_label6_sup_reco_0", 6),
+    ("semi", ["--num_labels", "6", "--apply_aug", "classmix", "--apply_reco"], "demo_label6_semi_classmix_reco_0", 10),
+    ("sup_partial", ["--partial", "p1"], "demo_p1_sup_0", 6),
+    ("semi_partial", ["--partial", "p0", "--apply_aug", "cutmix", "--apply_reco"], "demo_p0_semi_cutmix_reco_0", 10),
+])
+def test_each_script_trains_and_leaves_its_outputs(mode, extra, name, columns, demo_root, tmp_path, capsys):
+    engine.main(mode, tiny_args(demo_root, tmp_path, "--epochs", "2", "--no_visual", *extra))
+    out = capsys.readouterr().out
+    assert out.count("EPOCH") == 2 and "mIoU" in out
+    metrics = np.load(tmp_path / "log" / f"{name}.npy")
+    assert metrics.shape == (2, columns) and np.isfinite(metrics).all()
+    assert 0 <= metrics[:, -2].min() and metrics[:, -2].max() <= 1  # test mIoU
+    state = torch.load(tmp_path / "w" / f"{name}.pth", weights_only=True)
+    model = build_model("deeplabv3p", 5, output_dim=16, resnet_depth=18)
+    model.load_state_dict(state)  # a plain state_dict, loadable strictly (as by the reference code)
+    run_dir = tmp_path / "log" / name
+    for f in ("last.pth", "metrics.csv", "curves.png", "split/labelled.txt", "split/unlabelled.txt"):
+        assert (run_dir / f).is_file(), f
+    assert any((run_dir / "tensorboard").iterdir())
+    csv = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(csv) == 3 and csv[0].split(",")[0] == "epoch" and len(csv[0].split(",")) == columns + 1
+    labelled = (run_dir / "split/labelled.txt").read_text().split()
+    assert len(labelled) == (6 if "label6" in name else len((demo_root / "train_aug.txt").read_text().split()))
+
+
+def test_demo_run_draws_a_figure(demo_root, tmp_path):
+    result = engine.train(engine.get_args_parser("semi").parse_args(
+        tiny_args(demo_root, tmp_path, "--epochs", "1", "--apply_aug", "classmix")))
+    assert Path(result["figure"]).stat().st_size > 1000
+
+
+def test_resume_refuses_nothing_and_foreign_runs(demo_root, tmp_path, capsys):
+    argv = tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "4")
+    with pytest.raises(SystemExit):
+        engine.main("sup", argv + ["--resume"])
+    assert "nothing to resume" in capsys.readouterr().err
+    engine.main("sup", argv)
+    with pytest.raises(SystemExit):
+        engine.main("sup", argv + ["--resume", "--lr", "0.1"])
+    assert "--lr 0.0025 (now 0.1)" in capsys.readouterr().err
+
+
+def test_num_labels_larger_than_the_pool_is_refused(demo_root, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        engine.main("semi", tiny_args(demo_root, tmp_path, "--num_labels", "100000"))
+    assert "--num_labels 100000" in capsys.readouterr().err
+
+
+def script(name, argv, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(REPO / name), *argv], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_sigkill_then_resume_gives_the_same_weights(demo_root, tmp_path):
+    common = ["--epochs", "3", "--iters_per_epoch", "4", "--no_visual", "--num_labels", "6", "--apply_aug", "cutmix",
+              "--apply_reco"]
+    straight = script("train_semisup.py", tiny_args(demo_root, tmp_path / "a", *common))
+    killed = script("train_semisup.py", tiny_args(demo_root, tmp_path / "b", *common))
+    for line in killed.stdout:  # kill during the third epoch, after two epochs were saved
+        if line.startswith("EPOCH    2"):
+            time.sleep(0.3)
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    resumed = script("train_semisup.py", tiny_args(demo_root, tmp_path / "b", *common, "--resume"))
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_straight, _ = straight.communicate(timeout=300)
+    assert resumed.returncode == 0 and straight.returncode == 0, out_resumed + out_straight
+    assert "resuming at epoch 3" in out_resumed and out_resumed.count("EPOCH") == 1
+    name = "demo_label6_semi_cutmix_reco_0"
+    a = torch.load(tmp_path / "a/log" / name / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "b/log" / name / "last.pth", weights_only=True)
+    for key in ("model", "teacher"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert torch.equal(a["metrics"], b["metrics"])
+
+
+def test_torchrun_two_cpu_processes(demo_root, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, engine\n"
+        "r = engine.train(engine.get_args_parser('semi').parse_args(sys.argv[1:]))\n"
+        "import os; print('RANK', os.environ['RANK'], 'BEST', repr(r['best_miou']), flush=True)\n")
+    argv = tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "6", "--apply_reco",
+                     "--device", "cpu")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(probe), *argv], cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    best = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK")}
+    assert set(best) == {"0", "1"} and best["0"] == best["1"]
+    assert done.stdout.count("EPOCH") == 1  # only rank 0 reports
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["demo_label6_semi_cutout_reco_0.pth"]
