@@ -362,11 +362,25 @@ def semi_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, torch.stack([sup, unsup, reco]).detach()
 
 
+def optimisation_step(run: Run, batch: Sequence, monitors: Sequence[ConfMatrix]) -> torch.Tensor:
+    """Loss, backward, SGD step and (semi) teacher update for one batch per loader; returns the logged losses."""
+    if run.ema is None:
+        loss, logged = sup_step(run, batch[0], monitors)
+    else:
+        loss, logged = semi_step(run, batch, monitors)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    return logged
+
+
 def train_one_epoch(run: Run, loaders: Sequence, epoch: int) -> list[float]:
     """One epoch of `iters_per_epoch` steps; returns the epoch's row of training metrics (reduced over ranks)."""
     args, device = run.args, run.dist.device
     semi = run.ema is not None
-    step = semi_step if semi else sup_step
     seed_all(args.seed, epoch, run.dist.rank)  # every epoch's draws are fixed by (seed, epoch, rank): exact resume
     for loader in loaders:
         loader.set_epoch(epoch)
@@ -379,14 +393,7 @@ def train_one_epoch(run: Run, loaders: Sequence, epoch: int) -> list[float]:
                disable=not (run.dist.main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
     lr = run.optimizer.param_groups[0]["lr"]
     for it, batch in enumerate(bar):
-        loss, logged = step(run, batch if semi else batch[0], monitors)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        if semi:
-            run.ema.update(run.model)
-        losses += logged
+        losses += optimisation_step(run, batch, monitors)
         if (it + 1) % args.log_interval == 0 and not bar.disable:  # the only host sync inside the epoch
             names = ("sup", "unsup", "reco") if semi else ("loss",)
             bar.set_postfix({n: f"{v:.3f}" for n, v in zip(names, (losses / (it + 1)).tolist())}, lr=f"{lr:.2e}")
