@@ -250,3 +250,136 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
+
+
+# --- label-budget splits (full-label mode) ---
+
+ClassSets = Mapping[str, Collection[int]] | Callable[[str], Collection[int]]
+
+
+def _budget_error(num_labels: int, got: int, why: str) -> DataError:
+    return DataError(f"cannot pick {num_labels} labelled images: {why} (picked {got}); pass a smaller "
+                     f"--num_labels, or --num_labels 0 to use every training image")
+
+
+def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, seed: int, num_classes: int,
+                    min_classes: int) -> tuple[list[str], list[str]]:
+    """The reference's class-balanced greedy split (Pascal, Cityscapes): returns (labelled ids in selection
+    order, the other ids in list order). `class_sets` maps an id to its classes (void excluded); it is
+    called lazily and may be called again for the same id."""
+    classes_of = class_sets if callable(class_sets) else class_sets.__getitem__
+    if not 0 <= num_labels <= len(ids):
+        raise _budget_error(num_labels, 0, f"the training list has {len(ids)} images")
+    work = list(ids)
+    random.Random(seed).shuffle(work)  # the only random draw, as random.seed(seed); random.shuffle(...)
+    counter = [0] * num_classes
+    least_seen = set(range(num_classes))
+    labelled: list[str] = []
+    rejected: list[str] = []
+    failed: set[str] = set()  # ids rejected since the last accept
+    while len(labelled) < num_labels:
+        if not work:
+            work, rejected = rejected, []
+        candidate = work.pop()
+        classes = set(classes_of(candidate))
+        if len(classes) >= min_classes and (not labelled or classes & least_seen):
+            labelled.append(candidate)
+            for c in classes:
+                counter[c] += 1
+            failed.clear()
+        else:
+            rejected.append(candidate)
+            failed.add(candidate)
+            # Acceptance depends only on the counters, so once every remaining id failed since the last
+            # accept, no id can ever pass: the reference would loop forever here.
+            if len(failed) == len(work) + len(rejected):
+                raise _budget_error(num_labels, len(labelled),
+                                    f"no remaining image has >= {min_classes} classes including one of the "
+                                    f"least-seen classes {sorted(least_seen)}")
+        fewest = min(counter)
+        least_seen = {c for c in range(num_classes) if counter[c] == fewest}
+    chosen = set(labelled)
+    return labelled, [i for i in ids if i not in chosen]
+
+
+def select_labelled_sun(ids: Sequence[str], class_sets: ClassSets, num_labels: int, seed: int,
+                        num_classes: int) -> tuple[list[str], list[str]]:
+    """The reference's SUN split: take images from the per-class lists of the least-seen class (no minimum
+    class count). Returns (labelled ids in selection order, the other ids in list order)."""
+    classes_of = class_sets if callable(class_sets) else class_sets.__getitem__
+    if not 0 <= num_labels <= len(ids):
+        raise _budget_error(num_labels, 0, f"the training list has {len(ids)} images")
+    shuffled = list(ids)
+    random.Random(seed).shuffle(shuffled)
+    class_list: list[list[str]] = [[] for _ in range(num_classes)]
+    for i in shuffled:
+        for c in classes_of(i):
+            class_list[c].append(i)
+    counter = np.zeros(num_classes, np.int64)
+    active = np.ones(num_classes, bool)
+    fill = list(range(num_classes))
+    labelled: list[str] = []
+    chosen: set[str] = set()
+    while len(labelled) < num_labels:
+        if not fill:
+            raise _budget_error(num_labels, len(labelled), "every image containing a class was taken")
+        if class_list[fill[0]]:
+            candidate = class_list[fill[0]].pop()
+            if candidate not in chosen:
+                labelled.append(candidate)
+                chosen.add(candidate)
+                counter[list(classes_of(candidate))] += 1
+                fill = np.flatnonzero(active & (counter == counter[active].min())).tolist()
+        else:  # this class has no images left: it stops counting
+            active[fill[0]] = False
+            fill = fill[1:]
+    return labelled, [i for i in ids if i not in chosen]
+
+
+def get_split(info: "DatasetInfo", root: str | os.PathLike, num_labels: int, seed: int
+              ) -> tuple[list[str], list[str]]:
+    """(labelled ids, unlabelled ids) of the training set for a label budget; 0 -> (all ids, all ids)."""
+    ids = list_ids(info, root, "train")
+    if num_labels == 0:
+        return list(ids), list(ids)
+    cache: dict[str, frozenset[int]] = {}
+
+    def classes_of(i: str) -> frozenset[int]:
+        if i not in cache:
+            path = label_path(info, root, i, "train")
+            classes = _valid_classes(read_label(info, path), (VOID,))
+            if classes.size and classes[-1] >= info.num_classes:
+                raise DataError(f"label file {path} holds class {classes[-1]}, but {info.name} has "
+                                f"{info.num_classes} classes (0..{info.num_classes - 1}, {VOID} = void)")
+            cache[i] = frozenset(classes.tolist())
+        return cache[i]
+
+    if info.min_classes == 0:
+        return select_labelled_sun(ids, classes_of, num_labels, seed, info.num_classes)
+    return select_labelled(ids, classes_of, num_labels, seed, info.num_classes, info.min_classes)
+
+
+def write_split_dir(path: str | os.PathLike, labelled: Sequence[str], unlabelled: Sequence[str]) -> None:
+    """Write path/labelled.txt and path/unlabelled.txt, one id per line."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, split_ids in (("labelled.txt", labelled), ("unlabelled.txt", unlabelled)):
+        tmp = path / f".{name}.tmp{os.getpid()}"
+        tmp.write_text("".join(f"{i}\n" for i in split_ids))
+        os.replace(tmp, path / name)
+
+
+def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(labelled, unlabelled) ids from a folder written by write_split_dir or dataset/make_splits.py."""
+    path = Path(path)
+    lists = []
+    for name in ("labelled.txt", "unlabelled.txt"):
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"split file {file} does not exist: --split_dir must be a folder written "
+                                    f"by dataset/make_splits.py (labelled.txt and unlabelled.txt)")
+        lists.append([line.strip() for line in file.read_text().splitlines() if line.strip()])
+    if not lists[0]:
+        raise DataError(f"split file {path / 'labelled.txt'} lists no ids; re-create it with "
+                        f"dataset/make_splits.py")
+    return lists[0], lists[1]
