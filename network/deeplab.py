@@ -150,3 +150,28 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
                          f"{', '.join(map(str, RESNET_DEPTHS))}.")
     return {"backbone": backbone, "resnet_depth": depth, "num_classes": state_dict[classifier].shape[0],
             "output_dim": state_dict[representation].shape[0]}
+
+
+def model_from_state_dict(state_dict: dict[str, torch.Tensor], source: str = "the checkpoint",
+                          num_classes: int | None = None, backbone: str | None = None,
+                          resnet_depth: int | None = None, output_dim: int | None = None) -> nn.Module:
+    """Build the network a state_dict was saved from and load it strictly; flags left None are read from it.
+
+    source names the file in error messages; num_classes, if given, must match the checkpoint's (the dataset's).
+    """
+    found = infer_config(state_dict)
+    for flag, value in (("backbone", backbone), ("resnet_depth", resnet_depth), ("output_dim", output_dim)):
+        if value is not None and value != found[flag]:
+            raise ValueError(f"--{flag} {value} does not match {source} ({flag} {found[flag]}); "
+                             f"drop the flag or pass the right checkpoint")
+    if num_classes is not None and found["num_classes"] != num_classes:
+        raise ValueError(f"{source} predicts {found['num_classes']} classes but the dataset has {num_classes}; "
+                         f"pass a checkpoint trained on this --dataset")
+    model = build_model(found["backbone"], found["num_classes"], found["output_dim"], found["resnet_depth"])
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise ValueError(f"{source} does not fit a {found['backbone']} ResNet-{found['resnet_depth']} model "
+                         f"({detail[:400]}); pass a file written by the training scripts") from None
+    return model

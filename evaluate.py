@@ -1,0 +1,110 @@
+"""Evaluate any checkpoint (ours or the reference's) on a dataset's val/test split.
+
+By default this is the reference's protocol: whole (padded) images, single scale, one confusion matrix over the
+whole set. --window H W slides a window over each image and --flip adds the mirrored pass.
+
+    python evaluate.py --dataset pascal --checkpoint model_weights/pascal_label60_semi_classmix_reco.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import engine
+from build_data import DataError, SegmentationDataset, build_test_loader, dataset_info, list_ids
+from network import BACKBONES, RESNET_DEPTHS, model_from_state_dict
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint: per-class IoU, mIoU and pixel accuracy.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, help="pascal, cityscapes, sun or demo")
+    p.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
+    p.add_argument("--checkpoint", required=True, help="a .pth state_dict (ours, the reference's, or our last.pth)")
+    p.add_argument("--backbone", default=None, choices=BACKBONES, help="default: read from the checkpoint")
+    p.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS,
+                   help="default: read from the checkpoint")
+    p.add_argument("--output_dim", type=int, default=None, help="default: read from the checkpoint (256)")
+    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="sliding-window inference with windows of H x W pixels (default: whole image)")
+    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write {miou, acc, iou_per_class} here")
+    return p
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device as a torch.device; CUDA only when it is there."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def format_report(class_names: Sequence[str], result: dict) -> str:
+    """Per-class IoU table, then mIoU and pixel accuracy (in %); classes absent from GT and prediction show '-'."""
+    width = max(len("class"), *(len(name) for name in class_names))
+    lines = [f"{'class':<{width}}  IoU (%)"]
+    for name, iou in zip(class_names, result["iou_per_class"]):
+        lines.append(f"{name:<{width}}  {'-' if math.isnan(iou) else f'{100 * iou:7.2f}':>7}")
+    lines += ["-" * (width + 9), f"{'mIoU':<{width}}  {100 * result['miou']:7.2f}",
+              f"{'accuracy':<{width}}  {100 * result['acc']:7.2f}"]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Evaluate --checkpoint on --dataset's test split; prints the report and returns {miou, acc, iou_per_class}."""
+    info = dataset_info(args.dataset)
+    root = Path(args.data_root) if args.data_root else info.default_root
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist: download and preprocess the {info.name} data "
+                        f"(see README.md) or pass --data_root")
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
+    if args.window is not None and min(args.window) < 1:
+        raise ValueError(f"--window must be two positive sizes H W, got {args.window}")
+    device = resolve_device(args.device)
+    model = model_from_state_dict(engine.load_checkpoint(args.checkpoint), f"checkpoint {args.checkpoint}",
+                                  info.num_classes, args.backbone, args.resnet_depth, args.output_dim)
+    model.to(device)
+    ids = list_ids(info, root, "test")
+    loader = build_test_loader(SegmentationDataset(info, root, ids, "test"), batch_size=args.batch_size,
+                               num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    protocol = "sliding window {}x{}".format(*args.window) if args.window else "whole padded image"
+    print(f"{args.checkpoint} on {info.name} ({len(ids)} test images, {protocol}, single scale"
+          f"{', + flip' if args.flip else ''}, device {device})", flush=True)
+    result = engine.evaluate(model, loader, info.num_classes, device, amp=args.amp, flip=args.flip,
+                             window=tuple(args.window) if args.window else None, progress=True)
+    result = {"miou": result["miou"], "acc": result["acc"], "iou_per_class": list(result["iou_per_class"])}
+    print(format_report(info.class_names, result), flush=True)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # NaN (a class absent from GT and prediction) is not JSON: write null
+        iou = [None if math.isnan(v) else v for v in result["iou_per_class"]]
+        path.write_text(json.dumps({"miou": result["miou"], "acc": result["acc"], "iou_per_class": iou}, indent=1)
+                        + "\n")
+        print(f"wrote {path}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command-line entry: parse argv and evaluate."""
+    return evaluate_checkpoint(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    engine.run_cli(main)
