@@ -1,10 +1,30 @@
 """Data: the dataset table, label maps, joint transforms, datasets, loaders, label-budget splits,
 partial labels and the synthetic demo dataset."""
 
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
 from module_list import IGNORE_INDEX
 
 # Void value of label files on disk; it becomes IGNORE_INDEX in tensors.
 VOID = 255
+REPO_ROOT = Path(__file__).resolve().parent
+# ImageNet statistics used to normalise every image.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+PARTIAL_SETTINGS = ("p0", "p1", "p5", "p25")
+SPLITS = ("train", "test")
+# Label-table entry for raw values that are neither a class nor void, so one vectorised test finds them.
+_INVALID = 254
 
 
 class DataError(Exception):
@@ -12,18 +32,592 @@ class DataError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
+# The dataset table: the only place per-dataset numbers live
+# ---------------------------------------------------------------------------------------------
+
+
+def _voc_colours(n: int) -> list[tuple[int, int, int]]:
+    """Pascal VOC colours: the bits of a class index are spread, three at a time, over the high bits of R, G, B."""
+    colours = []
+    for index in range(n):
+        rgb, value = [0, 0, 0], index
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << (7 - bit)
+            value >>= 3
+        colours.append(tuple(rgb))
+    return colours
+
+
+def _palette(colours: Sequence[tuple[int, int, int]], fill: int) -> np.ndarray:
+    """uint8 [256, 3]: the given colours first, every other row (void included) filled with `fill`."""
+    palette = np.full((256, 3), fill, np.uint8)
+    palette[: len(colours)] = colours
+    return palette
+
+
+def _label_table(mapping: dict[int, int], default: int) -> np.ndarray:
+    """uint8 [257]: raw label value -> class id or VOID; entry 256 stands for every raw value above 255."""
+    table = np.full(257, default, np.uint8)
+    for raw, cls in mapping.items():
+        table[raw] = cls
+    return table
+
+
+def _identity_table(num_classes: int) -> np.ndarray:
+    return _label_table({**{c: c for c in range(num_classes)}, VOID: VOID}, _INVALID)
+
+
+_CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                         25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+_CITYSCAPES_COLOURS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                       (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                       (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+                       (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+_SUN_COLOURS = [(148, 65, 137), (255, 116, 69), (86, 156, 137), (202, 179, 158), (155, 99, 235), (161, 107, 108),
+                (133, 160, 103), (76, 152, 126), (84, 62, 35), (44, 80, 130), (31, 184, 157), (101, 144, 77),
+                (23, 197, 62), (141, 168, 145), (142, 151, 136), (115, 201, 77), (100, 216, 255), (57, 156, 36),
+                (88, 108, 129), (105, 129, 112), (42, 137, 126), (155, 108, 249), (166, 148, 143), (81, 91, 87),
+                (100, 124, 51), (73, 131, 121), (157, 210, 220), (134, 181, 60), (221, 223, 147), (123, 108, 131),
+                (161, 66, 179), (163, 221, 160), (31, 146, 98), (99, 121, 30), (49, 89, 240), (116, 108, 9),
+                (161, 176, 169)]
+_PASCAL_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+                 "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+                 "train", "tvmonitor")
+_CITYSCAPES_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                     "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                     "motorcycle", "bicycle")
+_SUN_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+              "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+              "floor mat", "clothes", "ceiling", "books", "fridge", "tv", "paper", "towel", "shower curtain", "box",
+              "whiteboard", "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag")
+_DEMO_NAMES = ("background", "stripes", "checker", "dots", "blob")
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetInfo:
+    """Everything that differs between datasets. Sizes are (H, W); batch_size is per branch in semi mode."""
+
+    name: str
+    layout: str  # folder layout on disk: 'pascal' (also the demo), 'cityscapes' or 'sun'
+    class_names: tuple[str, ...]
+    palette: np.ndarray  # uint8 [256, 3]; row 255 paints void / ignore
+    label_table: np.ndarray  # uint8 [257]: raw label file value -> class id, VOID, or _INVALID
+    crop_size: tuple[int, int]
+    eval_size: tuple[int, int]
+    scale_range: tuple[float, float]
+    batch_size: int
+    min_classes: int  # split sampler threshold (0: SUN's own loop)
+    partial_labels: bool
+    setup_hint: str  # how a user gets the data, quoted by errors
+    # Training defaults the engine uses for flags left unset.
+    epochs: int = 200
+    iters_per_epoch: int = 200
+    resnet_depth: int = 101
+    pretrained: str = "imagenet"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def default_root(self) -> Path:
+        return REPO_ROOT / "dataset" / self.name
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "pascal": DatasetInfo(
+        name="pascal", layout="pascal", class_names=_PASCAL_NAMES, palette=_palette(_voc_colours(21), 255),
+        label_table=_identity_table(21), crop_size=(321, 321), eval_size=(513, 513), scale_range=(0.5, 1.5),
+        batch_size=10, min_classes=3, partial_labels=True,
+        setup_hint="put VOC2012 JPEGImages/ and SegmentationClassAug/ in dataset/pascal and run "
+                   "`python dataset/pascal_preprocess.py` (README, Datasets)"),
+    "cityscapes": DatasetInfo(
+        name="cityscapes", layout="cityscapes", class_names=_CITYSCAPES_NAMES,
+        palette=_palette(_CITYSCAPES_COLOURS, 0), label_table=_label_table(_CITYSCAPES_TRAIN_IDS, VOID),
+        crop_size=(512, 512), eval_size=(512, 1024), scale_range=(1.0, 1.0), batch_size=2, min_classes=12,
+        partial_labels=True,
+        setup_hint="put leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ in dataset/ and run "
+                   "`python dataset/cityscapes_preprocess.py` (README, Datasets)"),
+    "sun": DatasetInfo(
+        name="sun", layout="sun", class_names=_SUN_NAMES, palette=_palette(_SUN_COLOURS, 0),
+        label_table=_label_table({0: VOID, **{v: v - 1 for v in range(1, 38)}}, _INVALID),
+        crop_size=(321, 321), eval_size=(385, 513), scale_range=(0.5, 1.5), batch_size=5, min_classes=0,
+        partial_labels=False,
+        setup_hint="put SUNRGBD-{train,test}_images/ and sunrgbd_train_test_labels/ in dataset/sun and run "
+                   "`python dataset/sun_preprocess.py` (README, Datasets)"),
+    "demo": DatasetInfo(
+        name="demo", layout="pascal", class_names=_DEMO_NAMES, palette=_palette(_voc_colours(5), 255),
+        label_table=_identity_table(5), crop_size=(65, 65), eval_size=(97, 97), scale_range=(0.75, 1.25),
+        batch_size=4, min_classes=2, partial_labels=True,
+        setup_hint="generate it with `python dataset/demo_preprocess.py`",
+        epochs=8, iters_per_epoch=25, resnet_depth=18, pretrained="none"),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The table entry of a dataset name (DataError naming the valid ones otherwise)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r} (--dataset): choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: id lists, paths, reading images and labels
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def data_root(info: DatasetInfo, root: str | Path | None) -> Path:
+    """The data folder (info.default_root when root is None); DataError saying how to get the data if missing."""
+    path = Path(root) if root is not None else info.default_root
+    if not path.is_dir():
+        raise DataError(f"data root {path} for --dataset {info.name} not found: {info.setup_hint}, or pass "
+                        f"--data_root DIR pointing at the preprocessed data (or try --dataset demo)")
+    return path
+
+
+def list_ids(info: DatasetInfo, root: str | Path | None, split: str) -> list[str]:
+    """Image ids of a split, sorted where the reference listed a folder."""
+    _check_split(split)
+    root = data_root(info, root)
+    if info.layout == "cityscapes" or (info.layout == "sun" and split == "train"):
+        folder = image_path(info, root, "0", split).parent
+        pattern = "*.png" if info.layout == "cityscapes" else "img-*.jpg"
+        stems = [p.stem.rsplit("-", 1)[-1] for p in folder.glob(pattern)]
+        ids = sorted((s for s in stems if s.isdigit()), key=int)
+        if not ids:
+            raise DataError(f"no {pattern} images in {folder}: {info.setup_hint}")
+        return [str(int(s)) for s in ids]
+    name = {"pascal": {"train": "train_aug.txt", "test": "val.txt"}, "sun": {"test": "test_idx.txt"}}[info.layout][split]
+    path = root / name
+    if not path.is_file():  # fall back to the lists shipped with the code
+        path = REPO_ROOT / "dataset" / info.name / name
+    if not path.is_file():
+        raise DataError(f"id list {root / name} not found: {info.setup_hint}")
+    ids = path.read_text().split()
+    if not ids:
+        raise DataError(f"id list {path} is empty: regenerate it ({info.setup_hint})")
+    return [str(int(i)) for i in ids] if info.layout == "sun" else ids
+
+
+def image_path(info: DatasetInfo, root: str | Path, image_id: str, split: str) -> Path:
+    """Path of an image file in the reference's preprocessed layout."""
+    root = Path(root)
+    if info.layout == "pascal":
+        return root / "JPEGImages" / f"{image_id}.jpg"
+    if info.layout == "cityscapes":
+        return root / "images" / ("train" if split == "train" else "val") / f"{image_id}.png"
+    return root / f"SUNRGBD-{split}_images" / f"img-{int(image_id):06d}.jpg"
+
+
+def _check_partial(info: DatasetInfo, partial: str | None) -> None:
+    if partial is None:
+        return
+    if not info.partial_labels:
+        raise DataError(f"--dataset {info.name} has no partial labels (the reference silently trained on full "
+                        f"labels): drop --partial, or use a dataset with partial labels")
+    if partial not in PARTIAL_SETTINGS:
+        raise DataError(f"--partial {partial!r} is not a partial-label setting: choose one of "
+                        f"{', '.join(PARTIAL_SETTINGS)}")
+
+
+def label_path(info: DatasetInfo, root: str | Path, image_id: str, split: str, partial: str | None = None,
+               partial_seed: int = 0) -> Path:
+    """Path of a label PNG: the full label, or the partial one of setting `partial` and seed `partial_seed`."""
+    _check_split(split)
+    _check_partial(info, partial)
+    suffix = f"_{partial}_{partial_seed}" if partial else ""
+    root = Path(root)
+    if info.layout == "pascal":
+        return root / f"SegmentationClassAug{suffix}" / f"{image_id}.png"
+    if info.layout == "cityscapes":
+        if partial and split != "train":
+            raise ValueError("partial labels exist for the train split only")
+        return root / "labels" / (("train" if split == "train" else "val") + suffix) / f"{image_id}.png"
+    return root / "sunrgbd_train_test_labels" / f"img-{int(image_id):06d}.png"
+
+
+def _open(path: Path, what: str, hint: str) -> Image.Image:
+    """Open and decode an image file, turning every failure into one DataError naming the file."""
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} is missing: the id list and the data folder disagree; {hint}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot decode {what} {path} ({error}): the file is corrupt; replace it ({hint})") from None
+
+
+def read_image(info: DatasetInfo, path: Path) -> np.ndarray:
+    """An RGB image file as uint8 [H, W, 3]."""
+    image = _open(path, "image", info.setup_hint)
+    return np.array(image.convert("RGB"))
+
+
+def read_label(info: DatasetInfo, path: Path) -> np.ndarray:
+    """A label PNG (grayscale or palette: the stored indices are the values) as uint8 [H, W] of class ids / VOID."""
+    image = _open(path, "label", info.setup_hint)
+    if image.mode not in ("L", "P") and not image.mode.startswith("I"):
+        raise DataError(f"label {path} is a {image.mode} image: labels must be single-channel PNGs "
+                        f"(grayscale or palette) holding class indices; convert the colour label to indices")
+    raw = np.asarray(image)
+    if raw.dtype != np.uint8:  # 16/32-bit PNG: every value above 255 shares table entry 256
+        raw = np.clip(raw, 0, 256)
+    label = info.label_table[raw]
+    invalid = label == _INVALID
+    if invalid.any():
+        values = np.unique(raw[invalid])[:8].tolist()
+        raise DataError(f"label {path} holds values {values} that are neither a class of --dataset {info.name} "
+                        f"(0..{info.num_classes - 1}) nor void {VOID}: is it the right dataset, preprocessed? "
+                        f"({info.setup_hint})")
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint transforms: one batched implementation for loader workers (B=1, CPU) and device batches
+# ---------------------------------------------------------------------------------------------
+
+_JITTER_P, _BLUR_P, _FLIP_P = 0.8, 0.5, 0.5
+_JITTER_RANGE, _HUE_RANGE = (0.75, 1.25), (-0.25, 0.25)
+_SIGMA_RANGE, _BLUR_RADIUS = (0.15, 1.15), 4  # kernel radius covers 3 sigma of the largest sigma
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] in [0, 1] -> ImageNet-normalised."""
+    mean = torch.tensor(MEAN, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    std = torch.tensor(STD, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    return (images - mean) / std
+
+
+def denormalise(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised [..., 3, H, W] -> [0, 1]."""
+    mean = torch.tensor(MEAN, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    std = torch.tensor(STD, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    return images * std + mean
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample random draws of one transform call, each a tensor [B] (order: [B, 4] jitter op order)."""
+
+    scale: torch.Tensor
+    offset_u: torch.Tensor  # [B, 2] uniforms that pick the crop offset (y, x)
+    jitter: torch.Tensor
+    factors: torch.Tensor  # [B, 4] brightness, contrast, saturation, hue
+    order: torch.Tensor
+    blur: torch.Tensor
+    sigma: torch.Tensor
+    flip: torch.Tensor
+
+
+def sample_params(batch: int, scale_range: tuple[float, float], generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> AugmentParams:
+    """Draw every random number of one transform call at once, so a sample is a pure function of the RNG state."""
+    u = torch.rand(batch, 15, generator=generator, device=device, dtype=torch.float64)
+    lo, hi = scale_range
+    factor_lo = torch.tensor([_JITTER_RANGE[0]] * 3 + [_HUE_RANGE[0]], device=device, dtype=torch.float64)
+    factor_hi = torch.tensor([_JITTER_RANGE[1]] * 3 + [_HUE_RANGE[1]], device=device, dtype=torch.float64)
+    return AugmentParams(
+        scale=lo + (hi - lo) * u[:, 0], offset_u=u[:, 1:3], jitter=u[:, 3] < _JITTER_P,
+        factors=(factor_lo + (factor_hi - factor_lo) * u[:, 4:8]).float(), order=u[:, 8:12].argsort(dim=1),
+        blur=u[:, 12] < _BLUR_P, sigma=(_SIGMA_RANGE[0] + (_SIGMA_RANGE[1] - _SIGMA_RANGE[0]) * u[:, 13]).float(),
+        flip=u[:, 14] < _FLIP_P)
+
+
+def _axis_indices(in_len: int, scale: torch.Tensor, crop: int, offset_u: torch.Tensor | None):
+    """Source indices along one axis for rescale (truncated size) -> pad at the end -> crop.
+
+    Returns valid [B, crop] (inside the rescaled image, not padding), nearest [B, crop], and the bilinear taps
+    lo, hi [B, crop] with weight [B, crop]; padding positions get reflected (edge not repeated) image taps.
+    offset_u None places the crop at offset 0.
+    """
+    size = (in_len * scale).floor().long().clamp(min=1)[:, None]  # rescaled length [B, 1]
+    if offset_u is None:
+        offset = torch.zeros_like(size)
+    else:  # uniform over 0..padded-crop, as RandomCrop
+        span = size.clamp(min=crop) - crop + 1
+        offset = torch.minimum((offset_u[:, None] * span).floor().long(), span - 1)
+    pos = torch.arange(crop, device=scale.device)[None] + offset  # position in the padded, rescaled axis
+    valid = pos < size
+    period = (2 * (size - 1)).clamp(min=1)  # repeated reflection when the pad exceeds the image
+    folded = pos % period
+    folded = torch.where(folded > size - 1, period - folded, folded)
+    ratio = in_len / size.to(torch.float32)
+    nearest = ((torch.minimum(pos, size - 1).float() + 0.5) * ratio).long().clamp(max=in_len - 1)
+    src = ((folded.float() + 0.5) * ratio - 0.5).clamp(min=0)  # align_corners=False bilinear source position
+    lo = src.long().clamp(max=in_len - 1)
+    hi = (lo + 1).clamp(max=in_len - 1)
+    return valid, nearest, lo, hi, src - lo.float()
+
+
+def _take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """Per-sample gather along dim 2 (rows) or 3 (cols) of x [B, C, H, W] with index [B, L]."""
+    shape = list(x.shape)
+    shape[dim] = index.shape[1]
+    view = (index.shape[0], 1, -1, 1) if dim == 2 else (index.shape[0], 1, 1, -1)
+    return x.gather(dim, index.view(view).expand(shape))
+
+
+def _resample(images, labels, conf, crop_size, scale, offset_u):
+    """Rescale, pad (image reflect, label ignore, conf 0) and crop every sample of a batch."""
+    (_, _, height, width), (crop_h, crop_w) = images.shape, crop_size
+    valid_y, near_y, lo_y, hi_y, w_y = _axis_indices(height, scale, crop_h, None if offset_u is None else offset_u[:, 0])
+    valid_x, near_x, lo_x, hi_x, w_x = _axis_indices(width, scale, crop_w, None if offset_u is None else offset_u[:, 1])
+    rows = torch.lerp(_take(images, 2, lo_y), _take(images, 2, hi_y), w_y[:, None, :, None])
+    images = torch.lerp(_take(rows, 3, lo_x), _take(rows, 3, hi_x), w_x[:, None, None, :])
+    inside = valid_y[:, :, None] & valid_x[:, None, :]
+
+    def nearest(x: torch.Tensor, fill: float) -> torch.Tensor:
+        x = _take(_take(x[:, None], 2, near_y), 3, near_x)[:, 0]
+        return torch.where(inside, x, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+    return images, nearest(labels, IGNORE_INDEX), None if conf is None else nearest(conf, 0.0)
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> luma [B, 1, H, W]."""
+    r, g, b = images.unbind(1)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b)[:, None]
+
+
+def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of [B, 3, H, W] images in [0, 1] by shift [B] (in turns)."""
+    value, _ = images.max(dim=1)
+    chroma = value - images.min(dim=1).values
+    r, g, b = images.unbind(1)
+    safe = chroma.clamp(min=1e-12)
+    sextant = torch.where(value == r, (g - b) / safe, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = (sextant / 6 + shift.view(-1, 1, 1)) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1) + 6 * hue[:, None]) % 6
+    return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def colour_jitter(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor,
+                  order: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue on [B, 3, H, W] in [0, 1], per sample in its own order.
+
+    apply [B] bool, factors [B, 4], order [B, 4] (a permutation of 0..3 per sample). In each of the 4 order
+    slots every sample runs the op it picked; the others get a neutral factor, which leaves them unchanged.
+    """
+    neutral = torch.ones_like(factors[:, 0])
+    for slot in range(4):
+        op = order[:, slot]
+        factor = factors.gather(1, op[:, None])[:, 0]
+        # brightness, contrast and saturation all blend with an anchor: black, mean grey, per-pixel grey
+        blend = torch.where(apply & (op < 3), factor, neutral).view(-1, 1, 1, 1)
+        gray = _gray(images)
+        op4 = op.view(-1, 1, 1, 1)
+        anchor = torch.where(op4 == 2, gray, torch.where(op4 == 1, gray.mean(dim=(2, 3), keepdim=True), 0.0))
+        images = (blend * images + (1 - blend) * anchor).clamp(0, 1)
+        hue = apply & (op == 3)
+        images = torch.where(hue.view(-1, 1, 1, 1), shift_hue(images, torch.where(hue, factor, 0.0)), images)
+    return images
+
+
+def gaussian_blur(images: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur [B, C, H, W] with a per-sample Gaussian of std sigma [B] where apply [B]; others pass through exactly."""
+    batch, channels, height, width = images.shape
+    taps = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None].to(images.dtype) ** 2))
+    kernel = torch.where(apply[:, None], kernel / kernel.sum(dim=1, keepdim=True), (taps == 0).to(images.dtype))
+    kernel = kernel.repeat_interleave(channels, dim=0)  # one kernel per (sample, channel) group
+    x = images.reshape(1, batch * channels, height, width)
+    r = _BLUR_RADIUS
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kernel.view(-1, 1, 2 * r + 1, 1), groups=batch * channels)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(-1, 1, 1, 2 * r + 1), groups=batch * channels)
+    return x.view(batch, channels, height, width)
+
+
+def random_transform(images: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None,
+                     crop_size: tuple[int, int], scale_range: tuple[float, float], augmentation: bool,
+                     generator: torch.Generator | None = None, params: AugmentParams | None = None):
+    """The reference's joint train transform on [0, 1] images [B, 3, H, W], labels [B, H, W] long, conf [B, H, W].
+
+    Rescale -> pad -> random crop, then (augmentation) colour jitter, blur and flip. Labels and conf use
+    nearest sampling only, so their values survive exactly; pads are ignore / 0. Returns the same three.
+    """
+    if params is None:
+        params = sample_params(images.shape[0], scale_range, generator, images.device)
+    images, labels, conf = _resample(images, labels, conf, crop_size, params.scale, params.offset_u)
+    if augmentation:
+        images = colour_jitter(images, params.jitter, params.factors, params.order)
+        images = gaussian_blur(images, params.blur, params.sigma)
+        flip = params.flip.view(-1, 1, 1)
+        images = torch.where(flip[:, None], images.flip(-1), images)
+        labels = torch.where(flip, labels.flip(-1), labels)
+        conf = None if conf is None else torch.where(flip, conf.flip(-1), conf)
+    return images, labels, conf
+
+
+def batch_transform(images: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None,
+                    crop_size: tuple[int, int], scale_range: tuple[float, float], augmentation: bool,
+                    generator: torch.Generator | None = None):
+    """Re-augment a normalised batch on its own device: images [B, 3, H, W], labels [B, H, W], conf [B, H, W]."""
+    images, labels, conf = random_transform(denormalise(images), labels, conf, crop_size, scale_range,
+                                            augmentation, generator)
+    return normalise(images), labels, conf
+
+
+def pad_to(images: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]):
+    """The eval path: pad (image reflect, label ignore) or cut to size at offset (0, 0); no randomness."""
+    ones = torch.ones(images.shape[0], device=images.device, dtype=torch.float64)
+    images, labels, _ = _resample(images, labels, None, size, ones, None)
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset and loaders
+# ---------------------------------------------------------------------------------------------
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Images and labels of one split. Item -> (image float [3, h, w] normalised, label long [h, w]).
+
+    split='train': random rescale/crop (+ augmentation) to crop_size (default info.crop_size); an item index
+    may be an (index, seed) pair, which makes its augmentation a pure function of the seed.
+    split='test': padded to crop_size (default info.eval_size) at offset (0, 0), no randomness.
+    """
+
+    def __init__(self, info: DatasetInfo, root: str | Path | None, ids: Sequence[str], split: str = "train",
+                 partial: str | None = None, partial_seed: int = 0, crop_size: tuple[int, int] | None = None,
+                 scale_range: tuple[float, float] = (1.0, 1.0), augmentation: bool = False):
+        _check_split(split)
+        _check_partial(info, partial)
+        self.info, self.root, self.ids, self.split = info, data_root(info, root), list(ids), split
+        self.partial, self.partial_seed = partial, partial_seed
+        self.crop_size = tuple(crop_size or (info.crop_size if split == "train" else info.eval_size))
+        self.scale_range, self.augmentation = tuple(scale_range), augmentation
+        if partial is not None and self.ids:
+            folder = label_path(info, self.root, self.ids[0], split, partial, partial_seed).parent
+            if not folder.is_dir():
+                raise DataError(f"partial-label folder {folder} (--partial {partial}, seed {partial_seed}) not found: "
+                                f"{info.setup_hint}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The untransformed pair: image float [3, H, W] in [0, 1], label long [H, W] with IGNORE_INDEX."""
+        image_id = self.ids[index]
+        path = label_path(self.info, self.root, image_id, self.split, self.partial, self.partial_seed)
+        image = read_image(self.info, image_path(self.info, self.root, image_id, self.split))
+        label = read_label(self.info, path)
+        if image.shape[:2] != label.shape:
+            raise DataError(f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
+                            f"{image.shape[1]}x{image.shape[0]} (WxH): re-run the preprocessing ({self.info.setup_hint})")
+        label = torch.from_numpy(label).long()
+        label[label == VOID] = IGNORE_INDEX
+        return torch.from_numpy(image).permute(2, 0, 1).float().div_(255), label
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.load(index)
+        if self.split == "test":
+            image, label = pad_to(image[None], label[None], self.crop_size)
+        else:
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            image, label, _ = random_transform(image[None], label[None], None, self.crop_size, self.scale_range,
+                                               self.augmentation, generator)
+        return normalise(image[0]), label[0]
+
+
+def _mix_seed(*values: int) -> int:
+    """One well-mixed 64-bit seed from several integers."""
+    return int(np.random.SeedSequence([v % 2**63 for v in values]).generate_state(1, np.uint64)[0])
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """iters_per_epoch batches of (index, sample_seed) pairs drawn with replacement; a pure function of
+    (seed, epoch, rank), so it does not depend on the number of workers."""
+
+    def __init__(self, num_items: int, batch_size: int, iters_per_epoch: int, seed: int = 0, rank: int = 0):
+        if num_items < 1:
+            raise DataError("the training set is empty: check the id list / split")
+        self.num_items, self.batch_size, self.iters = num_items, batch_size, iters_per_epoch
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank))
+        index = torch.randint(self.num_items, (self.iters, self.batch_size), generator=generator)
+        seeds = torch.randint(2**62, (self.iters, self.batch_size), generator=generator)
+        for row_index, row_seed in zip(index.tolist(), seeds.tolist()):
+            yield list(zip(row_index, row_seed))
+
+    def __len__(self) -> int:
+        return self.iters
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give numpy and random in each worker their own reproducible stream (torch's is set by DataLoader)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class TrainLoader:
+    """A DataLoader over an EpochBatchSampler: len() batches per epoch; call set_epoch(e) before epoch e."""
+
+    def __init__(self, dataset: SegmentationDataset, sampler: EpochBatchSampler, num_workers: int, seed: int,
+                 pin_memory: bool):
+        self.dataset, self.sampler = dataset, sampler
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0, worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(_mix_seed(seed, sampler.rank)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def build_train_loader(dataset: SegmentationDataset, batch_size: int, iters_per_epoch: int, num_workers: int = 0,
+                       seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> TrainLoader:
+    """Sampling with replacement, exactly iters_per_epoch batches per epoch; each rank draws its own samples."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, iters_per_epoch, seed, rank)
+    return TrainLoader(dataset, sampler, num_workers, seed, pin_memory)
+
+
+def build_test_loader(dataset: SegmentationDataset, batch_size: int = 4, num_workers: int = 0, rank: int = 0,
+                      world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """In order; with world_size > 1 rank r takes the r-th contiguous shard (shards are disjoint, no padding)."""
+    n = len(dataset)
+    shard = range(n * rank // world_size, n * (rank + 1) // world_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=num_workers,
+                                       pin_memory=pin_memory, persistent_workers=num_workers > 0)
+
+
+def color_map(label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:
+    """Paint a label map [H, W] with a palette [256, 3]: uint8 [H, W, 3]; IGNORE_INDEX / VOID use row 255."""
+    if isinstance(label, torch.Tensor):
+        label = label.detach().cpu().numpy()
+    label = np.asarray(label).astype(np.int64)
+    return palette[np.where(label < 0, VOID, np.minimum(label, 255))]
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits, partial labels and the demo dataset (below this line)
 # ---------------------------------------------------------------------------------------------
 
-import os  # noqa: E402  (imports of this section; kept here so the two owners of this file do not collide)
-import random  # noqa: E402
+# Imports only this section uses (kept here while two owners edit the file; they may move to the top).
+import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-from collections.abc import Callable, Collection, Mapping, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from collections.abc import Callable, Collection, Mapping  # noqa: E402
 
 # Partial-label settings in the order the reference draws them: the first pass over all files
 # draws p25, p5, p1 per file; a second pass draws p0 (one pixel per class).
