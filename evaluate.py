@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 import engine
-from build_data import DataError, SegmentationDataset, build_test_loader, dataset_info, list_ids
+from build_data import SegmentationDataset, build_test_loader, data_root, dataset_info, list_ids
 from network import BACKBONES, RESNET_DEPTHS, model_from_state_dict
 
 
@@ -68,10 +68,7 @@ def format_report(class_names: Sequence[str], result: dict) -> str:
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Evaluate --checkpoint on --dataset's test split; prints the report and returns {miou, acc, iou_per_class}."""
     info = dataset_info(args.dataset)
-    root = Path(args.data_root) if args.data_root else info.default_root
-    if not root.is_dir():
-        raise DataError(f"data root {root} does not exist: download and preprocess the {info.name} data "
-                        f"(see README.md) or pass --data_root")
+    root = data_root(info, args.data_root)
     if args.batch_size < 1 or args.num_workers < 0:
         raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
     if args.window is not None and min(args.window) < 1:

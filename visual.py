@@ -1,0 +1,194 @@
+"""Qualitative figure: ground truth next to the predictions of several checkpoints, saved to a PNG.
+
+With no --checkpoints it draws the reference's figures from the published weights in --weights_dir:
+Cityscapes val image 61 and Pascal val entry 961, Supervised | ClassMix | ClassMix + ReCo.
+
+    python visual.py                                   # logging/visual_cityscapes.png, logging/visual_pascal.png
+    python visual.py --dataset demo --checkpoints model_weights/demo_label20_semi_classmix_0.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import engine
+from build_data import DataError, SegmentationDataset, color_map, dataset_info, image_path, list_ids, read_image
+from build_data import data_root as find_data_root
+from module_list import IGNORE_INDEX
+from network import BACKBONES, RESNET_DEPTHS, model_from_state_dict, predict
+
+# The reference's figure: the image it shows per dataset (an index into the val list) and the published files.
+DEFAULT_INDEX = {"cityscapes": 61, "pascal": 961}
+PUBLISHED = {
+    "cityscapes": ("cityscapes_label20", {
+        "sup": "https://www.dropbox.com/s/q6txvxnlhjzood0/cityscapes_label20_sup.pth?dl=0",
+        "semi_classmix": "https://www.dropbox.com/s/eyrs1n9vifikfas/cityscapes_label20_semi_classmix.pth?dl=0",
+        "semi_classmix_reco":
+            "https://www.dropbox.com/s/aa1lcsrxujo9t4v/cityscapes_label20_semi_classmix_reco.pth?dl=0"}),
+    "pascal": ("pascal_label60", {
+        "sup": "https://www.dropbox.com/s/lhmlvea3kmqrfc7/pascal_label60_sup.pth?dl=0",
+        "semi_classmix": "https://www.dropbox.com/s/v6nlbmg9apboc0c/pascal_label60_semi_classmix.pth?dl=0",
+        "semi_classmix_reco": "https://www.dropbox.com/s/xsxawpix5mtpi69/pascal_label60_semi_classmix_reco.pth?dl=0"}),
+}
+PUBLISHED_TITLES = ("Supervised", "ClassMix", "ClassMix + ReCo")
+PREPROCESSED_DATA = {  # the reference README's off-the-shelf preprocessed datasets
+    "cityscapes": "https://www.dropbox.com/sh/1eeq4qi9g2n6la2/AAD4IK1oskNPUzfTuusMqfb7a?dl=0",
+    "pascal": "https://www.dropbox.com/sh/gaoqumpylcci3he/AABjenlsGet060yhGXVxobE4a?dl=0",
+}
+ALPHA = 0.7  # colour over photo, as the reference's Image.blend(photo, colours, 0.7)
+
+
+def published_checkpoints(dataset: str, weights_dir: str | Path = "model_weights") -> list[Path]:
+    """The three published files of the reference's figure for pascal or cityscapes."""
+    if dataset not in PUBLISHED:
+        raise ValueError(f"there are no published checkpoints for --dataset {dataset}: pass --checkpoints "
+                         f"FILE [FILE ...] (e.g. the .pth files your training runs wrote to model_weights/)")
+    prefix, files = PUBLISHED[dataset]
+    return [Path(weights_dir) / f"{prefix}_{kind}.pth" for kind in files]
+
+
+def _check_checkpoints(dataset: str, checkpoints: Sequence[Path]) -> None:
+    """A missing file is named with where to get it (the README's Dropbox link for the published ones)."""
+    urls = {f"{PUBLISHED[d][0]}_{kind}.pth": url for d in PUBLISHED for kind, url in PUBLISHED[d][1].items()}
+    for path in checkpoints:
+        if path.is_file():
+            continue
+        if path.name in urls:
+            raise FileNotFoundError(f"checkpoint {path} not found: download it from {urls[path.name]} into "
+                                    f"{path.parent}/ (or pass --weights_dir DIR, or --checkpoints FILE ...)")
+        raise FileNotFoundError(f"checkpoint {path} not found: pass the path of a .pth file written by a training "
+                                f"script (they go to model_weights/ by default)")
+
+
+def blend(photo: np.ndarray, label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:
+    """70 % label colour over 30 % photo: photo uint8 [H,W,3], label [H,W] (ignore -> palette row 255)."""
+    colours = color_map(label, palette)
+    return np.asarray(Image.blend(Image.fromarray(photo), Image.fromarray(colours), ALPHA))
+
+
+def load_sample(dataset: str, root: str | Path | None, index: int) -> tuple[str, np.ndarray, torch.Tensor,
+                                                                           torch.Tensor]:
+    """Test image `index`: (id, photo uint8 [h,w,3] at its own size, normalised padded image [3,H,W], label [H,W])."""
+    info = dataset_info(dataset)
+    try:
+        root = find_data_root(info, root)
+    except DataError as error:
+        if dataset not in PREPROCESSED_DATA:
+            raise
+        raise DataError(f"{error}; the reference's preprocessed copy: {PREPROCESSED_DATA[dataset]}") from None
+    ids = list_ids(info, root, "test")
+    if not 0 <= index < len(ids):
+        raise ValueError(f"--index {index} is out of range: the {dataset} test list has {len(ids)} images "
+                         f"(0..{len(ids) - 1})")
+    image, label = SegmentationDataset(info, root, [ids[index]], "test")[0]
+    photo = read_image(info, image_path(info, root, ids[index], "test"))
+    return ids[index], photo, image, label
+
+
+@torch.no_grad()
+def segment(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Argmax prediction [H,W] on the padded image, set to ignore where the ground truth is ignore."""
+    model.eval().to(device)
+    logits = predict(model, image[None].to(device), label.shape[-2:])
+    prediction = logits[0].argmax(0).cpu()
+    return prediction.masked_fill(label == IGNORE_INDEX, IGNORE_INDEX)
+
+
+def draw_figure(dataset: str, checkpoints: Sequence[str | Path] | None = None, titles: Sequence[str] | None = None,
+                index: int | None = None, data_root: str | Path | None = None, out: str | Path | None = None,
+                weights_dir: str | Path = "model_weights", backbone: str | None = None,
+                resnet_depth: int | None = None, device: str | torch.device = "cpu") -> Path:
+    """Draw ground truth | one panel per checkpoint for one test image and save it as a PNG; returns its path.
+
+    checkpoints default to the reference's published files (pascal, cityscapes); index defaults to the
+    reference's image (cityscapes 61, pascal 961, else 0); out defaults to logging/visual_{dataset}.png.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    info = dataset_info(dataset)
+    if checkpoints:
+        checkpoints = [Path(c) for c in checkpoints]
+        titles = list(titles) if titles else [c.stem for c in checkpoints]
+    else:
+        checkpoints = published_checkpoints(dataset, weights_dir)
+        titles = list(titles) if titles else list(PUBLISHED_TITLES)
+    if len(titles) != len(checkpoints):
+        raise ValueError(f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each")
+    _check_checkpoints(dataset, checkpoints)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    index = DEFAULT_INDEX.get(dataset, 0) if index is None else index
+    sample_id, photo, image, label = load_sample(dataset, data_root, index)
+    height, width = photo.shape[:2]  # panels are cropped back from the padded size to the image's own
+
+    panels = [blend(photo, label[:height, :width], info.palette)]
+    for path in checkpoints:
+        state = engine.load_checkpoint(path)
+        model = model_from_state_dict(state, f"checkpoint {path}", info.num_classes, backbone, resnet_depth)
+        prediction = segment(model, image, label, device)
+        panels.append(blend(photo, prediction[:height, :width], info.palette))
+        del model, state
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3 * height / width + 0.8))
+    for ax, panel, title in zip(np.atleast_1d(axes), panels, ["Ground Truth", *titles]):
+        ax.imshow(panel)
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{dataset} {sample_id}")
+    fig.tight_layout()
+    out = Path(out) if out else Path("logging") / f"visual_{dataset}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Ground truth next to checkpoint predictions, saved to a PNG.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", nargs="+", default=["cityscapes", "pascal"],
+                   help="one figure per dataset (the reference draws cityscapes and pascal)")
+    p.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE",
+                   help="checkpoints to compare (default: the published ones in --weights_dir)")
+    p.add_argument("--titles", nargs="+", default=None, help="one panel title per checkpoint")
+    p.add_argument("--index", type=int, default=None,
+                   help="position in the test list (default: cityscapes 61, pascal 961, otherwise 0)")
+    p.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
+    p.add_argument("--weights_dir", default="model_weights", help="where the published .pth files are")
+    p.add_argument("--backbone", default=None, choices=BACKBONES, help="default: read from each checkpoint")
+    p.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS,
+                   help="default: read from each checkpoint")
+    p.add_argument("--device", default="cpu", help="cpu (as the reference) or cuda")
+    p.add_argument("--out", default="logging/visual_{dataset}.png", help="PNG path; {dataset} is filled in")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Command-line entry: one PNG per --dataset."""
+    args = get_args_parser().parse_args(argv)
+    if len(args.dataset) > 1 and (args.checkpoints or args.index is not None or args.data_root):
+        raise ValueError("--checkpoints, --index and --data_root apply to one dataset: pass a single --dataset")
+    if len(args.dataset) > 1 and "{dataset}" not in args.out:
+        raise ValueError(f"--out {args.out} would be overwritten by each dataset: put {{dataset}} in it")
+    written = []
+    for dataset in args.dataset:
+        path = draw_figure(dataset, args.checkpoints, args.titles, args.index, args.data_root,
+                           args.out.replace("{dataset}", dataset), args.weights_dir, args.backbone, args.resnet_depth,
+                           args.device)
+        print(f"wrote {path}")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    engine.run_cli(main)
