@@ -614,10 +614,13 @@ def color_map(label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarr
 # ---------------------------------------------------------------------------------------------
 
 # Imports only this section uses (kept here while two owners edit the file; they may move to the top).
+import concurrent.futures  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable, Collection, Mapping  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
 
 # Partial-label settings in the order the reference draws them: the first pass over all files
 # draws p25, p5, p1 per file; a second pass draws p0 (one pixel per class).
@@ -650,39 +653,28 @@ def _valid_classes(label: np.ndarray, void_values: Collection[int]) -> np.ndarra
     return present[~np.isin(present, list(void_values))]
 
 
-def _square_half_width(region: np.ndarray, y: int, x: int, target: int) -> int:
-    """Smallest r = 2k such that the square [y-r, y+r] x [x-r, x+r] (clipped) holds >= target region pixels.
-
-    k steps of dilating a one-pixel mask with a 5x5 ones kernel give exactly that square, so this is
-    the reference's "dilate until enough pixels" loop, computed at once on an integral image.
-    """
-    h, w = region.shape
-    integral = np.zeros((h + 1, w + 1), np.int64)
-    np.cumsum(np.cumsum(region, axis=0), axis=1, out=integral[1:, 1:])
-    k_max = (max(y, h - 1 - y, x, w - 1 - x) + 1) // 2  # this square covers the whole image
-    r = 2 * np.arange(k_max + 1)
-    y0, y1 = np.maximum(y - r, 0), np.minimum(y + r + 1, h)
-    x0, x1 = np.maximum(x - r, 0), np.minimum(x + r + 1, w)
-    counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return int(r[np.argmax(counts >= target)])
-
-
 def partial_label(label: np.ndarray, rng: np.random.RandomState, fraction: float,
                   void_values: Collection[int] = (VOID,), fill: int = VOID) -> np.ndarray:
     """Partial label uint8 [H, W] from a full label [H, W]: per valid class, a square around one random
     pixel of the class, grown 2 px per side until it covers int(fraction * class size) class pixels,
     clipped to the class (fraction 0: the single pixel). Other pixels are `fill`."""
-    h, w = label.shape
-    out = np.full((h, w), fill, np.uint8)
+    height, width = label.shape
+    flat = label.ravel()
+    out = np.full(flat.size, fill, np.uint8)
+    row_of = np.repeat(np.arange(height, dtype=np.int32), width)  # flat index -> row, column
+    col_of = np.tile(np.arange(width, dtype=np.int32), height)
     for c in _valid_classes(label, void_values):
-        region = label == c
-        pixels = np.flatnonzero(region)  # row-major, as np.nonzero lists them
+        pixels = np.flatnonzero(flat == c)  # row-major, as np.nonzero lists them
         # The reference's exact draw: legacy choice without replacement (a full permutation).
-        y, x = divmod(int(pixels[rng.choice(pixels.size, 1, replace=False)[0]]), w)
-        r = _square_half_width(region, y, x, int(fraction * pixels.size))
-        window = np.s_[max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1]
-        out[window][region[window]] = c
-    return out
+        seed = pixels[rng.choice(pixels.size, 1, replace=False)[0]]
+        # k dilations of the seed by a 5x5 square reach exactly the pixels at Chebyshev distance <= 2k, so
+        # the reference's "dilate until enough class pixels" stops at the smallest even distance that
+        # covers the target-th nearest class pixel.
+        dist = np.maximum(np.abs(row_of[pixels] - row_of[seed]), np.abs(col_of[pixels] - col_of[seed]))
+        target = int(fraction * pixels.size)
+        nearest = int(np.searchsorted(np.bincount(dist).cumsum(), target)) if target > 1 else 0
+        out[pixels[dist <= nearest + nearest % 2]] = c
+    return out.reshape(label.shape)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -696,34 +688,45 @@ def _replace_dir(new: Path, dest: Path) -> None:
         new.rename(dest)
 
 
-def write_partial_labels(label_files: Sequence[Path], dest: Path, folder_format: str,
-                         seeds: Sequence[int] = PARTIAL_SEEDS, void_values: Collection[int] = (VOID,),
-                         fill: int = VOID, progress: bool = False) -> None:
-    """Write the p25/p5/p1/p0 partial labels of `label_files` (in the given order, which fixes the
-    random stream) into dest/folder_format.format(partial=..., seed=...)/<file name>, per seed."""
-    from tqdm import tqdm
-
-    dest.mkdir(parents=True, exist_ok=True)
+def _write_partial_seed(label_files: Sequence[Path], dest: Path, folder_format: str, seed: int,
+                        void_values: Collection[int], fill: int, progress: bool, bar_position: int = 0) -> None:
+    """The four partial-label folders of one seed, written aside and renamed into place."""
     settings = [*PARTIAL_FRACTIONS.items(), ("p0", 0.0)]
-    for seed in seeds:
-        tmp = Path(tempfile.mkdtemp(prefix=f".partial-{seed}-", dir=dest))
-        try:
-            for name, _ in settings:
-                (tmp / name).mkdir()
-            rng = np.random.RandomState(seed)  # the same stream as np.random.seed(seed)
-            passes = [settings[:3], settings[3:]]
-            bar = tqdm(total=2 * len(label_files), desc=f"partial labels, seed {seed}", disable=not progress)
-            for pass_settings in passes:
+    tmp = Path(tempfile.mkdtemp(prefix=f".partial-{seed}-", dir=dest))
+    try:
+        for name, _ in settings:
+            (tmp / name).mkdir()
+        rng = np.random.RandomState(seed)  # the same stream as np.random.seed(seed)
+        with tqdm(total=2 * len(label_files), desc=f"partial labels, seed {seed}", disable=not progress,
+                  position=bar_position) as bar:
+            for pass_settings in (settings[:3], settings[3:]):
                 for path in label_files:
                     label = read_png(path)
                     for name, fraction in pass_settings:
                         write_png(tmp / name / path.name, partial_label(label, rng, fraction, void_values, fill))
                     bar.update()
-            bar.close()
-            for name, _ in settings:
-                _replace_dir(tmp / name, dest / folder_format.format(partial=name, seed=seed))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for name, _ in settings:
+            _replace_dir(tmp / name, dest / folder_format.format(partial=name, seed=seed))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_partial_labels(label_files: Sequence[Path], dest: Path, folder_format: str,
+                         seeds: Sequence[int] = PARTIAL_SEEDS, void_values: Collection[int] = (VOID,),
+                         fill: int = VOID, progress: bool = False, workers: int = 1) -> None:
+    """Write the p25/p5/p1/p0 partial labels of `label_files` (in the given order, which fixes the
+    random stream) into dest/folder_format.format(partial=..., seed=...)/<file name>, for every seed
+    (seeds are independent streams, so up to `workers` processes run them side by side)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    jobs = [(list(label_files), dest, folder_format, seed, tuple(void_values), fill, progress, k)
+            for k, seed in enumerate(seeds)]
+    if workers <= 1 or len(jobs) == 1:
+        for job in jobs:
+            _write_partial_seed(*job)
+        return
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        for future in [pool.submit(_write_partial_seed, *job) for job in jobs]:
+            future.result()
 
 
 # --- the synthetic demo dataset (Pascal layout, 5 classes) ---
