@@ -417,22 +417,24 @@ def colour_jitter(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tens
         anchor = torch.where(op4 == 2, gray, torch.where(op4 == 1, gray.mean(dim=(2, 3), keepdim=True), 0.0))
         images = (blend * images + (1 - blend) * anchor).clamp(0, 1)
         hue = apply & (op == 3)
-        images = torch.where(hue.view(-1, 1, 1, 1), shift_hue(images, torch.where(hue, factor, 0.0)), images)
+        if images.device.type != "cpu" or hue.any():  # skipping is free to decide on a CPU, a sync on a GPU
+            images = torch.where(hue.view(-1, 1, 1, 1), shift_hue(images, torch.where(hue, factor, 0.0)), images)
     return images
 
 
 def gaussian_blur(images: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Blur [B, C, H, W] with a per-sample Gaussian of std sigma [B] where apply [B]; others pass through exactly."""
-    batch, channels, height, width = images.shape
-    taps = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, device=images.device, dtype=images.dtype)
+    height, width, r = images.shape[2], images.shape[3], _BLUR_RADIUS
+    taps = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
     kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None].to(images.dtype) ** 2))
+    # a skipped sample gets the identity kernel (1 at the centre, exact zeros elsewhere)
     kernel = torch.where(apply[:, None], kernel / kernel.sum(dim=1, keepdim=True), (taps == 0).to(images.dtype))
-    kernel = kernel.repeat_interleave(channels, dim=0)  # one kernel per (sample, channel) group
-    x = images.reshape(1, batch * channels, height, width)
-    r = _BLUR_RADIUS
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kernel.view(-1, 1, 2 * r + 1, 1), groups=batch * channels)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(-1, 1, 1, 2 * r + 1), groups=batch * channels)
-    return x.view(batch, channels, height, width)
+    kernel = kernel.view(-1, 1, 1, 1, 2 * r + 1)
+    # separable: weighted sums of shifted slices (faster than a grouped conv for one sample on a CPU)
+    x = F.pad(images, (0, 0, r, r), mode="replicate")
+    x = sum(kernel[..., i] * x[:, :, i:i + height] for i in range(2 * r + 1))
+    x = F.pad(x, (r, r, 0, 0), mode="replicate")
+    return sum(kernel[..., i] * x[..., i:i + width] for i in range(2 * r + 1))
 
 
 def random_transform(images: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None,
@@ -677,7 +679,7 @@ def partial_label(label: np.ndarray, rng: np.random.RandomState, fraction: float
     return out.reshape(label.shape)
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
+def replace_dir(new: Path, dest: Path) -> None:
     """Move the finished folder `new` to `dest`, replacing an old `dest` without a half-written moment."""
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -706,7 +708,7 @@ def _write_partial_seed(label_files: Sequence[Path], dest: Path, folder_format: 
                         write_png(tmp / name / path.name, partial_label(label, rng, fraction, void_values, fill))
                     bar.update()
         for name, _ in settings:
-            _replace_dir(tmp / name, dest / folder_format.format(partial=name, seed=seed))
+            replace_dir(tmp / name, dest / folder_format.format(partial=name, seed=seed))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -842,7 +844,7 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
         label_files = sorted((tmp / "SegmentationClassAug").glob("*.png"))
         write_partial_labels(label_files, tmp, "SegmentationClassAug_{partial}_{seed}", partial_seeds)
         (tmp / _DEMO_MARKER).write_text(f"seed={seed} num_train={num_train} num_val={num_val} size={size}\n")
-        _replace_dir(tmp, root)
+        replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -980,3 +982,32 @@ def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         raise DataError(f"split file {path / 'labelled.txt'} lists no ids; re-create it with "
                         f"dataset/make_splits.py")
     return lists[0], lists[1]
+
+
+# --- preprocessing helpers (dataset/*_preprocess.py) ---
+
+
+def _resize_one(job: tuple[Path, Path, tuple[int, int], int, str | None]) -> None:
+    src, dst, size, resample, mode = job
+    try:
+        with Image.open(src) as img:
+            img = img.convert(mode) if mode else img
+            img.resize(size, resample).save(dst)
+    except OSError as err:
+        raise DataError(f"cannot read {src}: {err}; re-download or replace the file") from None
+
+
+def resize_files(pairs: Sequence[tuple[Path, Path]], size: tuple[int, int], resample: int,
+                 mode: str | None = None, workers: int = 1, desc: str = "resizing") -> None:
+    """Resize every (source, destination) image to size (W, H) with `resample` (converted to `mode`
+    first if given), the format following the destination suffix; with a progress bar."""
+    jobs = [(src, dst, size, resample, mode) for src, dst in pairs]
+    with tqdm(total=len(jobs), desc=desc) as bar:
+        if workers <= 1:
+            for job in jobs:
+                _resize_one(job)
+                bar.update()
+            return
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_resize_one, jobs, chunksize=8):
+                bar.update()
