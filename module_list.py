@@ -3,5 +3,388 @@
 Imports neither build_data nor engine.
 """
 
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
 # Ignore value inside label tensors (the reference's -1); on disk the void value is 255 (build_data.VOID).
 IGNORE_INDEX = -1
+
+MIX_MODES = ("cutout", "cutmix", "classmix")
+# ClassMix keeps a table of every label value per image: -1 (ignore) and classes 0..255 (labels come from 8-bit PNGs).
+_NUM_LABEL_VALUES = 257
+
+
+def _uniform_below(n: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Integers drawn uniformly from [0, n), elementwise, on n's device; entries with n == 0 give 0."""
+    u = torch.rand(n.shape, generator=generator, device=n.device, dtype=torch.float64).mul_(n)  # 53 bits: no bias
+    return u.long().clamp_(max=(n - 1).clamp_(min=0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------------------
+
+def compute_supervised_loss(pred: Tensor, target: Tensor, reduction: bool = True) -> Tensor:
+    """Cross-entropy of pred [B,C,H,W] (any float dtype) against target [B,H,W] long, ignoring IGNORE_INDEX.
+
+    Computed in fp32. reduction=True: mean over valid pixels (0, not NaN, when there are none);
+    reduction=False: per-pixel values [B,H,W] with 0 on ignored pixels.
+    """
+    loss = F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    if not reduction:
+        return loss
+    return loss.sum() / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def compute_unsupervised_loss(pred: Tensor, target: Tensor, conf: Tensor, strong_threshold: float) -> Tensor:
+    """Confidence-weighted pseudo-label CE: pred [B,C,H,W], target [B,H,W] long, conf [B,H,W] -> scalar.
+
+    Image weight w_b = #(conf >= strong_threshold) / #(target valid) (0 for an image without valid pixels);
+    the loss is the mean of w_b * CE_p over the pixels with CE_p > 0, and 0 when there is no such pixel.
+    """
+    valid = (target != IGNORE_INDEX).flatten(1).sum(1)
+    strong = (conf >= strong_threshold).flatten(1).sum(1)
+    weight = torch.where(valid > 0, strong / valid.clamp(min=1), 0.0)  # no valid pixel: weight 0, not x/0
+    loss = compute_supervised_loss(pred, target, reduction=False)  # [B,H,W], 0 where ignored
+    selected = loss > 0
+    weighted = torch.where(selected, loss * weight.view(-1, 1, 1), torch.zeros_like(loss))
+    return weighted.sum() / selected.sum().clamp(min=1)
+
+
+class _KnownGradient(torch.autograd.Function):
+    """value (a scalar computed without autograd) whose gradient with respect to x is grad_x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, value: Tensor, grad_x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(grad_x)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (grad_x,) = ctx.saved_tensors
+        return grad_out * grad_x, None, None
+
+
+def _draw_pixels(weights: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+    """[A,num] column indices drawn i.i.d. from each row of weights [A,P] (>= 0, every row with a positive sum).
+
+    Inverse CDF in fp64: the normalised CDF ends at exactly 1 > u, and a pixel of weight 0 has an empty bin.
+    """
+    cdf = weights.double().cumsum(1)
+    cdf = cdf / cdf[:, -1:]
+    u = torch.rand(weights.shape[0], num, generator=generator, device=weights.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u, right=True)
+
+
+def _reco_draws(valid: Tensor, hard: Tensor, class_probs: Tensor, anchors: Tensor, num_queries: int,
+                num_negatives: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Pixel indices of the queries [A,Q] and negative keys [A,Q,N] for the anchor classes `anchors` [A].
+
+    valid, hard: [C,P] bool pixel sets per class; class_probs: [C,C] negative-class distribution per anchor class
+    (rows with a positive sum). Queries are uniform over the anchor's hard pixels; each query's negatives are
+    num_negatives i.i.d. draws of a class from class_probs, then of a pixel uniform among that class's valid
+    pixels (all with replacement). An anchor without hard pixels gets arbitrary queries (the caller masks it).
+    """
+    num_classes, num_pixels = valid.shape
+    device = valid.device
+    hard_rows = hard[anchors].double()
+    queries = _draw_pixels(hard_rows + ~hard_rows.any(1, keepdim=True), num_queries, generator)
+
+    # Per query, the class counts of its negatives ~ Multinomial(N, p), as a chain of binomials (one per class,
+    # on [A,Q]) instead of N categorical draws: count_j ~ Bin(N - earlier counts, p_j / (p_j + later p)).
+    probs = class_probs[anchors].double()  # [A,C]
+    tail = probs.flip(1).cumsum(1).flip(1)  # p_j + later p
+    last = torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], dim=1) <= 0  # no mass after class j
+    ratio = torch.where(last, 1.0, probs / tail.clamp(min=torch.finfo(tail.dtype).tiny)).clamp(0.0, 1.0)
+    remaining = torch.full((anchors.shape[0], num_queries), float(num_negatives), dtype=torch.float64,
+                           device=device)
+    counts = []
+    for j in range(num_classes):  # <= C small ops, no host sync
+        count = torch.binomial(remaining, ratio[:, j, None].expand_as(remaining), generator=generator)
+        counts.append(count)
+        remaining = remaining - count
+    counts = torch.stack(counts, dim=2).long()  # [A,Q,C], sums to N
+
+    # Lay the counts out as runs of slots: slot s of a query belongs to the first class whose cumulative count
+    # exceeds s (a scatter of run starts, then a cumulative sum: no per-draw categorical search).
+    starts = counts.cumsum(2)[:, :, :-1]
+    marks = torch.zeros(*counts.shape[:2], num_negatives + 1, dtype=torch.long, device=device)
+    slot_class = marks.scatter_add_(2, starts, torch.ones_like(starts))[:, :, :num_negatives].cumsum(2)
+    del marks
+    # Then a pixel uniform among the valid pixels of that class: rows of valid_order list each class's pixels first.
+    valid_order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+    rank = _uniform_below(valid.sum(1).take(slot_class), generator)
+    negatives = valid_order.take(slot_class.mul_(num_pixels).add_(rank))  # [A,Q,N]
+    return queries, negatives
+
+
+def _sampled_dot(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
+    """out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D], index [R,N], without building [R,N,D]."""
+    rows, cols = index.shape
+    crow = torch.arange(0, rows * cols + 1, cols, device=a.device)
+    with warnings.catch_warnings():  # CSR is flagged "beta"; sampled_addmm on it is the one op used
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, index.reshape(-1), torch.zeros(rows * cols, device=a.device),
+                                          size=(rows, b.shape[0]), check_invariants=False)
+        out = torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0)
+    return out.values().view(rows, cols)
+
+
+def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, strong_threshold: float = 1.0,
+                      temp: float = 0.5, num_queries: int = 256, num_negatives: int = 256,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """ReCo loss (reco_behaviour.md 5.5): rep [B,D,h,w], label one-hot [B,C,h,w], mask [B,1,h,w], prob [B,C,h,w].
+
+    Valid pixels are label * mask; a class is present with >= 1 valid pixel in the batch. Per present class c:
+    num_queries hard queries (valid pixels with prob[c] < strong_threshold), drawn with replacement; a detached
+    prototype (mean feature of the class) as positive; num_negatives keys drawn per query, class by
+    softmax(cos(prototypes)/temp) over the other present classes, then uniformly among that class's valid
+    pixels; InfoNCE with target 0 at temperature temp, averaged over queries. Returns the sum over classes
+    divided by the number of present classes, 0 with fewer than two. Gradients reach the queries only.
+    Runs in fp32 even under autocast; no host sync on an accelerator.
+    """
+    # Why this shape of computation: the keys and the prototypes are detached, so the loss depends on the
+    # graph only through the normalised queries qn [A,Q,D]. Its gradient there is known in closed form,
+    # d(loss_q)/d(qn_q) = ((p_pos - 1) * positive + sum_n p_n * key_n) / temp (p = the softmax of the logits),
+    # so the whole InfoNCE runs under no_grad and only qn and that [A,Q,D] gradient are kept for backward
+    # (the reference keeps a [Q,N,D] key tensor and its intermediates per class). The [A,Q,N] logits come
+    # from a sampled matrix product (SDDMM), and sum_n p_n * key_n from a weighted embedding_bag: neither
+    # builds the gathered [A,Q,N,D] keys, and neither costs Q x P x D like the dense [Q,P] similarity matrix.
+    with torch.autocast(device_type=rep.device.type, enabled=False):
+        batch, dim = rep.shape[:2]
+        num_classes = label.shape[1]
+        feats = rep.float().permute(0, 2, 3, 1).reshape(-1, dim)  # [P,D], with gradients
+        with torch.no_grad():
+            valid = ((label.float() * mask.float()) > 0).permute(1, 0, 2, 3).reshape(num_classes, -1)  # [C,P]
+            hard = valid & (prob.float().permute(1, 0, 2, 3).reshape(num_classes, -1) < strong_threshold)
+            count = valid.sum(1)
+            present = count > 0
+            num_present = present.sum()
+            has_hard = hard.any(1)
+
+            keys = F.normalize(feats.detach(), dim=1)  # [P,D]
+            protos = F.normalize(valid.float() @ feats.detach() / count.clamp(min=1)[:, None], dim=1)  # [C,D]
+            # Negative-class distribution: softmax over the other present classes of cos(prototypes) / temp.
+            allowed = present[None, :] & ~torch.eye(num_classes, dtype=torch.bool, device=rep.device)
+            relation = (protos @ protos.t() / temp).masked_fill(~allowed, float("-inf"))
+            # Rows with no allowed class (fewer than two present) are never used; keep them a valid distribution.
+            class_probs = torch.where(allowed.any(1, keepdim=True), relation.softmax(1),
+                                      torch.ones_like(relation))
+
+            if rep.device.type == "cpu":  # no device to sync with: work only on the classes that contribute
+                anchors = (has_hard & present).nonzero().squeeze(1)
+            else:  # fixed shapes, no host sync; classes without hard pixels are masked out below
+                anchors = torch.arange(num_classes, device=rep.device)
+            queries, negatives = _reco_draws(valid, hard, class_probs, anchors, num_queries, num_negatives,
+                                             generator)
+
+        qn = F.normalize(feats[queries], dim=2)  # [A,Q,D], the only part of the graph
+        with torch.no_grad():
+            num_anchors = anchors.shape[0]
+            positive = protos[anchors][:, None, :]  # [A,1,D]
+            logits = torch.cat([(qn * positive).sum(2, keepdim=True),
+                                _sampled_dot(qn.reshape(-1, dim), keys, negatives.view(num_anchors * num_queries, -1))
+                                .view(num_anchors, num_queries, -1)], dim=2) / temp  # [A,Q,1+N]
+            per_query = torch.logsumexp(logits, dim=2) - logits[:, :, 0]  # [A,Q]
+            weights = logits.softmax(dim=2)
+            pulled = F.embedding_bag(negatives.view(num_anchors * num_queries, -1), keys, mode="sum",
+                                     per_sample_weights=weights[:, :, 1:].reshape(num_anchors * num_queries, -1))
+            grad = ((weights[:, :, :1] - 1) * positive + pulled.view(num_anchors, num_queries, dim)) / temp
+
+            # Each contributing class adds mean_q loss_q; the divisor counts every present class; 0 if < 2.
+            contributes = (has_hard & present)[anchors] & (num_present >= 2)
+            scale = contributes.float() / (num_present.clamp(min=1) * num_queries)
+            value = (per_query.sum(1) * scale).sum()
+            grad = grad * scale[:, None, None]
+        return _KnownGradient.apply(qn, value, grad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mixing (CutOut, CutMix, ClassMix)
+# --------------------------------------------------------------------------------------------------------------
+
+def _box_masks(batch: int, img_size: tuple[int, int], ratio: float, device: torch.device | str | None,
+               generator: torch.Generator | None) -> Tensor:
+    """[B,H,W] float: 0 inside one random box per sample (area H*W/ratio), 1 outside."""
+    height, width = img_size
+    area = height * width / ratio
+    low = int(width / ratio + 1)  # the reference's randint(W/ratio + 1, W): float low bound truncated, W excluded
+    if not low < width:
+        raise ValueError(f"image size {img_size} is too small for a cut-out box with ratio {ratio}")
+    box_w = torch.randint(low, width, (batch,), generator=generator, device=device)
+    box_h = torch.round(area / box_w.double()).long()  # round half to even, as numpy
+    x0 = _uniform_below(width - box_w + 1, generator)
+    y0 = _uniform_below(height - box_h + 1, generator)
+    rows = torch.arange(height, device=box_w.device)[None, :, None]
+    cols = torch.arange(width, device=box_w.device)[None, None, :]
+    inside_rows = (rows >= y0[:, None, None]) & (rows < (y0 + box_h)[:, None, None])
+    inside_cols = (cols >= x0[:, None, None]) & (cols < (x0 + box_w)[:, None, None])
+    return (~(inside_rows & inside_cols)).float()
+
+
+def _class_masks(labels: Tensor, generator: torch.Generator | None) -> Tensor:
+    """[B,H,W] float: 1 where labels [B,H,W] (values -1..255) holds one of floor(n/2) of its n values, at random."""
+    batch = labels.shape[0]
+    flat = labels.reshape(batch, -1) + 1  # -1 (ignore / padding) counts as a value, as in the reference
+    present = torch.zeros(batch, _NUM_LABEL_VALUES, dtype=torch.bool, device=labels.device)
+    present.scatter_(1, flat, True)
+    # A random key per present value; the floor(n/2) smallest keys form a uniformly random subset of that size.
+    keys = torch.rand(present.shape, generator=generator, device=labels.device, dtype=torch.float64)
+    keys = keys.masked_fill(~present, 2.0)
+    num_keep = present.sum(1) // 2
+    cutoff = keys.sort(dim=1).values.gather(1, num_keep[:, None])  # the first key not kept
+    keep = keys < cutoff
+    return keep.gather(1, flat).view(labels.shape).float()
+
+
+def generate_cutout_mask(img_size: tuple[int, int], ratio: float = 2, device: torch.device | str | None = None,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """[H,W] float mask: 0 inside a random box of area H*W/ratio, 1 outside."""
+    return _box_masks(1, tuple(img_size), ratio, device, generator)[0]
+
+
+def generate_class_mask(pseudo_label: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """[H,W] float mask: 1 on floor(n/2) of the n values (-1 included) of pseudo_label [H,W], chosen at random."""
+    return _class_masks(pseudo_label[None], generator)[0]
+
+
+def generate_unsup_data(data: Tensor, target: Tensor, conf: Tensor, mode: str = "cutout",
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mix an unlabelled batch: data [B,3,H,W], target [B,H,W] long, conf [B,H,W] -> the same three.
+
+    cutout: a random box of each image is cut (image 0, target IGNORE_INDEX, conf 0). cutmix / classmix: a box /
+    half of the classes of image i is kept and the rest comes from image (i+1) mod B.
+    """
+    if mode not in MIX_MODES:
+        raise ValueError(f"unknown mixing mode {mode!r} (--apply_aug): valid modes are {', '.join(MIX_MODES)}")
+    batch, _, height, width = data.shape
+    if mode == "classmix":
+        keep = _class_masks(target, generator) > 0
+    else:
+        keep = _box_masks(batch, (height, width), 2, data.device, generator) > 0
+    if mode == "cutout":
+        return (data * keep[:, None], target.masked_fill(~keep, IGNORE_INDEX), conf * keep)
+    partner = torch.roll(torch.arange(batch, device=data.device), -1)  # (i + 1) mod B
+    return (torch.where(keep[:, None], data, data[partner]),
+            torch.where(keep, target, target[partner]),
+            torch.where(keep, conf, conf[partner]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers, teacher, schedule, metric
+# --------------------------------------------------------------------------------------------------------------
+
+def label_onehot(labels: Tensor, num_classes: int) -> Tensor:
+    """One-hot [B,C,H,W] float on labels.device from labels [B,H,W] long; IGNORE_INDEX gives a class-0 row."""
+    batch, height, width = labels.shape
+    out = torch.zeros(batch, num_classes, height, width, device=labels.device)
+    return out.scatter_(1, labels.clamp(min=0)[:, None], 1.0)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper, or the model itself."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+class EMA:
+    """Mean teacher: .model is a copy of the student whose parameters follow an exponential moving average.
+
+    decay = min(1 - 1/(step+1), alpha), so the first update copies the student. Buffers (BN statistics) are
+    not averaged unless average_buffers=True (then float buffers are averaged and the others copied).
+    """
+
+    def __init__(self, model: nn.Module, alpha: float, average_buffers: bool = False) -> None:
+        self.model = copy.deepcopy(_unwrap(model))
+        self.model.requires_grad_(False)
+        self.alpha = alpha
+        self.average_buffers = average_buffers
+        self.step = 0
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        """Move the teacher towards the student by one EMA step."""
+        student = _unwrap(student)
+        decay = min(1 - 1 / (self.step + 1), self.alpha)
+        torch._foreach_lerp_(list(self.model.parameters()), list(student.parameters()), 1 - decay)
+        if self.average_buffers:
+            for mine, theirs in zip(self.model.buffers(), student.buffers()):
+                if mine.is_floating_point():
+                    mine.lerp_(theirs, 1 - decay)
+                else:
+                    mine.copy_(theirs)
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        """Teacher weights and step, for resuming."""
+        return {"model": self.model.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+        self.model.load_state_dict(state["model"])
+        self.step = int(state["step"])
+
+
+class PolyLR(torch.optim.lr_scheduler.LRScheduler):
+    """Poly schedule: lr = max(base_lr * (1 - t/max_iters)^power, min_lr), t = number of step() calls."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9,
+                 min_lr: float = 1e-6, last_epoch: int = -1) -> None:
+        self.max_iters = max_iters
+        self.power = power
+        self.min_lr = min_lr
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        # Past max_iters the factor stays at 0 (min_lr) instead of raising a negative number to a power.
+        factor = max(1 - self.last_epoch / self.max_iters, 0.0) ** self.power
+        return [max(base * factor, self.min_lr) for base in self.base_lrs]
+
+
+class ConfMatrix:
+    """Confusion matrix .mat [C,C] int64 (rows ground truth, columns prediction) and the mIoU over it."""
+
+    def __init__(self, num_classes: int, device: torch.device | str | None = None) -> None:
+        self.num_classes = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Count pred [N..] long against target [N..] long; targets outside 0..C-1 are ignored. No host sync."""
+        if self.mat.device != target.device:
+            self.mat = self.mat.to(target.device)
+        target, pred = target.reshape(-1), pred.reshape(-1)
+        keep = (target >= 0) & (target < self.num_classes)
+        index = torch.where(keep, target * self.num_classes + pred, 0)
+        self.mat.view(-1).index_add_(0, index, keep.long())
+
+    def reduce_from_all_processes(self) -> None:
+        """Sum the matrix over all torch.distributed ranks (no-op when not initialised)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.mat)
+
+    def _iou(self) -> Tensor:
+        mat = self.mat.double()
+        diag = mat.diag()
+        union = mat.sum(0) + mat.sum(1) - diag
+        return torch.where(union > 0, diag / union.clamp(min=1), torch.full_like(diag, float("nan")))
+
+    def iou_per_class(self) -> list[float]:
+        """IoU of every class; nan for a class absent from both ground truth and prediction."""
+        return self._iou().tolist()
+
+    def get_metrics(self) -> tuple[float, float]:
+        """(mIoU over the classes present in ground truth or prediction, pixel accuracy); 0.0 without pixels."""
+        iou = self._iou()
+        seen = ~iou.isnan()
+        miou = iou[seen].mean().item() if bool(seen.any()) else 0.0
+        total = self.mat.sum().item()
+        acc = self.mat.diag().sum().item() / total if total else 0.0
+        return miou, acc
