@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
 import engine
 from build_data import SegmentationDataset, build_test_loader, data_root, dataset_info, list_ids
 from network import BACKBONES, RESNET_DEPTHS, model_from_state_dict
