@@ -78,16 +78,16 @@ def load_sample(dataset: str, root: str | Path | None, index: int) -> tuple[str,
     info = dataset_info(dataset)
     try:
         root = find_data_root(info, root)
-    except DataError as error:
+        ids = list_ids(info, root, "test")
+        if not 0 <= index < len(ids):
+            raise ValueError(f"--index {index} is out of range: the {dataset} test list has {len(ids)} images "
+                             f"(0..{len(ids) - 1})")
+        image, label = SegmentationDataset(info, root, [ids[index]], "test")[0]
+        photo = read_image(info, image_path(info, root, ids[index], "test"))
+    except DataError as error:  # missing or broken data: also point at the README's preprocessed copy
         if dataset not in PREPROCESSED_DATA:
             raise
         raise DataError(f"{error}; the reference's preprocessed copy: {PREPROCESSED_DATA[dataset]}") from None
-    ids = list_ids(info, root, "test")
-    if not 0 <= index < len(ids):
-        raise ValueError(f"--index {index} is out of range: the {dataset} test list has {len(ids)} images "
-                         f"(0..{len(ids) - 1})")
-    image, label = SegmentationDataset(info, root, [ids[index]], "test")[0]
-    photo = read_image(info, image_path(info, root, ids[index], "test"))
     return ids[index], photo, image, label
 
 
