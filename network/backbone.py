@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -55,15 +56,31 @@ def _imagenet_state_dict(resnet_depth: int) -> dict[str, torch.Tensor]:
     weights = getattr(torchvision.models, _RESNETS[resnet_depth][1]).IMAGENET1K_V1
     path = imagenet_weight_file(resnet_depth)
     if not path.is_file():
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # a blocked network fails instead of hanging
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(path), progress=True)
         except Exception as error:  # no network, proxy, disk: all end in the same instruction
-            raise RuntimeError(
+            raise FileNotFoundError(
                 f"cannot download the ImageNet ResNet-{resnet_depth} weights ({type(error).__name__}: {error}); "
                 f"put {weights.url} at {path}, or pass --pretrained none or --pretrained PATH to a local "
                 f"torchvision ResNet-{resnet_depth} state_dict.") from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
+    return _read_weights(path, "delete it to download it again, or pass --pretrained none.")
+
+
+def _read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    """A weights-only torch file holding a dict; errors name the file and the fix."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: cannot read it as a weights-only torch file ({type(error).__name__}: {error}); "
+                         f"{fix}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state_dict; {fix}")
+    return state
 
 
 def _local_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -71,14 +88,7 @@ def _local_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"--pretrained {path}: no such file; pass 'imagenet', 'none' or the path of a "
                                 f"torchvision ResNet state_dict (.pth).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"--pretrained {path}: cannot read it as a weights-only torch file ({error}); "
-                         f"pass a torchvision ResNet state_dict saved with torch.save.") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"--pretrained {path}: holds a {type(state).__name__}, not a state_dict.")
-    return state
+    return _read_weights(path, "pass a torchvision ResNet state_dict saved with torch.save (--pretrained PATH).")
 
 
 def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: tuple[int, int] = (1, 2)) -> nn.Module:

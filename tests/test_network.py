@@ -167,7 +167,7 @@ def test_pretrained_imagenet_without_network_says_where_to_put_the_file(tmp_path
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     target = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert network.imagenet_weight_file(18) == target
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(FileNotFoundError) as error:
         network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained="imagenet")
     message = str(error.value)
     assert str(target) in message and "none" in message and "\n" not in message
