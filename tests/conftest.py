@@ -1,13 +1,45 @@
 """Shared fixtures."""
 
+import functools
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 import build_data
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo dataset (default sizes, seed 0), generated once per test session; treat as read-only."""
     return build_data.make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", seed=0)
+
+
+@functools.cache
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"dataset_script_{Path(name).stem}", REPO / "dataset" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_script(capsys):
+    """run_script('make_splits.py', *args) -> (exit code, stdout, stderr): a dataset/ script's main through
+    engine.run_cli, in this process (no interpreter start-up per call)."""
+    import engine
+
+    def run(name: str, *args) -> tuple[int, str, str]:
+        module = _load_script(name)
+        capsys.readouterr()
+        try:
+            engine.run_cli(module.main, [str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,9 +1,6 @@
 """Partial labels (§2, §11): byte-exact agreement with a naive transcription of the reference."""
 
 import hashlib
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +9,6 @@ from scipy.ndimage import binary_dilation
 
 import build_data
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ("p25", "p5", "p1", "p0")
 
 
@@ -159,23 +155,22 @@ def tree_digest(root):
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_pascal_script_idempotent_and_input_untouched(tmp_path, labels):
+def test_pascal_script_idempotent_and_input_untouched(tmp_path, labels, run_script):
     folder, names = make_pascal_tree(tmp_path, labels[:2])
     before = tree_digest(folder)
-    cmd = [sys.executable, "dataset/pascal_preprocess.py", "--root", str(tmp_path), "--seeds", "1"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    args = ["--root", tmp_path, "--seeds", 1, "--workers", 1]
+    code, _, err = run_script("pascal_preprocess.py", *args)
+    assert code == 0, err
     first = tree_digest(tmp_path)
-    assert subprocess.run(cmd, cwd=REPO, capture_output=True).returncode == 0
+    assert run_script("pascal_preprocess.py", *args)[0] == 0
     assert tree_digest(tmp_path) == first  # same bytes, no leftovers
     assert tree_digest(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["SegmentationClassAug"] + [f"SegmentationClassAug_{s}_1" for s in SETTINGS])
     expected = naive_files(labels[:2], 1)
     assert (read(tmp_path / "SegmentationClassAug_p5_1" / f"{names[1]}.png") == expected["p5"][1]).all()
-    missing = subprocess.run([sys.executable, "dataset/pascal_preprocess.py", "--root", str(tmp_path / "nope")],
-                             cwd=REPO, capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.startswith("error: no label PNGs in")
+    code, _, err = run_script("pascal_preprocess.py", "--root", tmp_path / "nope")
+    assert code == 2 and err.startswith("error: no label PNGs in")
 
 
 def test_demo_partial_labels(demo_root):

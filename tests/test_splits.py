@@ -1,8 +1,6 @@
 """Label-budget splits (§3.4, §11): exact agreement with a naive transcription of the reference loop."""
 
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -219,14 +217,13 @@ def test_get_split_on_demo(demo_root):
     assert build_data.get_split(info, demo_root, 0, 0) == (ids, ids)
 
 
-def test_make_splits_script(demo_root, tmp_path):
+def test_make_splits_script(demo_root, tmp_path, run_script):
     out = tmp_path / "split"
-    cmd = [sys.executable, "dataset/make_splits.py", "--dataset", "demo", "--root", str(demo_root),
-           "--num_labels", "12", "--seed", "2", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    args = ["--dataset", "demo", "--root", demo_root, "--num_labels", 12, "--seed", 2, "--out", out]
+    code, stdout, err = run_script("make_splits.py", *args)
+    assert code == 0, err
+    assert stdout.startswith("12 labelled and 228 unlabelled ids written to")
     info = build_data.dataset_info("demo")
     assert build_data.read_split_dir(out) == build_data.get_split(info, demo_root, 12, 2)
-    bad = subprocess.run(cmd[:-2] + ["--num_labels", "100000", "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: cannot pick 100000")
+    code, _, err = run_script("make_splits.py", *args[:4], "--num_labels", 100000, "--out", out)
+    assert code == 2 and err.startswith("error: cannot pick 100000")
