@@ -85,3 +85,24 @@ def test_missing_own_checkpoint_and_bad_index(tmp_path, capsys):
         assert stop.value.code == 2
         assert expected in capsys.readouterr().err
     assert NUM_CLASSES == build_data.dataset_info("demo").num_classes
+
+
+def test_reference_figure_defaults_pascal_entry_961_and_published_names(tmp_path, monkeypatch):
+    """No --checkpoints: the three published file names in --weights_dir and val entry 961, as the reference."""
+    root = tmp_path / "pascal"
+    ids = [f"id{i:04d}" for i in range(1000)]
+    make_data(root, [np.full((30, 40), 15, np.uint8)])  # writes img0; rename it to entry 961's id
+    (root / "JPEGImages" / "img0.jpg").rename(root / "JPEGImages" / f"{ids[961]}.jpg")
+    (root / "SegmentationClassAug" / "img0.png").rename(root / "SegmentationClassAug" / f"{ids[961]}.png")
+    (root / "val.txt").write_text("\n".join(ids))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for kind in ("sup", "semi_classmix", "semi_classmix_reco"):
+        model = network.build_model("deeplabv3p", 21, output_dim=8, resnet_depth=18)
+        torch.save(model.state_dict(), weights / f"pascal_label60_{kind}.pth")
+    monkeypatch.chdir(tmp_path)
+    assert visual.main(["--dataset", "pascal", "--data_root", str(root), "--weights_dir", str(weights)]) == [
+        Path("logging/visual_pascal.png")]
+    assert (tmp_path / "logging" / "visual_pascal.png").is_file()
+    _, photo, _, label = visual.load_sample("pascal", root, 961)
+    assert photo.shape == (30, 40, 3) and label.shape == (513, 513) and (label[:30, :40] == 15).all()
