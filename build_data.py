@@ -291,16 +291,13 @@ _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """[..., 3, H, W] in [0, 1] -> ImageNet-normalised."""
-    mean = torch.tensor(MEAN, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    std = torch.tensor(STD, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    return (images - mean) / std
+    # per-channel Python scalars: no host-to-device copy (a sync) on a GPU
+    return torch.stack([(c - m) / s for c, m, s in zip(images.unbind(-3), MEAN, STD)], dim=-3)
 
 
 def denormalise(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised [..., 3, H, W] -> [0, 1]."""
-    mean = torch.tensor(MEAN, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    std = torch.tensor(STD, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    return images * std + mean
+    return torch.stack([c * s + m for c, m, s in zip(images.unbind(-3), MEAN, STD)], dim=-3)
 
 
 @dataclass
@@ -321,13 +318,14 @@ def sample_params(batch: int, scale_range: tuple[float, float], generator: torch
                   device: torch.device | str = "cpu") -> AugmentParams:
     """Draw every random number of one transform call at once, so a sample is a pure function of the RNG state."""
     u = torch.rand(batch, 15, generator=generator, device=device, dtype=torch.float64)
-    lo, hi = scale_range
-    factor_lo = torch.tensor([_JITTER_RANGE[0]] * 3 + [_HUE_RANGE[0]], device=device, dtype=torch.float64)
-    factor_hi = torch.tensor([_JITTER_RANGE[1]] * 3 + [_HUE_RANGE[1]], device=device, dtype=torch.float64)
+    def uniform(column: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * column
+
+    factors = torch.cat([uniform(u[:, 4:7], *_JITTER_RANGE), uniform(u[:, 7:8], *_HUE_RANGE)], dim=1)
     return AugmentParams(
-        scale=lo + (hi - lo) * u[:, 0], offset_u=u[:, 1:3], jitter=u[:, 3] < _JITTER_P,
-        factors=(factor_lo + (factor_hi - factor_lo) * u[:, 4:8]).float(), order=u[:, 8:12].argsort(dim=1),
-        blur=u[:, 12] < _BLUR_P, sigma=(_SIGMA_RANGE[0] + (_SIGMA_RANGE[1] - _SIGMA_RANGE[0]) * u[:, 13]).float(),
+        scale=uniform(u[:, 0], *scale_range), offset_u=u[:, 1:3], jitter=u[:, 3] < _JITTER_P,
+        factors=factors.float(), order=u[:, 8:12].argsort(dim=1),
+        blur=u[:, 12] < _BLUR_P, sigma=uniform(u[:, 13], *_SIGMA_RANGE).float(),
         flip=u[:, 14] < _FLIP_P)
 
 
@@ -395,7 +393,7 @@ def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     safe = chroma.clamp(min=1e-12)
     sextant = torch.where(value == r, (g - b) / safe, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
     hue = (sextant / 6 + shift.view(-1, 1, 1)) % 1.0
-    k = (torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1) + 6 * hue[:, None]) % 6
+    k = torch.stack([(n + 6 * hue) % 6 for n in (5.0, 3.0, 1.0)], dim=1)  # per output channel R, G, B
     return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -850,7 +848,6 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
     return root
 
 
-
 # --- label-budget splits (full-label mode) ---
 
 ClassSets = Mapping[str, Collection[int]] | Callable[[str], Collection[int]]
@@ -892,9 +889,9 @@ def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, 
             # Acceptance depends only on the counters, so once every remaining id failed since the last
             # accept, no id can ever pass: the reference would loop forever here.
             if len(failed) == len(work) + len(rejected):
+                need = f" including one of the least-seen classes {sorted(least_seen)}" if labelled else ""
                 raise _budget_error(num_labels, len(labelled),
-                                    f"no remaining image has >= {min_classes} classes including one of the "
-                                    f"least-seen classes {sorted(least_seen)}")
+                                    f"no remaining image has >= {min_classes} classes{need}")
         fewest = min(counter)
         least_seen = {c for c in range(num_classes) if counter[c] == fewest}
     chosen = set(labelled)
@@ -904,7 +901,8 @@ def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, 
 def select_labelled_sun(ids: Sequence[str], class_sets: ClassSets, num_labels: int, seed: int,
                         num_classes: int) -> tuple[list[str], list[str]]:
     """The reference's SUN split: take images from the per-class lists of the least-seen class (no minimum
-    class count). Returns (labelled ids in selection order, the other ids in list order)."""
+    class count). Returns (labelled ids in selection order, the other ids in list order). Where the
+    reference crashes (every least-seen class ran out of images), the least-seen set is recomputed."""
     classes_of = class_sets if callable(class_sets) else class_sets.__getitem__
     if not 0 <= num_labels <= len(ids):
         raise _budget_error(num_labels, 0, f"the training list has {len(ids)} images")
@@ -920,8 +918,10 @@ def select_labelled_sun(ids: Sequence[str], class_sets: ClassSets, num_labels: i
     labelled: list[str] = []
     chosen: set[str] = set()
     while len(labelled) < num_labels:
-        if not fill:
-            raise _budget_error(num_labels, len(labelled), "every image containing a class was taken")
+        if not fill:  # the reference crashes here; carry on with the least-seen classes that have images
+            if not active.any():
+                raise _budget_error(num_labels, len(labelled), "every image containing a class was taken")
+            fill = np.flatnonzero(active & (counter == counter[active].min())).tolist()
         if class_list[fill[0]]:
             candidate = class_list[fill[0]].pop()
             if candidate not in chosen:
@@ -935,22 +935,19 @@ def select_labelled_sun(ids: Sequence[str], class_sets: ClassSets, num_labels: i
     return labelled, [i for i in ids if i not in chosen]
 
 
-def get_split(info: "DatasetInfo", root: str | os.PathLike, num_labels: int, seed: int
+def get_split(info: DatasetInfo, root: str | os.PathLike | None, num_labels: int, seed: int
               ) -> tuple[list[str], list[str]]:
     """(labelled ids, unlabelled ids) of the training set for a label budget; 0 -> (all ids, all ids)."""
+    root = data_root(info, root)
     ids = list_ids(info, root, "train")
     if num_labels == 0:
         return list(ids), list(ids)
     cache: dict[str, frozenset[int]] = {}
 
-    def classes_of(i: str) -> frozenset[int]:
+    def classes_of(i: str) -> frozenset[int]:  # read_label rejects values outside the classes
         if i not in cache:
-            path = label_path(info, root, i, "train")
-            classes = _valid_classes(read_label(info, path), (VOID,))
-            if classes.size and classes[-1] >= info.num_classes:
-                raise DataError(f"label file {path} holds class {classes[-1]}, but {info.name} has "
-                                f"{info.num_classes} classes (0..{info.num_classes - 1}, {VOID} = void)")
-            cache[i] = frozenset(classes.tolist())
+            label = read_label(info, label_path(info, root, i, "train"))
+            cache[i] = frozenset(_valid_classes(label, (VOID,)).tolist())
         return cache[i]
 
     if info.min_classes == 0:

@@ -151,7 +151,7 @@ def test_impossible_budgets_fail_fast():
     with pytest.raises(DataError, match="has 3000 images"):
         select_labelled(ids, {i: {0, 1, 2} for i in ids}, 3001, 0, 21, 3)
     with pytest.raises(DataError, match="cannot pick"):
-        select_labelled_sun(ids[:10], {i: {0} for i in ids[:10]}, 2, 0, 4)  # every image has one class
+        select_labelled_sun(ids[:10], {i: {0} if i != "3" else set() for i in ids[:10]}, 10, 0, 4)  # "3": no class
 
 
 def test_sun_loop_matches_naive_transcription():
@@ -164,10 +164,15 @@ def test_sun_loop_matches_naive_transcription():
         num_labels = int(rng.integers(1, len(ids) + 1))
         seed = int(rng.integers(0, 1000))
         expected = naive_sun(ids, sets, num_labels, seed, num_classes)
-        if expected is None:
+        if expected is None:  # the reference crashes: we either meet the budget or say why not
             impossible += 1
-            with pytest.raises(DataError):
-                select_labelled_sun(ids, sets, num_labels, seed, num_classes)
+            try:
+                labelled, unlabelled = select_labelled_sun(ids, sets, num_labels, seed, num_classes)
+            except DataError as error:
+                assert "cannot pick" in str(error)
+                assert num_labels > sum(1 for i in ids if sets[i])  # only when images without classes are needed
+            else:
+                assert len(set(labelled)) == num_labels and sorted(labelled + unlabelled) == sorted(ids)
         else:
             compared += 1
             assert select_labelled_sun(ids, sets, num_labels, seed, num_classes) == expected
@@ -180,10 +185,12 @@ def test_sun_hand_worked_example():
     random.Random(3).shuffle(w)
     # class lists in shuffled order: 0 -> [w0, w2], 1 -> [w1], 2 -> [] (never present)
     sets = {w[0]: {0}, w[1]: {1}, w[2]: {0, 1}, w[3]: set()}
-    # fill [0, 1, 2]: pop w2 (class 0 list) -> counts [1, 1, 0], fill [2]; class 2 empty -> ignored,
-    # fill [] ... refilled only on a new id, so the budget of 2 cannot be met.
-    with pytest.raises(DataError):
-        select_labelled_sun(ids, sets, 2, 3, 3)
+    # fill [0, 1, 2]: pop w2 (class 0 list) -> counts [1, 1, 0], fill [2]; class 2 empty -> ignored, fill []
+    # (the reference crashes); we recompute it over the active classes: [0, 1] -> pop w0.
+    assert select_labelled_sun(ids, sets, 2, 3, 3)[0] == [w[2], w[0]]
+    # w3 has no class, so no loop can pick all four.
+    with pytest.raises(DataError, match="cannot pick 4"):
+        select_labelled_sun(ids, sets, 4, 3, 3)
     # Without class 2: fill [0, 1] -> w2; counts [1, 1] -> fill [0, 1] -> pop w0 -> counts [2, 1] -> fill [1]
     # -> class 1 list [w1] -> w1.
     labelled, unlabelled = select_labelled_sun(ids, sets, 3, 3, 2)
@@ -227,3 +234,39 @@ def test_make_splits_script(demo_root, tmp_path, run_script):
     assert build_data.read_split_dir(out) == build_data.get_split(info, demo_root, 12, 2)
     code, _, err = run_script("make_splits.py", *args[:4], "--num_labels", 100000, "--out", out)
     assert code == 2 and err.startswith("error: cannot pick 100000")
+
+
+def test_get_split_cityscapes_numeric_order_and_train_ids(tmp_path):
+    info = build_data.dataset_info("cityscapes")
+    rng = np.random.default_rng(3)
+    label_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    sets = {}
+    for i in range(14):  # ids 10..13 sort before 2 as strings
+        present = rng.choice(label_ids, size=int(rng.integers(10, 16)), replace=False)
+        label = rng.choice(np.concatenate([present, [0, 4]]), size=(8, 8)).astype(np.uint8)
+        label.ravel()[:present.size] = present  # every chosen id appears
+        Image.fromarray(label).save(tmp_path / "labels" / "train" / f"{i}.png")
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "train" / f"{i}.png")
+        sets[str(i)] = {label_ids.index(v) for v in present.tolist()}
+    ids = [str(i) for i in range(14)]
+    for seed in range(4):
+        expected = naive_pascal(ids, sets, 3, seed, 19, 12)
+        assert build_data.get_split(info, tmp_path, 3, seed) == expected
+
+
+def test_get_split_sun_uses_its_own_loop(tmp_path):
+    info = build_data.dataset_info("sun")
+    rng = np.random.default_rng(4)
+    (tmp_path / "SUNRGBD-train_images").mkdir()
+    (tmp_path / "sunrgbd_train_test_labels").mkdir()
+    sets = {}
+    for k in [7, 12, 5051, 5060, 10335, 40]:
+        raw = rng.integers(0, 38, size=(6, 6)).astype(np.uint8)  # 0 = void, v -> class v - 1
+        Image.fromarray(raw).save(tmp_path / "sunrgbd_train_test_labels" / f"img-{k:06d}.png")
+        (tmp_path / "SUNRGBD-train_images" / f"img-{k:06d}.jpg").write_bytes(b"")
+        sets[str(k)] = {int(v) - 1 for v in np.unique(raw) if v > 0}
+    ids = sorted(sets, key=int)
+    for seed in range(4):
+        assert build_data.get_split(info, tmp_path, 4, seed) == naive_sun(ids, sets, 4, seed, 37)
