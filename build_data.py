@@ -587,7 +587,10 @@ class TrainLoader:
 
 def build_train_loader(dataset: SegmentationDataset, batch_size: int, iters_per_epoch: int, num_workers: int = 0,
                        seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> TrainLoader:
-    """Sampling with replacement, exactly iters_per_epoch batches per epoch; each rank draws its own samples."""
+    """Sampling with replacement, exactly iters_per_epoch batches per epoch; each rank draws its own samples.
+
+    The rank enters the draw's seed, so world_size is not needed (kept for symmetry with build_test_loader).
+    """
     sampler = EpochBatchSampler(len(dataset), batch_size, iters_per_epoch, seed, rank)
     return TrainLoader(dataset, sampler, num_workers, seed, pin_memory)
 
