@@ -6,7 +6,6 @@ Imports neither build_data nor engine.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -56,20 +55,6 @@ def compute_unsupervised_loss(pred: Tensor, target: Tensor, conf: Tensor, strong
     selected = loss > 0
     weighted = torch.where(selected, loss * weight.view(-1, 1, 1), torch.zeros_like(loss))
     return weighted.sum() / selected.sum().clamp(min=1)
-
-
-class _KnownGradient(torch.autograd.Function):
-    """value (a scalar computed without autograd) whose gradient with respect to x is grad_x."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, value: Tensor, grad_x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(grad_x)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        (grad_x,) = ctx.saved_tensors
-        return grad_out * grad_x, None, None
 
 
 def _draw_pixels(weights: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
@@ -125,16 +110,29 @@ def _reco_draws(valid: Tensor, hard: Tensor, class_probs: Tensor, anchors: Tenso
     return queries, negatives
 
 
-def _sampled_dot(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
-    """out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D], index [R,N], without building [R,N,D]."""
-    rows, cols = index.shape
-    crow = torch.arange(0, rows * cols + 1, cols, device=a.device)
-    with warnings.catch_warnings():  # CSR is flagged "beta"; sampled_addmm on it is the one op used
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, index.reshape(-1), torch.zeros(rows * cols, device=a.device),
-                                          size=(rows, b.shape[0]), check_invariants=False)
-        out = torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0)
-    return out.values().view(rows, cols)
+class _SampledDot(torch.autograd.Function):
+    """out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D] (a constant), index [R,N]; gradient to a only.
+
+    A sampled matrix product that never builds the gathered [R,N,D] keys, and whose backward is one weighted
+    embedding_bag (grad_a[r] = sum_n grad[r, n] * b[index[r, n]]), so autograd keeps only index for it.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+        rows, cols = index.shape
+        offsets = torch.arange(0, rows * cols, cols, device=a.device)
+        bag_of = torch.arange(rows, device=a.device).repeat_interleave(cols)
+        # The gradient of embedding_bag with respect to its per-sample weights is exactly these dot products,
+        # computed by a fused gather-dot kernel on CPU and CUDA (no public op does this without the [R,N,D] copy).
+        out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            a.contiguous(), b, index.reshape(-1), offsets, bag_of, 0, -1)  # mode 0 = sum, no padding index
+        ctx.save_for_backward(b, index)
+        return out.view(rows, cols)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        b, index = ctx.saved_tensors
+        return F.embedding_bag(index, b, mode="sum", per_sample_weights=grad.contiguous()), None, None
 
 
 def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, strong_threshold: float = 1.0,
@@ -150,13 +148,10 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
     divided by the number of present classes, 0 with fewer than two. Gradients reach the queries only.
     Runs in fp32 even under autocast; no host sync on an accelerator.
     """
-    # Why this shape of computation: the keys and the prototypes are detached, so the loss depends on the
-    # graph only through the normalised queries qn [A,Q,D]. Its gradient there is known in closed form,
-    # d(loss_q)/d(qn_q) = ((p_pos - 1) * positive + sum_n p_n * key_n) / temp (p = the softmax of the logits),
-    # so the whole InfoNCE runs under no_grad and only qn and that [A,Q,D] gradient are kept for backward
-    # (the reference keeps a [Q,N,D] key tensor and its intermediates per class). The [A,Q,N] logits come
-    # from a sampled matrix product (SDDMM), and sum_n p_n * key_n from a weighted embedding_bag: neither
-    # builds the gathered [A,Q,N,D] keys, and neither costs Q x P x D like the dense [Q,P] similarity matrix.
+    # Memory: keys and prototypes are detached, so backward needs only the query side. The [A,Q,N] negative
+    # logits come from a sampled matrix product (_SampledDot) that neither builds the gathered [A,Q,N,D] keys
+    # (the reference keeps a 256x513x256 fp32 key tensor per class for backward) nor costs Q x P x D per class
+    # like a dense [Q,P] similarity matrix would; autograd keeps only the [A,Q,1+N] logits and the indices.
     with torch.autocast(device_type=rep.device.type, enabled=False):
         batch, dim = rep.shape[:2]
         num_classes = label.shape[1]
@@ -186,24 +181,15 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
                                              generator)
 
         qn = F.normalize(feats[queries], dim=2)  # [A,Q,D], the only part of the graph
-        with torch.no_grad():
-            num_anchors = anchors.shape[0]
-            positive = protos[anchors][:, None, :]  # [A,1,D]
-            logits = torch.cat([(qn * positive).sum(2, keepdim=True),
-                                _sampled_dot(qn.reshape(-1, dim), keys, negatives.view(num_anchors * num_queries, -1))
-                                .view(num_anchors, num_queries, -1)], dim=2) / temp  # [A,Q,1+N]
-            per_query = torch.logsumexp(logits, dim=2) - logits[:, :, 0]  # [A,Q]
-            weights = logits.softmax(dim=2)
-            pulled = F.embedding_bag(negatives.view(num_anchors * num_queries, -1), keys, mode="sum",
-                                     per_sample_weights=weights[:, :, 1:].reshape(num_anchors * num_queries, -1))
-            grad = ((weights[:, :, :1] - 1) * positive + pulled.view(num_anchors, num_queries, dim)) / temp
-
-            # Each contributing class adds mean_q loss_q; the divisor counts every present class; 0 if < 2.
-            contributes = (has_hard & present)[anchors] & (num_present >= 2)
-            scale = contributes.float() / (num_present.clamp(min=1) * num_queries)
-            value = (per_query.sum(1) * scale).sum()
-            grad = grad * scale[:, None, None]
-        return _KnownGradient.apply(qn, value, grad)
+        num_anchors = anchors.shape[0]
+        positive = (qn * protos[anchors][:, None, :]).sum(2, keepdim=True)  # [A,Q,1]
+        negative = _SampledDot.apply(qn.reshape(-1, dim), keys, negatives.view(-1, num_negatives))
+        logits = torch.cat([positive, negative.view(num_anchors, num_queries, num_negatives)], dim=2) / temp
+        per_query = torch.logsumexp(logits, dim=2) - logits[:, :, 0]  # InfoNCE with target 0, [A,Q]
+        # Each contributing class adds mean_q loss_q; the divisor counts every present class; 0 if < 2.
+        contributes = (has_hard & present)[anchors] & (num_present >= 2)
+        scale = contributes.float() / (num_present.clamp(min=1) * num_queries)
+        return (per_query.sum(1) * scale).sum()
 
 
 # --------------------------------------------------------------------------------------------------------------
