@@ -48,7 +48,8 @@ def test_demo_script_is_deterministic(tmp_path, run_script):
     # A real `python dataset/X.py` run from the repo root, without PYTHONPATH.
     cmd = [sys.executable, "dataset/demo_preprocess.py", "--root", str(tmp_path / "a"), "--seed", "3",
            "--num_train", "5", "--num_val", "2"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     build_data.make_demo_dataset(tmp_path / "b", seed=3, num_train=5, num_val=2)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
@@ -89,7 +90,8 @@ def test_cityscapes_preprocess(tmp_path, run_script):
     src, root = tmp_path / "src", tmp_path / "out" / "cityscapes"
     made = make_cityscapes_src(src)
     before = digest(src)
-    code, _, err = run_script("cityscapes_preprocess.py", "--src", src, "--root", root, "--seeds", 0, "--workers", 1)
+    args = ["--src", src, "--root", root, "--seeds", 0, "--workers", 1]
+    code, _, err = run_script("cityscapes_preprocess.py", *args)
     assert code == 0, err
     order = {"train": [("aachen", 3), ("aachen", 19), ("zurich", 3), ("zurich", 19)],
              "val": [("lindau", 3), ("lindau", 19)]}
@@ -118,7 +120,7 @@ def test_cityscapes_preprocess(tmp_path, run_script):
             assert set(np.unique(got).tolist()) == {0, 7, 8, 11, 21, 26}
     # Re-run: same bytes, input untouched, no temporary folders left.
     first = digest(root)
-    assert run_script("cityscapes_preprocess.py", "--src", src, "--root", root, "--seeds", 0, "--workers", 1)[0] == 0
+    assert run_script("cityscapes_preprocess.py", *args)[0] == 0
     assert digest(root) == first and digest(src) == before
     assert sorted(p.name for p in root.iterdir()) == ["images", "labels"]
 
