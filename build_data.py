@@ -557,13 +557,6 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return self.iters
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Give numpy and random in each worker their own reproducible stream (torch's is set by DataLoader)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 class TrainLoader:
     """A DataLoader over an EpochBatchSampler: len() batches per epoch; call set_epoch(e) before epoch e."""
 
@@ -572,7 +565,8 @@ class TrainLoader:
         self.dataset, self.sampler = dataset, sampler
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0, worker_init_fn=_seed_worker,
+            persistent_workers=num_workers > 0,
+            # seeds the workers' torch, numpy and random streams: distinct per worker, reproducible per run
             generator=torch.Generator().manual_seed(_mix_seed(seed, sampler.rank)))
 
     def set_epoch(self, epoch: int) -> None:
@@ -826,6 +820,9 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
     JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, train_aug.txt, val.txt and the partial labels
     SegmentationClassAug_{p0,p1,p5,p25}_{s}. Written aside and renamed into place; returns root."""
     root = Path(root)
+    if num_train < 1 or num_val < 1 or size < 16:
+        raise ValueError(f"the demo dataset needs num_train >= 1, num_val >= 1 and size >= 16 (got {num_train}, "
+                         f"{num_val}, {size})")
     if root.exists() and any(root.iterdir()) and not (root / _DEMO_MARKER).exists():
         raise DataError(f"{root} exists and is not a demo dataset made by this project; pass another "
                         f"root folder or delete this one")

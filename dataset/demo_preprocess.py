@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 # `python dataset/X.py` puts dataset/ on sys.path, not the repo root: add the root to import the project.
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build_data  # noqa: E402
 import engine  # noqa: E402
@@ -17,7 +16,8 @@ import engine  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=REPO / "dataset" / "demo", help="output folder")
+    parser.add_argument("--root", type=Path, default=build_data.dataset_info("demo").default_root,
+                        help="output folder (default: dataset/demo)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--num_train", type=int, default=240)
     parser.add_argument("--num_val", type=int, default=48)
