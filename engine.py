@@ -596,6 +596,15 @@ class Outputs:
         self.tb.close()
 
 
+def draw_run_figure(args: argparse.Namespace, out: Outputs) -> str:
+    """visual.py's figure of the best weights on the first test image, saved as the run folder's visual.png."""
+    import visual  # the figure tool sits beside the scripts and imports this module, so import it late
+
+    return str(visual.draw_figure(args.dataset, [out.best_path], [args.name], index=0, data_root=args.data_root,
+                                  out=out.run_dir / "visual.png", backbone=args.backbone,
+                                  resnet_depth=args.resnet_depth, device="cpu"))
+
+
 def train(args: argparse.Namespace) -> dict:
     """Train one run end to end; returns the best test mIoU and the output paths."""
     d = init_distributed(args)
