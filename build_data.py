@@ -368,6 +368,7 @@ def _resample(images, labels, conf, crop_size, scale, offset_u):
     (_, _, height, width), (crop_h, crop_w) = images.shape, crop_size
     valid_y, near_y, lo_y, hi_y, w_y = _axis_indices(height, scale, crop_h, None if offset_u is None else offset_u[:, 0])
     valid_x, near_x, lo_x, hi_x, w_x = _axis_indices(width, scale, crop_w, None if offset_u is None else offset_u[:, 1])
+    w_y, w_x = w_y.to(images.dtype), w_x.to(images.dtype)
     rows = torch.lerp(_take(images, 2, lo_y), _take(images, 2, hi_y), w_y[:, None, :, None])
     images = torch.lerp(_take(rows, 3, lo_x), _take(rows, 3, hi_x), w_x[:, None, None, :])
     inside = valid_y[:, :, None] & valid_x[:, None, :]
@@ -437,14 +438,13 @@ def gaussian_blur(images: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor
 
 def random_transform(images: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None,
                      crop_size: tuple[int, int], scale_range: tuple[float, float], augmentation: bool,
-                     generator: torch.Generator | None = None, params: AugmentParams | None = None):
+                     generator: torch.Generator | None = None):
     """The reference's joint train transform on [0, 1] images [B, 3, H, W], labels [B, H, W] long, conf [B, H, W].
 
     Rescale -> pad -> random crop, then (augmentation) colour jitter, blur and flip. Labels and conf use
     nearest sampling only, so their values survive exactly; pads are ignore / 0. Returns the same three.
     """
-    if params is None:
-        params = sample_params(images.shape[0], scale_range, generator, images.device)
+    params = sample_params(images.shape[0], scale_range, generator, images.device)
     images, labels, conf = _resample(images, labels, conf, crop_size, params.scale, params.offset_u)
     if augmentation:
         images = colour_jitter(images, params.jitter, params.factors, params.order)
