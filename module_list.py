@@ -48,7 +48,7 @@ def compute_unsupervised_loss(pred: Tensor, target: Tensor, conf: Tensor, strong
     Image weight w_b = #(conf >= strong_threshold) / #(target valid) (0 for an image without valid pixels);
     the loss is the mean of w_b * CE_p over the pixels with CE_p > 0, and 0 when there is no such pixel.
     """
-    valid = (target != IGNORE_INDEX).flatten(1).sum(1)
+    valid = (target >= 0).flatten(1).sum(1)
     strong = (conf >= strong_threshold).flatten(1).sum(1)
     weight = torch.where(valid > 0, strong / valid.clamp(min=1), 0.0)  # no valid pixel: weight 0, not x/0
     loss = compute_supervised_loss(pred, target, reduction=False)  # [B,H,W], 0 where ignored
@@ -153,7 +153,7 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
     # (the reference keeps a 256x513x256 fp32 key tensor per class for backward) nor costs Q x P x D per class
     # like a dense [Q,P] similarity matrix would; autograd keeps only the [A,Q,1+N] logits and the indices.
     with torch.autocast(device_type=rep.device.type, enabled=False):
-        batch, dim = rep.shape[:2]
+        dim = rep.shape[1]
         num_classes = label.shape[1]
         feats = rep.float().permute(0, 2, 3, 1).reshape(-1, dim)  # [P,D], with gradients
         with torch.no_grad():
@@ -162,7 +162,7 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
             count = valid.sum(1)
             present = count > 0
             num_present = present.sum()
-            has_hard = hard.any(1)
+            has_hard = hard.any(1)  # implies present
 
             keys = F.normalize(feats.detach(), dim=1)  # [P,D]
             protos = F.normalize(valid.float() @ feats.detach() / count.clamp(min=1)[:, None], dim=1)  # [C,D]
@@ -174,7 +174,7 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
                                       torch.ones_like(relation))
 
             if rep.device.type == "cpu":  # no device to sync with: work only on the classes that contribute
-                anchors = (has_hard & present).nonzero().squeeze(1)
+                anchors = has_hard.nonzero().squeeze(1)
             else:  # fixed shapes, no host sync; classes without hard pixels are masked out below
                 anchors = torch.arange(num_classes, device=rep.device)
             queries, negatives = _reco_draws(valid, hard, class_probs, anchors, num_queries, num_negatives,
@@ -187,7 +187,7 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
         logits = torch.cat([positive, negative.view(num_anchors, num_queries, num_negatives)], dim=2) / temp
         per_query = torch.logsumexp(logits, dim=2) - logits[:, :, 0]  # InfoNCE with target 0, [A,Q]
         # Each contributing class adds mean_q loss_q; the divisor counts every present class; 0 if < 2.
-        contributes = (has_hard & present)[anchors] & (num_present >= 2)
+        contributes = has_hard[anchors] & (num_present >= 2)
         scale = contributes.float() / (num_present.clamp(min=1) * num_queries)
         return (per_query.sum(1) * scale).sum()
 

@@ -1,6 +1,6 @@
 """Benchmark compute_reco_loss forward + backward at the reference's ReCo sizes.
 
-    python bench/reco_loss.py [--device cpu|cuda] [--repeats 10]
+    python bench/reco_loss.py [--device cpu|cuda] [--repeats 10] [--threads N]
 
 Prints one JSON line, then a short table. Peak RSS is the whole process (resource.getrusage); on CUDA the
 peak GPU memory is torch.cuda.max_memory_allocated.
@@ -49,7 +49,10 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--num_queries", type=int, default=256)
     parser.add_argument("--num_negatives", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     device = torch.device(args.device)
@@ -57,11 +60,11 @@ def main() -> None:
     rep, label, mask, prob = make_inputs(args.batch, args.size, args.num_classes, args.dim, args.present, device)
     rep.requires_grad_(True)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         rep.grad = None
         loss = compute_reco_loss(rep, label, mask, prob, 0.97, 0.5, args.num_queries, args.num_negatives)
         loss.backward()
-        return loss
+        return loss.detach()
 
     def sync() -> None:
         if device.type == "cuda":
