@@ -152,8 +152,14 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
     # logits come from a sampled matrix product (_SampledDot) that neither builds the gathered [A,Q,N,D] keys
     # (the reference keeps a 256x513x256 fp32 key tensor per class for backward) nor costs Q x P x D per class
     # like a dense [Q,P] similarity matrix would; autograd keeps only the [A,Q,1+N] logits and the indices.
+    batch, dim, height, width = rep.shape
+    expected = {"label": (batch, label.shape[1], height, width), "mask": (batch, 1, height, width),
+                "prob": (batch, label.shape[1], height, width)}
+    for name, tensor in (("label", label), ("mask", mask), ("prob", prob)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"compute_reco_loss: {name} has shape {tuple(tensor.shape)}, expected "
+                             f"{expected[name]} to match rep {tuple(rep.shape)} (all at feature resolution)")
     with torch.autocast(device_type=rep.device.type, enabled=False):
-        dim = rep.shape[1]
         num_classes = label.shape[1]
         feats = rep.float().permute(0, 2, 3, 1).reshape(-1, dim)  # [P,D], with gradients
         with torch.no_grad():

@@ -164,6 +164,12 @@ def test_divisor_counts_classes_without_hard_pixels(monkeypatch):
     assert present == 5  # expected divides by 5 although only class 0 contributes
 
 
+def test_shape_mismatch_is_a_clear_error():
+    rep, label, mask, prob = random_batch()
+    with pytest.raises(ValueError, match="prob has shape"):
+        compute_reco_loss(rep, label, mask, prob[:, :, :-1], 0.97, 0.5, 4, 4)
+
+
 def test_fp32_under_autocast():
     rep, label, mask, prob = random_batch()
     plain = compute_reco_loss(rep, label, mask, prob, 0.97, 0.5, 8, 16, generator=torch.Generator().manual_seed(3))
