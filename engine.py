@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from build_data import (DataError, DatasetInfo, SegmentationDataset, batch_transform, build_test_loader,
@@ -553,6 +552,8 @@ class Outputs:
         self.last_path = self.run_dir / "last.pth"
         for folder in (self.best_path.parent, self.run_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter  # rank 0 only, and only once outputs exist
+
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_epoch)
 
     def write_split(self, labelled: Sequence[str], unlabelled: Sequence[str]) -> None:
