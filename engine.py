@@ -480,6 +480,7 @@ def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
 
 def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
     """Model, teacher, optimiser (SGD Nesterov, one group), staircase poly schedule, AMP scaler, DDP wrapper."""
+    torch.backends.cudnn.benchmark = True  # crops and eval sizes are fixed: let cuDNN pick the fastest kernels
     seed_all(args.seed)  # identical initial weights on every rank
     model = build_model(args.backbone, info.num_classes, args.output_dim, args.resnet_depth, args.pretrained)
     if args.sync_bn and d.world_size > 1:

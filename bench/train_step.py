@@ -75,7 +75,8 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
             torch.cuda.set_sync_debug_mode("default")
         sync()
         seconds = (time.perf_counter() - start) / steps
-        syncs = sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
+        syncs = sorted({str(w.message).splitlines()[0] for w in caught
+                        if "synchroniz" in str(w.message) and "prototype" not in str(w.message)})
     result = {"config": name, "size": size, "amp": amp, "device": device,
               "device_name": torch.cuda.get_device_name() if cuda else "cpu",
               "batch": f"{per_loader}" + (f"+{per_loader}" if mode == "semi" else ""),
