@@ -40,7 +40,7 @@ def synthetic_batch(batch: int, crop, num_classes: int, device, generator):
     return images, labels.to(device)
 
 
-def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool) -> dict:
+def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool, profile: bool) -> dict:
     mode, extra = MODES[name]
     args = engine.resolve_args(engine.get_args_parser(mode).parse_args(
         SIZES[size] + extra + ["--amp", amp, "--pretrained", "none", "--device", device]))
@@ -63,20 +63,27 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    syncs = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if sync_check and cuda:
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.optimisation_step(run, batch, monitors)
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    syncs = None
+    if sync_check and cuda:  # separate, untimed steps: the debug mode itself costs time
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-        start = time.perf_counter()
-        for _ in range(steps):
-            engine.optimisation_step(run, batch, monitors)
-        if sync_check and cuda:
+            for _ in range(2):
+                engine.optimisation_step(run, batch, monitors)
             torch.cuda.set_sync_debug_mode("default")
-        sync()
-        seconds = (time.perf_counter() - start) / steps
         syncs = sorted({str(w.message).splitlines()[0] for w in caught
                         if "synchroniz" in str(w.message) and "prototype" not in str(w.message)})
+    if profile and cuda:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.optimisation_step(run, batch, monitors)
+            sync()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
     result = {"config": name, "size": size, "amp": amp, "device": device,
               "device_name": torch.cuda.get_device_name() if cuda else "cpu",
               "batch": f"{per_loader}" + (f"+{per_loader}" if mode == "semi" else ""),
@@ -84,7 +91,7 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
               "peak_gib": round((torch.cuda.max_memory_allocated() if cuda else
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 3),
               "peak_kind": "cuda max_memory_allocated" if cuda else "process peak RSS"}
-    if sync_check and cuda:
+    if syncs is not None:
         result["host_syncs"] = syncs
     return result
 
@@ -97,11 +104,12 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sync_check", action="store_true", help="report host syncs (CUDA's sync debug mode)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one step (CUDA)")
     args = p.parse_args()
     rows = []
     for amp in args.amp:
         for name in args.configs:
-            row = bench(name, args.size, amp, args.device, args.steps, args.sync_check)
+            row = bench(name, args.size, amp, args.device, args.steps, args.sync_check, args.profile)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\n{'config':14} {'amp':5} {'batch':7} {'crop':9} {'s/iter':>8} {'peak GiB':>9}  ({rows[0]['device_name']})")
