@@ -3,15 +3,20 @@ partial labels and the synthetic demo dataset."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import random
+import shutil
+import tempfile
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from module_list import IGNORE_INDEX
 
@@ -609,15 +614,6 @@ def color_map(label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarr
 # ---------------------------------------------------------------------------------------------
 # Splits, partial labels and the demo dataset (below this line)
 # ---------------------------------------------------------------------------------------------
-
-# Imports only this section uses (kept here while two owners edit the file; they may move to the top).
-import concurrent.futures  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import Callable, Collection, Mapping  # noqa: E402
-
-from tqdm import tqdm  # noqa: E402
 
 # Partial-label settings in the order the reference draws them: the first pass over all files
 # draws p25, p5, p1 per file; a second pass draws p0 (one pixel per class).

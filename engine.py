@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from build_data import (DataError, DatasetInfo, SegmentationDataset, batch_transform, build_test_loader,
+from build_data import (PARTIAL_SETTINGS, DataError, DatasetInfo, SegmentationDataset, batch_transform, build_test_loader,
                         build_train_loader, dataset_info, get_split, list_ids, make_demo_dataset, read_split_dir,
                         write_split_dir)
-from module_list import (EMA, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
+from module_list import (EMA, MIX_MODES, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
                          compute_unsupervised_loss, generate_unsup_data, label_onehot)
 from network import build_model, predict
 
@@ -82,8 +82,6 @@ MODES = {
     "sup_partial": (False, True, "cityscapes"),
     "semi_partial": (True, True, "pascal"),
 }
-AUG_MODES = ("cutout", "cutmix", "classmix")
-PARTIAL_SETTINGS = ("p0", "p1", "p5", "p25")
 # Flags whose values must match for --resume to continue a run.
 RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "output_dim", "apply_aug",
                "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
@@ -108,7 +106,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
         ref.add_argument("--partial", default="p0", choices=PARTIAL_SETTINGS)
     else:
         ref.add_argument("--num_labels", type=int, default=15, help="labelled images; 0 = all")
-    ref.add_argument("--apply_aug", default="cutout", choices=AUG_MODES,
+    ref.add_argument("--apply_aug", default="cutout", choices=MIX_MODES,
                      help="unlabelled-batch mixing" + ("" if semi else " (unused here)"))
     ref.add_argument("--weak_threshold", type=float, default=0.7, help="delta_w: pseudo-label mask for ReCo")
     ref.add_argument("--strong_threshold", type=float, default=0.97, help="delta_s: hard-query threshold")
