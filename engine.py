@@ -630,7 +630,8 @@ def train(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
         row = train_one_epoch(run, loaders, epoch)
-        test = evaluate(eval_model, test_loader, info.num_classes, d.device, args.amp)
+        test = evaluate(eval_model, test_loader, info.num_classes, d.device, args.amp,
+                        progress=d.main and sys.stderr.isatty())
         run.scheduler.step()
         metrics[epoch] = row + [test["loss"], test["miou"], test["acc"]]
         is_best = test["miou"] >= best
