@@ -120,3 +120,12 @@ def test_torchrun_two_cpu_processes(demo_root, tmp_path):
     assert set(best) == {"0", "1"} and best["0"] == best["1"]
     assert done.stdout.count("EPOCH") == 1  # only rank 0 reports
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["demo_label6_semi_cutout_reco_0.pth"]
+
+
+@pytest.mark.parametrize("amp", ["bf16", pytest.param("fp16", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 kernels on a CPU are emulated and take a minute"))])
+def test_mixed_precision_runs(amp, demo_root, tmp_path):
+    result = engine.train(engine.get_args_parser("semi").parse_args(tiny_args(
+        demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "6", "--apply_reco", "--amp", amp)))
+    metrics = np.load(tmp_path / "log" / "demo_label6_semi_cutout_reco_0.npy")
+    assert np.isfinite(metrics).all() and 0 <= result["best_miou"] <= 1
