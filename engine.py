@@ -557,7 +557,8 @@ class Outputs:
             folder.mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter  # rank 0 only, and only once outputs exist
 
-        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_epoch)
+        # epoch e is logged at step e + 1: a resumed run rewrites steps from start_epoch + 1 on
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_epoch + 1)
 
     def write_split(self, labelled: Sequence[str], unlabelled: Sequence[str]) -> None:
         write_split_dir(self.run_dir / "split", labelled, unlabelled)
