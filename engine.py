@@ -210,15 +210,26 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """--device as a torch.device (None: cuda if available, else cpu); ValueError naming the flag otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
 def init_distributed(args: argparse.Namespace) -> Dist:
     """Read torchrun's environment: NCCL on CUDA, gloo on CPU; a single process otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    chosen = resolve_device(args.device) if args.device else None
+    want_cuda = chosen.type == "cuda" if chosen else torch.cuda.is_available()
     if world_size == 1:
-        device = torch.device(args.device or (f"cuda:{args.gpu}" if want_cuda else "cpu"))
-        return Dist(0, 1, device)
+        return Dist(0, 1, chosen or torch.device(f"cuda:{args.gpu}" if want_cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if want_cuda:
         device = torch.device(f"cuda:{local_rank}")

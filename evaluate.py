@@ -14,8 +14,6 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 import engine
 from build_data import SegmentationDataset, build_test_loader, data_root, dataset_info, list_ids
 from network import BACKBONES, RESNET_DEPTHS, model_from_state_dict
@@ -42,19 +40,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """--device as a torch.device; CUDA only when it is there."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def format_report(class_names: Sequence[str], result: dict) -> str:
     """Per-class IoU table, then mIoU and pixel accuracy (in %); classes absent from GT and prediction show '-'."""
     width = max(len("class"), *(len(name) for name in class_names))
@@ -74,7 +59,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
     if args.window is not None and min(args.window) < 1:
         raise ValueError(f"--window must be two positive sizes H W, got {args.window}")
-    device = resolve_device(args.device)
+    device = engine.resolve_device(args.device)
     model = model_from_state_dict(engine.load_checkpoint(args.checkpoint), f"checkpoint {args.checkpoint}",
                                   info.num_classes, args.backbone, args.resnet_depth, args.output_dim)
     model.to(device)

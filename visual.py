@@ -123,9 +123,7 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path] | None = None, t
     if len(titles) != len(checkpoints):
         raise ValueError(f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each")
     _check_checkpoints(dataset, checkpoints)
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    device = engine.resolve_device(str(device))
     index = DEFAULT_INDEX.get(dataset, 0) if index is None else index
     sample_id, photo, image, label = load_sample(dataset, data_root, index)
     height, width = photo.shape[:2]  # panels are cropped back from the padded size to the image's own

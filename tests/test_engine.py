@@ -54,6 +54,7 @@ def test_reference_file_names(mode, argv, name):
     ("semi", ["--apply_reco", "--num_queries", "0"], "--num_queries must be positive"),
     ("sup", ["--num_labels", "-3"], "--num_labels"),
     ("sup", ["--dataset", "imagenet"], "imagenet"),
+    ("sup", ["--device", "gpu0"], "--device 'gpu0' is not a device"),
 ])
 def test_bad_flags_name_the_flag(mode, argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
