@@ -33,7 +33,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     try:
         main(argv)
     except (DataError, FileNotFoundError, ValueError) as err:
-        message = err.args[0] if len(err.args) == 1 else str(err)
+        message = str(err.args[0]) if len(err.args) == 1 else str(err)
+        if "Original Traceback" in message:  # re-raised from a loader worker: keep the original's last line
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -131,3 +131,17 @@ def test_resumed_outputs_keep_every_finished_epoch_in_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "log" / "run" / "tensorboard"))
     events.Reload()
     assert [s.step for s in events.Scalars("test_miou")] == [1, 2, 3]
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(demo_root, capsys):
+    import build_data
+
+    info = build_data.dataset_info("demo")
+    dataset = build_data.SegmentationDataset(info, demo_root, ["no_such_image"], "train", crop_size=(17, 17))
+    loader = build_data.build_train_loader(dataset, 1, 1, num_workers=1)
+    with pytest.raises(SystemExit) as exit_info:
+        engine.run_cli(lambda argv: [batch for batch in loader])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: image ") and "no_such_image.jpg is missing" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
