@@ -250,6 +250,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN statistics, which each rank updates on its own batches)."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
@@ -648,6 +655,7 @@ def train(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
         row = train_one_epoch(run, loaders, epoch)
+        broadcast_buffers(eval_model)  # every rank evaluates the weights rank 0 saves (and resumes from)
         test = evaluate(eval_model, test_loader, info.num_classes, d.device, args.amp,
                         progress=d.main and sys.stderr.isatty())
         run.scheduler.step()

@@ -107,7 +107,13 @@ def test_sigkill_then_resume_gives_the_same_weights(demo_root, tmp_path):
 def test_torchrun_two_cpu_processes(demo_root, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import sys, engine\n"
+        "import os, sys, engine\n"
+        "evaluate = engine.evaluate\n"
+        "def checked(model, *a, **k):  # the evaluated (and saved) weights, buffers included\n"
+        "    total = sum(float(t.double().sum()) for t in model.state_dict().values())\n"
+        "    print('RANK', os.environ['RANK'], 'WEIGHTS', repr(total), flush=True)\n"
+        "    return evaluate(model, *a, **k)\n"
+        "engine.evaluate = checked\n"
         "r = engine.train(engine.get_args_parser('semi').parse_args(sys.argv[1:]))\n"
         "import os; print('RANK', os.environ['RANK'], 'BEST', repr(r['best_miou']), flush=True)\n")
     argv = tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "6", "--apply_reco",
@@ -116,8 +122,11 @@ def test_torchrun_two_cpu_processes(demo_root, tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(probe), *argv], cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    best = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK")}
+    best = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "BEST" in l}
     assert set(best) == {"0", "1"} and best["0"] == best["1"]
+    # every rank evaluates the weights rank 0 saves (BN statistics included)
+    weights = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "WEIGHTS" in l}
+    assert set(weights) == {"0", "1"} and weights["0"] == weights["1"]
     assert done.stdout.count("EPOCH") == 1  # only rank 0 reports
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["demo_label6_semi_cutout_reco_0.pth"]
 
