@@ -464,10 +464,7 @@ def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
             print(f"generating the demo dataset in {root} ...", flush=True)
             make_demo_dataset(root)
         barrier()
-    if not root.is_dir():
-        raise DataError(f"data root {root} does not exist: download and preprocess the {info.name} data "
-                        f"(see README.md), pass --data_root, or try --dataset demo")
-    train_ids = list_ids(info, root, "train")
+    train_ids = list_ids(info, root, "train")  # a missing root is a DataError saying how to get the data
     if args.partial:
         labelled = unlabelled = train_ids
     elif args.split_dir:
