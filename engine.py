@@ -88,7 +88,7 @@ MODES = {
 RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "output_dim", "apply_aug",
                "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
                "weight_decay", "num_queries", "num_negatives", "temp", "weak_threshold", "strong_threshold",
-               "amp", "split_dir")
+               "amp", "split_dir", "ema_buffers")
 
 
 def get_args_parser(mode: str) -> argparse.ArgumentParser:

@@ -67,6 +67,14 @@ def test_resume_refuses_nothing_and_foreign_runs(demo_root, tmp_path, capsys):
     assert "--lr 0.0025 (now 0.1)" in capsys.readouterr().err
 
 
+def test_resume_refuses_another_teacher_rule(demo_root, tmp_path, capsys):
+    argv = tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "4")
+    engine.main("semi", argv)
+    with pytest.raises(SystemExit):
+        engine.main("semi", argv + ["--resume", "--ema_buffers"])
+    assert "--ema_buffers False (now True)" in capsys.readouterr().err
+
+
 def test_num_labels_larger_than_the_pool_is_refused(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         engine.main("semi", tiny_args(demo_root, tmp_path, "--num_labels", "100000"))
