@@ -32,7 +32,8 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     """Run an entry point; user errors become one 'error: ...' line on stderr and exit code 2."""
     try:
         main(argv)
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, FileNotFoundError, ValueError,  # an output path that is a file, or not writable:
+            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         message = str(err.args[0]) if len(err.args) == 1 else str(err)
         if "Original Traceback" in message:  # re-raised from a loader worker: keep the original's last line
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]

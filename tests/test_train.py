@@ -75,6 +75,14 @@ def test_resume_refuses_another_teacher_rule(demo_root, tmp_path, capsys):
     assert "--ema_buffers False (now True)" in capsys.readouterr().err
 
 
+def test_an_output_folder_that_is_a_file_is_one_line(demo_root, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        engine.main("sup", tiny_args(demo_root, tmp_path, "--epochs", "1", "--log_dir", str(tmp_path / "afile")))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "afile" in err and "Traceback" not in err
+
+
 def test_num_labels_larger_than_the_pool_is_refused(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         engine.main("semi", tiny_args(demo_root, tmp_path, "--num_labels", "100000"))
