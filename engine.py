@@ -85,6 +85,8 @@ MODES = {
     "sup_partial": (False, True, "cityscapes"),
     "semi_partial": (True, True, "pascal"),
 }
+# --amp: the autocast dtype of each mode (None: full precision)
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Flags whose values must match for --resume to continue a run.
 RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "output_dim", "apply_aug",
                "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
@@ -131,7 +133,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     new.add_argument("--num_workers", type=int, default=None, help="loader workers (default: 0 on CPU, up to 8 per process on CUDA)")
     new.add_argument("--resnet_depth", type=int, default=None, choices=(18, 34, 50, 101))
     new.add_argument("--pretrained", default=None, help="imagenet, none, or a torchvision ResNet state_dict")
-    new.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision")
+    new.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision")
     new.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:<gpu> if available)")
     new.add_argument("--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
     new.add_argument("--ema_buffers", action="store_true", help="the teacher also averages BN buffers")
@@ -449,7 +451,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
 
 def autocast_for(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of autocast contexts for --amp off|bf16|fp16 on this device."""
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    dtype = AMP_DTYPES[amp]
     return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
 
 

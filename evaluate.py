@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision")
+    p.add_argument("--amp", default="off", choices=tuple(engine.AMP_DTYPES), help="mixed precision")
     p.add_argument("--json", default=None, metavar="FILE", help="also write {miou, acc, iou_per_class} here")
     return p
 

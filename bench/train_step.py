@@ -100,7 +100,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", default="small", choices=SIZES)
-    p.add_argument("--amp", nargs="+", default=["off"], choices=("off", "bf16", "fp16"))
+    p.add_argument("--amp", nargs="+", default=["off"], choices=tuple(engine.AMP_DTYPES))
     p.add_argument("--configs", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sync_check", action="store_true", help="report host syncs (CUDA's sync debug mode)")
