@@ -25,7 +25,7 @@ from build_data import (PARTIAL_SETTINGS, DataError, DatasetInfo, SegmentationDa
                         write_split_dir)
 from module_list import (EMA, MIX_MODES, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
                          compute_unsupervised_loss, generate_unsup_data, label_onehot)
-from network import build_model, predict
+from network import build_model, predict, upsample
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
@@ -283,11 +283,6 @@ class Views(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self.model(x) for x in inputs]
-
-
-def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """[B, C, h, w] -> [B, C, H, W] float32, bilinear with align_corners=True (the reference's)."""
-    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def _upsampled_logits(model: nn.Module, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    logits = model(images)[0]
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """[B, C, h, w] -> [B, C, H, W] float32, bilinear with align_corners=True (the reference's)."""
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def _upsampled_logits(model: nn.Module, images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return upsample(model(images)[0], size)
 
 
 def _window_starts(length: int, window: int) -> list[int]:
@@ -32,7 +37,7 @@ def _sliding_logits(model: nn.Module, images: torch.Tensor, window: tuple[int, i
         for left in _window_starts(width, win_w):
             # a strided view runs the convolutions several times slower (seen on CPU and GPU)
             crop = images[:, :, top:top + win_h, left:left + win_w].contiguous()
-            logits = _upsampled_logits(model, crop, (win_h, win_w)).float()
+            logits = _upsampled_logits(model, crop, (win_h, win_w))
             if total is None:
                 total = logits.new_zeros(images.shape[0], logits.shape[1], height, width)
             total[:, :, top:top + win_h, left:left + win_w] += logits
