@@ -328,7 +328,7 @@ def sup_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
     if args.apply_reco:
         with torch.no_grad():
             onehot, mask, prob = reco_inputs(labels, labels >= 0, logits, run.info.num_classes)
-        loss = loss + compute_reco_loss(rep.float(), onehot, mask, prob, args.strong_threshold, args.temp,
+        loss = loss + compute_reco_loss(rep, onehot, mask, prob, args.strong_threshold, args.temp,
                                         args.num_queries, args.num_negatives)
     monitors[0].update(logits_up.argmax(1), labels)
     return loss, loss.detach()[None]
@@ -370,7 +370,7 @@ def semi_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
             onehot, mask, prob = reco_inputs(torch.cat([reco_labels_l, pseudo_u]),
                                              torch.cat([reco_mask_l, conf_u >= args.weak_threshold]),
                                              torch.cat([logits_l, logits_u]), info.num_classes)
-        reco = compute_reco_loss(torch.cat([rep_l, rep_u]).float(), onehot, mask, prob, args.strong_threshold,
+        reco = compute_reco_loss(torch.cat([rep_l, rep_u]), onehot, mask, prob, args.strong_threshold,
                                  args.temp, args.num_queries, args.num_negatives)
     monitors[0].update(logits_l_up.argmax(1), labels_l)
     loss = sup + unsup + reco
