@@ -65,6 +65,11 @@ def test_resume_refuses_nothing_and_foreign_runs(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         engine.main("sup", argv + ["--resume", "--lr", "0.1"])
     assert "--lr 0.0025 (now 0.1)" in capsys.readouterr().err
+    (tmp_path / "garbage.pth").write_text("not a checkpoint")
+    with pytest.raises(SystemExit):
+        engine.main("sup", argv + ["--resume", str(tmp_path / "garbage.pth")])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: ") and "garbage.pth cannot be read" in err and err.count("\n") == 1
 
 
 def test_resume_refuses_another_teacher_rule(demo_root, tmp_path, capsys):
