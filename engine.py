@@ -25,7 +25,7 @@ from build_data import (PARTIAL_SETTINGS, DataError, DatasetInfo, SegmentationDa
                         write_split_dir)
 from module_list import (EMA, MIX_MODES, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
                          compute_unsupervised_loss, generate_unsup_data, label_onehot)
-from network import build_model, predict, upsample
+from network import build_model, predict, read_torch_file, upsample
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
@@ -56,24 +56,13 @@ def atomic_save(write: Callable[[Path], object], path: str | os.PathLike) -> Non
         tmp.unlink(missing_ok=True)
 
 
-def _torch_load(path: Path, what: str, fix: str, map_location: torch.device | str = "cpu"):
-    """torch.load(weights_only=True); a file it cannot read is a one-line ValueError naming it and the fix."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # a truncated or foreign file
-        # torch's own message spans lines and opens with generic advice; keep the line with the cause
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
-        cause = next((line for line in lines if line.startswith("Unsupported")), lines[0])
-        raise ValueError(f"{what} {path} cannot be read ({type(err).__name__}: {cause}); {fix}") from None
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Model state_dict from a reference .pth, our best .pth, or our resume dict (its teacher if any)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass the path of a .pth file "
                                 "(training writes them to --weights_dir, default model_weights/)")
-    state = _torch_load(path, "checkpoint", "re-download or re-train it")
+    state = read_torch_file(path, "checkpoint", "re-download or re-train it")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state.get("teacher") or state["model"]
     if not isinstance(state, dict):
@@ -546,7 +535,7 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: nothing to resume, {path} does not exist; "
                                 "run without --resume to start, or pass the path of a last.pth")
-    state = _torch_load(path, "--resume:", "pass a last.pth written by this project, or run without --resume",
+    state = read_torch_file(path, "--resume:", "pass a last.pth written by this project, or run without --resume",
                         run.dist.device)
     if not isinstance(state, dict) or "config" not in state:
         raise ValueError(f"--resume: {path} is not a resume checkpoint (last.pth) of this project")

@@ -71,13 +71,20 @@ def _imagenet_state_dict(resnet_depth: int) -> dict[str, torch.Tensor]:
     return _read_weights(path, "delete it to download it again, or pass --pretrained none.")
 
 
+def read_torch_file(path: str | os.PathLike, what: str, fix: str, map_location: torch.device | str = "cpu"):
+    """torch.load(weights_only=True); a file it cannot read is a one-line ValueError naming it and the fix."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        # torch's own message spans lines and opens with generic advice; keep the line with the cause
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        cause = next((line for line in lines if line.startswith("Unsupported")), lines[0])
+        raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {cause}); {fix}") from None
+
+
 def _read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
     """A weights-only torch file holding a dict; errors name the file and the fix."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: cannot read it as a weights-only torch file ({type(error).__name__}: {error}); "
-                         f"{fix}") from None
+    state = read_torch_file(path, "weights file", fix)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state_dict; {fix}")
     return state

@@ -156,6 +156,10 @@ def test_pretrained_path_loads_backbone_strictly(tmp_path):
         network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained=str(tmp_path / "r34.pth"))
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained=str(tmp_path / "nothing.pth"))
+    (tmp_path / "text.pth").write_text("not a torch file")
+    with pytest.raises(ValueError, match=r"text.pth cannot be read \(UnpicklingError") as error:
+        network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained=str(tmp_path / "text.pth"))
+    assert "\n" not in str(error.value)  # one line, whatever torch's message looked like
 
 
 def _no_network(url, dst, *args, **kwargs):
