@@ -153,8 +153,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if not info.partial_labels:
             raise ValueError(f"--dataset {args.dataset} has no partial labels (the reference silently trains on "
                              "full labels here); use pascal or cityscapes, or a full-label script")
+        if args.split_dir:
+            raise ValueError("--split_dir picks labelled images, but partial-label runs use every image; "
+                             "drop the flag or use train_sup.py / train_semisup.py")
     else:
         args.partial = None
+        if args.split_dir:  # the split's size is the label budget, so the run name says what was used
+            args.num_labels = len(read_split_dir(args.split_dir)[0])
     for flag, table_value in (("batch_size", info.batch_size), ("epochs", info.epochs),
                               ("iters_per_epoch", info.iters_per_epoch), ("resnet_depth", info.resnet_depth),
                               ("pretrained", info.pretrained)):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import engine
+from build_data import write_split_dir
 from network import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +89,17 @@ def test_an_output_folder_that_is_a_file_is_one_line(demo_root, tmp_path, capsys
     assert exit_info.value.code == 2 and err.startswith("error: ") and "afile" in err and "Traceback" not in err
 
 
+def test_split_dir_sets_the_budget_and_the_run_name(demo_root, tmp_path):
+    ids = (demo_root / "train_aug.txt").read_text().split()
+    write_split_dir(tmp_path / "split", ids[:3], ids[3:])
+    engine.main("sup", tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--split_dir",
+                                 str(tmp_path / "split")))
+    assert (tmp_path / "log/demo_label3_sup_0/split/labelled.txt").read_text().split() == ids[:3]
+    with pytest.raises(ValueError, match="--split_dir"):
+        engine.resolve_args(engine.get_args_parser("sup_partial").parse_args(
+            ["--dataset", "demo", "--split_dir", str(tmp_path / "split")]))
+
+
 def test_num_labels_larger_than_the_pool_is_refused(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         engine.main("semi", tiny_args(demo_root, tmp_path, "--num_labels", "100000"))
@@ -125,6 +137,26 @@ def test_sigkill_then_resume_gives_the_same_weights(demo_root, tmp_path):
     assert torch.equal(a["metrics"], b["metrics"])
 
 
+def torchrun(script, argv):
+    """Run a script as 2 CPU processes under torchrun (gloo); it must succeed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *argv], cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_torchrun_resume(demo_root, tmp_path):
+    argv = tiny_args(demo_root, tmp_path, "--epochs", "2", "--no_visual", "--num_labels", "6", "--device", "cpu")
+    torchrun(REPO / "train_semisup.py", argv)
+    last = tmp_path / "log/demo_label6_semi_cutout_0/last.pth"
+    state = torch.load(last, weights_only=True)
+    state["epoch"] = 1  # rewind one epoch, as if the job had died during the second
+    torch.save(state, last)
+    done = torchrun(REPO / "train_semisup.py", argv + ["--resume"])
+    assert "resuming at epoch 2" in done.stdout and done.stdout.count("EPOCH") == 1
+
+
 def test_torchrun_two_cpu_processes(demo_root, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
@@ -139,10 +171,7 @@ def test_torchrun_two_cpu_processes(demo_root, tmp_path):
         "import os; print('RANK', os.environ['RANK'], 'BEST', repr(r['best_miou']), flush=True)\n")
     argv = tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "6", "--apply_reco",
                      "--device", "cpu")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(probe), *argv], cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = torchrun(probe, argv)
     best = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "BEST" in l}
     assert set(best) == {"0", "1"} and best["0"] == best["1"]
     # every rank evaluates the weights rank 0 saves (BN statistics included)
