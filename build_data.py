@@ -334,12 +334,20 @@ def sample_params(batch: int, scale_range: tuple[float, float], generator: torch
         flip=u[:, 14] < _FLIP_P)
 
 
-def _axis_indices(in_len: int, scale: torch.Tensor, crop: int, offset_u: torch.Tensor | None):
-    """Source indices along one axis for rescale (truncated size) -> pad at the end -> crop.
+def _axis_indices(in_len: int, scale: torch.Tensor, crop: int, offset_u: torch.Tensor | None,
+                  dtype: torch.dtype = torch.float32, compact: bool = False):
+    """Source indices and weights along one axis for rescale (truncated size) -> pad at the end -> crop.
 
-    Returns valid [B, crop] (inside the rescaled image, not padding), nearest [B, crop], and the bilinear taps
-    lo, hi [B, crop] with weight [B, crop]; padding positions get reflected (edge not repeated) image taps.
-    offset_u None places the crop at offset 0.
+    Returns valid [B, crop] (inside the rescaled image, not padding), nearest [B, crop] source indices, and
+    the image resize as weights, taps, index: PIL's BILINEAR filter, a triangle whose support widens by the
+    shrink factor (antialiasing; plain bilinear when enlarging), centred at (i + 0.5) * in / out, its taps
+    clipped to the image and normalised per output position. Padding positions take the weights of their
+    reflected (edge not repeated) position. offset_u None places the crop at offset 0.
+
+    compact False (sync-free, for GPUs): weights [B, crop, in_len], a dense matrix; taps and index None.
+    compact True (reads values on the host, for CPU tensors): only the L distinct reflected positions, each
+    with its K nonzero taps: weights [B, L, K] of source pixels taps [B, L, K]; index [B, crop] (or None when
+    L = crop) picks each crop position's row.
     """
     size = (in_len * scale).floor().long().clamp(min=1)[:, None]  # rescaled length [B, 1]
     if offset_u is None:
@@ -354,10 +362,33 @@ def _axis_indices(in_len: int, scale: torch.Tensor, crop: int, offset_u: torch.T
     folded = torch.where(folded > size - 1, period - folded, folded)
     ratio = in_len / size.to(torch.float32)
     nearest = ((torch.minimum(pos, size - 1).float() + 0.5) * ratio).long().clamp(max=in_len - 1)
-    src = ((folded.float() + 0.5) * ratio - 0.5).clamp(min=0)  # align_corners=False bilinear source position
-    lo = src.long().clamp(max=in_len - 1)
-    hi = (lo + 1).clamp(max=in_len - 1)
-    return valid, nearest, lo, hi, src - lo.float()
+    rows, index = folded, None
+    if compact:  # the reflected positions of a contiguous crop form a contiguous range: resample it once
+        first, last = int(folded.min()), int(folded.max())
+        if last - first + 1 < crop:
+            rows = torch.minimum(torch.arange(first, last + 1, device=scale.device)[None], size - 1)
+            index = folded - first
+    # the weights in float64 (small); at scale 1 each row is exactly one 1 and zeros
+    ratio = in_len / size.to(torch.float64)
+    centre = (rows.to(torch.float64) + 0.5) * ratio  # in source pixel units
+    support = ratio.clamp(min=1)  # the triangle's half width, in source pixels
+    if compact:  # a window from the first pixel j with |j + 0.5 - centre| < support (PIL's xmin), long enough
+        start = (centre - support + 0.5).floor().clamp(min=0)
+        pixels = start[..., None] + torch.arange(int(2 * support.max()) + 2, device=scale.device)
+    else:  # all pixels: a dense matrix
+        pixels = torch.arange(in_len, device=scale.device, dtype=torch.float64).expand(*centre.shape, in_len)
+    # in place with reciprocals: broadcast divisions of float64 are slow on a CPU
+    weights = (pixels + 0.5 - centre[..., None]).abs_().mul_((1 / support)[..., None]).neg_().add_(1).clamp_(min=0)
+    if compact:
+        weights.masked_fill_(pixels >= in_len, 0)  # taps clipped to the image
+    weights.mul_(1 / weights.sum(dim=-1, keepdim=True))  # the sum is never 0: the nearest tap is within 1/2 pixel
+    if not compact:
+        return valid, nearest, weights.to(dtype), None, None
+    # keep the window from the first tap any row needs to the last one any row needs
+    nonzero = (weights > 0).any(dim=0).any(dim=0).nonzero()[:, 0]
+    first, last = int(nonzero[0]), int(nonzero[-1])
+    taps = pixels[..., first:last + 1].long().clamp(max=in_len - 1)
+    return valid, nearest, weights[..., first:last + 1].to(dtype), taps, index
 
 
 def _take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -368,14 +399,49 @@ def _take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     return x.gather(dim, index.view(view).expand(shape))
 
 
-def _resample(images, labels, conf, crop_size, scale, offset_u):
-    """Rescale, pad (image reflect, label ignore, conf 0) and crop every sample of a batch."""
+def _taps_resample(image, w_y, taps_y, index_y, w_x, taps_x, index_x):
+    """One image [C, H, W] -> [C, crop_h, crop_w]: each output row (then column) the weighted sum of its K taps
+    (weights [L, K] of source pixels taps [L, K]), summed in tap order, elementwise; then index [crop] (or None)
+    picks each crop position's row (column). Works on [H, W, C]: whole rows move at once."""
+    (rows_out, k_y), (cols_out, k_x) = taps_y.shape, taps_x.shape
+    picked = image.permute(1, 2, 0).index_select(0, taps_y.flatten()).unflatten(0, (rows_out, k_y))
+    rows = sum(w_y[:, k, None, None] * picked[:, k] for k in range(k_y))  # [L_y, W, C]
+    picked = rows.transpose(0, 1).index_select(0, taps_x.flatten()).unflatten(0, (cols_out, k_x))
+    out = sum(w_x[:, k, None, None] * picked[:, k] for k in range(k_x))  # [L_x, L_y, C]
+    if index_x is not None:
+        out = out.index_select(0, index_x)
+    if index_y is not None:
+        out = out.index_select(1, index_y)
+    return out.permute(2, 1, 0).contiguous()
+
+
+def _resample(images, labels, conf, crop_size, scale, offset_u, compact: bool | None = None):
+    """Rescale, pad (image reflect, label ignore, conf 0) and crop every sample of a batch.
+
+    Images: separable per-sample weights, antialiased as PIL's BILINEAR resize, over the crop's rows and
+    columns only: images = Wy @ x @ Wx^T with dense matrices (compact False, sync-free: GPUs), or as weighted
+    sums of the K nonzero taps of each distinct reflected position (compact True, the default on CPU tensors,
+    where reading sizes on the host costs no sync: fewer operations, and elementwise, so the result does not
+    depend on the number of threads). Labels and conf: nearest, so their values survive exactly.
+    """
     (_, _, height, width), (crop_h, crop_w) = images.shape, crop_size
-    valid_y, near_y, lo_y, hi_y, w_y = _axis_indices(height, scale, crop_h, None if offset_u is None else offset_u[:, 0])
-    valid_x, near_x, lo_x, hi_x, w_x = _axis_indices(width, scale, crop_w, None if offset_u is None else offset_u[:, 1])
-    w_y, w_x = w_y.to(images.dtype), w_x.to(images.dtype)
-    rows = torch.lerp(_take(images, 2, lo_y), _take(images, 2, hi_y), w_y[:, None, :, None])
-    images = torch.lerp(_take(rows, 3, lo_x), _take(rows, 3, hi_x), w_x[:, None, None, :])
+    compact = images.device.type == "cpu" if compact is None else compact
+    valid_y, near_y, w_y, taps_y, index_y = _axis_indices(
+        height, scale, crop_h, None if offset_u is None else offset_u[:, 0], images.dtype, compact)
+    valid_x, near_x, w_x, taps_x, index_x = _axis_indices(
+        width, scale, crop_w, None if offset_u is None else offset_u[:, 1], images.dtype, compact)
+    if compact:  # per sample: index_select is much faster than gather on a CPU
+        no_index = [None] * images.shape[0]
+        images = torch.stack([_taps_resample(*args) for args in zip(
+            images, w_y, taps_y, no_index if index_y is None else index_y,
+            w_x, taps_x, no_index if index_x is None else index_x)])
+    else:
+        w_y, w_xt = w_y[:, None], w_x.transpose(1, 2)[:, None]  # [B, 1, crop_h, H], [B, 1, W, crop_w]
+        # the cheaper order of the two passes (shapes only: no sync)
+        if crop_h * width * (height + crop_w) <= crop_w * height * (width + crop_h):
+            images = torch.matmul(torch.matmul(w_y, images), w_xt)
+        else:
+            images = torch.matmul(w_y, torch.matmul(images, w_xt))
     inside = valid_y[:, :, None] & valid_x[:, None, :]
 
     def nearest(x: torch.Tensor, fill: float) -> torch.Tensor:

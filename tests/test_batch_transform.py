@@ -1,10 +1,12 @@
 """The batched joint transform (build_data.random_transform / batch_transform): geometry, exact labels,
 colour ops against torchvision, and the distributions of the random draws."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from PIL import Image
 from scipy import stats
 
 import build_data as bd
@@ -76,12 +78,101 @@ def test_rescale_matches_interpolate_and_labels_use_nearest(scale):
     out_images, out_labels, _ = bd.random_transform(images, labels, None, crop, (scale, scale), False, _gen(3))
     size = (int(h * scale), int(w * scale))
     ref_labels = F.interpolate(labels[:, None].double(), size=size, mode="nearest-exact")[:, 0].long()
-    ref_images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    # antialiased as PIL's BILINEAR resize when shrinking; the same as plain bilinear when enlarging
+    ref_images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
     for k in range(4):
         windows = _find_window(ref_labels[k], out_labels[k])
         assert len(windows) == 1  # labels are an exact window of the nearest-rescaled label
         y, x = windows[0]
         assert torch.allclose(out_images[k], ref_images[k, :, y:y + crop[0], x:x + crop[1]], atol=1e-5)
+
+
+def _rescale(images, labels, scale, crop, compact=None):
+    """_resample at per-sample scales (a list), crop at offset 0."""
+    return bd._resample(images, labels, None, crop, torch.tensor(scale, dtype=torch.float64), None, compact)
+
+
+@pytest.mark.parametrize("compact", [True, False])  # host-read (CPU) and sync-free (GPU) forms
+def test_shrink_is_antialiased_per_sample(compact):
+    h, w = 40, 46
+    scales = [0.5, 0.62, 0.8, 0.97, 1.0, 1.2, 1.5]
+    images, labels = torch.rand(len(scales), 3, h, w, generator=_gen(20)), _rows_cols(len(scales), h, w)
+    crop = (19, 22)  # inside every rescaled image: no padding
+    out, out_labels, _ = _rescale(images, labels, scales, crop, compact)
+    for k, s in enumerate(scales):
+        size = (int(h * s), int(w * s))
+        aa = F.interpolate(images[k:k + 1], size=size, mode="bilinear", antialias=True, align_corners=False)
+        assert torch.allclose(out[k], aa[0, :, :crop[0], :crop[1]], atol=1e-5)
+        plain = F.interpolate(images[k:k + 1], size=size, mode="bilinear", align_corners=False)
+        if s >= 1:  # enlarging: plain bilinear
+            assert torch.allclose(out[k], plain[0, :, :crop[0], :crop[1]], atol=1e-5)
+        elif s < 0.9:
+            assert (out[k] - plain[0, :, :crop[0], :crop[1]]).abs().max() > 0.05
+        near = F.interpolate(labels[k:k + 1, None].double(), size=size, mode="nearest-exact")[0, 0].long()
+        assert torch.equal(out_labels[k], near[:crop[0], :crop[1]])  # labels stay nearest, values exact
+    assert torch.equal(out[4], images[4, :, :crop[0], :crop[1]])  # scale 1: an exact copy
+
+
+def test_compact_and_dense_forms_agree():
+    images, labels = torch.rand(6, 3, 30, 35, generator=_gen(21)), torch.randint(0, 21, (6, 30, 35))
+    conf = torch.rand(6, 30, 35, generator=_gen(22))
+    params = bd.sample_params(6, (0.5, 1.5), _gen(23))
+    for crop in [(21, 23), (50, 41)]:  # inside and padded
+        a = bd._resample(images, labels, conf, crop, params.scale, params.offset_u, compact=True)
+        b = bd._resample(images, labels, conf, crop, params.scale, params.offset_u, compact=False)
+        assert torch.allclose(a[0], b[0], atol=1e-6) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+        single = [bd._resample(images[k:k + 1], labels[k:k + 1], conf[k:k + 1], crop, params.scale[k:k + 1],
+                               params.offset_u[k:k + 1]) for k in range(6)]  # as the loader's workers (B = 1)
+        assert torch.allclose(torch.cat([o[0] for o in single]), a[0], atol=1e-6)
+        assert torch.equal(torch.cat([o[1] for o in single]), a[1])
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.63, 0.8, 1.4])
+def test_matches_pil_bilinear_resize(scale):
+    h, w = 61, 83
+    array = np.random.default_rng(24).integers(0, 256, (h, w, 3), dtype=np.uint8)  # noise: the hardest case
+    size = (int(h * scale), int(w * scale))
+    pil = torch.from_numpy(np.array(Image.fromarray(array).resize(size[::-1], Image.BILINEAR))).permute(2, 0, 1)
+    images = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    out, _, _ = _rescale(images, torch.zeros(1, h, w, dtype=torch.long), [scale], size)
+    error = (out[0] * 255 - pil.float()).abs()
+    # PIL rounds to 8 bits after each pass (measured: mean 0.27-0.30, max 0.86-0.99 grey levels)
+    assert error.mean() < 0.4 and error.max() < 1.5
+    if scale < 1:  # without antialiasing: mean 12-27, max 74-106 grey levels
+        plain = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        assert (plain[0] * 255 - pil.float()).abs().mean() > 5
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_shrink_then_pad_reflects(compact):
+    images = torch.rand(2, 3, 20, 24, generator=_gen(25))
+    labels = torch.randint(0, 21, (2, 20, 24))
+    out, out_labels, _ = _rescale(images, labels, [0.5, 0.5], (16, 17), compact)  # 10x12 rescaled, padded to 16x17
+    ref = F.interpolate(images, size=(10, 12), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(out[:, :, :10, :12], ref, atol=1e-5)
+    assert torch.allclose(out[:, :, 10:16, :12], ref[:, :, [8, 7, 6, 5, 4, 3]], atol=1e-5)  # edge not repeated
+    assert torch.allclose(out[:, :, :10, 12:17], ref[:, :, :, [10, 9, 8, 7, 6]], atol=1e-5)
+    assert (out_labels[:, 10:] == IGNORE_INDEX).all() and (out_labels[:, :, 12:] == IGNORE_INDEX).all()
+    near = F.interpolate(labels[:, None].double(), size=(10, 12), mode="nearest-exact")[:, 0].long()
+    assert torch.equal(out_labels[:, :10, :12], near)
+
+
+def test_cpu_result_does_not_depend_on_threads_or_layout():
+    # the loader's workers run one thread, the main process several; decoded images are channels-last views
+    array = torch.rand(16, 20, 24, 3, generator=_gen(26))
+    labels = torch.randint(0, 21, (16, 20, 24))
+    params = bd.sample_params(16, (0.5, 1.5), _gen(27))
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n, images in [(1, array.permute(0, 3, 1, 2)), (2, array.permute(0, 3, 1, 2)),
+                          (2, array.permute(0, 3, 1, 2).contiguous())]:
+            torch.set_num_threads(n)
+            outs.append(torch.cat([bd._resample(images[k:k + 1], labels[k:k + 1], None, (11, 13),
+                                                params.scale[k:k + 1], params.offset_u[k:k + 1])[0]
+                                   for k in range(16)]))  # one sample at a time, as in the workers
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_label_and_conf_values_survive_exactly():
