@@ -25,7 +25,7 @@ from build_data import (PARTIAL_SETTINGS, DataError, DatasetInfo, SegmentationDa
                         write_split_dir)
 from module_list import (EMA, MIX_MODES, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
                          compute_unsupervised_loss, generate_unsup_data, label_onehot)
-from network import build_model, predict, read_torch_file, upsample
+from network import BACKBONES, RESNET_DEPTHS, build_model, predict, read_torch_file, upsample
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
@@ -100,7 +100,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     ref.add_argument("--lr", type=float, default=2.5e-3)
     ref.add_argument("--weight_decay", type=float, default=5e-4)
     ref.add_argument("--dataset", default=default_dataset, help="pascal, cityscapes, sun or demo")
-    ref.add_argument("--backbone", default="deeplabv3p", choices=("deeplabv3p", "deeplabv2"))
+    ref.add_argument("--backbone", default="deeplabv3p", choices=BACKBONES)
     ref.add_argument("--seed", type=int, default=0, help="fixes the labelled split (and the partial-label set)")
     ref.add_argument("--output_dim", type=int, default=256, help="ReCo representation size")
     if partial:
@@ -127,7 +127,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     new.add_argument("--epochs", type=int, default=None, help="epochs (the poly schedule's length)")
     new.add_argument("--iters_per_epoch", type=int, default=None)
     new.add_argument("--num_workers", type=int, default=None, help="loader workers (default: 0 on CPU, up to 8 per process on CUDA)")
-    new.add_argument("--resnet_depth", type=int, default=None, choices=(18, 34, 50, 101))
+    new.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS)
     new.add_argument("--pretrained", default=None, help="imagenet, none, or a torchvision ResNet state_dict")
     new.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision")
     new.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:<gpu> if available)")
@@ -190,6 +190,11 @@ def run_name(args: argparse.Namespace) -> str:
     head = f"{args.dataset}_{args.partial}" if args.partial else f"{args.dataset}_label{args.num_labels}"
     kind = f"semi_{args.apply_aug}" if semi else "sup"
     return f"{head}_{kind}{'_reco' if args.apply_reco else ''}_{args.seed}"
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    """The run's folder of its own outputs (last.pth, CSV, TensorBoard, figures, split)."""
+    return Path(args.log_dir) / args.name
 
 
 def metric_columns(semi: bool) -> tuple[str, ...]:
@@ -568,7 +573,7 @@ class Outputs:
         self.args, self.columns = args, tuple(columns)
         self.best_path = Path(args.weights_dir) / f"{args.name}.pth"
         self.npy_path = Path(args.log_dir) / f"{args.name}.npy"
-        self.run_dir = Path(args.log_dir) / args.name
+        self.run_dir = run_folder(args)
         self.last_path = self.run_dir / "last.pth"
         for folder in (self.best_path.parent, self.run_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -638,8 +643,8 @@ def train(args: argparse.Namespace) -> dict:
     columns = metric_columns(semi)
     metrics, start_epoch, best = np.zeros((args.epochs, len(columns))), 0, -1.0
     if args.resume:
-        auto = Path(args.log_dir) / args.name / "last.pth"
-        start_epoch, best, metrics = load_last(run, auto if args.resume == "auto" else Path(args.resume))
+        path = run_folder(args) / "last.pth" if args.resume == "auto" else Path(args.resume)
+        start_epoch, best, metrics = load_last(run, path)
     out = Outputs(args, columns, start_epoch) if d.main else None
     if out:
         out.write_split(*split)
