@@ -75,11 +75,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     print(format_report(info.class_names, result), flush=True)
     if args.json:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # NaN (a class absent from GT and prediction) is not JSON: write null
         iou = [None if math.isnan(v) else v for v in result["iou_per_class"]]
-        path.write_text(json.dumps({"miou": result["miou"], "acc": result["acc"], "iou_per_class": iou}, indent=1)
-                        + "\n")
+        text = json.dumps({"miou": result["miou"], "acc": result["acc"], "iou_per_class": iou}, indent=1) + "\n"
+        engine.atomic_save(lambda tmp: tmp.write_text(text), path)
         print(f"wrote {path}")
     return result
 

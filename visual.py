@@ -145,8 +145,7 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path] | None = None, t
     fig.suptitle(f"{dataset} {sample_id}")
     fig.tight_layout()
     out = Path(out) if out else Path("logging") / f"visual_{dataset}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=150, bbox_inches="tight")
+    engine.atomic_save(lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"), out)
     plt.close(fig)
     return out
 
