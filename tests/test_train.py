@@ -161,22 +161,25 @@ def test_torchrun_two_cpu_processes(demo_root, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import os, sys, engine\n"
+        "def say(*words):  # one write per line: the ranks share stdout, and unbuffered prints interleave\n"
+        "    sys.stdout.write(' '.join(map(str, words)) + '\\n')\n"
+        "    sys.stdout.flush()\n"
         "evaluate = engine.evaluate\n"
         "def checked(model, *a, **k):  # the evaluated (and saved) weights, buffers included\n"
         "    total = sum(float(t.double().sum()) for t in model.state_dict().values())\n"
-        "    print('RANK', os.environ['RANK'], 'WEIGHTS', repr(total), flush=True)\n"
+        "    say('RANK', os.environ['RANK'], 'WEIGHTS', repr(total))\n"
         "    return evaluate(model, *a, **k)\n"
         "engine.evaluate = checked\n"
         "r = engine.train(engine.get_args_parser('semi').parse_args(sys.argv[1:]))\n"
-        "import os; print('RANK', os.environ['RANK'], 'BEST', repr(r['best_miou']), flush=True)\n")
+        "say('RANK', os.environ['RANK'], 'BEST', repr(r['best_miou']))\n")
     argv = tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "6", "--apply_reco",
                      "--device", "cpu")
     done = torchrun(probe, argv)
     best = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "BEST" in l}
-    assert set(best) == {"0", "1"} and best["0"] == best["1"]
+    assert set(best) == {"0", "1"} and best["0"] == best["1"], done.stdout
     # every rank evaluates the weights rank 0 saves (BN statistics included)
     weights = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "WEIGHTS" in l}
-    assert set(weights) == {"0", "1"} and weights["0"] == weights["1"]
+    assert set(weights) == {"0", "1"} and weights["0"] == weights["1"], done.stdout
     assert done.stdout.count("EPOCH") == 1  # only rank 0 reports
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["demo_label6_semi_cutout_reco_0.pth"]
 
