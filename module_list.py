@@ -6,6 +6,7 @@ Imports neither build_data nor engine.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.distributed as dist
@@ -110,24 +111,74 @@ def _reco_draws(valid: Tensor, hard: Tensor, class_probs: Tensor, anchors: Tenso
     return queries, negatives
 
 
+# The private ATen op whose result is the sampled dot product (see _sampled_dot_fused).
+_FUSED_SAMPLED_DOT_OP = "_embedding_bag_per_sample_weights_backward"
+# Most elements of the gathered keys tile the public fallback holds at once (16M: 64 MiB in fp32).
+_GATHER_TILE_ELEMENTS = 1 << 24
+
+
+def _sampled_dot_fused(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
+    """out [R,N] with out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D], index [R,N], by a private ATen op."""
+    rows, cols = index.shape
+    offsets = torch.arange(0, rows * cols, cols, device=a.device)
+    bag_of = torch.arange(rows, device=a.device).repeat_interleave(cols)
+    # The gradient of embedding_bag with respect to its per-sample weights is exactly these dot products,
+    # computed by a fused gather-dot kernel on CPU and CUDA (no public op does this without the [R,N,D] copy).
+    out = getattr(torch.ops.aten, _FUSED_SAMPLED_DOT_OP)(
+        a.contiguous(), b, index.reshape(-1), offsets, bag_of, 0, -1)  # mode 0 = sum, no padding index
+    return out.view(rows, cols)
+
+
+def _sampled_dot_public(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
+    """out [R,N] with out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D], index [R,N], from public ops only."""
+    rows, cols = index.shape
+    dim = max(a.shape[1], 1)
+    # Tiles of whole rows when a row's keys fit, else of one row and part of its columns: the gathered
+    # [rows, cols, D] keys never exceed _GATHER_TILE_ELEMENTS (for D <= _GATHER_TILE_ELEMENTS).
+    tile_cols = max(1, min(cols, _GATHER_TILE_ELEMENTS // dim))
+    tile_rows = max(1, _GATHER_TILE_ELEMENTS // (tile_cols * dim))
+    out = a.new_empty(rows, cols)
+    for r0 in range(0, rows, tile_rows):
+        queries = a[r0:r0 + tile_rows, :, None]  # [r,D,1]
+        for c0 in range(0, cols, tile_cols):
+            keys = b[index[r0:r0 + tile_rows, c0:c0 + tile_cols]]  # [r,c,D]
+            out[r0:r0 + tile_rows, c0:c0 + tile_cols] = torch.bmm(keys, queries).squeeze(2)
+    return out
+
+
+@functools.cache
+def _fused_sampled_dot_works() -> bool:
+    """Whether the private op of _sampled_dot_fused exists in this torch and is right on a small fixed CPU input."""
+    # Probed once per process, on the CPU, so no training step waits on a device; the op has CPU and CUDA
+    # kernels under one schema, so the answer is reused on every device. Small integers: every product and sum
+    # is exact in fp32, so a correct kernel gives exactly the definition's values.
+    a = torch.arange(12, dtype=torch.float32).view(3, 4) - 5
+    b = torch.arange(20, dtype=torch.float32).view(5, 4).mul(3).remainder(7) - 3
+    index = torch.tensor([[4, 0, 4, 2, 1, 3], [1, 1, 0, 2, 3, 4], [3, 2, 2, 0, 4, 3]])  # repeats included
+    try:
+        out = _sampled_dot_fused(a, b, index)
+    # A missing op is an AttributeError (a RuntimeError in older torch); a changed schema or missing kernel
+    # is a RuntimeError or TypeError.
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    expected = (a[:, None, :] * b[index]).sum(2)
+    return out.shape == expected.shape and out.dtype == expected.dtype and torch.equal(out, expected)
+
+
 class _SampledDot(torch.autograd.Function):
     """out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D] (a constant), index [R,N]; gradient to a only.
 
-    A sampled matrix product that never builds the gathered [R,N,D] keys, and whose backward is one weighted
-    embedding_bag (grad_a[r] = sum_n grad[r, n] * b[index[r, n]]), so autograd keeps only index for it.
+    A sampled matrix product that never builds the gathered [R,N,D] keys at once (a fused private kernel when it
+    works, else bounded tiles of public ops), and whose backward is one weighted embedding_bag
+    (grad_a[r] = sum_n grad[r, n] * b[index[r, n]]), so autograd keeps only index for it.
     """
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
-        rows, cols = index.shape
-        offsets = torch.arange(0, rows * cols, cols, device=a.device)
-        bag_of = torch.arange(rows, device=a.device).repeat_interleave(cols)
-        # The gradient of embedding_bag with respect to its per-sample weights is exactly these dot products,
-        # computed by a fused gather-dot kernel on CPU and CUDA (no public op does this without the [R,N,D] copy).
-        out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            a.contiguous(), b, index.reshape(-1), offsets, bag_of, 0, -1)  # mode 0 = sum, no padding index
         ctx.save_for_backward(b, index)
-        return out.view(rows, cols)
+        if _fused_sampled_dot_works():
+            return _sampled_dot_fused(a, b, index)
+        return _sampled_dot_public(a, b, index)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

@@ -242,6 +242,94 @@ def test_uniform_below_has_no_modulo_bias():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# _SampledDot: the private fused op and the public tiled fallback
+# ----------------------------------------------------------------------------------------------------------------
+
+def sampled_dot_inputs(rows=7, points=5, cols=13, dim=6, seed=0):
+    """a [R,D], b [P,D], index [R,N] with P < N, so index values repeat within a row and across rows."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, dim, generator=gen)
+    b = torch.randn(points, dim, generator=gen)
+    index = torch.randint(0, points, (rows, cols), generator=gen)
+    return a, b, index
+
+
+def requires_fused_op():
+    """Skip where this torch has no private op (only the fallback is then in use); else check the probe accepts it."""
+    if not hasattr(torch.ops.aten, module_list._FUSED_SAMPLED_DOT_OP):
+        pytest.skip("this torch has no fused sampled-dot op")
+    assert module_list._fused_sampled_dot_works()
+
+
+# 7 rows x 13 columns x D = 6: one tile; tiles of 2 whole rows (the last one partial); tiles of 5 columns of a row.
+@pytest.mark.parametrize("tile, num_tiles", [(1 << 24, 1), (2 * 13 * 6, 4), (5 * 6, 7 * 3)],
+                         ids=["one_tile", "row_tiles", "column_tiles"])
+def test_fallback_matches_fused_values_and_gradients(monkeypatch, tile, num_tiles):
+    requires_fused_op()
+    monkeypatch.setattr(module_list, "_GATHER_TILE_ELEMENTS", tile)
+    a, b, index = sampled_dot_inputs()
+    weight = torch.randn(index.shape, generator=torch.Generator().manual_seed(1))
+    gathered = []
+    real_bmm = torch.bmm
+
+    def bmm_spy(keys, queries):
+        gathered.append(keys.numel())
+        return real_bmm(keys, queries)
+
+    monkeypatch.setattr(torch, "bmm", bmm_spy)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(module_list, "_fused_sampled_dot_works", lambda fused=fused: fused)
+        leaf = a.clone().requires_grad_(True)
+        out = module_list._SampledDot.apply(leaf, b, index)
+        (grad,) = torch.autograd.grad((out * weight).sum(), leaf)
+        results[fused] = out.detach(), grad
+
+    # The fallback gathers every key once, in the expected tiles, never more than the bound at a time.
+    assert len(gathered) == num_tiles and max(gathered) <= tile and sum(gathered) == index.numel() * a.shape[1]
+    torch.testing.assert_close(results[False][0], results[True][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[False][0], (a[:, None, :] * b[index]).sum(2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[False][1], results[True][1], rtol=1e-5, atol=1e-6)
+
+
+def test_reco_loss_same_with_fallback_forced(monkeypatch):
+    requires_fused_op()
+    rep, label, mask, prob = random_batch()
+
+    def loss_and_grad():
+        leaf = rep.clone().requires_grad_(True)
+        loss = compute_reco_loss(leaf, label, mask, prob, 0.97, 0.5, 6, 10, generator=torch.Generator().manual_seed(2))
+        return loss.detach(), torch.autograd.grad(loss, leaf)[0]
+
+    default = loss_and_grad()
+    monkeypatch.setattr(module_list, "_fused_sampled_dot_works", lambda: False)
+    monkeypatch.setattr(module_list, "_GATHER_TILE_ELEMENTS", 3 * rep.shape[1])  # 4 column tiles per query
+    fallback = loss_and_grad()
+    assert default[0].item() > 0
+    torch.testing.assert_close(fallback[0], default[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fallback[1], default[1], rtol=1e-5, atol=1e-7)
+
+
+def wrong_fused(a, b, index):
+    """The definition with the first two columns swapped: right values in the wrong places."""
+    return (a[:, None, :] * b[index]).sum(2)[:, [1, 0, *range(2, index.shape[1])]]
+
+
+def raising_fused(a, b, index):
+    """A kernel this build does not have."""
+    raise NotImplementedError("no kernel")
+
+
+@pytest.mark.parametrize("case", ["missing", "raises", "wrong"])
+def test_probe_rejects_missing_raising_or_wrong_op(monkeypatch, case):
+    if case == "missing":
+        monkeypatch.setattr(module_list, "_FUSED_SAMPLED_DOT_OP", "no_such_sampled_dot_op")
+    else:
+        monkeypatch.setattr(module_list, "_sampled_dot_fused", raising_fused if case == "raises" else wrong_fused)
+    assert module_list._fused_sampled_dot_works.__wrapped__() is False  # the uncached probe
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Accelerator: no host sync inside the loss
 # ----------------------------------------------------------------------------------------------------------------
 
