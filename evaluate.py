@@ -14,9 +14,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import engine
 from build_data import SegmentationDataset, build_test_loader, data_root, dataset_info, list_ids
-from network import BACKBONES, RESNET_DEPTHS, model_from_state_dict
+from evaluation import evaluate
+from helpers import AMP_DTYPES, UserError, atomic_save, resolve_device, run_cli
+from network import BACKBONES, RESNET_DEPTHS, check_window, load_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--amp", default="off", choices=tuple(engine.AMP_DTYPES), help="mixed precision")
+    p.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision")
     p.add_argument("--json", default=None, metavar="FILE", help="also write {miou, acc, iou_per_class} here")
     return p
 
@@ -56,12 +57,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     info = dataset_info(args.dataset)
     root = data_root(info, args.data_root)
     if args.batch_size < 1 or args.num_workers < 0:
-        raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
-    if args.window is not None and min(args.window) < 1:
-        raise ValueError(f"--window must be two positive sizes H W, got {args.window}")
-    device = engine.resolve_device(args.device)
-    model = model_from_state_dict(engine.load_checkpoint(args.checkpoint), f"checkpoint {args.checkpoint}",
-                                  info.num_classes, args.backbone, args.resnet_depth, args.output_dim)
+        raise UserError("--batch_size must be >= 1 and --num_workers >= 0")
+    check_window(args.window)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, info.num_classes, args.backbone, args.resnet_depth, args.output_dim)
     model.to(device)
     ids = list_ids(info, root, "test")
     loader = build_test_loader(SegmentationDataset(info, root, ids, "test"), batch_size=args.batch_size,
@@ -69,7 +68,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     protocol = "sliding window {}x{}".format(*args.window) if args.window else "whole padded image"
     print(f"{args.checkpoint} on {info.name} ({len(ids)} test images, {protocol}, single scale"
           f"{', + flip' if args.flip else ''}, device {device})", flush=True)
-    result = engine.evaluate(model, loader, info.num_classes, device, amp=args.amp, flip=args.flip,
+    result = evaluate(model, loader, info.num_classes, device, amp=args.amp, flip=args.flip,
                              window=tuple(args.window) if args.window else None, progress=True)
     result = {"miou": result["miou"], "acc": result["acc"], "iou_per_class": list(result["iou_per_class"])}
     print(format_report(info.class_names, result), flush=True)
@@ -78,7 +77,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         # NaN (a class absent from GT and prediction) is not JSON: write null
         iou = [None if math.isnan(v) else v for v in result["iou_per_class"]]
         text = json.dumps({"miou": result["miou"], "acc": result["acc"], "iou_per_class": iou}, indent=1) + "\n"
-        engine.atomic_save(lambda tmp: tmp.write_text(text), path)
+        atomic_save(lambda tmp: tmp.write_text(text), path)
         print(f"wrote {path}")
     return result
 
@@ -89,4 +88,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    run_cli(main)

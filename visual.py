@@ -13,15 +13,12 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
-import engine
-from build_data import DataError, SegmentationDataset, color_map, dataset_info, image_path, list_ids, read_image
-from build_data import data_root as find_data_root
-from module_list import IGNORE_INDEX
-from network import BACKBONES, RESNET_DEPTHS, model_from_state_dict, predict
+import figures
+from build_data import DataError
+from helpers import UserError, run_cli
+from network import BACKBONES, RESNET_DEPTHS
 
 # The reference's figure: the image it shows per dataset (an index into the val list) and the published files.
 DEFAULT_INDEX = {"cityscapes": 61, "pascal": 961}
@@ -41,13 +38,12 @@ PREPROCESSED_DATA = {  # the reference README's off-the-shelf preprocessed datas
     "cityscapes": "https://www.dropbox.com/sh/1eeq4qi9g2n6la2/AAD4IK1oskNPUzfTuusMqfb7a?dl=0",
     "pascal": "https://www.dropbox.com/sh/gaoqumpylcci3he/AABjenlsGet060yhGXVxobE4a?dl=0",
 }
-ALPHA = 0.7  # colour over photo, as the reference's Image.blend(photo, colours, 0.7)
 
 
 def published_checkpoints(dataset: str, weights_dir: str | Path = "model_weights") -> list[Path]:
     """The three published files of the reference's figure for pascal or cityscapes."""
     if dataset not in PUBLISHED:
-        raise ValueError(f"there are no published checkpoints for --dataset {dataset}: pass --checkpoints "
+        raise UserError(f"there are no published checkpoints for --dataset {dataset}: pass --checkpoints "
                          f"FILE [FILE ...] (e.g. the .pth files your training runs wrote to model_weights/)")
     prefix, files = PUBLISHED[dataset]
     return [Path(weights_dir) / f"{prefix}_{kind}.pth" for kind in files]
@@ -66,88 +62,31 @@ def _check_checkpoints(dataset: str, checkpoints: Sequence[Path]) -> None:
                                 f"script (they go to model_weights/ by default)")
 
 
-def blend(photo: np.ndarray, label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:
-    """70 % label colour over 30 % photo: photo uint8 [H,W,3], label [H,W] (ignore -> palette row 255)."""
-    colours = color_map(label, palette)
-    return np.asarray(Image.blend(Image.fromarray(photo), Image.fromarray(colours), ALPHA))
-
-
-def load_sample(dataset: str, root: str | Path | None, index: int) -> tuple[str, np.ndarray, torch.Tensor,
-                                                                           torch.Tensor]:
-    """Test image `index`: (id, photo uint8 [h,w,3] at its own size, normalised padded image [3,H,W], label [H,W])."""
-    info = dataset_info(dataset)
-    try:
-        root = find_data_root(info, root)
-        ids = list_ids(info, root, "test")
-        if not 0 <= index < len(ids):
-            raise ValueError(f"--index {index} is out of range: the {dataset} test list has {len(ids)} images "
-                             f"(0..{len(ids) - 1})")
-        image, label = SegmentationDataset(info, root, [ids[index]], "test")[0]
-        photo = read_image(info, image_path(info, root, ids[index], "test"))
-    except DataError as error:  # missing or broken data: also point at the README's preprocessed copy
-        if dataset not in PREPROCESSED_DATA:
-            raise
-        raise DataError(f"{error}; the reference's preprocessed copy: {PREPROCESSED_DATA[dataset]}") from None
-    return ids[index], photo, image, label
-
-
-@torch.no_grad()
-def segment(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Argmax prediction [H,W] on the padded image, set to ignore where the ground truth is ignore."""
-    model.eval().to(device)
-    logits = predict(model, image[None].to(device), label.shape[-2:])
-    prediction = logits[0].argmax(0).cpu()
-    return prediction.masked_fill(label == IGNORE_INDEX, IGNORE_INDEX)
-
-
 def draw_figure(dataset: str, checkpoints: Sequence[str | Path] | None = None, titles: Sequence[str] | None = None,
                 index: int | None = None, data_root: str | Path | None = None, out: str | Path | None = None,
                 weights_dir: str | Path = "model_weights", backbone: str | None = None,
                 resnet_depth: int | None = None, device: str | torch.device = "cpu") -> Path:
-    """Draw ground truth | one panel per checkpoint for one test image and save it as a PNG; returns its path.
+    """figures.draw_figure with the reference's defaults; returns the PNG's path.
 
     checkpoints default to the reference's published files (pascal, cityscapes); index defaults to the
     reference's image (cityscapes 61, pascal 961, else 0); out defaults to logging/visual_{dataset}.png.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    info = dataset_info(dataset)
     if checkpoints:
         checkpoints = [Path(c) for c in checkpoints]
         titles = list(titles) if titles else [c.stem for c in checkpoints]
     else:
         checkpoints = published_checkpoints(dataset, weights_dir)
         titles = list(titles) if titles else list(PUBLISHED_TITLES)
-    if len(titles) != len(checkpoints):
-        raise ValueError(f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each")
     _check_checkpoints(dataset, checkpoints)
-    device = engine.resolve_device(str(device))
     index = DEFAULT_INDEX.get(dataset, 0) if index is None else index
-    sample_id, photo, image, label = load_sample(dataset, data_root, index)
-    height, width = photo.shape[:2]  # panels are cropped back from the padded size to the image's own
-
-    panels = [blend(photo, label[:height, :width], info.palette)]
-    for path in checkpoints:
-        state = engine.load_checkpoint(path)
-        model = model_from_state_dict(state, f"checkpoint {path}", info.num_classes, backbone, resnet_depth)
-        prediction = segment(model, image, label, device)
-        panels.append(blend(photo, prediction[:height, :width], info.palette))
-        del model, state
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3 * height / width + 0.8))
-    for ax, panel, title in zip(np.atleast_1d(axes), panels, ["Ground Truth", *titles]):
-        ax.imshow(panel)
-        ax.set_title(title)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{dataset} {sample_id}")
-    fig.tight_layout()
     out = Path(out) if out else Path("logging") / f"visual_{dataset}.png"
-    engine.atomic_save(lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"), out)
-    plt.close(fig)
-    return out
+    try:
+        return figures.draw_figure(dataset, checkpoints, titles, index, out, data_root, backbone, resnet_depth,
+                                   device)
+    except DataError as error:  # missing or broken data: also point at the README's preprocessed copy
+        if dataset not in PREPROCESSED_DATA:
+            raise
+        raise DataError(f"{error}; the reference's preprocessed copy: {PREPROCESSED_DATA[dataset]}") from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -174,9 +113,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Command-line entry: one PNG per --dataset."""
     args = get_args_parser().parse_args(argv)
     if len(args.dataset) > 1 and (args.checkpoints or args.index is not None or args.data_root):
-        raise ValueError("--checkpoints, --index and --data_root apply to one dataset: pass a single --dataset")
+        raise UserError("--checkpoints, --index and --data_root apply to one dataset: pass a single --dataset")
     if len(args.dataset) > 1 and "{dataset}" not in args.out:
-        raise ValueError(f"--out {args.out} would be overwritten by each dataset: put {{dataset}} in it")
+        raise UserError(f"--out {args.out} would be overwritten by each dataset: put {{dataset}} in it")
     written = []
     for dataset in args.dataset:
         path = draw_figure(dataset, args.checkpoints, args.titles, args.index, args.data_root,
@@ -188,4 +127,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    run_cli(main)

@@ -21,6 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_data as bd  # noqa: E402
+import transforms  # noqa: E402
 
 
 def make_images(root: Path, count: int) -> list[str]:
@@ -61,12 +62,12 @@ def transform_rate(device: torch.device, batch: int, repeats: int = 20) -> float
     conf = torch.rand(batch, 321, 321, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     for _ in range(3):
-        bd.batch_transform(images, labels, conf, (321, 321), (0.5, 1.5), True, generator)
+        transforms.batch_transform(images, labels, conf, (321, 321), (0.5, 1.5), True, generator)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
-        bd.batch_transform(images, labels, conf, (321, 321), (0.5, 1.5), True, generator)
+        transforms.batch_transform(images, labels, conf, (321, 321), (0.5, 1.5), True, generator)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batch * repeats / (time.perf_counter() - start)

@@ -18,7 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
+import distributed  # noqa: E402
 import engine  # noqa: E402
+import helpers  # noqa: E402
+import options  # noqa: E402
 from build_data import dataset_info  # noqa: E402
 from module_list import ConfMatrix  # noqa: E402
 
@@ -42,10 +45,10 @@ def synthetic_batch(batch: int, crop, num_classes: int, device, generator):
 
 def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool, profile: bool) -> dict:
     mode, extra = MODES[name]
-    args = engine.resolve_args(engine.get_args_parser(mode).parse_args(
+    args = options.resolve_args(options.get_args_parser(mode).parse_args(
         SIZES[size] + extra + ["--amp", amp, "--pretrained", "none", "--device", device]))
     info = dataset_info(args.dataset)
-    run = engine.build_run(args, info, engine.Dist(0, 1, torch.device(device)))
+    run = engine.build_run(args, info, distributed.Dist(0, 1, torch.device(device)))
     run.student.train()
     g = torch.Generator().manual_seed(0)
     per_loader = args.batch_size if mode == "semi" else 2 * args.batch_size
@@ -100,7 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", default="small", choices=SIZES)
-    p.add_argument("--amp", nargs="+", default=["off"], choices=tuple(engine.AMP_DTYPES))
+    p.add_argument("--amp", nargs="+", default=["off"], choices=tuple(helpers.AMP_DTYPES))
     p.add_argument("--configs", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sync_check", action="store_true", help="report host syncs (CUDA's sync debug mode)")

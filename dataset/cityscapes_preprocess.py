@@ -11,9 +11,7 @@ The input is never changed; the output is written aside and renamed into place, 
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 # `python dataset/X.py` puts dataset/ on sys.path, not the repo root: add the root to import the project.
@@ -22,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 import build_data  # noqa: E402
-import engine  # noqa: E402
+import helpers  # noqa: E402
+import preparation  # noqa: E402
 
 SIZE = (1024, 512)  # (W, H)
 IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--src", type=Path, default=info.default_root.parent,
                         help="folder holding leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ (default: dataset)")
     parser.add_argument("--root", type=Path, default=info.default_root, help="output (default: dataset/cityscapes)")
-    parser.add_argument("--seeds", type=int, nargs="*", default=list(build_data.PARTIAL_SEEDS),
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(preparation.PARTIAL_SEEDS),
                         help="partial-label seeds (none: skip partial labels)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for resizing")
     args = parser.parse_args(argv)
@@ -66,9 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             raise build_data.DataError(f"{folder} not found: unpack leftImg8bit_trainvaltest.zip and "
                                        f"gtFine_trainvaltest.zip into {args.src} (or pass --src)")
     splits = {split: list_pairs(image_root / split, label_root / split) for split in ("train", "val")}
-    args.root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".cityscapes-", dir=args.root))
-    try:
+    with helpers.staged_dir(args.root, "cityscapes") as tmp:
         images, labels = [], []
         for split, pairs in splits.items():
             (tmp / "images" / split).mkdir(parents=True)
@@ -77,19 +74,17 @@ def main(argv: list[str] | None = None) -> None:
                 images.append((image, tmp / "images" / split / f"{i}.png"))
                 labels.append((label, tmp / "labels" / split / f"{i}.png"))
             print(f"{split}: {len(pairs)} images")
-        build_data.resize_files(images, SIZE, Image.BICUBIC, "RGB", args.workers, "images")
-        build_data.resize_files(labels, SIZE, Image.NEAREST, None, args.workers, "labels")
+        preparation.resize_files(images, SIZE, Image.BICUBIC, "RGB", args.workers, "images")
+        preparation.resize_files(labels, SIZE, Image.NEAREST, None, args.workers, "labels")
         if args.seeds:
             train_labels = [tmp / "labels" / "train" / f"{i}.png" for i in range(len(splits["train"]))]
-            build_data.write_partial_labels(train_labels, tmp / "labels", "train_{partial}_{seed}", args.seeds,
+            preparation.write_partial_labels(train_labels, tmp / "labels", "train_{partial}_{seed}", args.seeds,
                                             void_values=void_label_ids(), fill=0, progress=True,
                                             workers=args.workers)
         for name in ("images", "labels"):
-            build_data.replace_dir(tmp / name, args.root / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            helpers.replace_dir(tmp / name, args.root / name)
     print(f"Cityscapes written to {args.root}")
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    helpers.run_cli(main)

@@ -11,7 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build_data  # noqa: E402
-import engine  # noqa: E402
+import helpers  # noqa: E402
+import preparation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,10 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_val", type=int, default=48)
     parser.add_argument("--size", type=int, default=96, help="image side in pixels")
     args = parser.parse_args(argv)
-    root = build_data.make_demo_dataset(args.root, seed=args.seed, num_train=args.num_train,
+    root = preparation.make_demo_dataset(args.root, seed=args.seed, num_train=args.num_train,
                                         num_val=args.num_val, size=args.size)
     print(f"demo dataset written to {root} ({args.num_train} train, {args.num_val} val images)")
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    helpers.run_cli(main)

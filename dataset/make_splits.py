@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build_data  # noqa: E402
-import engine  # noqa: E402
+import helpers  # noqa: E402
+import splits  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,10 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     info = build_data.dataset_info(args.dataset)
     root = args.root if args.root is not None else info.default_root
-    labelled, unlabelled = build_data.get_split(info, root, args.num_labels, args.seed)
-    build_data.write_split_dir(args.out, labelled, unlabelled)
+    labelled, unlabelled = splits.get_split(info, root, args.num_labels, args.seed)
+    splits.write_split_dir(args.out, labelled, unlabelled)
     print(f"{len(labelled)} labelled and {len(unlabelled)} unlabelled ids written to {args.out}")
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    helpers.run_cli(main)

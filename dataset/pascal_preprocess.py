@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build_data  # noqa: E402
-import engine  # noqa: E402
+import helpers  # noqa: E402
+import preparation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=info.default_root,
                         help="folder holding SegmentationClassAug/ (default: dataset/pascal)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(build_data.PARTIAL_SEEDS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(preparation.PARTIAL_SEEDS))
     parser.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1),
                         help="processes (one seed each; the output does not depend on it)")
     args = parser.parse_args(argv)
@@ -32,10 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     if not files:
         raise build_data.DataError(f"no label PNGs in {labels}: {info.setup_hint}")
     print(f"{len(files)} labels in {labels}; seeds {args.seeds}")
-    build_data.write_partial_labels(files, args.root, "SegmentationClassAug_{partial}_{seed}", args.seeds,
+    preparation.write_partial_labels(files, args.root, "SegmentationClassAug_{partial}_{seed}", args.seeds,
                                     progress=True, workers=args.workers)
     print(f"wrote SegmentationClassAug_{{p0,p1,p5,p25}}_{{{','.join(map(str, args.seeds))}}} in {args.root}")
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    helpers.run_cli(main)

@@ -13,7 +13,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 # `python dataset/X.py` puts dataset/ on sys.path, not the repo root: add the root to import the project.
@@ -22,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 import build_data  # noqa: E402
-import engine  # noqa: E402
+import helpers  # noqa: E402
+import preparation  # noqa: E402
 
 SIZE = (512, 384)  # (W, H)
 NUM_TEST_ORIGINAL = 5050  # train image k pairs with label k + 5050
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for name in FOLDERS:
         if (args.root / name).resolve() == (args.src / name).resolve():
-            raise ValueError(f"--src and --root are the same folder ({args.src}): this script writes a new tree "
-                             f"and never changes its input; move the downloads elsewhere (e.g. dataset/sun_raw) "
-                             f"and pass that as --src")
+            raise build_data.DataError(f"--src and --root are the same folder ({args.src}): this script writes a "
+                                       f"new tree and never changes its input; move the downloads elsewhere (e.g. "
+                                       f"dataset/sun_raw) and pass that as --src")
     test_idx = args.test_idx or next((p for p in (args.src / "test_idx.txt",
                                                   build_data.REPO_ROOT / "dataset" / "sun" / "test_idx.txt")
                                       if p.is_file()), args.src / "test_idx.txt")
@@ -82,25 +82,21 @@ def main(argv: list[str] | None = None) -> None:
         raise build_data.DataError(f"no label img-{missing[0]:06d}.png in {args.src / FOLDERS[2]} (and "
                                    f"{len(missing) - 1} more): is --src the original, unprocessed download?")
 
-    args.root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".sun-", dir=args.root))
-    try:
+    with helpers.staged_dir(args.root, "sun") as tmp:
         for name in FOLDERS:
             (tmp / name).mkdir()
         images = [(src, tmp / folder / f"img-{k:06d}.jpg") for (folder, k), src in sorted(outputs.items())]
         label_jobs = [(src, tmp / FOLDERS[2] / f"img-{k:06d}.png") for k, src in sorted(labels.items())]
         num_train = sum(folder == FOLDERS[0] for folder, _ in outputs)
         print(f"{num_train} train and {len(outputs) - num_train} test images, {len(labels)} labels")
-        build_data.resize_files(images, SIZE, Image.BICUBIC, "RGB", args.workers, "images")
-        build_data.resize_files(label_jobs, SIZE, Image.NEAREST, None, args.workers, "labels")
+        preparation.resize_files(images, SIZE, Image.BICUBIC, "RGB", args.workers, "images")
+        preparation.resize_files(label_jobs, SIZE, Image.NEAREST, None, args.workers, "labels")
         for name in FOLDERS:
-            build_data.replace_dir(tmp / name, args.root / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            helpers.replace_dir(tmp / name, args.root / name)
     if not (args.root / "test_idx.txt").is_file():
         shutil.copyfile(test_idx, args.root / "test_idx.txt")
     print(f"SUN RGB-D written to {args.root}")
 
 
 if __name__ == "__main__":
-    engine.run_cli(main)
+    helpers.run_cli(main)

@@ -10,6 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import UserError, read_torch_file
+
 # depth -> (torchvision constructor name, weights enum name); IMAGENET1K_V1 is what the reference used.
 _RESNETS = {
     18: ("resnet18", "ResNet18_Weights"),
@@ -40,7 +42,7 @@ def dilate_layer(layer: nn.Sequential, dilation: int) -> None:
 
 def _check_depth(resnet_depth: int) -> None:
     if resnet_depth not in _RESNETS:
-        raise ValueError(f"--resnet_depth {resnet_depth} is not supported: choose one of "
+        raise UserError(f"--resnet_depth {resnet_depth} is not supported: choose one of "
                          f"{', '.join(map(str, RESNET_DEPTHS))}.")
 
 
@@ -71,22 +73,11 @@ def _imagenet_state_dict(resnet_depth: int) -> dict[str, torch.Tensor]:
     return _read_weights(path, "delete it to download it again, or pass --pretrained none.")
 
 
-def read_torch_file(path: str | os.PathLike, what: str, fix: str, map_location: torch.device | str = "cpu"):
-    """torch.load(weights_only=True); a file it cannot read is a one-line ValueError naming it and the fix."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a truncated or foreign file
-        # torch's own message spans lines and opens with generic advice; keep the line with the cause
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
-        cause = next((line for line in lines if line.startswith("Unsupported")), lines[0])
-        raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {cause}); {fix}") from None
-
-
 def _read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
     """A weights-only torch file holding a dict; errors name the file and the fix."""
     state = read_torch_file(path, "weights file", fix)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state_dict; {fix}")
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state_dict; {fix}")
     return state
 
 
@@ -115,7 +106,7 @@ def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: t
             resnet.load_state_dict(state, strict=True)
         except RuntimeError as error:
             detail = " ".join(str(error).split())
-            raise ValueError(f"--pretrained {source}: does not fit a torchvision ResNet-{resnet_depth} backbone "
+            raise UserError(f"--pretrained {source}: does not fit a torchvision ResNet-{resnet_depth} backbone "
                              f"({detail[:400]}); pass weights of the same depth as --resnet_depth "
                              f"with torchvision key names (conv1.weight, layer1.0...).") from None
     for layer, dilation in zip((resnet.layer3, resnet.layer4), dilations):

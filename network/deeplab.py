@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from network.backbone import RESNET_DEPTHS, build_resnet
+from helpers import UserError
+from network.backbone import build_resnet
 
 BACKBONES = ("deeplabv3p", "deeplabv2")
 
@@ -126,52 +127,5 @@ def build_model(backbone: str = "deeplabv3p", num_classes: int = 21, output_dim:
         return DeepLabv3Plus(build_resnet(resnet_depth, pretrained, dilations=(1, 2)), num_classes, output_dim)
     if backbone == "deeplabv2":
         return DeepLabv2(build_resnet(resnet_depth, pretrained, dilations=(2, 4)), num_classes, output_dim)
-    raise ValueError(f"--backbone {backbone!r} is not known: choose one of {', '.join(BACKBONES)}.")
+    raise UserError(f"--backbone {backbone!r} is not known: choose one of {', '.join(BACKBONES)}.")
 
-
-# Blocks in layer3 -> depth, per block type (torchvision: 18/34 BasicBlock, 50/101 Bottleneck).
-_LAYER3_BLOCKS = {("basic", 2): 18, ("basic", 6): 34, ("bottleneck", 6): 50, ("bottleneck", 23): 101}
-
-
-def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
-    """Read backbone, resnet_depth, num_classes and output_dim off a model state_dict (ours or the reference's)."""
-    if "classifier.conv2d_list.0.weight" in state_dict:
-        backbone, classifier, representation = "deeplabv2", "classifier.conv2d_list.0.weight", "representation.0.weight"
-    elif "classifier.3.weight" in state_dict:
-        backbone, classifier, representation = "deeplabv3p", "classifier.3.weight", "representation.3.weight"
-    else:
-        raise ValueError("the checkpoint is not a DeepLabv3+/DeepLabv2 state_dict (no classifier.3.weight or "
-                         "classifier.conv2d_list.0.weight key); pass a file written by the training scripts.")
-    kind = "bottleneck" if "resnet_layer1.0.conv3.weight" in state_dict else "basic"
-    blocks = len({key.split(".")[1] for key in state_dict if key.startswith("resnet_layer3.")})
-    depth = _LAYER3_BLOCKS.get((kind, blocks))
-    if depth is None:
-        raise ValueError(f"the checkpoint's ResNet ({blocks} {kind} blocks in layer3) is none of depths "
-                         f"{', '.join(map(str, RESNET_DEPTHS))}.")
-    return {"backbone": backbone, "resnet_depth": depth, "num_classes": state_dict[classifier].shape[0],
-            "output_dim": state_dict[representation].shape[0]}
-
-
-def model_from_state_dict(state_dict: dict[str, torch.Tensor], source: str = "the checkpoint",
-                          num_classes: int | None = None, backbone: str | None = None,
-                          resnet_depth: int | None = None, output_dim: int | None = None) -> nn.Module:
-    """Build the network a state_dict was saved from and load it strictly; flags left None are read from it.
-
-    source names the file in error messages; num_classes, if given, must match the checkpoint's (the dataset's).
-    """
-    found = infer_config(state_dict)
-    for flag, value in (("backbone", backbone), ("resnet_depth", resnet_depth), ("output_dim", output_dim)):
-        if value is not None and value != found[flag]:
-            raise ValueError(f"--{flag} {value} does not match {source} ({flag} {found[flag]}); "
-                             f"drop the flag or pass the right checkpoint")
-    if num_classes is not None and found["num_classes"] != num_classes:
-        raise ValueError(f"{source} predicts {found['num_classes']} classes but the dataset has {num_classes}; "
-                         f"pass a checkpoint trained on this --dataset")
-    model = build_model(found["backbone"], found["num_classes"], found["output_dim"], found["resnet_depth"])
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())
-        raise ValueError(f"{source} does not fit a {found['backbone']} ResNet-{found['resnet_depth']} model "
-                         f"({detail[:400]}); pass a file written by the training scripts") from None
-    return model

@@ -9,10 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import UserError
+
 
 def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """[B, C, h, w] -> [B, C, H, W] float32, bilinear with align_corners=True (the reference's)."""
     return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def check_window(window: Sequence[int] | None) -> None:
+    """--window is None or two positive sizes H W; UserError naming the flag otherwise."""
+    if window is not None and (len(window) != 2 or min(window) < 1):
+        raise UserError(f"--window must be two positive sizes H W, got {list(window)}")
 
 
 def _upsampled_logits(model: nn.Module, images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -54,8 +62,7 @@ def predict(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int], f
     image with 1/3 overlap and average the logits where windows overlap. The model should be in eval mode.
     """
     out_size = tuple(int(s) for s in out_size)
-    if window is not None and (len(window) != 2 or min(window) < 1):
-        raise ValueError(f"--window must be two positive sizes H W, got {window}.")
+    check_window(window)
 
     def one_pass(x: torch.Tensor) -> torch.Tensor:
         if window is None:

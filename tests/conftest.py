@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import build_data
+import helpers
+import preparation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo dataset (default sizes, seed 0), generated once per test session; treat as read-only."""
-    return build_data.make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", seed=0)
+    return preparation.make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", seed=0)
 
 
 @functools.cache
@@ -28,14 +29,12 @@ def _load_script(name: str):
 @pytest.fixture
 def run_script(capsys):
     """run_script('make_splits.py', *args) -> (exit code, stdout, stderr): a dataset/ script's main through
-    engine.run_cli, in this process (no interpreter start-up per call)."""
-    import engine
-
+    helpers.run_cli, in this process (no interpreter start-up per call)."""
     def run(name: str, *args) -> tuple[int, str, str]:
         module = _load_script(name)
         capsys.readouterr()
         try:
-            engine.run_cli(module.main, [str(a) for a in args])
+            helpers.run_cli(module.main, [str(a) for a in args])
             code = 0
         except SystemExit as exit_:
             code = exit_.code

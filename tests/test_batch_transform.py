@@ -1,4 +1,4 @@
-"""The batched joint transform (build_data.random_transform / batch_transform): geometry, exact labels,
+"""The batched joint transform (transforms.random_transform / batch_transform): geometry, exact labels,
 colour ops against torchvision, and the distributions of the random draws."""
 
 import numpy as np
@@ -9,7 +9,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
 
-import build_data as bd
+import transforms as tf
 from module_list import IGNORE_INDEX
 
 N = 2000  # draws for the rate tests: the 0.5 +- 0.04 band is about 3.6 standard deviations wide
@@ -25,17 +25,17 @@ def _rows_cols(b, h, w):
 
 
 def test_batch_transform_shapes_and_pads():
-    images, labels = bd.normalise(torch.rand(8, 3, 20, 24)), torch.randint(0, 21, (8, 20, 24))
+    images, labels = tf.normalise(torch.rand(8, 3, 20, 24)), torch.randint(0, 21, (8, 20, 24))
     conf = torch.rand(8, 20, 24) + 0.01
-    out_images, out_labels, out_conf = bd.batch_transform(images, labels, conf, (33, 35), (1.0, 1.0), False, _gen())
+    out_images, out_labels, out_conf = tf.batch_transform(images, labels, conf, (33, 35), (1.0, 1.0), False, _gen())
     assert out_images.shape == (8, 3, 33, 35) and out_labels.shape == (8, 33, 35) and out_conf.shape == (8, 33, 35)
     assert out_labels.dtype == torch.long and out_conf.dtype == torch.float32
     # scale 1 and a crop larger than the image: the crop sits at (0, 0) and the pad is bottom/right
     assert torch.equal(out_labels[:, :20, :24], labels) and torch.equal(out_conf[:, :20, :24], conf)
     assert (out_labels[:, 20:] == IGNORE_INDEX).all() and (out_labels[:, :, 24:] == IGNORE_INDEX).all()
     assert (out_conf[:, 20:] == 0).all() and (out_conf[:, :, 24:] == 0).all()
-    raw = bd.denormalise(images)
-    out = bd.denormalise(out_images)
+    raw = tf.denormalise(images)
+    out = tf.denormalise(out_images)
     assert torch.allclose(out[:, :, :20, :24], raw, atol=1e-5)
     assert torch.allclose(out[:, :, 20:23, :24], raw[:, :, [18, 17, 16]], atol=1e-5)  # reflect, edge not repeated
     assert torch.allclose(out[:, :, :20, 24:27], raw[:, :, :, [22, 21, 20]], atol=1e-5)
@@ -43,7 +43,7 @@ def test_batch_transform_shapes_and_pads():
 
 def test_pads_under_full_augmentation():
     labels, conf = torch.randint(0, 5, (8, 20, 24)), torch.rand(8, 20, 24) + 0.01
-    _, out_labels, out_conf = bd.batch_transform(torch.randn(8, 3, 20, 24), labels, conf, (33, 35), (1.0, 1.0),
+    _, out_labels, out_conf = tf.batch_transform(torch.randn(8, 3, 20, 24), labels, conf, (33, 35), (1.0, 1.0),
                                                  True, _gen(1))
     pad = out_labels == IGNORE_INDEX
     assert (pad.sum(dim=(1, 2)) == 33 * 35 - 20 * 24).all()  # flips move the pad, its size stays
@@ -52,14 +52,14 @@ def test_pads_under_full_augmentation():
 
 def test_pad_larger_than_image_reflects_repeatedly():
     images = torch.arange(5.0).view(1, 1, 1, 5).expand(1, 3, 2, 5) / 4
-    out, _, _ = bd.random_transform(images, torch.zeros(1, 2, 5, dtype=torch.long), None, (2, 14), (1.0, 1.0),
+    out, _, _ = tf.random_transform(images, torch.zeros(1, 2, 5, dtype=torch.long), None, (2, 14), (1.0, 1.0),
                                     False, _gen())
     assert (out[0, 0, 0] * 4).round().tolist() == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4, 3]
 
 
 def test_identity_at_scale_one_without_augmentation():
     images, labels = torch.rand(3, 3, 17, 19), torch.randint(-1, 21, (3, 17, 19))
-    out_images, out_labels, _ = bd.random_transform(images, labels, None, (17, 19), (1.0, 1.0), False, _gen())
+    out_images, out_labels, _ = tf.random_transform(images, labels, None, (17, 19), (1.0, 1.0), False, _gen())
     assert torch.equal(out_images, images) and torch.equal(out_labels, labels)
 
 
@@ -75,7 +75,7 @@ def test_rescale_matches_interpolate_and_labels_use_nearest(scale):
     h, w = 24, 28
     images, labels = torch.rand(4, 3, h, w), _rows_cols(4, h, w)
     crop = (15, 17)
-    out_images, out_labels, _ = bd.random_transform(images, labels, None, crop, (scale, scale), False, _gen(3))
+    out_images, out_labels, _ = tf.random_transform(images, labels, None, crop, (scale, scale), False, _gen(3))
     size = (int(h * scale), int(w * scale))
     ref_labels = F.interpolate(labels[:, None].double(), size=size, mode="nearest-exact")[:, 0].long()
     # antialiased as PIL's BILINEAR resize when shrinking; the same as plain bilinear when enlarging
@@ -89,7 +89,7 @@ def test_rescale_matches_interpolate_and_labels_use_nearest(scale):
 
 def _rescale(images, labels, scale, crop, compact=None):
     """_resample at per-sample scales (a list), crop at offset 0."""
-    return bd._resample(images, labels, None, crop, torch.tensor(scale, dtype=torch.float64), None, compact)
+    return tf._resample(images, labels, None, crop, torch.tensor(scale, dtype=torch.float64), None, compact)
 
 
 @pytest.mark.parametrize("compact", [True, False])  # host-read (CPU) and sync-free (GPU) forms
@@ -116,12 +116,12 @@ def test_shrink_is_antialiased_per_sample(compact):
 def test_compact_and_dense_forms_agree():
     images, labels = torch.rand(6, 3, 30, 35, generator=_gen(21)), torch.randint(0, 21, (6, 30, 35))
     conf = torch.rand(6, 30, 35, generator=_gen(22))
-    params = bd.sample_params(6, (0.5, 1.5), _gen(23))
+    params = tf.sample_params(6, (0.5, 1.5), _gen(23))
     for crop in [(21, 23), (50, 41)]:  # inside and padded
-        a = bd._resample(images, labels, conf, crop, params.scale, params.offset_u, compact=True)
-        b = bd._resample(images, labels, conf, crop, params.scale, params.offset_u, compact=False)
+        a = tf._resample(images, labels, conf, crop, params.scale, params.offset_u, compact=True)
+        b = tf._resample(images, labels, conf, crop, params.scale, params.offset_u, compact=False)
         assert torch.allclose(a[0], b[0], atol=1e-6) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
-        single = [bd._resample(images[k:k + 1], labels[k:k + 1], conf[k:k + 1], crop, params.scale[k:k + 1],
+        single = [tf._resample(images[k:k + 1], labels[k:k + 1], conf[k:k + 1], crop, params.scale[k:k + 1],
                                params.offset_u[k:k + 1]) for k in range(6)]  # as the loader's workers (B = 1)
         assert torch.allclose(torch.cat([o[0] for o in single]), a[0], atol=1e-6)
         assert torch.equal(torch.cat([o[1] for o in single]), a[1])
@@ -161,13 +161,13 @@ def test_cpu_result_does_not_depend_on_threads_or_layout():
     # the loader's workers run one thread, the main process several; decoded images are channels-last views
     array = torch.rand(16, 20, 24, 3, generator=_gen(26))
     labels = torch.randint(0, 21, (16, 20, 24))
-    params = bd.sample_params(16, (0.5, 1.5), _gen(27))
+    params = tf.sample_params(16, (0.5, 1.5), _gen(27))
     threads, outs = torch.get_num_threads(), []
     try:
         for n, images in [(1, array.permute(0, 3, 1, 2)), (2, array.permute(0, 3, 1, 2)),
                           (2, array.permute(0, 3, 1, 2).contiguous())]:
             torch.set_num_threads(n)
-            outs.append(torch.cat([bd._resample(images[k:k + 1], labels[k:k + 1], None, (11, 13),
+            outs.append(torch.cat([tf._resample(images[k:k + 1], labels[k:k + 1], None, (11, 13),
                                                 params.scale[k:k + 1], params.offset_u[k:k + 1])[0]
                                    for k in range(16)]))  # one sample at a time, as in the workers
     finally:
@@ -179,7 +179,7 @@ def test_label_and_conf_values_survive_exactly():
     labels = torch.randint(0, 21, (16, 30, 30))
     labels[:, :3] = IGNORE_INDEX
     conf = torch.randint(1, 256, (16, 30, 30)) / 255.0
-    _, out_labels, out_conf = bd.batch_transform(torch.randn(16, 3, 30, 30), labels, conf, (33, 33), (0.5, 1.5),
+    _, out_labels, out_conf = tf.batch_transform(torch.randn(16, 3, 30, 30), labels, conf, (33, 33), (0.5, 1.5),
                                                  True, _gen(4))
     assert set(out_labels.unique().tolist()) <= set(labels.unique().tolist())
     assert set(out_conf.unique().tolist()) <= set(conf.unique().tolist()) | {0.0}
@@ -187,9 +187,9 @@ def test_label_and_conf_values_survive_exactly():
 
 def test_same_seed_same_result_other_seed_differs():
     images, labels = torch.rand(4, 3, 30, 30), torch.randint(0, 5, (4, 30, 30))
-    a = bd.batch_transform(images, labels, None, (21, 21), (0.5, 1.5), True, _gen(9))
-    b = bd.batch_transform(images, labels, None, (21, 21), (0.5, 1.5), True, _gen(9))
-    c = bd.batch_transform(images, labels, None, (21, 21), (0.5, 1.5), True, _gen(10))
+    a = tf.batch_transform(images, labels, None, (21, 21), (0.5, 1.5), True, _gen(9))
+    b = tf.batch_transform(images, labels, None, (21, 21), (0.5, 1.5), True, _gen(9))
+    c = tf.batch_transform(images, labels, None, (21, 21), (0.5, 1.5), True, _gen(10))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
     assert a[2] is None
 
@@ -199,7 +199,7 @@ def test_same_seed_same_result_other_seed_differs():
 
 def test_flip_rate_end_to_end():
     labels = _rows_cols(N, 4, 4)
-    _, out, _ = bd.random_transform(torch.rand(N, 3, 4, 4), labels, None, (4, 4), (1.0, 1.0), True, _gen(5))
+    _, out, _ = tf.random_transform(torch.rand(N, 3, 4, 4), labels, None, (4, 4), (1.0, 1.0), True, _gen(5))
     flipped = out[:, 0, 0] == 3
     assert torch.equal(out[flipped], labels[flipped].flip(-1)) and torch.equal(out[~flipped], labels[~flipped])
     assert abs(flipped.float().mean().item() - 0.5) < 0.04
@@ -207,7 +207,7 @@ def test_flip_rate_end_to_end():
 
 def test_rescale_sizes_end_to_end():
     # no pad inside the rescaled image, so the number of labelled rows is int(20 * s)
-    _, out, _ = bd.random_transform(torch.rand(N, 3, 20, 1), torch.zeros(N, 20, 1, dtype=torch.long), None,
+    _, out, _ = tf.random_transform(torch.rand(N, 3, 20, 1), torch.zeros(N, 20, 1, dtype=torch.long), None,
                                     (40, 1), (0.5, 1.5), False, _gen(6))
     rows = (out[:, :, 0] != IGNORE_INDEX).sum(dim=1).double()
     assert rows.min() == 10 and rows.max() in (29, 30)
@@ -216,13 +216,13 @@ def test_rescale_sizes_end_to_end():
 
 def test_crop_offset_is_uniform():
     labels = _rows_cols(N, 12, 1)
-    _, out, _ = bd.random_transform(torch.rand(N, 3, 12, 1), labels, None, (9, 1), (1.0, 1.0), False, _gen(7))
+    _, out, _ = tf.random_transform(torch.rand(N, 3, 12, 1), labels, None, (9, 1), (1.0, 1.0), False, _gen(7))
     counts = torch.bincount(out[:, 0, 0], minlength=4)
     assert counts.numel() == 4 and stats.chisquare(counts.numpy()).pvalue > 1e-3
 
 
 def test_parameter_distributions():
-    p = bd.sample_params(N, (0.5, 1.5), _gen(8))
+    p = tf.sample_params(N, (0.5, 1.5), _gen(8))
     assert abs(p.jitter.double().mean().item() - 0.8) < 0.04
     assert abs(p.blur.double().mean().item() - 0.5) < 0.04 and abs(p.flip.double().mean().item() - 0.5) < 0.04
     assert stats.kstest(p.scale.numpy(), stats.uniform(0.5, 1.0).cdf).pvalue > 1e-3
@@ -244,7 +244,7 @@ def _one_op(images, op, factor):
     factors = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(b, 1)
     factors[:, op] = factor
     order = torch.tensor([op] + [k for k in range(4) if k != op]).repeat(b, 1)
-    return bd.colour_jitter(images, torch.ones(b, dtype=torch.bool), factors, order)
+    return tf.colour_jitter(images, torch.ones(b, dtype=torch.bool), factors, order)
 
 
 @pytest.mark.parametrize("op, factor, reference", [
@@ -262,7 +262,7 @@ def test_jitter_order_and_apply_mask():
     images = torch.rand(3, 3, 8, 8, generator=_gen(12))
     factors = torch.tensor([[1.25, 0.75, 1.2, 0.1]]).repeat(3, 1)
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]])
-    out = bd.colour_jitter(images, torch.tensor([True, True, False]), factors, order)
+    out = tf.colour_jitter(images, torch.tensor([True, True, False]), factors, order)
     ops = [lambda x: TF.adjust_brightness(x, 1.25), lambda x: TF.adjust_contrast(x, 0.75),
            lambda x: TF.adjust_saturation(x, 1.2), lambda x: TF.adjust_hue(x, 0.1)]
     for k in range(2):
@@ -275,11 +275,11 @@ def test_jitter_order_and_apply_mask():
 
 def test_blur_matches_torchvision_inside_and_skips_exactly():
     images = torch.rand(2, 3, 20, 20, generator=_gen(13))
-    out = bd.gaussian_blur(images, torch.tensor([True, False]), torch.tensor([0.9, 0.9]))
+    out = tf.gaussian_blur(images, torch.tensor([True, False]), torch.tensor([0.9, 0.9]))
     expected = TF.gaussian_blur(images[0], kernel_size=9, sigma=0.9)
     assert torch.allclose(out[0, :, 4:-4, 4:-4], expected[:, 4:-4, 4:-4], atol=1e-5)
     assert torch.equal(out[1], images[1])
-    flat = bd.gaussian_blur(torch.full((1, 3, 6, 6), 0.3), torch.tensor([True]), torch.tensor([1.15]))
+    flat = tf.gaussian_blur(torch.full((1, 3, 6, 6), 0.3), torch.tensor([True]), torch.tensor([1.15]))
     assert torch.allclose(flat, torch.full_like(flat, 0.3))  # edges: replicate padding keeps a flat image flat
 
 
@@ -292,7 +292,7 @@ def test_on_cuda_without_host_syncs():
     generator = torch.Generator(device=device).manual_seed(0)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = bd.batch_transform(images, labels, conf, (33, 33), (0.5, 1.5), True, generator)
+        out = tf.batch_transform(images, labels, conf, (33, 33), (0.5, 1.5), True, generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(t.device.type == "cuda" for t in out) and out[0].shape == (10, 3, 33, 33)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import build_data as bd
+import transforms as tf
 from module_list import IGNORE_INDEX
 
 RNG = np.random.default_rng(0)
@@ -110,8 +111,8 @@ def test_color_map_paints_ignore_with_last_row():
 
 def test_denormalise_inverts_normalise():
     x = torch.rand(2, 3, 4, 5)
-    assert torch.allclose(bd.denormalise(bd.normalise(x)), x, atol=1e-6)
-    assert torch.allclose(bd.normalise(torch.tensor(bd.MEAN).view(3, 1, 1)), torch.zeros(3, 1, 1), atol=1e-7)
+    assert torch.allclose(tf.denormalise(tf.normalise(x)), x, atol=1e-6)
+    assert torch.allclose(tf.normalise(torch.tensor(tf.MEAN).view(3, 1, 1)), torch.zeros(3, 1, 1), atol=1e-7)
 
 
 # --- labels -----------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_test_items_pad_to_eval_size_at_origin(tmp_path):
     assert image.shape == (3, 25, 30) and label.shape == (25, 30)
     assert torch.equal(label[:20, :24], raw_label)
     assert (label[20:] == IGNORE_INDEX).all() and (label[:, 24:] == IGNORE_INDEX).all()
-    image = bd.denormalise(image)
+    image = tf.denormalise(image)
     assert torch.allclose(image[:, :20, :24], raw_image, atol=1e-6)
     assert torch.allclose(image[:, 20, :24], raw_image[:, 18], atol=1e-6)  # reflect, edge not repeated
     assert torch.equal(ds[0][0], ds[0][0])

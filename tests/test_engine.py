@@ -1,4 +1,4 @@
-"""Flag handling and helpers of the shared training engine (no training here)."""
+"""Flag handling (options), helpers and pieces of the training engine (no training here)."""
 
 import argparse
 
@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+import build_data
+import distributed
 import engine
+import helpers
+import network
+import options
 
 
 def parse(mode, *argv):
-    return engine.get_args_parser(mode).parse_args(list(argv))
+    return options.get_args_parser(mode).parse_args(list(argv))
 
 
 @pytest.mark.parametrize("mode, dataset, has", [
@@ -28,10 +33,10 @@ def test_reference_defaults(mode, dataset, has):
 
 
 def test_table_fills_unset_flags():
-    args = engine.resolve_args(parse("semi", "--dataset", "pascal"))
+    args = options.resolve_args(parse("semi", "--dataset", "pascal"))
     assert (args.batch_size, args.crop_size, args.epochs, args.iters_per_epoch) == (10, (321, 321), 200, 200)
     assert (args.resnet_depth, args.pretrained) == (101, "imagenet")
-    args = engine.resolve_args(parse("sup", "--dataset", "cityscapes", "--batch_size", "3", "--crop_size", "64", "96"))
+    args = options.resolve_args(parse("sup", "--dataset", "cityscapes", "--batch_size", "3", "--crop_size", "64", "96"))
     assert (args.batch_size, args.crop_size) == (3, (64, 96))
 
 
@@ -44,7 +49,7 @@ def test_table_fills_unset_flags():
     ("semi_partial", ["--apply_aug", "cutmix"], "pascal_p0_semi_cutmix_0"),
 ])
 def test_reference_file_names(mode, argv, name):
-    assert engine.resolve_args(parse(mode, *argv)).name == name
+    assert options.resolve_args(parse(mode, *argv)).name == name
 
 
 @pytest.mark.parametrize("mode, argv, words", [
@@ -81,24 +86,26 @@ def test_nearest_keeps_label_values_and_dtype():
 
 
 def test_seed_all_is_a_pure_function_of_its_keys():
-    engine.seed_all(0, 3, 1)
+    distributed.seed_all("steps", 0, 3, 1)
     a = torch.rand(4), np.random.rand(), __import__("random").random()
-    engine.seed_all(0, 3, 1)
+    distributed.seed_all("steps", 0, 3, 1)
     b = torch.rand(4), np.random.rand(), __import__("random").random()
-    engine.seed_all(0, 3, 2)
+    distributed.seed_all("steps", 0, 3, 2)
     c = torch.rand(4)
-    assert torch.equal(a[0], b[0]) and a[1:] == b[1:] and not torch.equal(a[0], c)
+    distributed.seed_all("init", 0, 3, 1)
+    d = torch.rand(4)
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:] and not torch.equal(a[0], c) and not torch.equal(a[0], d)
 
 
 def test_atomic_save_leaves_nothing_half_written(tmp_path):
     target = tmp_path / "sub" / "x.txt"
-    engine.atomic_save(lambda p: p.write_text("one"), target)
+    helpers.atomic_save(lambda p: p.write_text("one"), target)
 
     def broken(p):
         p.write_text("partial")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        engine.atomic_save(broken, target)
+        helpers.atomic_save(broken, target)
     assert target.read_text() == "one" and sorted(x.name for x in target.parent.iterdir()) == ["x.txt"]
 
 
@@ -106,13 +113,13 @@ def test_load_checkpoint_accepts_plain_and_resume_dicts(tmp_path):
     plain = {"a.weight": torch.ones(2)}
     torch.save({"module.a.weight": torch.ones(2)}, tmp_path / "ddp.pth")
     torch.save({"model": {"a.weight": torch.zeros(2)}, "teacher": plain, "epoch": 3}, tmp_path / "last.pth")
-    assert torch.equal(engine.load_checkpoint(tmp_path / "ddp.pth")["a.weight"], torch.ones(2))
-    assert torch.equal(engine.load_checkpoint(tmp_path / "last.pth")["a.weight"], torch.ones(2))
+    assert torch.equal(network.load_state_dict(tmp_path / "ddp.pth")["a.weight"], torch.ones(2))
+    assert torch.equal(network.load_state_dict(tmp_path / "last.pth")["a.weight"], torch.ones(2))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        engine.load_checkpoint(tmp_path / "missing.pth")
+        network.load_state_dict(tmp_path / "missing.pth")
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pth") as error:
-        engine.load_checkpoint(tmp_path / "bad.pth")
+    with pytest.raises(helpers.UserError, match="bad.pth") as error:
+        network.load_state_dict(tmp_path / "bad.pth")
     assert "\n" not in str(error.value)  # one line, whatever torch's message looked like
 
 
@@ -120,7 +127,7 @@ def test_resumed_outputs_keep_every_finished_epoch_in_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = argparse.Namespace(weights_dir=str(tmp_path / "w"), log_dir=str(tmp_path / "log"), name="run")
-    columns = engine.metric_columns(False)
+    columns = options.metric_columns(False)
     metrics, model = np.random.default_rng(0).random((3, len(columns))), torch.nn.Linear(1, 1)
     out = engine.Outputs(args, columns, start_epoch=0)
     for epoch in range(2):
@@ -135,13 +142,11 @@ def test_resumed_outputs_keep_every_finished_epoch_in_tensorboard(tmp_path):
 
 
 def test_a_data_error_in_a_loader_worker_is_one_line(demo_root, capsys):
-    import build_data
-
     info = build_data.dataset_info("demo")
     dataset = build_data.SegmentationDataset(info, demo_root, ["no_such_image"], "train", crop_size=(17, 17))
     loader = build_data.build_train_loader(dataset, 1, 1, num_workers=1)
     with pytest.raises(SystemExit) as exit_info:
-        engine.run_cli(lambda argv: [batch for batch in loader])
+        helpers.run_cli(lambda argv: [batch for batch in loader])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: image ") and "no_such_image.jpg is missing" in err

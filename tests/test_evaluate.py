@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import engine
+import helpers
 import evaluate
 import network
 
@@ -91,6 +91,6 @@ def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys):
              (["--checkpoint", str(tmp_path / "ok.pth"), "--resnet_depth", "50"], "--resnet_depth 50")]
     for extra, expected in cases:
         with pytest.raises(SystemExit) as stop:
-            engine.run_cli(evaluate.main, ["--dataset", "demo", "--data_root", str(root), *extra])
+            helpers.run_cli(evaluate.main, ["--dataset", "demo", "--data_root", str(root), *extra])
         assert stop.value.code == 2
         assert expected in capsys.readouterr().err

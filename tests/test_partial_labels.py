@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-import build_data
+import preparation
 
 SETTINGS = ("p25", "p5", "p1", "p0")
 
@@ -76,7 +76,7 @@ def labels():
 def test_matches_naive_reference_byte_for_byte(tmp_path, labels):
     folder, names = make_pascal_tree(tmp_path, labels)
     files = sorted(folder.glob("*.png"))
-    build_data.write_partial_labels(files, tmp_path, "SegmentationClassAug_{partial}_{seed}", seeds=(0, 2))
+    preparation.write_partial_labels(files, tmp_path, "SegmentationClassAug_{partial}_{seed}", seeds=(0, 2))
     for seed in (0, 2):
         expected = naive_files(labels, seed)
         for setting in SETTINGS:
@@ -90,11 +90,11 @@ def test_p0_has_one_pixel_per_class_and_fractions_are_met(labels):
     rng = np.random.RandomState(5)
     for label in labels:
         classes = set(np.unique(label).tolist()) - {255}
-        p0 = build_data.partial_label(label, rng, 0.0)
+        p0 = preparation.partial_label(label, rng, 0.0)
         values, counts = np.unique(p0[p0 != 255], return_counts=True)
         assert set(values.tolist()) == classes and (counts == 1).all()
         for fraction in (0.25, 0.05, 0.01):
-            part = build_data.partial_label(label, rng, fraction)
+            part = preparation.partial_label(label, rng, fraction)
             assert ((part == 255) | (part == label)).all()  # only true labels, inside their class
             for c in classes:
                 assert (part == c).sum() >= max(1, int(fraction * (label == c).sum()))
@@ -115,13 +115,13 @@ def test_hand_worked_square():
     # seed (0, 0), target 25: the 3x3 square (9 px) is too small, the 5x5 one (25 px) is enough.
     expected = np.full((10, 10), 255, np.uint8)
     expected[:5, :5] = 3
-    assert (build_data.partial_label(label, FixedChoice(0), 0.25) == expected).all()
+    assert (preparation.partial_label(label, FixedChoice(0), 0.25) == expected).all()
     # target int(0.01 * 100) = 1: the seed pixel alone.
-    single = build_data.partial_label(label, FixedChoice(55), 0.01)
+    single = preparation.partial_label(label, FixedChoice(55), 0.01)
     assert (single != 255).sum() == 1 and single[5, 5] == 3
     # Fragmented class: the square grows past the gap; only class pixels are labelled.
     label[:, 4:6] = 7
-    got = build_data.partial_label(label, FixedChoice(0), 0.25, void_values=(7,), fill=0)
+    got = preparation.partial_label(label, FixedChoice(0), 0.25, void_values=(7,), fill=0)
     # class 3 has 80 px, target 20: k=2 gives rows 0-4 x cols 0-4 minus cols 4 = 20 px.
     assert ((got == 3) == np.pad(np.ones((5, 4), bool), ((0, 5), (0, 6)))).all()
     assert set(np.unique(got).tolist()) == {0, 3}
@@ -132,7 +132,7 @@ def test_stream_runs_on_across_files(tmp_path, labels):
     alone = tmp_path / "alone"
     for root, subset in ((both, labels[:2]), (alone, labels[1:2])):
         folder, _ = make_pascal_tree(root, subset)
-        build_data.write_partial_labels(sorted(folder.glob("*.png")), root, "P_{partial}_{seed}", seeds=(0,))
+        preparation.write_partial_labels(sorted(folder.glob("*.png")), root, "P_{partial}_{seed}", seeds=(0,))
     second = read(both / "P_p25_0" / "2008_000001.png")
     first_alone = read(alone / "P_p25_0" / "2008_000000.png")
     assert second.shape == first_alone.shape and not (second == first_alone).all()
@@ -144,7 +144,7 @@ def test_cityscapes_space_fill_zero_and_void_ids(labels):
         np.random.seed(seed)
         expected = [naive_partial(label, f, void, 0) for label in labels for f in (0.25, 0.05)]
         rng = np.random.RandomState(seed)
-        got = [build_data.partial_label(label, rng, f, void, 0) for label in labels for f in (0.25, 0.05)]
+        got = [preparation.partial_label(label, rng, f, void, 0) for label in labels for f in (0.25, 0.05)]
         for e, g in zip(expected, got):
             assert (e == g).all()
             assert not np.isin(g[g != 0], void).any()

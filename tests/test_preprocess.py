@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import build_data
+import preparation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_demo_script_is_deterministic(tmp_path, run_script):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    build_data.make_demo_dataset(tmp_path / "b", seed=3, num_train=5, num_val=2)
+    preparation.make_demo_dataset(tmp_path / "b", seed=3, num_train=5, num_val=2)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     # Re-running replaces a demo dataset; a foreign non-empty folder is refused.
     assert run_script("demo_preprocess.py", "--root", tmp_path / "a", "--seed", 3, "--num_train", 5,
@@ -60,7 +61,7 @@ def test_demo_script_is_deterministic(tmp_path, run_script):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(build_data.DataError, match="not a demo dataset"):
-        build_data.make_demo_dataset(tmp_path / "mine", num_train=2, num_val=1)
+        preparation.make_demo_dataset(tmp_path / "mine", num_train=2, num_val=1)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
@@ -110,9 +111,9 @@ def test_cityscapes_preprocess(tmp_path, run_script):
     expected = {s: [] for s in ("p25", "p5", "p1", "p0")}
     for label in full:
         for s, f in (("p25", 0.25), ("p5", 0.05), ("p1", 0.01)):
-            expected[s].append(build_data.partial_label(label, rng, f, void, 0))
+            expected[s].append(preparation.partial_label(label, rng, f, void, 0))
     for label in full:
-        expected["p0"].append(build_data.partial_label(label, rng, 0.0, void, 0))
+        expected["p0"].append(preparation.partial_label(label, rng, 0.0, void, 0))
     for s, maps in expected.items():
         for i, e in enumerate(maps):
             got = read(root / "labels" / f"train_{s}_0" / f"{i}.png")

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 import build_data
-from build_data import DataError, select_labelled, select_labelled_sun
+import splits
+from build_data import DataError
+from splits import select_labelled, select_labelled_sun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,11 +201,11 @@ def test_sun_hand_worked_example():
 
 
 def test_split_dir_round_trip(tmp_path):
-    build_data.write_split_dir(tmp_path / "s", ["b", "a"], ["c", "d"])
+    splits.write_split_dir(tmp_path / "s", ["b", "a"], ["c", "d"])
     assert (tmp_path / "s" / "labelled.txt").read_text() == "b\na\n"
-    assert build_data.read_split_dir(tmp_path / "s") == (["b", "a"], ["c", "d"])
+    assert splits.read_split_dir(tmp_path / "s") == (["b", "a"], ["c", "d"])
     with pytest.raises(FileNotFoundError, match="make_splits"):
-        build_data.read_split_dir(tmp_path / "missing")
+        splits.read_split_dir(tmp_path / "missing")
 
 
 def demo_class_sets(root):
@@ -220,8 +222,8 @@ def test_get_split_on_demo(demo_root):
     sets = demo_class_sets(demo_root)
     for seed in (0, 1):
         expected = naive_pascal(ids, sets, 20, seed, info.num_classes, info.min_classes)
-        assert build_data.get_split(info, demo_root, 20, seed) == expected
-    assert build_data.get_split(info, demo_root, 0, 0) == (ids, ids)
+        assert splits.get_split(info, demo_root, 20, seed) == expected
+    assert splits.get_split(info, demo_root, 0, 0) == (ids, ids)
 
 
 def test_make_splits_script(demo_root, tmp_path, run_script):
@@ -231,7 +233,7 @@ def test_make_splits_script(demo_root, tmp_path, run_script):
     assert code == 0, err
     assert stdout.startswith("12 labelled and 228 unlabelled ids written to")
     info = build_data.dataset_info("demo")
-    assert build_data.read_split_dir(out) == build_data.get_split(info, demo_root, 12, 2)
+    assert splits.read_split_dir(out) == splits.get_split(info, demo_root, 12, 2)
     code, _, err = run_script("make_splits.py", *args[:4], "--num_labels", 100000, "--out", out)
     assert code == 2 and err.startswith("error: cannot pick 100000")
 
@@ -253,7 +255,7 @@ def test_get_split_cityscapes_numeric_order_and_train_ids(tmp_path):
     ids = [str(i) for i in range(14)]
     for seed in range(4):
         expected = naive_pascal(ids, sets, 3, seed, 19, 12)
-        assert build_data.get_split(info, tmp_path, 3, seed) == expected
+        assert splits.get_split(info, tmp_path, 3, seed) == expected
 
 
 def test_get_split_sun_uses_its_own_loop(tmp_path):
@@ -269,4 +271,4 @@ def test_get_split_sun_uses_its_own_loop(tmp_path):
         sets[str(k)] = {int(v) - 1 for v in np.unique(raw) if v > 0}
     ids = sorted(sets, key=int)
     for seed in range(4):
-        assert build_data.get_split(info, tmp_path, 4, seed) == naive_sun(ids, sets, 4, seed, 37)
+        assert splits.get_split(info, tmp_path, 4, seed) == naive_sun(ids, sets, 4, seed, 37)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import build_data
-import engine
+import figures
+import helpers
 import network
 import visual
 from test_evaluate import NUM_CLASSES, constant_checkpoint, make_data
@@ -23,7 +24,7 @@ def test_blend_is_70_percent_colour_and_ignore_uses_row_255():
     photo = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
     label = np.array([[0, 1, 15, -1, 255, 20, 2]] * 6)
     expected = 0.3 * photo + 0.7 * palette[np.where(label < 0, 255, label)].astype(float)
-    np.testing.assert_allclose(visual.blend(photo, label, palette).astype(float), expected, atol=1)
+    np.testing.assert_allclose(figures.blend(photo, label, palette).astype(float), expected, atol=1)
 
 
 def test_segment_copies_the_ignore_mask(tmp_path):
@@ -31,13 +32,13 @@ def test_segment_copies_the_ignore_mask(tmp_path):
     model = network_from(checkpoint)
     label = torch.full((40, 44), 1)
     label[:, :10] = -1
-    prediction = visual.segment(model, torch.randn(3, 40, 44), label, torch.device("cpu"))
+    prediction = figures.segment(model, torch.randn(3, 40, 44), label, torch.device("cpu"))
     assert prediction.shape == (40, 44)
     assert (prediction[:, :10] == -1).all() and (prediction[:, 10:] == 3).all()
 
 
 def network_from(path):
-    return network.model_from_state_dict(engine.load_checkpoint(path))
+    return network.load_model(path)
 
 
 def test_draw_figure_writes_a_png_cropped_to_the_image(tmp_path):
@@ -51,7 +52,7 @@ def test_draw_figure_writes_a_png_cropped_to_the_image(tmp_path):
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > 300
     # the panels themselves: cropped back to 33x80, ground truth colours where labelled
-    _, photo, image, label = visual.load_sample("demo", root, 1)
+    _, photo, image, label = figures.load_sample("demo", root, 1)
     assert photo.shape == (33, 80, 3) and label.shape == (97, 97)
     assert (label[:33, 20:80] == 4).all() and (label[:33, :20] == -1).all() and (label[33:] == -1).all()
 
@@ -81,7 +82,7 @@ def test_missing_own_checkpoint_and_bad_index(tmp_path, capsys):
              (["--checkpoints", str(checkpoint), "--titles", "x", "y"], "--titles")]
     for extra, expected in cases:
         with pytest.raises(SystemExit) as stop:
-            engine.run_cli(visual.main, ["--dataset", "demo", "--data_root", str(root), *extra])
+            helpers.run_cli(visual.main, ["--dataset", "demo", "--data_root", str(root), *extra])
         assert stop.value.code == 2
         assert expected in capsys.readouterr().err
     assert NUM_CLASSES == build_data.dataset_info("demo").num_classes
@@ -104,5 +105,5 @@ def test_reference_figure_defaults_pascal_entry_961_and_published_names(tmp_path
     assert visual.main(["--dataset", "pascal", "--data_root", str(root), "--weights_dir", str(weights)]) == [
         Path("logging/visual_pascal.png")]
     assert (tmp_path / "logging" / "visual_pascal.png").is_file()
-    _, photo, _, label = visual.load_sample("pascal", root, 961)
+    _, photo, _, label = figures.load_sample("pascal", root, 961)
     assert photo.shape == (30, 40, 3) and label.shape == (513, 513) and (label[:30, :40] == 15).all()

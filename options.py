@@ -1,0 +1,140 @@
+"""The flags of each training mode: the reference's names and defaults plus ours, their checks and resolution
+against the dataset table, and the run's name and folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from build_data import PARTIAL_SETTINGS, check_partial, dataset_info
+from helpers import AMP_DTYPES, UserError
+from module_list import MIX_MODES
+from network import BACKBONES, RESNET_DEPTHS
+from splits import read_split_dir
+
+MODES = {
+    # name: (semi-supervised, partial labels, the reference's default --dataset)
+    "sup": (False, False, "cityscapes"),
+    "semi": (True, False, "cityscapes"),
+    "sup_partial": (False, True, "cityscapes"),
+    "semi_partial": (True, True, "pascal"),
+}
+# Flags whose values must match for --resume to continue a run.
+RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "output_dim", "apply_aug",
+               "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
+               "weight_decay", "num_queries", "num_negatives", "temp", "weak_threshold", "strong_threshold",
+               "amp", "split_dir", "ema_buffers")
+
+
+def get_args_parser(mode: str) -> argparse.ArgumentParser:
+    """The flags of one training script: the reference's names and defaults, plus ours."""
+    semi, partial, default_dataset = MODES[mode]
+    p = argparse.ArgumentParser(description=f"ReCo training ({mode.replace('_', ', ')} labels)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ref = p.add_argument_group("reference flags")
+    ref.add_argument("--gpu", type=int, default=0, help="CUDA device index (single-process runs)")
+    ref.add_argument("--lr", type=float, default=2.5e-3)
+    ref.add_argument("--weight_decay", type=float, default=5e-4)
+    ref.add_argument("--dataset", default=default_dataset, help="pascal, cityscapes, sun or demo")
+    ref.add_argument("--backbone", default="deeplabv3p", choices=BACKBONES)
+    ref.add_argument("--seed", type=int, default=0, help="fixes the labelled split (and the partial-label set)")
+    ref.add_argument("--output_dim", type=int, default=256, help="ReCo representation size")
+    if partial:
+        ref.add_argument("--partial", default="p0", choices=PARTIAL_SETTINGS)
+    else:
+        ref.add_argument("--num_labels", type=int, default=15, help="labelled images; 0 = all")
+    ref.add_argument("--apply_aug", default="cutout", choices=MIX_MODES,
+                     help="unlabelled-batch mixing" + ("" if semi else " (unused here)"))
+    ref.add_argument("--weak_threshold", type=float, default=0.7, help="delta_w: pseudo-label mask for ReCo")
+    ref.add_argument("--strong_threshold", type=float, default=0.97, help="delta_s: hard-query threshold")
+    ref.add_argument("--apply_reco", action="store_true", help="add the ReCo loss")
+    ref.add_argument("--num_negatives", type=int, default=512)
+    ref.add_argument("--num_queries", type=int, default=256)
+    ref.add_argument("--temp", type=float, default=0.5)
+    ref.add_argument("--id", type=int, default=1, help="unused (kept for compatibility)")
+    ref.add_argument("--mode", default=None, help="unused (kept for compatibility)")
+    ref.add_argument("--port", type=int, default=None, help="unused (kept for compatibility)")
+
+    new = p.add_argument_group("added flags (unset = the dataset table's value)")
+    new.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
+    new.add_argument("--batch_size", type=int, default=None,
+                     help="images per branch per process; supervised scripts use twice this")
+    new.add_argument("--crop_size", type=int, nargs=2, metavar=("H", "W"), default=None)
+    new.add_argument("--epochs", type=int, default=None, help="epochs (the poly schedule's length)")
+    new.add_argument("--iters_per_epoch", type=int, default=None)
+    new.add_argument("--num_workers", type=int, default=None, help="loader workers (default: 0 on CPU, up to 8 per process on CUDA)")
+    new.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS)
+    new.add_argument("--pretrained", default=None, help="imagenet, none, or a torchvision ResNet state_dict")
+    new.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision")
+    new.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:<gpu> if available)")
+    new.add_argument("--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
+    new.add_argument("--ema_buffers", action="store_true", help="the teacher also averages BN buffers")
+    new.add_argument("--split_dir", default=None, help="use labelled.txt/unlabelled.txt from this folder")
+    new.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                     help="continue from the run folder's last.pth (or the given file)")
+    new.add_argument("--weights_dir", default="model_weights")
+    new.add_argument("--log_dir", default="logging")
+    new.add_argument("--log_interval", type=int, default=10, help="iterations between progress-bar updates")
+    new.add_argument("--no_visual", action="store_true", help="skip the visual.py figure at the end")
+    p.set_defaults(train_mode=mode)
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the flags and fill unset ones from the dataset table; errors name the flag and the fix."""
+    semi, partial, _ = MODES[args.train_mode]
+    info = dataset_info(args.dataset)
+    if partial:
+        args.num_labels = 0
+        check_partial(info, args.partial)
+        if args.split_dir:
+            raise UserError("--split_dir picks labelled images, but partial-label runs use every image; "
+                            "drop the flag or use train_sup.py / train_semisup.py")
+    else:
+        args.partial = None
+        if args.split_dir:  # the split's size is the label budget, so the run name says what was used
+            args.num_labels = len(read_split_dir(args.split_dir)[0])
+    for flag, table_value in (("batch_size", info.batch_size), ("epochs", info.epochs),
+                              ("iters_per_epoch", info.iters_per_epoch), ("resnet_depth", info.resnet_depth),
+                              ("pretrained", info.pretrained)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, table_value)
+    args.crop_size = tuple(args.crop_size or info.crop_size)
+    positive = ["batch_size", "epochs", "iters_per_epoch", "log_interval"]
+    if args.apply_reco:
+        positive += ["num_queries", "num_negatives", "output_dim"]
+    for flag in positive:
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if min(args.crop_size) <= 0:
+        raise UserError(f"--crop_size must be positive, got {args.crop_size}")
+    if not partial and args.num_labels < 0:
+        raise UserError(f"--num_labels must be 0 (all) or a positive count, got {args.num_labels}")
+    if args.temp <= 0:
+        raise UserError(f"--temp must be positive, got {args.temp}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
+    args.name = run_name(args)
+    return args
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """The reference's file stem: {dataset}_label{N}|{partial}_{sup|semi_{aug}}[_reco]_{seed}."""
+    semi = MODES[args.train_mode][0]
+    head = f"{args.dataset}_{args.partial}" if args.partial else f"{args.dataset}_label{args.num_labels}"
+    kind = f"semi_{args.apply_aug}" if semi else "sup"
+    return f"{head}_{kind}{'_reco' if args.apply_reco else ''}_{args.seed}"
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    """The run's folder of its own outputs (last.pth, CSV, TensorBoard, figures, split)."""
+    return Path(args.log_dir) / args.name
+
+
+def metric_columns(semi: bool) -> tuple[str, ...]:
+    """Columns of the reference's per-epoch .npy metric array."""
+    if semi:
+        return ("sup_loss", "unsup_loss", "reco_loss", "labelled_miou", "labelled_acc", "unlabelled_miou",
+                "unlabelled_acc", "test_loss", "test_miou", "test_acc")
+    return ("train_loss", "train_miou", "train_acc", "test_loss", "test_miou", "test_acc")
+

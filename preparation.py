@@ -1,0 +1,244 @@
+"""Offline data preparation the dataset/ scripts run: partial labels, the synthetic demo dataset and
+resizing, each written into a staged folder and renamed into place."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from build_data import VOID, DataError, present_classes, read_label_values
+from helpers import replace_dir, staged_dir
+
+# Partial-label settings in the order the reference draws them: the first pass over all files
+# draws p25, p5, p1 per file; a second pass draws p0 (one pixel per class).
+PARTIAL_FRACTIONS = {"p25": 0.25, "p5": 0.05, "p1": 0.01}
+PARTIAL_SEEDS = (0, 1, 2)
+
+
+def read_png(path: Path) -> np.ndarray:
+    """Raw values of a single-channel 8-bit label PNG as uint8 [H, W] (no class remapping)."""
+    label = read_label_values(path, "re-create it with the dataset's preprocessing script")
+    if label.dtype != np.uint8:
+        raise DataError(f"label file {path} is not an 8-bit PNG: partial labels are written from 8-bit "
+                        f"labels holding one class id per pixel; convert it with values 0..255")
+    return label
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Save uint8 [H, W] as a grayscale PNG."""
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="L").save(path)
+
+
+def partial_label(label: np.ndarray, rng: np.random.RandomState, fraction: float,
+                  void_values: Collection[int] = (VOID,), fill: int = VOID) -> np.ndarray:
+    """Partial label uint8 [H, W] from a full label [H, W]: per valid class, a square around one random
+    pixel of the class, grown 2 px per side until it covers int(fraction * class size) class pixels,
+    clipped to the class (fraction 0: the single pixel). Other pixels are `fill`."""
+    height, width = label.shape
+    flat = label.ravel()
+    out = np.full(flat.size, fill, np.uint8)
+    row_of = np.repeat(np.arange(height, dtype=np.int32), width)  # flat index -> row, column
+    col_of = np.tile(np.arange(width, dtype=np.int32), height)
+    for c in present_classes(label, void_values):
+        pixels = np.flatnonzero(flat == c)  # row-major, as np.nonzero lists them
+        # The reference's exact draw: legacy choice without replacement (a full permutation).
+        seed = pixels[rng.choice(pixels.size, 1, replace=False)[0]]
+        # k dilations of the seed by a 5x5 square reach exactly the pixels at Chebyshev distance <= 2k, so
+        # the reference's "dilate until enough class pixels" stops at the smallest even distance that
+        # covers the target-th nearest class pixel.
+        dist = np.maximum(np.abs(row_of[pixels] - row_of[seed]), np.abs(col_of[pixels] - col_of[seed]))
+        target = int(fraction * pixels.size)
+        nearest = int(np.searchsorted(np.bincount(dist).cumsum(), target)) if target > 1 else 0
+        out[pixels[dist <= nearest + nearest % 2]] = c
+    return out.reshape(label.shape)
+
+
+def _write_partial_seed(label_files: Sequence[Path], dest: Path, folder_format: str, seed: int,
+                        void_values: Collection[int], fill: int, progress: bool, bar_position: int = 0) -> None:
+    """The four partial-label folders of one seed, written aside and renamed into place."""
+    settings = [*PARTIAL_FRACTIONS.items(), ("p0", 0.0)]
+    with staged_dir(dest, f"partial-{seed}") as tmp:
+        for name, _ in settings:
+            (tmp / name).mkdir()
+        rng = np.random.RandomState(seed)  # the same stream as np.random.seed(seed)
+        with tqdm(total=2 * len(label_files), desc=f"partial labels, seed {seed}", disable=not progress,
+                  position=bar_position) as bar:
+            for pass_settings in (settings[:3], settings[3:]):
+                for path in label_files:
+                    label = read_png(path)
+                    for name, fraction in pass_settings:
+                        write_png(tmp / name / path.name, partial_label(label, rng, fraction, void_values, fill))
+                    bar.update()
+        for name, _ in settings:
+            replace_dir(tmp / name, dest / folder_format.format(partial=name, seed=seed))
+
+
+def write_partial_labels(label_files: Sequence[Path], dest: Path, folder_format: str,
+                         seeds: Sequence[int] = PARTIAL_SEEDS, void_values: Collection[int] = (VOID,),
+                         fill: int = VOID, progress: bool = False, workers: int = 1) -> None:
+    """Write the p25/p5/p1/p0 partial labels of `label_files` (in the given order, which fixes the
+    random stream) into dest/folder_format.format(partial=..., seed=...)/<file name>, for every seed
+    (seeds are independent streams, so up to `workers` processes run them side by side)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    jobs = [(list(label_files), dest, folder_format, seed, tuple(void_values), fill, progress, k)
+            for k, seed in enumerate(seeds)]
+    if workers <= 1 or len(jobs) == 1:
+        for job in jobs:
+            _write_partial_seed(*job)
+        return
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        for future in [pool.submit(_write_partial_seed, *job) for job in jobs]:
+            future.result()
+
+
+# --- the synthetic demo dataset (Pascal layout, 5 classes) ---
+
+# Per object class: base colour (RGB) and second texture colour.
+_DEMO_COLOURS = {
+    1: ((220, 60, 50), (120, 20, 20)),     # stripes: red / dark red
+    2: ((40, 90, 210), (230, 230, 240)),   # checker: blue / white
+    3: ((40, 150, 60), (240, 220, 40)),    # dots: green with yellow dots
+    4: ((150, 70, 190), (190, 120, 230)),  # blob: smooth shaded purple
+}
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of mask [H, W] with a (2r+1) x (2r+1) square (zero outside the image)."""
+    out = mask.copy()
+    for axis in (0, 1):
+        grown = out.copy()
+        for shift in range(1, radius + 1):
+            ahead = [slice(None)] * 2
+            behind = [slice(None)] * 2
+            ahead[axis], behind[axis] = slice(shift, None), slice(None, -shift)
+            grown[tuple(ahead)] |= out[tuple(behind)]
+            grown[tuple(behind)] |= out[tuple(ahead)]
+        out = grown
+    return out
+
+
+def _demo_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic image uint8 [size, size, 3] and its label uint8 [size, size] (0..4, VOID borders)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    # Background: a smooth gradient between two dull colours plus pixel noise.
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5) + 0.75) / 1.5
+    c0, c1 = rng.uniform(70, 170, size=(2, 3))
+    image = c0 + (c1 - c0) * ramp[..., None]
+    label = np.zeros((size, size), np.uint8)
+    instances = np.zeros((size, size), np.int32)
+    for index, cls in enumerate(rng.integers(1, 5, size=rng.integers(2, 5)), start=1):
+        cy, cx = rng.uniform(0.15, 0.85, size=2)
+        radius = rng.uniform(0.12, 0.28)
+        theta = np.arctan2(yy - cy, xx - cx)
+        dist = np.hypot(yy - cy, xx - cx)
+        shape = rng.integers(3)
+        if shape == 0:  # ellipse
+            ry, rx = radius * rng.uniform(0.6, 1.0, size=2)
+            region = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        elif shape == 1:  # rotated rectangle
+            rot = rng.uniform(0, np.pi)
+            u = np.cos(rot) * (xx - cx) + np.sin(rot) * (yy - cy)
+            v = -np.sin(rot) * (xx - cx) + np.cos(rot) * (yy - cy)
+            region = (np.abs(u) <= radius) & (np.abs(v) <= radius * rng.uniform(0.4, 0.9))
+        else:  # wobbly blob
+            phase = rng.uniform(0, 2 * np.pi, size=2)
+            edge = radius * (1 + 0.25 * np.sin(3 * theta + phase[0]) + 0.12 * np.sin(5 * theta + phase[1]))
+            region = dist <= edge
+        base, second = (np.array(c, np.float32) + rng.uniform(-20, 20, size=3) for c in _DEMO_COLOURS[cls])
+        px, py = xx * size, yy * size
+        if cls == 1:  # stripes at a random angle, period 6-10 px
+            rot, period = rng.uniform(0, np.pi), rng.uniform(6, 10)
+            pattern = np.sin(2 * np.pi * (np.cos(rot) * px + np.sin(rot) * py) / period) > 0
+        elif cls == 2:  # checkerboard, cells of 4-6 px
+            cell = rng.integers(4, 7)
+            pattern = ((px // cell + py // cell) % 2).astype(bool)
+        elif cls == 3:  # dots on a lattice
+            step = rng.uniform(6, 9)
+            pattern = np.hypot(px % step - step / 2, py % step - step / 2) < step / 4
+        else:  # smooth radial shading
+            pattern = None
+        if pattern is None:
+            shade = np.clip(1 - dist / (2 * radius), 0, 1)[..., None]
+            texture = base + (second - base) * shade
+        else:
+            texture = np.where(pattern[..., None], second, base)
+        image = np.where(region[..., None], texture, image)
+        label[region] = cls
+        instances[region] = index
+    # VOC-like void band: 2 px outside every visible object (objects also border each other).
+    void = np.zeros((size, size), bool)
+    for index in np.unique(instances[instances > 0]):
+        obj = instances == index
+        void |= _dilate(obj, 2) & ~obj
+    label[void] = VOID
+    image = image + rng.normal(0, 8, size=image.shape)
+    return np.clip(image, 0, 255).round().astype(np.uint8), label
+
+
+_DEMO_MARKER = "DEMO_DATASET"  # file that marks a folder as a generated demo dataset
+
+
+def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 240, num_val: int = 48,
+                      size: int = 96, partial_seeds: Sequence[int] = PARTIAL_SEEDS) -> Path:
+    """Generate the synthetic demo dataset in the Pascal layout under `root` (deterministic in `seed`):
+    JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, train_aug.txt, val.txt and the partial labels
+    SegmentationClassAug_{p0,p1,p5,p25}_{s}. Written aside and renamed into place; returns root."""
+    root = Path(root)
+    if num_train < 1 or num_val < 1 or size < 16:
+        raise DataError(f"the demo dataset needs --num_train >= 1, --num_val >= 1 and --size >= 16 (got "
+                        f"{num_train}, {num_val}, {size})")
+    if root.exists() and any(root.iterdir()) and not (root / _DEMO_MARKER).exists():
+        raise DataError(f"{root} exists and is not a demo dataset made by this project; pass another "
+                        f"root folder or delete this one")
+    with staged_dir(root.parent, root.name) as tmp:
+        (tmp / "JPEGImages").mkdir()
+        (tmp / "SegmentationClassAug").mkdir()
+        ids = {"train_aug": [f"train_{i:05d}" for i in range(num_train)],
+               "val": [f"val_{i:05d}" for i in range(num_val)]}
+        for split_code, (split, split_ids) in enumerate(ids.items()):
+            for i, sample_id in enumerate(split_ids):
+                image, label = _demo_sample(np.random.default_rng([seed, split_code, i]), size)
+                Image.fromarray(image).save(tmp / "JPEGImages" / f"{sample_id}.jpg", quality=95)
+                write_png(tmp / "SegmentationClassAug" / f"{sample_id}.png", label)
+            (tmp / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
+        label_files = sorted((tmp / "SegmentationClassAug").glob("*.png"))
+        write_partial_labels(label_files, tmp, "SegmentationClassAug_{partial}_{seed}", partial_seeds)
+        (tmp / _DEMO_MARKER).write_text(f"seed={seed} num_train={num_train} num_val={num_val} size={size}\n")
+        replace_dir(tmp, root)
+    return root
+
+
+# --- preprocessing helpers (dataset/*_preprocess.py) ---
+
+
+def _resize_one(job: tuple[Path, Path, tuple[int, int], int, str | None]) -> None:
+    src, dst, size, resample, mode = job
+    try:
+        with Image.open(src) as img:
+            img = img.convert(mode) if mode else img
+            img.resize(size, resample).save(dst)
+    except OSError as err:
+        raise DataError(f"cannot read {src}: {err}; re-download or replace the file") from None
+
+
+def resize_files(pairs: Sequence[tuple[Path, Path]], size: tuple[int, int], resample: int,
+                 mode: str | None = None, workers: int = 1, desc: str = "resizing") -> None:
+    """Resize every (source, destination) image to size (W, H) with `resample` (converted to `mode`
+    first if given), the format following the destination suffix; with a progress bar."""
+    jobs = [(src, dst, size, resample, mode) for src, dst in pairs]
+    with tqdm(total=len(jobs), desc=desc) as bar:
+        if workers <= 1:
+            for job in jobs:
+                _resize_one(job)
+                bar.update()
+            return
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_resize_one, jobs, chunksize=8):
+                bar.update()

@@ -1,0 +1,113 @@
+"""The layout's rules (DESIGN.md): dependencies one way, no circles, no hidden imports; user errors vs bugs;
+one random stream per consumer."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import build_data
+import helpers
+from distributed import seed_all
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = {p.stem if p.parent == REPO else f"network.{p.stem}".removesuffix(".__init__"): p
+           for p in [*REPO.glob("*.py"), *(REPO / "network").glob("*.py")]}
+
+
+def _project_imports(path: Path) -> tuple[set[str], list[str]]:
+    """(project modules a file imports, imports made inside a function)."""
+    tree = ast.parse(path.read_text())
+    top = {m.split(".")[0] for m in MODULES}
+    found, hidden = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found |= {n.split(".")[0] for n in names if n.split(".")[0] in top}
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            hidden += [f"{path.name}:{n.lineno}" for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))
+                       and any((a.name if isinstance(n, ast.Import) else n.module or "").split(".")[0] in top
+                               for a in n.names)]
+    return found - {path.stem}, hidden
+
+
+def test_no_import_circles_and_none_hidden_in_functions():
+    graph, hidden = {}, []
+    for name, path in MODULES.items():
+        deps, inner = _project_imports(path)
+        graph[name.split(".")[0]] = graph.get(name.split(".")[0], set()) | (deps - {name.split(".")[0]})
+        hidden += inner
+    assert hidden == []
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(d == goal or (d not in seen and not seen.add(d) and reaches(d, goal, seen))
+                   for d in graph.get(start, ()))
+    assert [m for m in graph if reaches(m, m, set())] == []
+
+
+@pytest.mark.parametrize("module, forbidden", [
+    ("helpers", {"build_data", "engine", "network", "module_list", "options"}),
+    ("module_list", {"build_data", "engine", "network", "transforms", "splits"}),
+    ("network", {"build_data", "engine", "module_list", "transforms", "splits"}),
+    ("preparation", {"engine", "network", "options", "distributed"}),
+    ("visual", {"engine", "options"}),
+    ("evaluate", {"engine", "options"}),
+    ("build_data", {"engine", "network", "splits", "preparation"}),
+])
+def test_importing_a_module_does_not_import_what_it_must_not(module, forbidden):
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing {module} imports {out.strip()}"
+
+
+def _exit_of(main) -> tuple[int, str]:
+    code = (f"import helpers\ndef main(argv):\n    {main}\nhelpers.run_cli(main)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("raise_line", [
+    "raise helpers.UserError('--flag 3 is wrong: pass 4')",
+    "import build_data; raise build_data.DataError('--flag 3 is wrong: pass 4')",
+    "open('/nonexistent-dir/--flag 3 is wrong: pass 4')",
+])
+def test_run_cli_turns_user_errors_into_one_line(raise_line):
+    code, err = _exit_of(raise_line)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--flag 3 is wrong" in err
+
+
+def test_run_cli_keeps_the_traceback_of_a_bug():
+    code, err = _exit_of("raise ValueError('a bug in the code')")
+    assert code == 1 and "Traceback" in err and "ValueError: a bug in the code" in err
+
+
+def test_data_errors_are_user_errors():
+    assert issubclass(build_data.DataError, helpers.UserError)
+
+
+def test_stream_seeds_are_distinct_per_stream_and_keys():
+    seeds = {helpers.stream_seed(s, *k) for s in ("init", "steps", "batches")
+             for k in [(0,), (0, 0), (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]}
+    assert len(seeds) == 18
+    assert helpers.stream_seed("steps", 3, 1) == helpers.stream_seed("steps", 3, 1)
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 5])
+def test_an_epoch_step_stream_does_not_replay_its_labelled_batches(epoch):
+    """The global stream seeded for an epoch's steps and the labelled sampler of that epoch are independent."""
+    sampler = build_data.EpochBatchSampler(num_items=1000, batch_size=4, iters_per_epoch=8, seed=0, rank=0)
+    sampler.set_epoch(epoch)
+    drawn = torch.tensor([[i for i, _ in batch] for batch in sampler])
+    seed_all("steps", 0, epoch, 0)
+    assert not torch.equal(torch.randint(1000, (8, 4)), drawn)
+
+
+def test_model_init_stream_differs_from_the_first_epoch():
+    seed_all("init", 0)
+    init = torch.rand(16)
+    seed_all("steps", 0, 0, 0)
+    assert not torch.equal(torch.rand(16), init)
