@@ -151,8 +151,9 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The table entry of a dataset name (DataError naming the valid ones otherwise)."""
+def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
+    """The table entry of a dataset name (DataError naming the valid ones otherwise); `root` is the data
+    folder (--data_root), which a dataset described by its folder reads its card from."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r} (--dataset): choose one of {', '.join(DATASETS)}")
     return DATASETS[name]

@@ -334,7 +334,7 @@ def train(args: argparse.Namespace) -> dict:
     """Train one run end to end; returns the best test mIoU and the output paths."""
     d = init_distributed(args)
     args = resolve_args(args)
-    info = dataset_info(args.dataset)
+    info = dataset_info(args.dataset, args.data_root)
     semi = MODES[args.train_mode][0]
     split, loaders, test_loader = build_loaders(args, info, d)
     run = build_run(args, info, d)

@@ -54,7 +54,7 @@ def format_report(class_names: Sequence[str], result: dict) -> str:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Evaluate --checkpoint on --dataset's test split; prints the report and returns {miou, acc, iou_per_class}."""
-    info = dataset_info(args.dataset)
+    info = dataset_info(args.dataset, args.data_root)
     root = data_root(info, args.data_root)
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch_size must be >= 1 and --num_workers >= 0")

@@ -30,7 +30,7 @@ def blend(photo: np.ndarray, label: np.ndarray | torch.Tensor, palette: np.ndarr
 def load_sample(dataset: str, root: str | Path | None, index: int) -> tuple[str, np.ndarray, torch.Tensor,
                                                                            torch.Tensor]:
     """Test image `index`: (id, photo uint8 [h,w,3] at its own size, normalised padded image [3,H,W], label [H,W])."""
-    info = dataset_info(dataset)
+    info = dataset_info(dataset, root)
     root = data_root(info, root)
     ids = list_ids(info, root, "test")
     if not 0 <= index < len(ids):
@@ -56,7 +56,7 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path], titles: Sequenc
     """Draw ground truth | one panel per checkpoint for test image `index` and save it as a PNG at `out`."""
     if len(titles) != len(checkpoints):
         raise UserError(f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each")
-    info = dataset_info(dataset)
+    info = dataset_info(dataset, data_root)
     device = resolve_device(str(device))
     sample_id, photo, image, label = load_sample(dataset, data_root, index)
     height, width = photo.shape[:2]  # panels are cropped back from the padded size to the image's own

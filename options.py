@@ -83,7 +83,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check the flags and fill unset ones from the dataset table; errors name the flag and the fix."""
     semi, partial, _ = MODES[args.train_mode]
-    info = dataset_info(args.dataset)
+    info = dataset_info(args.dataset, args.data_root)
     if partial:
         args.num_labels = 0
         check_partial(info, args.partial)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="folder to write the two lists into")
     args = parser.parse_args(argv)
-    info = build_data.dataset_info(args.dataset)
+    info = build_data.dataset_info(args.dataset, args.root)
     root = args.root if args.root is not None else info.default_root
     labelled, unlabelled = splits.get_split(info, root, args.num_labels, args.seed)
     splits.write_split_dir(args.out, labelled, unlabelled)
