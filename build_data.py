@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from helpers import UserError, stream_seed
+from dataset_card import CLASSES_FILE, HELP, read_card
+from helpers import DataError, stream_seed
 from module_list import IGNORE_INDEX
 from transforms import normalise, pad_to, random_transform
 
@@ -21,10 +23,11 @@ PARTIAL_SETTINGS = ("p0", "p1", "p5", "p25")
 SPLITS = ("train", "test")
 # Label-table entry for raw values that are neither a class nor void, so one vectorised test finds them.
 _INVALID = 254
-
-
-class DataError(UserError):
-    """A problem with the user's data or data flags; the message names the file or flag and the fix."""
+# A dataset described by its folder: images/{train,val}/, labels/{train,val}/, unlabelled/, classes.txt.
+FOLDER = "folder"
+_FOLDER_SPLITS = {"train": "train", "test": "val"}
+UNLABELLED_DIR = "unlabelled"  # images with no masks at all; their ids are 'unlabelled/<file name>'
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ class DatasetInfo:
     """Everything that differs between datasets. Sizes are (H, W); batch_size is per branch in semi mode."""
 
     name: str
-    layout: str  # folder layout on disk: 'pascal' (also the demo), 'cityscapes' or 'sun'
+    layout: str  # folder layout on disk: 'pascal' (also the demo), 'cityscapes', 'sun' or 'folder'
     class_names: tuple[str, ...]
     palette: np.ndarray  # uint8 [256, 3]; row 255 paints void / ignore
     label_table: np.ndarray  # uint8 [257]: raw label file value -> class id, VOID, or _INVALID
@@ -154,9 +157,33 @@ DATASETS: dict[str, DatasetInfo] = {
 def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     """The table entry of a dataset name (DataError naming the valid ones otherwise); `root` is the data
     folder (--data_root), which a dataset described by its folder reads its card from."""
+    if name == FOLDER:
+        return _folder_info(root)
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r} (--dataset): choose one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r} (--dataset): choose one of {', '.join(DATASETS)} or {FOLDER} "
+                        f"(your own data: --dataset {FOLDER} --data_root DIR)")
     return DATASETS[name]
+
+
+def _folder_info(root: str | Path | None) -> DatasetInfo:
+    """The table entry of the dataset in folder `root`, read from its card (classes.txt, dataset.json)."""
+    if root is None:
+        raise DataError(f"--dataset {FOLDER} needs --data_root DIR: the folder holding images/, labels/ and "
+                        f"{CLASSES_FILE} ({HELP})")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data_root {root} is not a folder: pass the folder holding images/, labels/ and "
+                        f"{CLASSES_FILE} ({HELP})")
+    card = read_card(root)
+    n = len(card.class_names)
+    eval_size = card.eval_size or tuple(max(sizes) for sizes in zip(*(
+        _image_size(path)[::-1] for path in _listing(root / "images" / "val", "image").values())))
+    return DatasetInfo(
+        name=FOLDER, layout=FOLDER, class_names=card.class_names, palette=_palette(card.colours or _voc_colours(n), 255),
+        label_table=_label_table({**{c: c for c in range(n)}, card.void: VOID}, _INVALID), crop_size=card.crop_size,
+        eval_size=eval_size, scale_range=card.scale_range, batch_size=card.batch_size, min_classes=card.min_classes,
+        partial_labels=True, setup_hint=f"the layout of {root} is described in the {HELP}", epochs=card.epochs,
+        iters_per_epoch=card.iters_per_epoch, resnet_depth=card.resnet_depth, pretrained=card.pretrained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +209,8 @@ def list_ids(info: DatasetInfo, root: str | Path | None, split: str) -> list[str
     """Image ids of a split, sorted where the reference listed a folder."""
     _check_split(split)
     root = data_root(info, root)
+    if info.layout == FOLDER:
+        return _folder_ids(info, root, split)
     if info.layout == "cityscapes" or (info.layout == "sun" and split == "train"):
         folder = image_path(info, root, "0", split).parent
         pattern = "*.png" if info.layout == "cityscapes" else "img-*.jpg"
@@ -205,6 +234,8 @@ def list_ids(info: DatasetInfo, root: str | Path | None, split: str) -> list[str
 def image_path(info: DatasetInfo, root: str | Path, image_id: str, split: str) -> Path:
     """Path of an image file in the reference's preprocessed layout."""
     root = Path(root)
+    if info.layout == FOLDER:
+        return root / image_id if has_no_mask(info, image_id) else root / "images" / _FOLDER_SPLITS[split] / image_id
     if info.layout == "pascal":
         return root / "JPEGImages" / f"{image_id}.jpg"
     if info.layout == "cityscapes":
@@ -232,10 +263,10 @@ def label_path(info: DatasetInfo, root: str | Path, image_id: str, split: str, p
     root = Path(root)
     if info.layout == "pascal":
         return root / f"SegmentationClassAug{suffix}" / f"{image_id}.png"
-    if info.layout == "cityscapes":
+    if info.layout in ("cityscapes", FOLDER):  # a folder dataset's ids are image file names: the label has its stem
         if partial and split != "train":
             raise ValueError("partial labels exist for the train split only")
-        return root / "labels" / (("train" if split == "train" else "val") + suffix) / f"{image_id}.png"
+        return root / "labels" / (("train" if split == "train" else "val") + suffix) / f"{Path(image_id).stem}.png"
     return root / "sunrgbd_train_test_labels" / f"img-{int(image_id):06d}.png"
 
 
@@ -252,8 +283,11 @@ def _open(path: Path, what: str, hint: str) -> Image.Image:
 
 
 def read_image(info: DatasetInfo, path: Path) -> np.ndarray:
-    """An RGB image file as uint8 [H, W, 3]."""
+    """An RGB image file as uint8 [H, W, 3]; 16-bit grey is scaled to 8 bits (PIL's convert would clip it)."""
     image = _open(path, "image", info.setup_hint)
+    if image.mode.startswith("I"):
+        grey = np.clip(np.asarray(image, np.float32) / 257, 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
     return np.array(image.convert("RGB"))
 
 
@@ -275,16 +309,110 @@ def read_label(info: DatasetInfo, path: Path) -> np.ndarray:
     invalid = label == _INVALID
     if invalid.any():
         values = np.unique(raw[invalid])[:8].tolist()
+        void = "/".join(map(str, void_values(info)))
         raise DataError(f"label {path} holds values {values} that are neither a class of --dataset {info.name} "
-                        f"(0..{info.num_classes - 1}) nor void {VOID}: is it the right dataset, preprocessed? "
+                        f"(0..{info.num_classes - 1}) nor void {void}: is it the right dataset, preprocessed? "
                         f"({info.setup_hint})")
     return label
+
+
+def void_values(info: DatasetInfo) -> list[int]:
+    """The raw label-file values that mean void (unlabelled pixels) in a dataset."""
+    return np.flatnonzero(info.label_table[:256] == VOID).tolist()
 
 
 def present_classes(label: np.ndarray, void_values: Collection[int] = (VOID,)) -> np.ndarray:
     """Values present in label [H, W], ascending, without the void values."""
     present = np.flatnonzero(np.bincount(label.ravel()))
     return present[~np.isin(present, list(void_values))]
+
+
+# ---------------------------------------------------------------------------------------------
+# A dataset described by its folder: listing and checking its files before any training
+# ---------------------------------------------------------------------------------------------
+
+
+def has_no_mask(info: DatasetInfo, image_id: str) -> bool:
+    """Whether an id is an image of a folder dataset's unlabelled/ (no mask at all)."""
+    return info.layout == FOLDER and image_id.startswith(f"{UNLABELLED_DIR}/")
+
+
+def _listing(folder: Path, what: str) -> dict[str, Path]:
+    """Stem -> file of the image files in a folder of a folder dataset; DataError if it is missing or empty,
+    or if two files share a stem (labels are matched to images by stem)."""
+    if not folder.is_dir():
+        raise DataError(f"{folder} not found: a folder dataset holds images/train/, labels/train/, images/val/ "
+                        f"and labels/val/ ({HELP})")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in files:
+            raise DataError(f"{path} and {files[path.stem].name} share the stem {path.stem!r}: {what}s are matched "
+                            f"by file stem; rename or remove one")
+        files[path.stem] = path
+    if not files:
+        raise DataError(f"{folder} holds no {what} files ({' '.join(IMAGE_SUFFIXES)}): put the {what}s there "
+                        f"({HELP})")
+    return files
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(W, H) of an image file, read from its header only."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot read image {path} ({error}): the file is corrupt or not an image; replace or "
+                        f"remove it") from None
+
+
+_checked_folders: set[tuple] = set()  # (label folder, modification times, label table, eval size) checked
+
+
+def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
+    """The image file names of a split of a folder dataset, sorted, after checking that every image has a
+    label of the same stem and size (and the reverse) and that every label holds only classes and void."""
+    sub = _FOLDER_SPLITS[split]
+    image_dir, label_dir = root / "images" / sub, root / "labels" / sub
+    images, labels = _listing(image_dir, "image"), _listing(label_dir, "label")
+    for stem, path in labels.items():
+        if path.suffix.lower() != ".png":
+            raise DataError(f"label {path} is not a PNG: save it as a PNG (lossy formats change class values)")
+        if stem not in images:
+            raise DataError(f"label {path} has no image of the same stem in {image_dir}: add the image or remove "
+                            f"the label")
+    for stem, path in images.items():
+        if stem not in labels:
+            raise DataError(f"image {path} has no label {label_dir / stem}.png: add the label, or move the image "
+                            f"to {root / UNLABELLED_DIR}/ (images without masks)")
+    eval_size = info.eval_size if split == "test" else None
+    key = (str(label_dir.resolve()), label_dir.stat().st_mtime_ns, image_dir.stat().st_mtime_ns,
+           info.label_table.tobytes(), eval_size)
+    if key not in _checked_folders:
+        for stem in tqdm(sorted(images), desc=f"checking {label_dir}", disable=len(images) < 500, leave=False):
+            width, height = _image_size(images[stem])
+            label = read_label(info, labels[stem])
+            if label.shape != (height, width):
+                raise DataError(f"label {labels[stem]} is {label.shape[1]}x{label.shape[0]} but its image "
+                                f"{images[stem].name} is {width}x{height} (WxH): a label has its image's size")
+            if eval_size and (height > eval_size[0] or width > eval_size[1]):
+                raise DataError(f"image {images[stem]} is {width}x{height} (WxH), larger than the eval_size "
+                                f"{eval_size[1]}x{eval_size[0]} of {root / 'dataset.json'}: raise eval_size "
+                                f"(or drop it: the default is the largest val image)")
+        _checked_folders.add(key)
+    return sorted(path.name for path in images.values())
+
+
+def list_unlabelled(info: DatasetInfo, root: str | Path) -> list[str]:
+    """Ids of the images without masks (a folder dataset's unlabelled/), which join the unlabelled pool."""
+    folder = Path(root) / UNLABELLED_DIR
+    if info.layout != FOLDER or not folder.is_dir():
+        return []
+    files = sorted(_listing(folder, "image").values())
+    for path in files:
+        _image_size(path)
+    return [f"{UNLABELLED_DIR}/{path.name}" for path in files]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,12 +449,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The untransformed pair: image float [3, H, W] in [0, 1], label long [H, W] with IGNORE_INDEX."""
         image_id = self.ids[index]
-        path = label_path(self.info, self.root, image_id, self.split, self.partial, self.partial_seed)
         image = read_image(self.info, image_path(self.info, self.root, image_id, self.split))
-        label = read_label(self.info, path)
-        if image.shape[:2] != label.shape:
-            raise DataError(f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
-                            f"{image.shape[1]}x{image.shape[0]} (WxH): re-run the preprocessing ({self.info.setup_hint})")
+        if has_no_mask(self.info, image_id):  # every pixel ignore: such a label only feeds the monitors
+            label = np.full(image.shape[:2], VOID, np.uint8)
+        else:
+            path = label_path(self.info, self.root, image_id, self.split, self.partial, self.partial_seed)
+            label = read_label(self.info, path)
+            if image.shape[:2] != label.shape:
+                raise DataError(f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
+                                f"{image.shape[1]}x{image.shape[0]} (WxH): re-run the preprocessing "
+                                f"({self.info.setup_hint})")
         label = torch.from_numpy(label).long()
         label[label == VOID] = IGNORE_INDEX
         return torch.from_numpy(image).permute(2, 0, 1).float().div_(255), label

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from build_data import DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids
+from build_data import (DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids,
+                        list_unlabelled)
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all
 from evaluation import evaluate
 from figures import draw_figure, plot_curves
@@ -199,6 +200,8 @@ def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
     else:
         labelled, unlabelled = get_split(info, root, args.num_labels, args.seed)
     semi = MODES[args.train_mode][0]
+    if semi:  # images with no masks at all (a folder dataset's unlabelled/) join the unlabelled pool
+        unlabelled = [*unlabelled, *list_unlabelled(info, root)]
     # On CUDA, 8 workers feed a 10 + 10 semi step at 321^2 (bench/dataloader.py: 4 workers 107, 8 workers
     # 210 crops/s on a 16-core H100 machine, against about 110 needed); on a CPU they would steal its cores.
     workers = args.num_workers

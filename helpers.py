@@ -24,6 +24,10 @@ class UserError(Exception):
     """A problem the user can fix (a flag, a file, a folder); the message names it and the fix."""
 
 
+class DataError(UserError):
+    """A problem with the user's data or data flags; the message names the file or flag and the fix."""
+
+
 # The OS's file errors are user errors too: a missing input, an output path that is a file, no permission.
 _FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 

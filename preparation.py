@@ -4,6 +4,7 @@ resizing, each written into a staged folder and renamed into place."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -12,13 +13,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from build_data import VOID, DataError, present_classes, read_label_values
+from build_data import FOLDER, UNLABELLED_DIR, VOID, DataError, dataset_info, present_classes, read_label_values
+from dataset_card import CLASSES_FILE, OVERRIDES_FILE
 from helpers import replace_dir, staged_dir
 
 # Partial-label settings in the order the reference draws them: the first pass over all files
 # draws p25, p5, p1 per file; a second pass draws p0 (one pixel per class).
 PARTIAL_FRACTIONS = {"p25": 0.25, "p5": 0.05, "p1": 0.01}
 PARTIAL_SEEDS = (0, 1, 2)
+# Where a folder dataset's partial labels go, beside its full ones: DIR/labels/train_{p0,p1,p5,p25}_{seed}/.
+FOLDER_PARTIAL_FORMAT = "train_{partial}_{seed}"
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -186,33 +190,64 @@ _DEMO_MARKER = "DEMO_DATASET"  # file that marks a folder as a generated demo da
 
 
 def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 240, num_val: int = 48,
-                      size: int = 96, partial_seeds: Sequence[int] = PARTIAL_SEEDS) -> Path:
-    """Generate the synthetic demo dataset in the Pascal layout under `root` (deterministic in `seed`):
-    JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, train_aug.txt, val.txt and the partial labels
-    SegmentationClassAug_{p0,p1,p5,p25}_{s}. Written aside and renamed into place; returns root."""
+                      size: int = 96, partial_seeds: Sequence[int] = PARTIAL_SEEDS, layout: str = "pascal",
+                      num_unlabelled: int = 0) -> Path:
+    """Generate the synthetic demo dataset under `root` (deterministic in `seed`), written aside and renamed
+    into place; returns root. Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, train_aug.txt,
+    val.txt and the partial labels SegmentationClassAug_{p0,p1,p5,p25}_{s}. Folder layout (--dataset folder):
+    images/{train,val}/{id}.jpg, labels/{train,val}/{id}.png, classes.txt, dataset.json (the demo's settings),
+    `num_unlabelled` images without masks in unlabelled/, and the partial labels labels/train_{p0,..}_{s}/."""
     root = Path(root)
-    if num_train < 1 or num_val < 1 or size < 16:
-        raise DataError(f"the demo dataset needs --num_train >= 1, --num_val >= 1 and --size >= 16 (got "
-                        f"{num_train}, {num_val}, {size})")
+    if num_train < 1 or num_val < 1 or size < 16 or num_unlabelled < 0:
+        raise DataError(f"the demo dataset needs --num_train >= 1, --num_val >= 1, --size >= 16 and "
+                        f"--num_unlabelled >= 0 (got {num_train}, {num_val}, {size}, {num_unlabelled})")
+    if layout not in ("pascal", FOLDER) or (layout == "pascal" and num_unlabelled):
+        raise DataError(f"--layout {layout} with --num_unlabelled {num_unlabelled}: the layout is pascal or "
+                        f"{FOLDER}, and only the {FOLDER} layout has a place for images without masks")
     if root.exists() and any(root.iterdir()) and not (root / _DEMO_MARKER).exists():
         raise DataError(f"{root} exists and is not a demo dataset made by this project; pass another "
                         f"root folder or delete this one")
+    pascal = layout == "pascal"
     with staged_dir(root.parent, root.name) as tmp:
-        (tmp / "JPEGImages").mkdir()
-        (tmp / "SegmentationClassAug").mkdir()
         ids = {"train_aug": [f"train_{i:05d}" for i in range(num_train)],
-               "val": [f"val_{i:05d}" for i in range(num_val)]}
+               "val": [f"val_{i:05d}" for i in range(num_val)],
+               "unlabelled": [f"unlabelled_{i:05d}" for i in range(num_unlabelled)]}
         for split_code, (split, split_ids) in enumerate(ids.items()):
+            sub = split.removesuffix("_aug")
+            image_dir = tmp / ("JPEGImages" if pascal else UNLABELLED_DIR if sub == "unlabelled" else f"images/{sub}")
+            label_dir = tmp / ("SegmentationClassAug" if pascal else f"labels/{sub}")
             for i, sample_id in enumerate(split_ids):
                 image, label = _demo_sample(np.random.default_rng([seed, split_code, i]), size)
-                Image.fromarray(image).save(tmp / "JPEGImages" / f"{sample_id}.jpg", quality=95)
-                write_png(tmp / "SegmentationClassAug" / f"{sample_id}.png", label)
-            (tmp / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
-        label_files = sorted((tmp / "SegmentationClassAug").glob("*.png"))
-        write_partial_labels(label_files, tmp, "SegmentationClassAug_{partial}_{seed}", partial_seeds)
+                image_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(image_dir / f"{sample_id}.jpg", quality=95)
+                if sub != "unlabelled":
+                    label_dir.mkdir(parents=True, exist_ok=True)
+                    write_png(label_dir / f"{sample_id}.png", label)
+            if pascal and split_ids:
+                (tmp / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
+        if pascal:
+            label_files = sorted((tmp / "SegmentationClassAug").glob("*.png"))
+            write_partial_labels(label_files, tmp, "SegmentationClassAug_{partial}_{seed}", partial_seeds)
+        else:
+            _write_demo_card(tmp)
+            label_files = sorted((tmp / "labels" / "train").glob("*.png"))
+            write_partial_labels(label_files, tmp / "labels", FOLDER_PARTIAL_FORMAT, partial_seeds)
         (tmp / _DEMO_MARKER).write_text(f"seed={seed} num_train={num_train} num_val={num_val} size={size}\n")
         replace_dir(tmp, root)
     return root
+
+
+def _write_demo_card(root: Path) -> None:
+    """classes.txt (names and colours) and dataset.json (sizes and training defaults) of the demo's table entry."""
+    demo = dataset_info("demo")
+    lines = [f"{name} {' '.join(map(str, demo.palette[c]))}" for c, name in enumerate(demo.class_names)]
+    (root / CLASSES_FILE).write_text("\n".join(lines) + "\n")
+    settings = {"crop_size": list(demo.crop_size), "eval_size": list(demo.eval_size),
+                "scale_range": list(demo.scale_range), "batch_size": demo.batch_size, "min_classes": demo.min_classes,
+                "epochs": demo.epochs, "iters_per_epoch": demo.iters_per_epoch, "resnet_depth": demo.resnet_depth,
+                "pretrained": demo.pretrained}
+    entries = ",\n".join(f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in settings.items())
+    (root / OVERRIDES_FILE).write_text("{\n" + entries + "\n}\n")
 
 
 # --- preprocessing helpers (dataset/*_preprocess.py) ---

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from build_data import DataError, DatasetInfo, data_root, label_path, list_ids, present_classes, read_label
+from build_data import FOLDER, DataError, DatasetInfo, data_root, label_path, list_ids, present_classes, read_label
 from helpers import atomic_save
 
 ClassSets = Mapping[str, Collection[int]] | Callable[[str], Collection[int]]
@@ -22,17 +22,20 @@ def _budget_error(num_labels: int, got: int, why: str) -> DataError:
 
 
 def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, seed: int, num_classes: int,
-                    min_classes: int) -> tuple[list[str], list[str]]:
+                    min_classes: int, retire_missing: bool = False) -> tuple[list[str], list[str]]:
     """The reference's class-balanced greedy split (Pascal, Cityscapes): returns (labelled ids in selection
     order, the other ids in list order). `class_sets` maps an id to its classes (void excluded); it is
-    called lazily and may be called again for the same id."""
+    called lazily and may be called again for the same id. With retire_missing (own data, where a class may be
+    rare or absent), least-seen classes that no remaining image holds stop counting instead of ending the
+    split; the picks are the reference's until that point."""
     classes_of = class_sets if callable(class_sets) else class_sets.__getitem__
     if not 0 <= num_labels <= len(ids):
         raise _budget_error(num_labels, 0, f"the training list has {len(ids)} images")
     work = list(ids)
     random.Random(seed).shuffle(work)  # the only random draw, as random.seed(seed); random.shuffle(...)
     counter = [0] * num_classes
-    least_seen = set(range(num_classes))
+    active = set(range(num_classes))  # the classes that count in the balance
+    least_seen = set(active)
     labelled: list[str] = []
     rejected: list[str] = []
     failed: set[str] = set()  # ids rejected since the last accept
@@ -52,11 +55,15 @@ def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, 
             # Acceptance depends only on the counters, so once every remaining id failed since the last
             # accept, no id can ever pass: the reference would loop forever here.
             if len(failed) == len(work) + len(rejected):
-                need = f" including one of the least-seen classes {sorted(least_seen)}" if labelled else ""
-                raise _budget_error(num_labels, len(labelled),
-                                    f"no remaining image has >= {min_classes} classes{need}")
-        fewest = min(counter)
-        least_seen = {c for c in range(num_classes) if counter[c] == fewest}
+                held = set().union(*(classes_of(i) for i in work + rejected if len(classes_of(i)) >= min_classes))
+                if not (retire_missing and held and labelled):
+                    need = f" including one of the least-seen classes {sorted(least_seen)}" if labelled else ""
+                    raise _budget_error(num_labels, len(labelled),
+                                        f"no remaining image has >= {min_classes} classes{need}")
+                active &= held
+                failed.clear()
+        fewest = min(counter[c] for c in active)
+        least_seen = {c for c in active if counter[c] == fewest}
     chosen = set(labelled)
     return labelled, [i for i in ids if i not in chosen]
 
@@ -115,7 +122,8 @@ def get_split(info: DatasetInfo, root: str | os.PathLike | None, num_labels: int
 
     if info.min_classes == 0:
         return select_labelled_sun(ids, classes_of, num_labels, seed, info.num_classes)
-    return select_labelled(ids, classes_of, num_labels, seed, info.num_classes, info.min_classes)
+    return select_labelled(ids, classes_of, num_labels, seed, info.num_classes, info.min_classes,
+                           retire_missing=info.layout == FOLDER)
 
 
 def write_split_dir(path: str | os.PathLike, labelled: Sequence[str], unlabelled: Sequence[str]) -> None:

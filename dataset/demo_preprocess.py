@@ -1,6 +1,8 @@
-"""Generate the synthetic demo dataset (Pascal layout, 5 classes, partial labels for seeds 0-2).
+"""Generate the synthetic demo dataset (Pascal layout, 5 classes, partial labels for seeds 0-2), or the same
+data as a dataset described by its folder (--layout folder: train with --dataset folder --data_root DIR).
 
     python dataset/demo_preprocess.py [--root dataset/demo] [--seed 0]
+    python dataset/demo_preprocess.py --layout folder --root demo_folder
 """
 
 import argparse
@@ -23,10 +25,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_train", type=int, default=240)
     parser.add_argument("--num_val", type=int, default=48)
     parser.add_argument("--size", type=int, default=96, help="image side in pixels")
+    parser.add_argument("--layout", default="pascal", choices=("pascal", build_data.FOLDER),
+                        help="pascal (--dataset demo) or folder (--dataset folder --data_root ROOT)")
+    parser.add_argument("--num_unlabelled", type=int, default=None,
+                        help="images without masks in ROOT/unlabelled/ (folder layout only; default 48)")
     args = parser.parse_args(argv)
+    folder = args.layout == build_data.FOLDER
+    num_unlabelled = (48 if folder else 0) if args.num_unlabelled is None else args.num_unlabelled
     root = preparation.make_demo_dataset(args.root, seed=args.seed, num_train=args.num_train,
-                                        num_val=args.num_val, size=args.size)
-    print(f"demo dataset written to {root} ({args.num_train} train, {args.num_val} val images)")
+                                        num_val=args.num_val, size=args.size, layout=args.layout,
+                                        num_unlabelled=num_unlabelled)
+    print(f"demo dataset written to {root} ({args.num_train} train, {args.num_val} val"
+          f"{f', {num_unlabelled} unlabelled' if folder else ''} images, {args.layout} layout)")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def model_from_state_dict(state_dict: dict[str, torch.Tensor], source: str = "th
                              f"drop the flag or pass the right checkpoint")
     if num_classes is not None and found["num_classes"] != num_classes:
         raise UserError(f"{source} predicts {found['num_classes']} classes but the dataset has {num_classes}; "
-                         f"pass a checkpoint trained on this --dataset")
+                         f"pass a checkpoint trained on this --dataset (for --dataset folder: on the classes "
+                         f"of its classes.txt)")
     model = build_model(found["backbone"], found["num_classes"], found["output_dim"], found["resnet_depth"])
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,324 @@
+"""A dataset described by its folder (--dataset folder --data_root DIR): the card, the checks before training,
+images of any mode, images without masks, the sampler with few classes, and every script on 2 and 7 classes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import build_data
+import engine
+import evaluate
+import network
+import preparation
+import visual
+from build_data import DataError
+from dataset_card import read_card
+from helpers import run_cli
+from module_list import IGNORE_INDEX
+from splits import get_split, select_labelled
+
+SIZES = [(37, 41), (45, 33), (40, 40), (33, 51)]  # (H, W): odd and mixed
+MODES = [("RGB", ".jpg"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"), ("I;16", ".png"), ("RGB", ".jpeg")]
+# The card's training settings keep every run tiny (and show that dataset.json sets the defaults).
+TINY_CARD = {"crop_size": 33, "batch_size": 2, "epochs": 1, "iters_per_epoch": 2, "resnet_depth": 18,
+             "pretrained": "none"}
+RECO = ["--num_queries", "16", "--num_negatives", "32", "--output_dim", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads contend and run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_image(path: Path, mode: str, height: int, width: int, rng: np.random.Generator) -> None:
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(path)
+    elif mode == "P":
+        Image.fromarray(rgb).quantize(16).save(path)
+    else:
+        Image.fromarray(rgb).convert(mode).save(path)
+
+
+def write_label(path: Path, label: np.ndarray, palette: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(label, "L")
+    if palette:  # a palette PNG: the stored index is the class
+        image = image.convert("P")
+        image.putpalette([v for c in range(256) for v in ((37 * c) % 256, (91 * c) % 256, (17 * c) % 256)])
+    image.save(path)
+
+
+def make_folder(root: Path, num_classes: int, train: int = 6, val: int = 2, unlabelled: int = 0,
+                colours: bool = False, card: dict | None = None, void: int = 255) -> Path:
+    """A tiny folder dataset: images of mixed sizes and modes, palette and grayscale labels holding two or
+    three classes and a void row, optional images without masks, classes.txt and dataset.json."""
+    rng = np.random.default_rng(num_classes)
+    for split, count in (("train", train), ("val", val)):
+        for i in range(count):
+            height, width = SIZES[i % len(SIZES)]
+            mode, suffix = MODES[i % len(MODES)]
+            write_image(root / "images" / split / f"{split}_{i}{suffix}", mode, height, width, rng)
+            label = np.full((height, width), i % num_classes, np.uint8)
+            label[height // 3:, width // 2:] = (i + 1) % num_classes
+            if i % 3 == 0:
+                label[height // 2:, : width // 3] = (i + 2) % num_classes
+            label[0] = void
+            write_label(root / "labels" / split / f"{split}_{i}.png", label, palette=i % 2 == 1)
+    for i in range(unlabelled):
+        write_image(root / "unlabelled" / f"extra_{i}.png", "RGB", 35, 39, rng)
+    lines = [f"class {c}" + (f" {c * 30} {255 - c * 30} 7" if colours else "") for c in range(num_classes)]
+    (root / "classes.txt").write_text("\n".join(lines) + "\n")
+    (root / "dataset.json").write_text(json.dumps(TINY_CARD if card is None else card))
+    return root
+
+
+def cli_error(capsys, main, argv) -> str:
+    """The one error line of a command that must refuse its input (exit 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def train_argv(root: Path, tmp_path: Path, *extra) -> list[str]:
+    return ["--dataset", "folder", "--data_root", str(root), "--weights_dir", str(tmp_path / "w"),
+            "--log_dir", str(tmp_path / "log"), *extra]
+
+
+# --- the card ---
+
+
+def test_card_names_colours_overrides_and_defaults(tmp_path):
+    root = make_folder(tmp_path / "d", 3, val=3, card={"void": 200, "scale_range": [0.8, 1.2], "eval_size": [50, 60]})
+    (root / "classes.txt").write_text("back ground 0 0 0\nroad sign 10 20 30\ncar 255 0 5\n\n")
+    info = build_data.dataset_info("folder", root)
+    assert info.class_names == ("back ground", "road sign", "car") and info.num_classes == 3
+    assert info.palette[:3].tolist() == [[0, 0, 0], [10, 20, 30], [255, 0, 5]]
+    assert info.eval_size == (50, 60) and info.scale_range == (0.8, 1.2) and info.min_classes == 2
+    assert info.label_table[[0, 2, 200, 255]].tolist() == [0, 2, build_data.VOID, 254]  # 255 is not void here
+    assert (info.crop_size, info.batch_size, info.resnet_depth) == ((321, 321), 10, 101)  # the silent defaults
+    (root / "dataset.json").unlink()
+    info = build_data.dataset_info("folder", root)
+    assert info.eval_size == (45, 41)  # the largest val image (H, W) when dataset.json is silent
+    assert info.palette[:3].tolist() == [[0, 0, 0], [10, 20, 30], [255, 0, 5]]
+    assert read_card(root).min_classes == 2 and read_card(root).void == 255
+    (root / "classes.txt").write_text("grade 1\ngrade 2 5\nsky 0 0\n")  # fewer than three numbers: a name
+    assert read_card(root).class_names == ("grade 1", "grade 2 5", "sky 0 0") and read_card(root).colours is None
+
+
+def test_two_classes_default_to_voc_colours_and_min_classes_two(tmp_path):
+    info = build_data.dataset_info("folder", make_folder(tmp_path / "d", 2))
+    assert info.palette[:2].tolist() == build_data.dataset_info("pascal").palette[:2].tolist()
+    assert info.min_classes == 2 and info.num_classes == 2
+
+
+# --- one line for every bad input, before any training ---
+
+
+def _drop(path):
+    path.unlink()
+
+
+BAD_DATA = {
+    "image without label": (lambda r: _drop(r / "labels/train/train_2.png"), "train_2.png has no label"),
+    "label without image": (lambda r: _drop(r / "images/val/val_1.png"), "val_1.png has no image"),
+    "label size": (lambda r: write_label(r / "labels/train/train_1.png", np.zeros((5, 6), np.uint8), False),
+                   "is 6x5 but its image train_1.png is 33x45"),
+    "label values": (lambda r: write_label(r / "labels/train/train_3.png", np.full((33, 51), 9, np.uint8), True),
+                     "holds values [9] that are neither a class"),
+    "empty folder": (lambda r: [_drop(p) for p in (r / "images/val").iterdir()], "images/val holds no image files"),
+    "no folder": (lambda r: (r / "labels/val").rename(r / "labels/validation"), "labels/val not found"),
+    "jpeg label": (lambda r: Image.open(r / "labels/train/train_0.png").convert("L").save(r / "labels/train/x.jpg"),
+                   "x.jpg is not a PNG"),
+    "duplicate stem": (lambda r: (r / "images/train/train_0.png").write_bytes(
+        (r / "images/train/train_1.png").read_bytes()), "share the stem 'train_0'"),
+    "corrupt image": (lambda r: (r / "images/train/train_1.png").write_bytes(b"not a png"),
+                      "cannot read image"),
+    "duplicate class": (lambda r: (r / "classes.txt").write_text("a\nb\na\n"), "'a' is on lines 1 and 3"),
+    "empty class line": (lambda r: (r / "classes.txt").write_text("a\n\nc\n"), "line 2 is empty"),
+    "colour without name": (lambda r: (r / "classes.txt").write_text("a 1 2 3\n4 5 6\n"),
+                            "has a colour but no class name"),
+    "bad colour": (lambda r: (r / "classes.txt").write_text("a 1 2 3\nb 1 2 300\n"), "is out of range"),
+    "some colours": (lambda r: (r / "classes.txt").write_text("a 1 2 3\nb\n"), "on every line or on none"),
+    "one class": (lambda r: (r / "classes.txt").write_text("a\n"), "at least two"),
+    "no classes.txt": (lambda r: _drop(r / "classes.txt"), "classes.txt not found"),
+    "unknown key": (lambda r: (r / "dataset.json").write_text('{"crop": 3}'), "unknown key(s) crop"),
+    "bad json": (lambda r: (r / "dataset.json").write_text('{"crop_size": '), "is not valid JSON"),
+    "bad size": (lambda r: (r / "dataset.json").write_text('{"crop_size": [3, -1]}'), "'crop_size' must be"),
+    "void is a class": (lambda r: (r / "dataset.json").write_text('{"void": 1}'), "'void' 1 must lie in 3..255"),
+    "min_classes": (lambda r: (r / "dataset.json").write_text('{"min_classes": 4}'), "more than the 3 classes"),
+    "eval_size too small": (lambda r: (r / "dataset.json").write_text('{"eval_size": 40}'),
+                            "larger than the eval_size 40x40"),
+    "no mask image broken": (lambda r: (r / "unlabelled").mkdir(), "unlabelled holds no image files"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_input_is_one_line_before_training(case, tmp_path, capsys):
+    root = make_folder(tmp_path / "d", 3, train=4)
+    spoil, expected = BAD_DATA[case]
+    spoil(root)
+    err = cli_error(capsys, lambda a: engine.train(engine.get_args_parser("semi").parse_args(a)),
+                    train_argv(root, tmp_path, "--num_labels", "2"))
+    assert expected in err
+    assert not (tmp_path / "log").exists()  # refused before any training output
+
+
+def test_folder_without_data_root_says_so(capsys):
+    with pytest.raises(DataError, match="--dataset folder needs --data_root DIR"):
+        build_data.dataset_info("folder", None)
+    err = cli_error(capsys, evaluate.main, ["--dataset", "folder", "--checkpoint", "x.pth"])
+    assert "needs --data_root" in err
+
+
+# --- reading: any image mode, images without masks ---
+
+
+def test_every_image_mode_reads_as_rgb_and_16_bit_is_scaled(tmp_path):
+    root = make_folder(tmp_path / "d", 3, train=6)
+    info = build_data.dataset_info("folder", root)
+    ids = build_data.list_ids(info, root, "train")
+    assert ids == sorted(p.name for p in (root / "images/train").iterdir())
+    for i in ids:
+        image = build_data.read_image(info, build_data.image_path(info, root, i, "train"))
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    wide = build_data.read_image(info, root / "images/train/train_4.png")  # I;16: v * 257 -> v
+    raw = np.asarray(Image.open(root / "images/train/train_4.png"))
+    assert raw.dtype == np.uint16 and np.array_equal(wide[..., 1], raw // 257) and wide.max() > 200
+    # palette and grayscale labels read as their stored indices
+    label = build_data.read_label(info, build_data.label_path(info, root, "train_1.png", "train"))
+    assert set(np.unique(label)) == {1, 2, build_data.VOID}
+
+
+def test_images_without_masks_yield_all_ignore_and_join_the_semi_pool(tmp_path, capsys):
+    root = make_folder(tmp_path / "d", 3, train=4, unlabelled=3)
+    info = build_data.dataset_info("folder", root)
+    extra = build_data.list_unlabelled(info, root)
+    assert extra == [f"unlabelled/extra_{i}.png" for i in range(3)]
+    dataset = build_data.SegmentationDataset(info, root, extra, "train", crop_size=(33, 33))
+    image, label = dataset[0]
+    assert image.shape == (3, 33, 33) and bool((label == IGNORE_INDEX).all())
+    assert build_data.list_unlabelled(build_data.dataset_info("demo"), root) == []  # folder datasets only
+    args = engine.resolve_args(engine.get_args_parser("semi").parse_args(train_argv(root, tmp_path, "--num_labels", "2")))
+    d = engine.init_distributed(args)
+    (labelled, unlabelled), _, _ = engine.build_loaders(args, info, d)
+    assert len(labelled) == 2 and unlabelled[-3:] == extra and len(unlabelled) == 2 + 3
+    args.train_mode = "sup"
+    (_, unlabelled), _, _ = engine.build_loaders(args, info, d)
+    assert not set(extra) & set(unlabelled)  # a supervised run has no unlabelled branch
+
+
+# --- the class-balanced sampler with the dataset's classes ---
+
+
+@pytest.mark.parametrize("num_classes", [2, 7])
+def test_sampler_balances_the_cards_classes_and_ends_with_a_message(num_classes, tmp_path):
+    root = make_folder(tmp_path / "d", num_classes, train=8)
+    info = build_data.dataset_info("folder", root)
+    labelled, unlabelled = get_split(info, root, 8, seed=0)
+    assert sorted(labelled) == build_data.list_ids(info, root, "train") and unlabelled == []
+    # with only one class an image cannot count towards min_classes 2: the budget cannot be met
+    for i in range(0, 8, 2):
+        write_label(root / f"labels/train/train_{i}.png", np.zeros(SIZES[i % 4], np.uint8), False)
+    build_data._checked_folders.clear()
+    with pytest.raises(DataError, match="cannot pick 5 labelled images: no remaining image has >= 2 classes"):
+        get_split(info, root, 5, seed=0)
+    assert len(get_split(info, root, 4, seed=0)[0]) == 4
+
+
+def test_rare_classes_retire_instead_of_ending_the_split():
+    # class 6 occurs once, class 5 never: after those, the reference's rule would wait forever for them
+    sets = {f"i{k}": {k % 3, 3 + k % 2} for k in range(12)} | {"rare": {0, 6}}
+    ids = sorted(sets)
+    with pytest.raises(DataError, match="least-seen classes"):
+        select_labelled(ids, sets, 10, 0, num_classes=7, min_classes=2)
+    labelled, rest = select_labelled(ids, sets, 10, 0, num_classes=7, min_classes=2, retire_missing=True)
+    assert len(labelled) == 10 and "rare" in labelled and len(set(labelled)) == 10 and len(rest) == 3
+    with pytest.raises(DataError, match="cannot pick 14"):
+        select_labelled(ids, sets, 14, 0, num_classes=7, min_classes=2, retire_missing=True)
+    # up to the first retirement, the picks are the reference's
+    assert select_labelled(ids, sets, 3, 0, 7, 2, retire_missing=True) == select_labelled(ids, sets, 3, 0, 7, 2)
+
+
+# --- every script, evaluate.py and visual.py on 2 and 7 classes ---
+
+
+def test_two_classes_semi_reco_then_evaluate_and_visual(tmp_path, capsys):
+    root = make_folder(tmp_path / "d", 2, train=6, val=2, unlabelled=2)
+    engine.main("semi", train_argv(root, tmp_path, "--num_labels", "3", "--apply_aug", "classmix", "--apply_reco",
+                                   "--no_visual", *RECO))
+    name = "folder_label3_semi_classmix_reco_0"
+    assert "EPOCH    1" in capsys.readouterr().out
+    weights = tmp_path / "w" / f"{name}.pth"
+    model = network.build_model("deeplabv3p", 2, output_dim=16, resnet_depth=18)  # dataset.json: ResNet-18
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    result = evaluate.main(["--dataset", "folder", "--data_root", str(root), "--checkpoint", str(weights),
+                            "--json", str(tmp_path / "e.json"), "--device", "cpu"])
+    report = capsys.readouterr().out
+    assert "class 0" in report and "class 1" in report and len(result["iou_per_class"]) == 2
+    assert len(json.loads((tmp_path / "e.json").read_text())["iou_per_class"]) == 2
+    [figure] = visual.main(["--dataset", "folder", "--data_root", str(root), "--checkpoints", str(weights),
+                            "--out", str(tmp_path / "v.png")])
+    assert figure.stat().st_size > 1000
+    # a checkpoint of another class count is refused with one line
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    err = cli_error(capsys, evaluate.main, ["--dataset", "folder", "--data_root", str(root),
+                                            "--checkpoint", str(weights)])
+    assert "predicts 2 classes but the dataset has 3" in err and "classes.txt" in err
+
+
+def test_seven_classes_sup_with_a_split_dir_and_amp(tmp_path, capsys, run_script):
+    root = make_folder(tmp_path / "d", 7, train=8, val=2, colours=True)
+    code, out, err = run_script("make_splits.py", "--dataset", "folder", "--root", root, "--num_labels", "4",
+                                "--out", tmp_path / "split")
+    assert code == 0, err
+    engine.main("sup", train_argv(root, tmp_path, "--split_dir", str(tmp_path / "split"), "--amp", "bf16",
+                                  "--apply_reco", *RECO))
+    run = tmp_path / "log/folder_label4_sup_reco_0"
+    assert (run / "split/labelled.txt").read_text() == (tmp_path / "split/labelled.txt").read_text()
+    assert (run / "visual.png").stat().st_size > 1000  # the figure uses the card's colours
+    assert np.isfinite(np.load(tmp_path / "log/folder_label4_sup_reco_0.npy")).all()
+
+
+@pytest.mark.parametrize("mode, num_classes", [("sup_partial", 2), ("semi_partial", 7)])
+def test_partial_scripts_after_folder_preprocess(mode, num_classes, tmp_path, capsys, run_script):
+    root = make_folder(tmp_path / "d", num_classes, train=4, unlabelled=1, card=TINY_CARD | {"void": 250}, void=250)
+    full = np.asarray(Image.open(root / "labels/train/train_0.png"))
+    assert cli_error(capsys, lambda a: engine.main(mode, a), train_argv(root, tmp_path, "--partial", "p1"))
+    code, out, err = run_script("folder_preprocess.py", "--root", root, "--seeds", "0", "--workers", "1")
+    assert code == 0, err
+    partial = np.asarray(Image.open(root / "labels/train_p0_0/train_0.png"))
+    classes = np.unique(full[full != 250])
+    assert np.array_equal(np.unique(partial), [*classes, 250])  # one pixel per class, the rest the card's void
+    assert (partial != 250).sum() == len(classes)
+    engine.main(mode, train_argv(root, tmp_path, "--partial", "p0", "--apply_reco", "--no_visual", *RECO))
+    assert "EPOCH    1" in capsys.readouterr().out
+
+
+def test_demo_in_the_folder_layout_holds_the_demo_data(tmp_path, run_script):
+    code, out, err = run_script("demo_preprocess.py", "--layout", "folder", "--root", tmp_path / "f", "--num_train",
+                                "3", "--num_val", "2", "--num_unlabelled", "2", "--size", "24")
+    assert code == 0, err
+    pascal = preparation.make_demo_dataset(tmp_path / "p", num_train=3, num_val=2, size=24, partial_seeds=(0,))
+    for sub, folder in (("train", "train"), ("val", "val")):
+        for label in (tmp_path / "f/labels" / folder).iterdir():
+            assert label.read_bytes() == (pascal / "SegmentationClassAug" / label.name).read_bytes()
+    assert (tmp_path / "f/labels/train_p1_0/train_00000.png").read_bytes() == \
+        (pascal / "SegmentationClassAug_p1_0/train_00000.png").read_bytes()
+    info = build_data.dataset_info("folder", tmp_path / "f")
+    demo = build_data.dataset_info("demo")
+    assert info.class_names == demo.class_names and np.array_equal(info.palette[:5], demo.palette[:5])
+    assert (info.crop_size, info.eval_size, info.epochs, info.resnet_depth) == ((65, 65), (97, 97), 8, 18)
+    assert len(build_data.list_unlabelled(info, tmp_path / "f")) == 2
