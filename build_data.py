@@ -367,7 +367,7 @@ def _image_size(path: Path) -> tuple[int, int]:
                         f"remove it") from None
 
 
-_checked_folders: set[tuple] = set()  # (label folder, modification times, label table, eval size) checked
+_checked_folders: set[tuple] = set()  # (files and their modification times, label table, eval size) checked
 
 
 def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
@@ -387,7 +387,7 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
             raise DataError(f"image {path} has no label {label_dir / stem}.png: add the label, or move the image "
                             f"to {root / UNLABELLED_DIR}/ (images without masks)")
     eval_size = info.eval_size if split == "test" else None
-    key = (str(label_dir.resolve()), label_dir.stat().st_mtime_ns, image_dir.stat().st_mtime_ns,
+    key = (tuple((str(p.resolve()), p.stat().st_mtime_ns) for p in [*images.values(), *labels.values()]),
            info.label_table.tobytes(), eval_size)
     if key not in _checked_folders:
         for stem in tqdm(sorted(images), desc=f"checking {label_dir}", disable=len(images) < 500, leave=False):

@@ -232,7 +232,6 @@ def test_sampler_balances_the_cards_classes_and_ends_with_a_message(num_classes,
     # with only one class an image cannot count towards min_classes 2: the budget cannot be met
     for i in range(0, 8, 2):
         write_label(root / f"labels/train/train_{i}.png", np.zeros(SIZES[i % 4], np.uint8), False)
-    build_data._checked_folders.clear()
     with pytest.raises(DataError, match="cannot pick 5 labelled images: no remaining image has >= 2 classes"):
         get_split(info, root, 5, seed=0)
     assert len(get_split(info, root, 4, seed=0)[0]) == 4
