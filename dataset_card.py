@@ -26,7 +26,7 @@ class DatasetCard:
     eval_size: tuple[int, int] | None = None  # None: the largest validation image, so no image is cut
     scale_range: tuple[float, float] = (0.5, 1.5)
     batch_size: int = 10
-    min_classes: int = 2  # classes a labelled image must hold to be picked (at most the class count)
+    min_classes: int = 2  # classes a labelled image must hold to be picked by the split sampler
     epochs: int = 200
     iters_per_epoch: int = 200
     resnet_depth: int = 101
@@ -135,7 +135,7 @@ def read_card(root: Path) -> DatasetCard:
     if not len(names) <= void <= 255:
         raise DataError(f"{path}: 'void' {void} must lie in {len(names)}..255 (the label values 0.."
                         f"{len(names) - 1} are the classes of classes.txt)")
-    min_classes = overrides.setdefault("min_classes", min(DatasetCard.min_classes, len(names)))
+    min_classes = overrides.get("min_classes", DatasetCard.min_classes)
     if min_classes > len(names):
         raise DataError(f"{path}: 'min_classes' {min_classes} is more than the {len(names)} classes of "
                         f"classes.txt; lower it")
