@@ -182,8 +182,11 @@ def _folder_info(root: str | Path | None) -> DatasetInfo:
         name=FOLDER, layout=FOLDER, class_names=card.class_names, palette=_palette(card.colours or _voc_colours(n), 255),
         label_table=_label_table({**{c: c for c in range(n)}, card.void: VOID}, _INVALID), crop_size=card.crop_size,
         eval_size=eval_size, scale_range=card.scale_range, batch_size=card.batch_size, min_classes=card.min_classes,
-        partial_labels=True, setup_hint=f"the layout of {root} is described in the {HELP}", epochs=card.epochs,
-        iters_per_epoch=card.iters_per_epoch, resnet_depth=card.resnet_depth, pretrained=card.pretrained)
+        partial_labels=True,
+        setup_hint=f"the {HELP} describes the layout of {root}; partial labels come from "
+                   f"`python dataset/folder_preprocess.py --root {root}`",
+        epochs=card.epochs, iters_per_epoch=card.iters_per_epoch, resnet_depth=card.resnet_depth,
+        pretrained=card.pretrained)
 
 
 # ---------------------------------------------------------------------------------------------

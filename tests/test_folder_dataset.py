@@ -140,6 +140,7 @@ BAD_DATA = {
                      "holds values [9] that are neither a class"),
     "empty folder": (lambda r: [_drop(p) for p in (r / "images/val").iterdir()], "images/val holds no image files"),
     "no folder": (lambda r: (r / "labels/val").rename(r / "labels/validation"), "labels/val not found"),
+    "colour label": (lambda r: Image.new("RGB", (41, 37)).save(r / "labels/train/train_0.png"), "is a RGB image"),
     "jpeg label": (lambda r: Image.open(r / "labels/train/train_0.png").convert("L").save(r / "labels/train/x.jpg"),
                    "x.jpg is not a PNG"),
     "duplicate stem": (lambda r: (r / "images/train/train_0.png").write_bytes(
@@ -295,7 +296,8 @@ def test_seven_classes_sup_with_a_split_dir_and_amp(tmp_path, capsys, run_script
 def test_partial_scripts_after_folder_preprocess(mode, num_classes, tmp_path, capsys, run_script):
     root = make_folder(tmp_path / "d", num_classes, train=4, unlabelled=1, card=TINY_CARD | {"void": 250}, void=250)
     full = np.asarray(Image.open(root / "labels/train/train_0.png"))
-    assert cli_error(capsys, lambda a: engine.main(mode, a), train_argv(root, tmp_path, "--partial", "p1"))
+    err = cli_error(capsys, lambda a: engine.main(mode, a), train_argv(root, tmp_path, "--partial", "p1"))
+    assert f"partial labels come from `python dataset/folder_preprocess.py --root {root}`" in err
     code, out, err = run_script("folder_preprocess.py", "--root", root, "--seeds", "0", "--workers", "1")
     assert code == 0, err
     partial = np.asarray(Image.open(root / "labels/train_p0_0/train_0.png"))
