@@ -179,7 +179,8 @@ def _folder_info(root: str | Path | None) -> DatasetInfo:
     eval_size = card.eval_size or tuple(max(sizes) for sizes in zip(*(
         _image_size(path)[::-1] for path in _listing(root / "images" / "val", "image").values())))
     return DatasetInfo(
-        name=FOLDER, layout=FOLDER, class_names=card.class_names, palette=_palette(card.colours or _voc_colours(n), 255),
+        name=FOLDER, layout=FOLDER, class_names=card.class_names,
+        palette=_palette(card.colours or _voc_colours(n), 255),
         label_table=_label_table({**{c: c for c in range(n)}, card.void: VOID}, _INVALID), crop_size=card.crop_size,
         eval_size=eval_size, scale_range=card.scale_range, batch_size=card.batch_size, min_classes=card.min_classes,
         partial_labels=True,

@@ -23,7 +23,8 @@ from network import BACKBONES, RESNET_DEPTHS, check_window, load_model
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint: per-class IoU, mIoU and pixel accuracy.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", required=True, help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
+    p.add_argument("--dataset", required=True,
+                   help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
     p.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
     p.add_argument("--checkpoint", required=True, help="a .pth state_dict (ours, the reference's, or our last.pth)")
     p.add_argument("--backbone", default=None, choices=BACKBONES, help="default: read from the checkpoint")

@@ -35,7 +35,8 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     ref.add_argument("--gpu", type=int, default=0, help="CUDA device index (single-process runs)")
     ref.add_argument("--lr", type=float, default=2.5e-3)
     ref.add_argument("--weight_decay", type=float, default=5e-4)
-    ref.add_argument("--dataset", default=default_dataset, help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
+    ref.add_argument("--dataset", default=default_dataset,
+                     help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
     ref.add_argument("--backbone", default="deeplabv3p", choices=BACKBONES)
     ref.add_argument("--seed", type=int, default=0, help="fixes the labelled split (and the partial-label set)")
     ref.add_argument("--output_dim", type=int, default=256, help="ReCo representation size")

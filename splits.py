@@ -55,9 +55,12 @@ def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, 
             # Acceptance depends only on the counters, so once every remaining id failed since the last
             # accept, no id can ever pass: the reference would loop forever here.
             if len(failed) == len(work) + len(rejected):
-                held = set().union(*(classes_of(i) for i in work + rejected if len(classes_of(i)) >= min_classes))
-                if not (retire_missing and held and labelled):
-                    need = f" including one of the least-seen classes {sorted(least_seen)}" if labelled else ""
+                held = set()  # the classes of the images that could still be picked
+                if retire_missing and labelled:
+                    held = set().union(*(classes_of(i) for i in work + rejected if len(classes_of(i)) >= min_classes))
+                if not held:
+                    need = (f" including one of the least-seen classes {sorted(least_seen)}"
+                            if labelled and not retire_missing else "")
                     raise _budget_error(num_labels, len(labelled),
                                         f"no remaining image has >= {min_classes} classes{need}")
                 active &= held

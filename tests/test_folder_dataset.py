@@ -212,7 +212,8 @@ def test_images_without_masks_yield_all_ignore_and_join_the_semi_pool(tmp_path, 
     image, label = dataset[0]
     assert image.shape == (3, 33, 33) and bool((label == IGNORE_INDEX).all())
     assert build_data.list_unlabelled(build_data.dataset_info("demo"), root) == []  # folder datasets only
-    args = engine.resolve_args(engine.get_args_parser("semi").parse_args(train_argv(root, tmp_path, "--num_labels", "2")))
+    argv = train_argv(root, tmp_path, "--num_labels", "2")
+    args = engine.resolve_args(engine.get_args_parser("semi").parse_args(argv))
     d = engine.init_distributed(args)
     (labelled, unlabelled), _, _ = engine.build_loaders(args, info, d)
     assert len(labelled) == 2 and unlabelled[-3:] == extra and len(unlabelled) == 2 + 3
