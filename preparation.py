@@ -215,13 +215,15 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
         for split_code, (split, split_ids) in enumerate(ids.items()):
             sub = split.removesuffix("_aug")
             image_dir = tmp / ("JPEGImages" if pascal else UNLABELLED_DIR if sub == "unlabelled" else f"images/{sub}")
-            label_dir = tmp / ("SegmentationClassAug" if pascal else f"labels/{sub}")
+            label_dir = None if sub == "unlabelled" else tmp / ("SegmentationClassAug" if pascal else f"labels/{sub}")
+            if split_ids:  # no empty folder: an empty unlabelled/ is an error for --dataset folder
+                image_dir.mkdir(parents=True, exist_ok=True)
+            if split_ids and label_dir:
+                label_dir.mkdir(parents=True, exist_ok=True)
             for i, sample_id in enumerate(split_ids):
                 image, label = _demo_sample(np.random.default_rng([seed, split_code, i]), size)
-                image_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(image_dir / f"{sample_id}.jpg", quality=95)
-                if sub != "unlabelled":
-                    label_dir.mkdir(parents=True, exist_ok=True)
+                if label_dir:
                     write_png(label_dir / f"{sample_id}.png", label)
             if pascal and split_ids:
                 (tmp / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
