@@ -381,8 +381,9 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
     image_dir, label_dir = root / "images" / sub, root / "labels" / sub
     images, labels = _listing(image_dir, "image"), _listing(label_dir, "label")
     for stem, path in labels.items():
-        if path.suffix.lower() != ".png":
-            raise DataError(f"label {path} is not a PNG: save it as a PNG (lossy formats change class values)")
+        if path.suffix != ".png":  # label_path asks for <stem>.png
+            raise DataError(f"label {path} is not a .png file: save it as {path.stem}.png (PNG keeps class values "
+                            f"exact)")
         if stem not in images:
             raise DataError(f"label {path} has no image of the same stem in {image_dir}: add the image or remove "
                             f"the label")

@@ -142,7 +142,9 @@ BAD_DATA = {
     "no folder": (lambda r: (r / "labels/val").rename(r / "labels/validation"), "labels/val not found"),
     "colour label": (lambda r: Image.new("RGB", (41, 37)).save(r / "labels/train/train_0.png"), "is a RGB image"),
     "jpeg label": (lambda r: Image.open(r / "labels/train/train_0.png").convert("L").save(r / "labels/train/x.jpg"),
-                   "x.jpg is not a PNG"),
+                   "x.jpg is not a .png file"),
+    "upper-case suffix": (lambda r: (r / "labels/val/val_0.png").rename(r / "labels/val/val_0.PNG"),
+                          "val_0.PNG is not a .png file: save it as val_0.png"),
     "duplicate stem": (lambda r: (r / "images/train/train_0.png").write_bytes(
         (r / "images/train/train_1.png").read_bytes()), "share the stem 'train_0'"),
     "corrupt image": (lambda r: (r / "images/train/train_1.png").write_bytes(b"not a png"),
@@ -262,6 +264,7 @@ def test_two_classes_semi_reco_then_evaluate_and_visual(tmp_path, capsys):
                                    "--no_visual", *RECO))
     name = "folder_label3_semi_classmix_reco_0"
     assert "EPOCH    1" in capsys.readouterr().out
+    assert np.load(tmp_path / "log" / f"{name}.npy")[0, 2] > 0  # the ReCo loss worked with two classes
     weights = tmp_path / "w" / f"{name}.pth"
     model = network.build_model("deeplabv3p", 2, output_dim=16, resnet_depth=18)  # dataset.json: ResNet-18
     model.load_state_dict(torch.load(weights, weights_only=True))
