@@ -193,3 +193,28 @@ def test_padded_sizes_and_batches():
     assert predict.padded_size(1, 17) == (1, 17) and predict.padded_size(18, 16) == (33, 17)
     sizes = {0: (40, 57), 1: (33, 33), 2: (45, 60), 3: (49, 65), 4: (20, 20)}
     assert predict.size_batches(sizes, 2) == [[0, 2], [3], [1, 4]]  # 20 px pads to 33 too
+
+
+@pytest.mark.skipif(not hasattr(build_data, "FOLDER"), reason="needs --dataset folder (the own-data branch)")
+def test_a_folder_dataset_gives_its_classes_and_colours_through_the_run_folder(inputs, tmp_path, capsys):
+    data = tmp_path / "mydata"
+    data.mkdir()
+    (data / "classes.txt").write_text("sky 10 20 30\nsea 200 100 0\n")
+    (data / "dataset.json").write_text(json.dumps({"eval_size": 33}))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"args": {"dataset": "folder", "data_root": str(data)}}))
+    torch.manual_seed(0)
+    model = network.build_model("deeplabv3p", 2, output_dim=16, resnet_depth=18).eval()
+    with torch.no_grad():
+        model.classifier[3].weight.mul_(20)
+    torch.save({"model": model.state_dict()}, run_dir / "last.pth")
+    out = tmp_path / "masks"
+    code, _, err = run(["--checkpoint", run_dir / "last.pth", "--input", inputs / "c.png", "--output", out], capsys)
+    assert code == 0, err
+    mask = Image.open(out / "c.png")
+    assert mask.getpalette()[:6] == [10, 20, 30, 200, 100, 0]
+    np.testing.assert_array_equal(np.asarray(mask), expected_mask(model, inputs / "c.png"))
+    code, _, err = run(["--checkpoint", run_dir / "last.pth", "--input", inputs / "c.png", "--output", out,
+                        "--dataset", "demo"], capsys)
+    assert code == 2 and "predicts 2 classes but the dataset has 5" in err
