@@ -35,6 +35,8 @@ from transforms import normalise, pad_to
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 STRIDE = 16  # the networks' coarsest feature stride (DeepLabv3+'s ASPP; DeepLabv2's 8 divides it)
 OVERLAY_SUFFIX = "_overlay"
+GLOB_CHARS = "*?["
+LISTED_SKIPS = 20  # skipped files the final error line names (each is reported when it is met)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -89,7 +91,7 @@ def list_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[Path]]:
             folders.append(path)
         elif path.exists():
             found = [path]
-        elif glob.has_magic(pattern):
+        elif any(char in pattern for char in GLOB_CHARS):
             found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if _is_image_name(Path(p)))
             if not found:
                 raise UserError(f"--input pattern {pattern!r} matches no image files ({', '.join(IMAGE_SUFFIXES)})")
@@ -111,6 +113,8 @@ def output_names(stem: str, overlay: bool) -> list[str]:
 
 def check_outputs(images: Sequence[Path], folders: Sequence[Path], output: Path, overlay: bool) -> None:
     """UserError if --output is (inside) an input folder or two inputs would write the same output file."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file: pass a folder (it is created if missing)")
     out = output.resolve()
     for folder in folders:
         folder = folder.resolve()
@@ -236,7 +240,6 @@ def save_png(array: np.ndarray, path: Path, palette: np.ndarray | None = None) -
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def predict_images(args: argparse.Namespace) -> dict:
     """Predict every --input image into --output; returns {written, skipped: [(path, reason)], seconds}."""
     if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
@@ -292,7 +295,9 @@ def predict_images(args: argparse.Namespace) -> dict:
           f"in {seconds:.1f} s ({written / seconds:.2f} images/s)")
     skipped_list = [(paths[i], skipped[i]) for i in sorted(skipped)]
     if skipped_list:
-        names = ", ".join(str(path) for path, _ in skipped_list)
+        names = ", ".join(str(path) for path, _ in skipped_list[:LISTED_SKIPS])
+        if len(skipped_list) > LISTED_SKIPS:
+            names += f" and {len(skipped_list) - LISTED_SKIPS} more"
         raise UserError(f"{len(skipped_list)} of {len(paths)} images could not be read and were skipped "
                         f"(reasons above): {names}")
     return {"written": written, "skipped": skipped_list, "seconds": seconds}

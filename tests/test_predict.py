@@ -178,7 +178,7 @@ def test_two_inputs_writing_one_file_are_refused_before_any_work(inputs, checkpo
     assert not out.exists()
 
 
-def test_missing_inputs_and_empty_globs_are_named(checkpoint, tmp_path, capsys):
+def test_missing_inputs_empty_globs_and_a_file_as_output_are_named(inputs, checkpoint, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     for source, expected in ((tmp_path / "nope.jpg", "does not exist"), (empty, "holds no images"),
@@ -186,6 +186,10 @@ def test_missing_inputs_and_empty_globs_are_named(checkpoint, tmp_path, capsys):
         code, _, err = run(["--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "o",
                             "--dataset", "demo"], capsys)
         assert code == 2 and expected in err and str(empty if source != tmp_path / "nope.jpg" else source) in err
+    (tmp_path / "a_file").write_text("")
+    code, _, err = run(["--checkpoint", checkpoint, "--input", inputs / "b.png", "--output", tmp_path / "a_file",
+                        "--dataset", "demo"], capsys)
+    assert code == 2 and f"--output {tmp_path / 'a_file'} is a file" in err
 
 
 def test_padded_sizes_and_batches():
