@@ -132,7 +132,7 @@ def check_outputs(images: Sequence[Path], folders: Sequence[Path], output: Path,
 
 
 def find_run_config(checkpoint: Path) -> tuple[Path, dict] | None:
-    """(folder, config) of the training run a checkpoint came from: beside it (a last.pth), or the run folder
+    """(config.json path, config) of the run a checkpoint came from: beside it (a last.pth), or in the run folder
     logging/<stem>/ from here or beside the checkpoint's folder (model_weights/ and logging/ are siblings)."""
     candidates = [checkpoint.parent, Path("logging") / checkpoint.stem,
                   checkpoint.parent.parent / "logging" / checkpoint.stem]
