@@ -42,8 +42,7 @@ LISTED_SKIPS = 20  # skipped files the final error line names (each is reported 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Predict a class-id mask for every input image: OUTPUT/<stem>.png, a palette PNG at the "
-                    "image's size (and OUTPUT/<stem>_overlay.png with --overlay).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "image's size (and OUTPUT/<stem>_overlay.png with --overlay).")
     p.add_argument("--checkpoint", required=True,
                    help="a .pth: our best weights (model_weights/), a run's last.pth, or the reference's published file")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
@@ -61,8 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="sliding-window inference with windows of H x W pixels (default: whole image)")
-    p.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision")
-    p.add_argument("--batch_size", type=int, default=4, help="images per forward pass (of equal padded size)")
+    p.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision (default: off)")
+    p.add_argument("--batch_size", type=int, default=4, help="images per forward pass (of one padded size; default: 4)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--num_workers", type=int, default=None,
                    help="image-decoding processes (default: 0 on CPU, up to 8 on CUDA)")
