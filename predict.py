@@ -213,7 +213,7 @@ def read_sizes(paths: Sequence[Path]) -> tuple[dict[int, tuple[int, int]], dict[
         try:
             with Image.open(path) as image:
                 sizes[index] = image.height, image.width
-        except (OSError, SyntaxError, ValueError) as error:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             errors[index] = f"cannot read image {path} ({error}); replace it or leave it out of --input"
     return sizes, errors
 
