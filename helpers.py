@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import shutil
 import sys
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+# A run folder's record of its resolved configuration ({"args": {...}, ...}), written by the engine.
+RUN_CONFIG = "config.json"
 
 # --amp: the autocast dtype of each mode (None: full precision)
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,6 +117,21 @@ def read_torch_file(path: str | os.PathLike, what: str, fix: str, map_location: 
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
         cause = next((line for line in lines if line.startswith("Unsupported")), lines[0])
         raise UserError(f"{what} {path} cannot be read ({type(error).__name__}: {cause}); {fix}") from None
+
+
+def read_run_config(folder: str | os.PathLike) -> dict | None:
+    """The run configuration `folder`/config.json as a dict, None if there is none; UserError if unreadable."""
+    path = Path(folder) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"run configuration {path} cannot be read ({error}); delete it or restore it") from None
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        raise UserError(f"run configuration {path} has no 'args' record; it was not written by this project's "
+                        f"training scripts: delete it or restore it")
+    return config
 
 
 def resolve_device(name: str | None) -> torch.device:
