@@ -159,9 +159,10 @@ def shipped_splits() -> list[str]:
     """Names of the shipped standard splits ('cityscapes/1_30', 'pascal/92', ...), grouped by dataset."""
     def order(name: str) -> tuple:  # per dataset: counts up, then fractions up, then other draws (u2pl_...)
         dataset, split = name.split("/")
-        last = int(split.rsplit("_", 1)[-1])  # 92 -> 92 labelled; 1_16 -> a sixteenth
-        fraction = "_" in split
-        return dataset, not split[0].isdigit(), fraction, -last if fraction else last
+        parts = split.split("_")
+        numbers = [int(p) for p in parts if p.isdigit()]
+        size = numbers[0] / max(numbers[1], 1) if len(numbers) == 2 else numbers[0] if numbers else 0
+        return dataset, "_".join(p for p in parts if not p.isdigit()), len(numbers), size, split
     return sorted((f"{p.parent.parent.name}/{p.parent.name}" for p in SHIPPED_SPLITS.glob("*/*/labelled.txt")),
                   key=order)
 
