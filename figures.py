@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from build_data import (SegmentationDataset, color_map, data_root, dataset_info, image_path, label_path,  # noqa: E402
                         list_ids, present_classes, read_image, read_label)
@@ -107,8 +109,9 @@ def covering_test_images(dataset: str, root: str | Path | None, count: int = 4) 
     """Test-list indices of `count` images whose labels together show the most classes (covering_choice)."""
     info = dataset_info(dataset, root)
     root = data_root(info, root)
-    class_sets = [present_classes(read_label(info, label_path(info, root, i, "test"))).tolist()
-                  for i in list_ids(info, root, "test")]
+    ids = tqdm(list_ids(info, root, "test"), desc="choosing the figure's images", leave=False,
+               disable=not sys.stderr.isatty())  # Pascal's 1,449 val labels: a few seconds
+    class_sets = [present_classes(read_label(info, label_path(info, root, i, "test"))).tolist() for i in ids]
     return covering_choice(class_sets, count)
 
 
