@@ -110,7 +110,7 @@ def covering_test_images(dataset: str, root: str | Path | None, count: int = 4) 
     info = dataset_info(dataset, root)
     root = data_root(info, root)
     ids = tqdm(list_ids(info, root, "test"), desc="choosing the figure's images", leave=False,
-               disable=not sys.stderr.isatty())  # Pascal's 1,449 val labels: a few seconds
+               disable=not sys.stderr.isatty())  # every val label is read once (Pascal: 1,449)
     class_sets = [present_classes(read_label(info, label_path(info, root, i, "test"))).tolist() for i in ids]
     return covering_choice(class_sets, count)
 
