@@ -22,14 +22,15 @@ from build_data import (DatasetInfo, SegmentationDataset, build_test_loader, bui
                         list_unlabelled)
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all
 from evaluation import evaluate
-from figures import draw_figure, plot_curves
+from figures import covering_test_images, draw_figure, plot_curves
 from helpers import UserError, atomic_save, autocast_for, read_torch_file, run_cli
 from module_list import (EMA, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
                          compute_unsupervised_loss, generate_unsup_data, label_onehot)
 from network import build_model, upsample
 from options import MODES, RESUME_KEYS, get_args_parser, metric_columns, resolve_args, run_folder
 from preparation import make_demo_dataset
-from splits import get_split, read_split_dir, write_split_dir
+from run_record import format_summary, run_config, summarise, write_json
+from splits import get_split, load_split, write_split_dir
 from transforms import batch_transform
 
 
@@ -196,7 +197,7 @@ def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
     if args.partial:
         labelled = unlabelled = list_ids(info, root, "train")  # a missing root: a DataError saying how to get it
     elif args.split_dir:
-        labelled, unlabelled = read_split_dir(args.split_dir)
+        labelled, unlabelled = load_split(info, root, args.split_dir)
     else:
         labelled, unlabelled = get_split(info, root, args.num_labels, args.seed)
     semi = MODES[args.train_mode][0]
@@ -308,6 +309,18 @@ class Outputs:
     def write_split(self, labelled: Sequence[str], unlabelled: Sequence[str]) -> None:
         write_split_dir(self.run_dir / "split", labelled, unlabelled)
 
+    def write_config(self, labelled: Sequence[str], unlabelled: Sequence[str], d: Dist) -> None:
+        """config.json: the resolved flags, split digest, versions, device and world size."""
+        write_json(self.run_dir / "config.json", run_config(self.args, labelled, unlabelled, d.device, d.world_size))
+
+    def write_summary(self, metrics: np.ndarray, wall_s: float) -> dict:
+        """summary.json of the finished run, also printed; returns it."""
+        figures = [f for f in (self.run_dir / "curves.png", self.run_dir / "visual.png") if f.is_file()]
+        summary = summarise(metrics, self.columns, wall_s, self.best_path, self.npy_path, self.run_dir, figures)
+        write_json(self.run_dir / "summary.json", summary)
+        print(format_summary(self.args.name, summary), flush=True)
+        return summary
+
     def write_epoch(self, epoch: int, lr: float, metrics: np.ndarray, model: nn.Module, is_best: bool) -> None:
         """Everything that changes after an epoch, each file replaced atomically."""
         if is_best:
@@ -327,14 +340,16 @@ class Outputs:
 
 
 def draw_run_figure(args: argparse.Namespace, out: Outputs) -> str:
-    """visual.py's figure of the best weights on the first test image, saved as the run folder's visual.png."""
-    return str(draw_figure(args.dataset, [out.best_path], [args.name], index=0, out=out.run_dir / "visual.png",
+    """visual.py's figure of the best weights on a few test images that cover the classes, as visual.png."""
+    index = covering_test_images(args.dataset, args.data_root, count=4)
+    return str(draw_figure(args.dataset, [out.best_path], [args.name], index=index, out=out.run_dir / "visual.png",
                            data_root=args.data_root, backbone=args.backbone, resnet_depth=args.resnet_depth,
                            device="cpu"))
 
 
 def train(args: argparse.Namespace) -> dict:
     """Train one run end to end; returns the best test mIoU and the output paths."""
+    started_at = time.perf_counter()
     d = init_distributed(args)
     args = resolve_args(args)
     info = dataset_info(args.dataset, args.data_root)
@@ -349,6 +364,7 @@ def train(args: argparse.Namespace) -> dict:
     out = Outputs(args, columns, start_epoch) if d.main else None
     if out:
         out.write_split(*split)
+        out.write_config(*split, d)
         print(f"{args.name}: {len(split[0])} labelled / {len(split[1])} unlabelled images, "
               f"{args.epochs} epochs x {args.iters_per_epoch} iterations, device {d.device}"
               f"{f' x {d.world_size} processes' if d.world_size > 1 else ''}"
@@ -378,6 +394,7 @@ def train(args: argparse.Namespace) -> dict:
         result |= {"weights": str(out.best_path), "run_dir": str(out.run_dir)}
         if not args.no_visual:
             result["figure"] = draw_run_figure(args, out)
+        result["summary"] = out.write_summary(metrics, time.perf_counter() - started_at)
     barrier()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

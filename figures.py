@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -12,8 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from build_data import SegmentationDataset, color_map, data_root, dataset_info, image_path, list_ids, read_image  # noqa: E402
+from build_data import (SegmentationDataset, color_map, data_root, dataset_info, image_path, label_path,  # noqa: E402
+                        list_ids, present_classes, read_image, read_label)
 from helpers import UserError, atomic_save, resolve_device  # noqa: E402
 from module_list import IGNORE_INDEX  # noqa: E402
 from network import load_model, predict  # noqa: E402
@@ -50,31 +53,38 @@ def segment(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, de
     return prediction.masked_fill(label == IGNORE_INDEX, IGNORE_INDEX)
 
 
-def draw_figure(dataset: str, checkpoints: Sequence[str | Path], titles: Sequence[str], index: int,
+def draw_figure(dataset: str, checkpoints: Sequence[str | Path], titles: Sequence[str], index: int | Sequence[int],
                 out: str | Path, data_root: str | Path | None = None, backbone: str | None = None,
                 resnet_depth: int | None = None, device: str | torch.device = "cpu") -> Path:
-    """Draw ground truth | one panel per checkpoint for test image `index` and save it as a PNG at `out`."""
+    """Draw ground truth | one panel per checkpoint for test image `index` (a row per image when several indices
+    are given) and save it as a PNG at `out`."""
     if len(titles) != len(checkpoints):
         raise UserError(f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each")
     info = dataset_info(dataset, data_root)
     device = resolve_device(str(device))
-    sample_id, photo, image, label = load_sample(dataset, data_root, index)
-    height, width = photo.shape[:2]  # panels are cropped back from the padded size to the image's own
-
-    panels = [blend(photo, label[:height, :width], info.palette)]
+    samples = [load_sample(dataset, data_root, i) for i in ([index] if isinstance(index, int) else index)]
+    # panels are cropped back from the padded size to the image's own
+    rows = [[blend(photo, label[:photo.shape[0], :photo.shape[1]], info.palette)] for _, photo, _, label in samples]
     for path in checkpoints:
         model = load_model(path, info.num_classes, backbone, resnet_depth)
-        prediction = segment(model, image, label, device)
-        panels.append(blend(photo, prediction[:height, :width], info.palette))
+        for row, (_, photo, image, label) in zip(rows, samples):
+            prediction = segment(model, image, label, device)
+            row.append(blend(photo, prediction[:photo.shape[0], :photo.shape[1]], info.palette))
         del model
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3 * height / width + 0.8))
-    for ax, panel, title in zip(np.atleast_1d(axes), panels, ["Ground Truth", *titles]):
-        ax.imshow(panel)
-        ax.set_title(title)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{dataset} {sample_id}")
+    height, width = samples[0][1].shape[:2]
+    fig, axes = plt.subplots(len(rows), len(rows[0]), squeeze=False,
+                             figsize=(3 * len(rows[0]), 3 * height / width * len(rows) + 0.8))
+    for r, (row, (sample_id, *_)) in enumerate(zip(rows, samples)):
+        for ax, panel, title in zip(axes[r], row, ["Ground Truth", *titles]):
+            ax.imshow(panel)
+            if r == 0:
+                ax.set_title(title)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if len(rows) > 1:
+            axes[r, 0].set_ylabel(sample_id)
+    fig.suptitle(f"{dataset} {samples[0][0]}" if len(rows) == 1 else f"{dataset}: {len(rows)} test images")
     fig.tight_layout()
     out = Path(out)
     atomic_save(lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"), out)
@@ -82,17 +92,51 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path], titles: Sequenc
     return out
 
 
+def covering_choice(class_sets: Sequence[Collection[int]], count: int) -> list[int]:
+    """Indices of up to `count` images that together show the most classes, chosen greedily: each pick adds the
+    most classes not shown yet, then has the most classes, then the lowest index (deterministic)."""
+    chosen: list[int] = []
+    shown: set[int] = set()
+    for _ in range(min(count, len(class_sets))):
+        pick = max((i for i in range(len(class_sets)) if i not in chosen),
+                   key=lambda i: (len(set(class_sets[i]) - shown), len(class_sets[i]), -i))
+        chosen.append(pick)
+        shown |= set(class_sets[pick])
+    return chosen
+
+
+def covering_test_images(dataset: str, root: str | Path | None, count: int = 4) -> list[int]:
+    """Test-list indices of `count` images whose labels together show the most classes (covering_choice)."""
+    info = dataset_info(dataset, root)
+    root = data_root(info, root)
+    ids = tqdm(list_ids(info, root, "test"), desc="choosing the figure's images", leave=False,
+               disable=not sys.stderr.isatty())  # every val label is read once (Pascal: 1,449)
+    class_sets = [present_classes(read_label(info, label_path(info, root, i, "test"))).tolist() for i in ids]
+    return covering_choice(class_sets, count)
+
+
+def curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(title, columns) of each curves.png panel: every loss on its own axis (their scales differ: ReCo about 5,
+    cross-entropy below 1), then the mIoUs, then the accuracies."""
+    losses = [(name, [name]) for name in columns if name.endswith("loss")]
+    return losses + [(kind, [name for name in columns if name.endswith(kind)]) for kind in ("miou", "acc")]
+
+
 def plot_curves(metrics: np.ndarray, columns: Sequence[str], title: str, out: str | Path) -> None:
-    """Losses, mIoUs and accuracies per epoch (metrics [epochs, columns]) in one PNG at `out`."""
+    """Losses, mIoUs and accuracies per epoch (metrics [epochs, columns]) in one PNG at `out` (curve_panels)."""
     epochs = np.arange(1, len(metrics) + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, kind in zip(axes, ("loss", "miou", "acc")):
-        for name, column in zip(columns, metrics.T):
-            if name.endswith(kind):
-                ax.plot(epochs, column, marker=".", label=name)
+    panels = curve_panels(columns)
+    ncols = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(2, ncols, figsize=(5 * ncols, 7), squeeze=False)
+    for ax, (kind, names) in zip(axes.flat, panels):
+        for name in names:
+            ax.plot(epochs, metrics[:, list(columns).index(name)], marker=".", label=name)
         ax.set(xlabel="epoch", title=kind)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if len(names) > 1:
+            ax.legend(fontsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     atomic_save(lambda tmp: fig.savefig(tmp, format="png", dpi=100), out)

@@ -10,7 +10,7 @@ from build_data import PARTIAL_SETTINGS, check_partial, dataset_info
 from helpers import AMP_DTYPES, UserError
 from module_list import MIX_MODES
 from network import BACKBONES, RESNET_DEPTHS
-from splits import read_split_dir
+from splits import read_split_dir, shipped_split_dir
 
 MODES = {
     # name: (semi-supervised, partial labels, the reference's default --dataset)
@@ -71,6 +71,8 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     new.add_argument("--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
     new.add_argument("--ema_buffers", action="store_true", help="the teacher also averages BN buffers")
     new.add_argument("--split_dir", default=None, help="use labelled.txt/unlabelled.txt from this folder")
+    new.add_argument("--split", default=None, metavar="NAME",
+                     help="a shipped standard split, e.g. pascal/92 or cityscapes/1_30 (dataset/splits/)")
     new.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                      help="continue from the run folder's last.pth (or the given file)")
     new.add_argument("--weights_dir", default="model_weights")
@@ -85,11 +87,15 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check the flags and fill unset ones from the dataset table; errors name the flag and the fix."""
     semi, partial, _ = MODES[args.train_mode]
     info = dataset_info(args.dataset, args.data_root)
+    if args.split:
+        if args.split_dir:
+            raise UserError(f"--split {args.split} and --split_dir {args.split_dir} both name a split: keep one")
+        args.split_dir = str(shipped_split_dir(args.split, args.dataset))
     if partial:
         args.num_labels = 0
         check_partial(info, args.partial)
         if args.split_dir:
-            raise UserError("--split_dir picks labelled images, but partial-label runs use every image; "
+            raise UserError("--split / --split_dir pick labelled images, but partial-label runs use every image; "
                             "drop the flag or use train_sup.py / train_semisup.py")
     else:
         args.partial = None

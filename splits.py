@@ -3,6 +3,7 @@ seed) and split folders (labelled.txt / unlabelled.txt)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from build_data import FOLDER, DataError, DatasetInfo, data_root, label_path, list_ids, present_classes, read_label
-from helpers import atomic_save
+from build_data import (FOLDER, REPO_ROOT, DataError, DatasetInfo, data_root, label_path, list_ids, present_classes,
+                        read_label)
+from helpers import UserError, atomic_save
 
 ClassSets = Mapping[str, Collection[int]] | Callable[[str], Collection[int]]
+SHIPPED_SPLITS = REPO_ROOT / "dataset" / "splits"  # the field's standard splits (dataset/splits/README.md)
 
 
 def _budget_error(num_labels: int, got: int, why: str) -> DataError:
@@ -129,11 +132,21 @@ def get_split(info: DatasetInfo, root: str | os.PathLike | None, num_labels: int
                            retire_missing=info.layout == FOLDER)
 
 
+def _split_text(split_ids: Sequence[str]) -> str:
+    return "".join(f"{i}\n" for i in split_ids)
+
+
 def write_split_dir(path: str | os.PathLike, labelled: Sequence[str], unlabelled: Sequence[str]) -> None:
     """Write path/labelled.txt and path/unlabelled.txt, one id per line."""
     for name, split_ids in (("labelled.txt", labelled), ("unlabelled.txt", unlabelled)):
-        text = "".join(f"{i}\n" for i in split_ids)
+        text = _split_text(split_ids)
         atomic_save(lambda tmp: tmp.write_text(text), Path(path) / name)
+
+
+def split_digest(labelled: Sequence[str], unlabelled: Sequence[str]) -> str:
+    """sha256 hex of labelled.txt + '\\n--\\n' + unlabelled.txt as write_split_dir writes them."""
+    text = _split_text(labelled) + "\n--\n" + _split_text(unlabelled)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -151,3 +164,72 @@ def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
                         f"dataset/make_splits.py")
     return lists[0], lists[1]
 
+
+
+def shipped_splits() -> list[str]:
+    """Names of the shipped standard splits ('cityscapes/1_30', 'pascal/92', ...), grouped by dataset."""
+    def order(name: str) -> tuple:  # per dataset: counts up, then fractions up, then other draws (u2pl_...)
+        dataset, split = name.split("/")
+        parts = split.split("_")
+        numbers = [int(p) for p in parts if p.isdigit()]
+        size = numbers[0] / max(numbers[1], 1) if len(numbers) == 2 else numbers[0] if numbers else 0
+        return dataset, "_".join(p for p in parts if not p.isdigit()), len(numbers), size, split
+    return sorted((f"{p.parent.parent.name}/{p.parent.name}" for p in SHIPPED_SPLITS.glob("*/*/labelled.txt")),
+                  key=order)
+
+
+def shipped_split_dir(name: str, dataset: str) -> Path:
+    """The folder of the shipped split `name` (--split) for `dataset`; UserError listing the shipped ones."""
+    available = shipped_splits()
+    if name not in available:
+        raise UserError(f"--split {name} is not a shipped split: choose one of {', '.join(available)} "
+                        f"(dataset/splits/README.md), or pass a folder with --split_dir DIR")
+    family = name.split("/")[0]
+    if family != dataset:
+        raise UserError(f"--split {name} is a split of {family}, not of --dataset {dataset}: "
+                        f"pass --dataset {family} or another --split")
+    return SHIPPED_SPLITS / name
+
+
+def name_record_path(root: str | os.PathLike, folder: str) -> Path:
+    """Cityscapes: the record dataset/cityscapes_preprocess.py writes of the original name of every numbered image
+    of images/<folder>/ (line i: the stem of i.png, e.g. jena/jena_000078_000019)."""
+    return Path(root) / "images" / f"names_{folder}.txt"
+
+
+def cityscapes_numbers(root: str | os.PathLike) -> dict[str, str]:
+    """Original Cityscapes train name (city/city_seq_frame) -> the preprocessed image number, from the record."""
+    record = name_record_path(root, "train")
+    if not record.is_file():
+        raise DataError(
+            f"{record} not found: this preprocessed Cityscapes copy does not record which original file each "
+            f"images/train/{{i}}.png is (the reference's download numbers them in unsorted file-system order), so "
+            f"a split naming original files (city/city_seq_frame) cannot be matched to it; re-run "
+            f"`python dataset/cityscapes_preprocess.py --root {root}` on the original leftImg8bit_trainvaltest/ and "
+            f"gtFine_trainvaltest/ folders, which writes the record")
+    return {name: str(i) for i, name in enumerate(record.read_text().split())}
+
+
+def load_split(info: DatasetInfo, root: str | os.PathLike | None, path: str | os.PathLike
+               ) -> tuple[list[str], list[str]]:
+    """(labelled, unlabelled) ids of a split folder, each checked against the training list; Cityscapes original
+    names are mapped to the preprocessed numbering through the name record."""
+    root = data_root(info, root)
+    labelled, unlabelled = read_split_dir(path)
+    if info.layout == "cityscapes" and not all(i.isdigit() for i in labelled + unlabelled):
+        numbers = cityscapes_numbers(root)
+        for name, ids in (("labelled.txt", labelled), ("unlabelled.txt", unlabelled)):
+            unknown = [i for i in ids if i not in numbers]
+            if unknown:
+                raise DataError(f"split file {Path(path) / name} names {len(unknown)} images that "
+                                f"{name_record_path(root, 'train')} does not list (first: {unknown[0]}): the split "
+                                f"is not of this Cityscapes train set; pass another --split / --split_dir")
+        labelled, unlabelled = [numbers[i] for i in labelled], [numbers[i] for i in unlabelled]
+    known = set(list_ids(info, root, "train"))
+    for name, ids in (("labelled.txt", labelled), ("unlabelled.txt", unlabelled)):
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise DataError(f"split file {Path(path) / name} lists {len(unknown)} ids that are not in the "
+                            f"{info.name} training list of {root} (first: {unknown[0]}): the split is of "
+                            f"another dataset or list; pass another --split / --split_dir, or another --data_root")
+    return labelled, unlabelled

@@ -6,6 +6,8 @@ Reads SRC/leftImg8bit_trainvaltest/leftImg8bit/{train,val}/<city>/*_leftImg8bit.
 SRC/gtFine_trainvaltest/gtFine/{train,val}/<city>/*_gtFine_labelIds.png; writes ROOT/images/{split}/{i}.png
 (RGB, bicubic) and ROOT/labels/{split}/{i}.png (label ids, nearest), numbering cities in sorted order and
 files sorted within a city, then ROOT/labels/train_{p0,p1,p5,p25}_{seed}/{i}.png (label ids; 0 = unlabelled).
+ROOT/images/names_{train,val}.txt record the original name of every number (line i: city/city_seq_frame of
+{i}.png), which maps the standard splits (dataset/splits/cityscapes, `--split cityscapes/1_30`) onto it.
 The input is never changed; the output is written aside and renamed into place, so a re-run replaces it.
 """
 
@@ -22,6 +24,7 @@ from PIL import Image  # noqa: E402
 import build_data  # noqa: E402
 import helpers  # noqa: E402
 import preparation  # noqa: E402
+import splits  # noqa: E402
 
 SIZE = (1024, 512)  # (W, H)
 IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
@@ -64,20 +67,23 @@ def main(argv: list[str] | None = None) -> None:
         if not folder.is_dir():
             raise build_data.DataError(f"{folder} not found: unpack leftImg8bit_trainvaltest.zip and "
                                        f"gtFine_trainvaltest.zip into {args.src} (or pass --src)")
-    splits = {split: list_pairs(image_root / split, label_root / split) for split in ("train", "val")}
+    split_pairs = {split: list_pairs(image_root / split, label_root / split) for split in ("train", "val")}
     with helpers.staged_dir(args.root, "cityscapes") as tmp:
         images, labels = [], []
-        for split, pairs in splits.items():
+        for split, pairs in split_pairs.items():
             (tmp / "images" / split).mkdir(parents=True)
             (tmp / "labels" / split).mkdir(parents=True)
             for i, (image, label) in enumerate(pairs):
                 images.append((image, tmp / "images" / split / f"{i}.png"))
                 labels.append((label, tmp / "labels" / split / f"{i}.png"))
+            # Inside images/, so the record and the numbering it describes are replaced in one rename.
+            names = "".join(f"{image.parent.name}/{image.name[:-len(IMAGE_SUFFIX)]}\n" for image, _ in pairs)
+            splits.name_record_path(tmp, split).write_text(names)
             print(f"{split}: {len(pairs)} images")
         preparation.resize_files(images, SIZE, Image.BICUBIC, "RGB", args.workers, "images")
         preparation.resize_files(labels, SIZE, Image.NEAREST, None, args.workers, "labels")
         if args.seeds:
-            train_labels = [tmp / "labels" / "train" / f"{i}.png" for i in range(len(splits["train"]))]
+            train_labels = [tmp / "labels" / "train" / f"{i}.png" for i in range(len(split_pairs["train"]))]
             preparation.write_partial_labels(train_labels, tmp / "labels", "train_{partial}_{seed}", args.seeds,
                                             void_values=void_label_ids(), fill=0, progress=True,
                                             workers=args.workers)

@@ -1,0 +1,116 @@
+"""What a run tells its user: config.json at the start, summary.json and a printed summary at the end, a
+visual.png over val images that cover the classes, and curves.png with a readable scale per loss."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import engine
+import figures
+import options
+import preparation
+import run_record
+
+TINY = ["--dataset", "demo", "--batch_size", "2", "--crop_size", "33", "33", "--iters_per_epoch", "1",
+        "--epochs", "1", "--num_labels", "4"]
+CONFIG_KEYS = {"args", "split_digest", "torch", "torchvision", "device", "world_size", "mode", "script"}
+SUMMARY_KEYS = {"best_miou", "best_epoch", "final_miou", "final_epoch", "epochs", "wall_s", "weights", "npy",
+                "run_dir", "figures"}
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """A demo dataset of 12 train and 6 val images (evaluation dominates a tiny run's time)."""
+    return preparation.make_demo_dataset(tmp_path_factory.mktemp("small") / "demo", num_train=12, num_val=6,
+                                         partial_seeds=())
+
+
+def test_a_run_records_its_config_and_ends_with_a_summary(small_demo, tmp_path, capsys):
+    demo_root = small_demo
+    argv = TINY + ["--data_root", str(demo_root), "--weights_dir", str(tmp_path / "w"), "--log_dir",
+                   str(tmp_path / "log")]
+    engine.main("sup", argv)
+    run_dir = tmp_path / "log" / "demo_label4_sup_0"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert set(config) == CONFIG_KEYS
+    expected = vars(options.resolve_args(options.get_args_parser("sup").parse_args(argv)))
+    assert set(config["args"]) == set(expected)  # every resolved flag
+    assert config["args"]["data_root"] == str(demo_root.resolve()) and config["args"]["crop_size"] == [33, 33]
+    assert {k: config["args"][k] for k in ("dataset", "num_labels", "partial", "seed", "apply_aug", "apply_reco",
+                                           "backbone", "resnet_depth", "output_dim", "name")} == {
+        "dataset": "demo", "num_labels": 4, "partial": None, "seed": 0, "apply_aug": "cutout", "apply_reco": False,
+        "backbone": "deeplabv3p", "resnet_depth": 18, "output_dim": 256, "name": "demo_label4_sup_0"}
+    split_text = (run_dir / "split/labelled.txt").read_text() + "\n--\n" + (run_dir / "split/unlabelled.txt").read_text()
+    assert config["split_digest"] == hashlib.sha256(split_text.encode()).hexdigest()
+    assert (config["torch"], config["torchvision"]) == (torch.__version__, torchvision.__version__)
+    assert (config["device"], config["world_size"], config["mode"], config["script"]) == ("cpu", 1, "sup",
+                                                                                          "train_sup.py")
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    miou = np.load(tmp_path / "log" / "demo_label4_sup_0.npy")[:, options.metric_columns(False).index("test_miou")]
+    assert (summary["best_miou"], summary["best_epoch"], summary["final_miou"], summary["final_epoch"],
+            summary["epochs"]) == (miou[0], 1, miou[0], 1, 1)
+    assert summary["weights"] == str((tmp_path / "w" / "demo_label4_sup_0.pth").resolve())
+    assert summary["npy"] == str((tmp_path / "log" / "demo_label4_sup_0.npy").resolve())
+    assert summary["run_dir"] == str(run_dir.resolve()) and 0 < summary["wall_s"] < 600
+    assert summary["figures"] == [str((run_dir / f).resolve()) for f in ("curves.png", "visual.png")]
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"demo_label4_sup_0 finished in \d+m \d\ds: best val mIoU {miou[0]:.4f} \(epoch 1\), "
+                        rf"final {miou[0]:.4f} \(epoch 1 of 1\)", out[-6]), out[-6]
+    assert out[-5:] == [f"  weights  {summary['weights']}  (epoch 1)", f"  log      {summary['npy']}",
+                        f"  run      {summary['run_dir']}/  (config.json, curves.png, last.pth, metrics.csv, split/, "
+                        f"summary.json, tensorboard/, visual.png)",
+                        *[f"  figure   {f}" for f in summary["figures"]]]
+    # visual.png: one row per chosen val image (4), ground truth | prediction
+    width, height = Image.open(run_dir / "visual.png").size
+    assert height > 1.5 * width
+
+
+def test_summary_points_at_the_saved_epoch():
+    columns = options.metric_columns(True)
+    metrics = np.zeros((4, len(columns)))
+    metrics[:, columns.index("test_miou")] = [0.2, 0.5, 0.5, 0.4]
+    metrics[:, columns.index("labelled_miou")] = [0.9, 0.1, 0.1, 0.1]
+    summary = run_record.summarise(metrics, columns, 61.24, *[Path("x")] * 3, [])
+    # the engine saves the weights on ties (>=): the last epoch reaching the best
+    assert (summary["best_miou"], summary["best_epoch"]) == (0.5, 3)
+    assert (summary["final_miou"], summary["final_epoch"], summary["epochs"], summary["wall_s"]) == (0.4, 4, 4, 61.2)
+
+
+def test_covering_choice_is_greedy_and_deterministic():
+    class_sets = [{0}, {0, 1}, {0, 1}, {2, 3}, {0, 4}, {0, 1, 2, 3}]
+    assert figures.covering_choice(class_sets, 3) == [5, 4, 1]  # 4 new classes, then 1 new, then the most classes
+    assert figures.covering_choice(class_sets, 2) == [5, 4]
+    assert figures.covering_choice([{0}, {0}], 4) == [0, 1]
+    assert figures.covering_choice([{0}, {1}, {0, 1}], 1) == [2]
+
+
+def test_covering_test_images_read_the_val_labels(small_demo):
+    ids = (small_demo / "val.txt").read_text().split()
+    class_sets = [set(np.unique(np.array(Image.open(small_demo / "SegmentationClassAug" / f"{i}.png"))).tolist())
+                  - {255} for i in ids]
+    chosen = figures.covering_test_images("demo", small_demo, count=4)
+    assert chosen == figures.covering_choice(class_sets, 4) and len(set(chosen)) == 4
+    assert set().union(*(class_sets[i] for i in chosen)) == set().union(*class_sets) == {0, 1, 2, 3, 4}
+
+
+def test_curves_give_each_loss_its_own_panel(tmp_path):
+    semi = options.metric_columns(True)
+    assert figures.curve_panels(semi) == [
+        ("sup_loss", ["sup_loss"]), ("unsup_loss", ["unsup_loss"]), ("reco_loss", ["reco_loss"]),
+        ("test_loss", ["test_loss"]), ("miou", ["labelled_miou", "unlabelled_miou", "test_miou"]),
+        ("acc", ["labelled_acc", "unlabelled_acc", "test_acc"])]
+    assert [title for title, _ in figures.curve_panels(options.metric_columns(False))] == [
+        "train_loss", "test_loss", "miou", "acc"]
+    metrics = np.random.default_rng(0).uniform(0, 1, (3, len(semi)))
+    metrics[:, semi.index("reco_loss")] += 5
+    figures.plot_curves(metrics, semi, "run", tmp_path / "curves.png")
+    assert Image.open(tmp_path / "curves.png").size == (1500, 700)  # 2 rows of 3 panels
