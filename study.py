@@ -206,18 +206,20 @@ def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
     result = {cell: "skipped (finished before)" for cell in cells if states[cell] == "done"}
     print(f"study {out}: {len(cells)} cells, {len(todo)} to run ({sum(s == 'interrupted' for s in states.values())} "
           f"to resume){f' on GPUs {args.gpus}' if args.gpus else ''}", flush=True)
-    with ThreadPoolExecutor(max_workers=len(args.gpus or [None])) as pool, \
-            tqdm(total=len(todo), desc="cells", unit="cell", disable=not sys.stderr.isatty()) as bar:
+    pool = ThreadPoolExecutor(max_workers=len(args.gpus or [None]))
+    try:
         futures = {pool.submit(run_cell, cell, cell.command(partial, extra, states[cell] == "interrupted"), gpus): cell
                    for cell in todo}
-        for future in as_completed(futures):
+        bar = tqdm(as_completed(futures), total=len(todo), desc="cells", unit="cell", disable=not sys.stderr.isatty())
+        for future in bar:
             cell = futures[future]
             code, done = future.result(), cell.state() == "done"
             resumed = "resumed, " if states[cell] == "interrupted" else ""
             result[cell] = f"{resumed}done" if code == 0 and done else \
                 f"FAILED (exit {code}): {last_error(cell.folder / 'cell.log')}"
-            bar.update()
             tqdm.write(f"{cell.method} {cell.budget} seed {cell.seed}: {result[cell]}")
+    finally:  # on Ctrl-C start no further cell (the running ones got the signal too)
+        pool.shutdown(cancel_futures=True)
     print(format_table(["method", "budget", "seed", "state", "folder"],
                        [[c.method, c.budget, str(c.seed), result[c], str(c.folder.relative_to(out))] for c in cells]))
     failed = [c for c in cells if result[c].startswith("FAILED")]
@@ -378,6 +380,13 @@ def summarise(runs: Sequence[RunLog]) -> dict[tuple[str, str], Stat]:
                       mean_std([r.test_miou[-1] for r in rs])) for key, rs in groups.items()}
 
 
+def flag_text(key: str, value) -> str:
+    """A configuration entry as it reads on a command line: --key, --key v or --key v1 v2."""
+    if value is True:
+        return f"--{key}"
+    return f"--{key} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
 def cell_text(mean: float, std: float, n: int) -> str:
     """'45.12 ± 1.03 (3)': mean ± std (n seeds) in percent."""
     return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} (1)"
@@ -404,8 +413,8 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
     lines = [f"# Study report: {', '.join(sorted({r.dataset for r in runs}))}", "",
              f"{len(runs)} finished runs from {', '.join(str(f) for f in folders)}."]
     if runs[0].config is not None:
-        shared = " ".join(f"--{k} {json.dumps(v)}" for k, v in sorted(runs[0].config.items()) if " " not in k
-                          and k != "world_size")
+        shared = " ".join(flag_text(k, v) for k, v in sorted(runs[0].config.items())
+                          if " " not in k and k != "world_size" and v not in (None, False))
         lines += ["", f"Shared by every run (world size {runs[0].config['world_size']}, "
                   f"split folder {'yes' if runs[0].config['split folder'] else 'no'}):", "", f"`{shared}`"]
     else:
@@ -415,13 +424,13 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
                   "| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
         for method in methods:
             row = [cell_text(*getattr(stats[(method, b)], field), len(stats[(method, b)].seeds))
-                   if (method, b) in stats else "" for b in budgets]
-            if any(row):
+                   if (method, b) in stats else "–" for b in budgets]
+            if any(r != "–" for r in row):
                 lines.append(f"| {method} | " + " | ".join(row) + " |")
         if field == "best":
             for method in [m for m in methods if any((m, b) in paper for b in budgets)]:
                 lines.append(f"| {method} (paper) | " + " | ".join(
-                    f"{paper[(method, b)]:.2f} (paper)" if (method, b) in paper else "" for b in budgets) + " |")
+                    f"{paper[(method, b)]:.2f} (paper)" if (method, b) in paper else "–" for b in budgets) + " |")
     lines += ["", "Best: the highest val mIoU over a run's epochs; final: its last epoch's. std: the sample "
               "standard deviation over seeds (n - 1); the number in brackets is the number of seeds."]
     if paper:

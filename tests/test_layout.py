@@ -56,6 +56,7 @@ def test_no_import_circles_and_none_hidden_in_functions():
     ("preparation", {"engine", "network", "options", "distributed"}),
     ("visual", {"engine", "options"}),
     ("evaluate", {"engine", "options"}),
+    ("study", {"engine", "options", "network"}),
     ("build_data", {"engine", "network", "splits", "preparation"}),
 ])
 def test_importing_a_module_does_not_import_what_it_must_not(module, forbidden):
