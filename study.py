@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,8 @@ class Cell:
     def run_dir(self) -> Path | None:
         """The run folder the training script made in the cell's --log_dir (None before it started)."""
         log_dir = self.folder / "log"
-        found = sorted(p for p in log_dir.iterdir() if p.is_dir()) if log_dir.is_dir() else []
+        found = sorted(p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if log_dir.is_dir() else []
         if len(found) > 1:
             raise UserError(f"{log_dir} holds several runs ({', '.join(p.name for p in found)}); a study cell "
                             "holds one: move the others away")
@@ -140,8 +141,9 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cel
     """Check the study's flags; returns (partial labels?, the cells in the order they run)."""
     partial = args.partial is not None
     if args.script and args.script not in SCRIPTS[partial]:
+        budget_flags = "--partial" if partial else "--num_labels, --splits or --split_dirs"
         raise UserError(f"--script {args.script} does not match the label budgets: use "
-                        f"{' or '.join(SCRIPTS[partial])} with {'--partial' if partial else '--num_labels/--split(_dir)s'}")
+                        f"{' or '.join(SCRIPTS[partial])} with {budget_flags}")
     for token in extra:
         if token.split("=")[0] in CELL_FLAGS:
             raise UserError(f"{token.split('=')[0]} is set by the study for each cell; drop it from the training "
@@ -447,8 +449,8 @@ def csv_text(stats: dict, paper: dict) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["source", "method", "budget", "n", "best_mean", "best_std", "final_mean", "final_std", "seeds"])
     for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]), budget_order(kv[0][1]))):
-        writer.writerow(["ours", method, budget, len(s.seeds), *[f"{v:.4f}" if v == v else "" for v in (*s.best, *s.final)],
-                         " ".join(map(str, s.seeds))])
+        numbers = [f"{v:.4f}" if v == v else "" for v in (*s.best, *s.final)]  # v != v: NaN, the std of one seed
+        writer.writerow(["ours", method, budget, len(s.seeds), *numbers, " ".join(map(str, s.seeds))])
     for (method, budget), value in paper.items():
         writer.writerow(["paper", method, budget, 1, f"{value:.2f}", "", "", "", ""])
     return buffer.getvalue()
@@ -496,8 +498,9 @@ def report(args: argparse.Namespace) -> None:
     atomic_save(lambda tmp: tmp.write_text(markdown(stats, paper, runs, left_out, folders)), out / "report.md")
     atomic_save(lambda tmp: tmp.write_text(csv_text(stats, paper)), out / "report.csv")
     plot(stats, paper, out / "report.png")
-    print(f"{len(runs)} runs ({len(stats)} method x budget cells{f', {len(left_out)} unfinished left out' if left_out else ''})"
-          f" -> {out / 'report.md'}, report.csv, report.png")
+    unfinished = f", {len(left_out)} unfinished left out" if left_out else ""
+    print(f"{len(runs)} runs ({len(stats)} method x budget cells{unfinished}) -> {out / 'report.md'}, report.csv, "
+          "report.png")
 
 
 # ---------------------------------------------------------------------------------------------
