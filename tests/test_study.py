@@ -37,7 +37,7 @@ def training_flags(root: Path) -> list[str]:
 
 def run_study(out: Path, root: Path, *more: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "study.py"), "run", "--out", str(out), *GRID, *more,
-                           *training_flags(root)], capture_output=True, text=True, timeout=600)
+                           *training_flags(root)], capture_output=True, text=True, timeout=1800)
 
 
 def table_state(stdout: str, method: str, budget: str, seed: int) -> str:
