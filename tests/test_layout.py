@@ -56,6 +56,7 @@ def test_no_import_circles_and_none_hidden_in_functions():
     ("preparation", {"engine", "network", "options", "distributed"}),
     ("visual", {"engine", "options"}),
     ("evaluate", {"engine", "options"}),
+    ("study", {"engine", "options", "network"}),
     ("build_data", {"engine", "network", "splits", "preparation"}),
     ("dataset_card", {"build_data", "engine", "network", "module_list", "options"}),
 ])

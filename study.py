@@ -1,0 +1,549 @@
+"""Studies: a grid of ordinary training runs (methods x label budgets x seeds) and its paper-style report.
+
+    python study.py run --out DIR --seeds 0 1 2 --num_labels 60 200 --methods sup classmix classmix+reco [-- flags]
+    python study.py report DIR [DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import queue
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from build_data import PARTIAL_SETTINGS  # noqa: E402
+from helpers import UserError, atomic_save, run_cli  # noqa: E402
+from module_list import MIX_MODES  # noqa: E402
+
+REPO = Path(__file__).resolve().parent
+# (supervised script, semi-supervised script) of each label kind: full labels on some images, or partial labels
+SCRIPTS = {False: ("train_sup.py", "train_semisup.py"), True: ("train_sup_partial.py", "train_semisup_partial.py")}
+METHOD_BASES = ("sup", *MIX_MODES)
+# Flags the study sets for each cell: they may not be among the extra training flags.
+CELL_FLAGS = ("--seed", "--num_labels", "--partial", "--split_dir", "--split", "--apply_aug", "--apply_reco",
+              "--log_dir", "--weights_dir", "--resume")
+# Run arguments that are the grid's axes (they differ between cells by design) ...
+GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "name", "train_mode"}
+# ... and those that say where or how a run was kept, not what was trained.
+NOT_COMPARED = {"data_root", "log_dir", "weights_dir", "resume", "log_interval", "no_visual", "num_workers", "gpu",
+                "device", "id", "mode", "port"}
+# The reference's run name (options.run_name), read back when a run folder has no config.json.
+RUN_NAME = re.compile(r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
+                      r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
+# The reference README's table of published checkpoints: val mIoU (%) of its best weights, one budget per dataset.
+PAPER = {"pascal": ("60", {"sup": 36.06, "classmix": 53.71, "classmix+reco": 57.12}),
+         "cityscapes": ("20", {"sup": 38.10, "classmix": 45.13, "classmix+reco": 50.14})}
+
+
+# ---------------------------------------------------------------------------------------------
+# study.py run: the grid's cells, their states and commands, one subprocess each
+# ---------------------------------------------------------------------------------------------
+
+def parse_method(method: str) -> tuple[str, bool]:
+    """'classmix+reco' -> ('classmix', True); a UserError naming --methods for anything else."""
+    base, plus, reco = method.partition("+")
+    if base not in METHOD_BASES or (plus and reco != "reco"):
+        raise UserError(f"--methods: unknown method {method!r}; use {', '.join(METHOD_BASES)}, each optionally "
+                        "with +reco (e.g. classmix+reco)")
+    return base, bool(plus)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its method, label budget (the table's column), seed and folder."""
+    method: str
+    budget: str
+    budget_flags: tuple[str, ...]
+    seed: int
+    folder: Path
+
+    def command(self, partial: bool, extra: Sequence[str], resume: bool) -> list[str]:
+        """The training script's command line of this cell (outputs inside the cell's folder)."""
+        base, reco = parse_method(self.method)
+        script = SCRIPTS[partial][0 if base == "sup" else 1]
+        return [sys.executable, str(REPO / script), *self.budget_flags, "--seed", str(self.seed),
+                *(["--apply_aug", base] if base != "sup" else []), *(["--apply_reco"] if reco else []),
+                "--log_dir", str(self.folder / "log"), "--weights_dir", str(self.folder / "weights"), *extra,
+                *(["--resume"] if resume else [])]
+
+    def run_dir(self) -> Path | None:
+        """The run folder the training script made in the cell's --log_dir (None before it started)."""
+        log_dir = self.folder / "log"
+        found = sorted(p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if log_dir.is_dir() else []
+        if len(found) > 1:
+            raise UserError(f"{log_dir} holds several runs ({', '.join(p.name for p in found)}); a study cell "
+                            "holds one: move the others away")
+        return found[0] if found else None
+
+    def state(self) -> str:
+        """'done' (finished), 'interrupted' (last.pth of an unfinished run: resume it) or 'new'."""
+        run_dir = self.run_dir()
+        if run_dir is None:
+            return "new"
+        if (run_dir / "summary.json").is_file() or epochs_filled(run_dir.parent / f"{run_dir.name}.npy")[1]:
+            return "done"
+        return "interrupted" if (run_dir / "last.pth").is_file() else "new"
+
+
+def epochs_filled(npy: Path) -> tuple[np.ndarray, bool]:
+    """(the .npy log's filled rows, whether every epoch is filled); rows are written zero and filled per epoch."""
+    if not npy.is_file():
+        return np.zeros((0, 0)), False
+    metrics = np.load(npy)
+    filled = int(np.flatnonzero(np.abs(metrics).sum(axis=1))[-1]) + 1 if metrics.any() else 0
+    return metrics[:filled], len(metrics) > 0 and filled == len(metrics)
+
+
+def budgets_of(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
+    """The grid's columns: (name, training flags) per label budget."""
+    if args.num_labels is not None:
+        budgets = [(str(n), ("--num_labels", str(n))) for n in args.num_labels]
+    elif args.partial is not None:
+        for p in args.partial:
+            if p not in PARTIAL_SETTINGS:
+                raise UserError(f"--partial {p}: choose among {', '.join(PARTIAL_SETTINGS)}")
+        budgets = [(p, ("--partial", p)) for p in args.partial]
+    elif args.splits is not None:
+        budgets = [(s, ("--split", s)) for s in args.splits]
+    else:
+        for d in args.split_dirs:
+            if not (Path(d) / "labelled.txt").is_file():
+                raise UserError(f"--split_dirs: {d} has no labelled.txt; pass folders written by "
+                                "dataset/make_splits.py (labelled.txt, unlabelled.txt)")
+        budgets = [(Path(d).resolve().name, ("--split_dir", str(Path(d).resolve()))) for d in args.split_dirs]
+    names = [name for name, _ in budgets]
+    if len(set(names)) < len(names):
+        raise UserError(f"the label budgets {names} repeat a name; pass each once (split folders need distinct names)")
+    return budgets
+
+
+def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cell]]:
+    """Check the study's flags; returns (partial labels?, the cells in the order they run)."""
+    partial = args.partial is not None
+    if args.script and args.script not in SCRIPTS[partial]:
+        budget_flags = "--partial" if partial else "--num_labels, --splits or --split_dirs"
+        raise UserError(f"--script {args.script} does not match the label budgets: use "
+                        f"{' or '.join(SCRIPTS[partial])} with {budget_flags}")
+    for token in extra:
+        if token.split("=")[0] in CELL_FLAGS:
+            raise UserError(f"{token.split('=')[0]} is set by the study for each cell; drop it from the training "
+                            "flags after --")
+    methods = list(dict.fromkeys(args.methods))
+    for m in methods:
+        parse_method(m)
+    budgets = budgets_of(args)
+    cells = [Cell(m, name, flags, seed, Path(args.out).resolve() / "cells" / m / name.replace("/", "_") / f"seed{seed}")
+             for seed in dict.fromkeys(args.seeds) for name, flags in budgets for m in methods]
+    return partial, cells
+
+
+def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
+    """Record the study's shared training flags in study.json; refuse to continue a study with other ones."""
+    path = out / "study.json"
+    ours = {"partial_labels": partial, "training_flags": list(extra)}
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != ours:
+            raise UserError(f"{path}: this study was run with {theirs}, now {ours}; finished cells would mix "
+                            "configurations: use the same flags, or another --out")
+    else:
+        atomic_save(lambda tmp: tmp.write_text(json.dumps(ours, indent=1) + "\n"), path)
+
+
+def run_cell(cell: Cell, command: list[str], gpus: queue.Queue) -> int:
+    """Run one cell's command with its output appended to cell.log, on a free GPU if any; returns its exit code."""
+    gpu = gpus.get()
+    try:
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+        cell.folder.mkdir(parents=True, exist_ok=True)
+        with open(cell.folder / "cell.log", "a") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+            log.flush()
+            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    finally:
+        gpus.put(gpu)
+
+
+def last_error(log: Path) -> str:
+    """The line of a failed cell's log that says why (its 'error:' line, else its last line)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "")
+
+
+def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    """study.py run: every cell not finished, one after another or one per GPU; a table of states at the end."""
+    partial, cells = plan(args, extra)
+    out = Path(args.out).resolve()
+    states = {cell: cell.state() for cell in cells}
+    todo = [cell for cell in cells if states[cell] != "done"]
+    if args.print_only:
+        for cell in todo:
+            print(shlex.join(cell.command(partial, extra, states[cell] == "interrupted")))
+        print(f"{len(todo)} of {len(cells)} cells to run ({len(cells) - len(todo)} finished)", file=sys.stderr)
+        return
+    check_study_file(out, partial, extra)
+    gpus: queue.Queue = queue.Queue()
+    for gpu in args.gpus or [None]:
+        gpus.put(gpu)
+    result = {cell: "skipped (finished before)" for cell in cells if states[cell] == "done"}
+    print(f"study {out}: {len(cells)} cells, {len(todo)} to run ({sum(s == 'interrupted' for s in states.values())} "
+          f"to resume){f' on GPUs {args.gpus}' if args.gpus else ''}", flush=True)
+    pool = ThreadPoolExecutor(max_workers=len(args.gpus or [None]))
+    try:
+        futures = {pool.submit(run_cell, cell, cell.command(partial, extra, states[cell] == "interrupted"), gpus): cell
+                   for cell in todo}
+        bar = tqdm(as_completed(futures), total=len(todo), desc="cells", unit="cell", disable=not sys.stderr.isatty())
+        for future in bar:
+            cell = futures[future]
+            code, done = future.result(), cell.state() == "done"
+            resumed = "resumed, " if states[cell] == "interrupted" else ""
+            result[cell] = f"{resumed}done" if code == 0 and done else \
+                f"FAILED (exit {code}): {last_error(cell.folder / 'cell.log')}"
+            tqdm.write(f"{cell.method} {cell.budget} seed {cell.seed}: {result[cell]}")
+    finally:  # on Ctrl-C start no further cell (the running ones got the signal too)
+        pool.shutdown(cancel_futures=True)
+    print(format_table(["method", "budget", "seed", "state", "folder"],
+                       [[c.method, c.budget, str(c.seed), result[c], str(c.folder.relative_to(out))] for c in cells]))
+    failed = [c for c in cells if result[c].startswith("FAILED")]
+    if failed:
+        print(f"{len(failed)} of {len(cells)} cells failed (their logs: <cell>/cell.log); fix the cause and run the "
+              "same command again: finished cells are skipped", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"all {len(cells)} cells finished; next: python study.py report {shlex.quote(str(out))}")
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain fixed-width text table."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# study.py report: runs found in folders -> mean +- std per method x budget (report.md, .csv, .png)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunLog:
+    """One run found on disk: where, which grid cell, the configuration it is compared by, its val mIoU per epoch."""
+    source: Path                 # the run folder (with config.json) or the .npy log (without)
+    method: str
+    budget: str
+    seed: int
+    config: dict | None          # flags that must agree between runs of one report (None: no config.json)
+    dataset: str
+    test_miou: np.ndarray        # the filled epochs' val mIoU
+    finished: bool
+
+
+def method_name(semi: bool, aug: str | None, reco: bool) -> str:
+    """The study's method name of a run: sup, cutout, cutmix or classmix, with +reco."""
+    return (aug if semi else "sup") + ("+reco" if reco else "")
+
+
+def read_log(npy: Path) -> tuple[np.ndarray, bool]:
+    """(val mIoU of each filled epoch, finished?); the val mIoU is the second-to-last column in both layouts."""
+    metrics, finished = epochs_filled(npy)
+    return (metrics[:, -2] if len(metrics) else np.zeros(0)), finished
+
+
+def run_from_config(path: Path) -> tuple[RunLog, Path] | None:
+    """The run of a run folder's config.json and its .npy log (None: not a run configuration of this project)."""
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict) or "mode" not in config:
+        return None
+    args, run_dir = config["args"], path.parent
+    summary = run_dir / "summary.json"
+    npy = Path(json.loads(summary.read_text())["npy"]) if summary.is_file() else None
+    if npy is None or not npy.is_file():  # the folder may have moved: the log lies beside it, as training wrote it
+        npy = run_dir.parent / f"{args['name']}.npy"
+    compared = {k: v for k, v in args.items() if k not in GRID_AXES | NOT_COMPARED}
+    compared["world_size"] = config.get("world_size", 1)
+    compared["split folder"] = bool(args.get("split_dir") or args.get("split"))  # a shipped split vs the sampler
+    if args.get("dataset") == "folder":  # the folder is what names the dataset
+        compared["data_root"] = args.get("data_root")
+    miou, finished = read_log(npy)
+    budget = args.get("partial") or (str(args["num_labels"]) if args.get("num_labels") else "all")
+    run = RunLog(run_dir, method_name(config["mode"].startswith("semi"), args.get("apply_aug"),
+                                      bool(args.get("apply_reco"))),
+                 budget, int(args["seed"]), compared, str(args.get("dataset")), miou, finished)
+    return run, npy
+
+
+def run_from_name(npy: Path) -> RunLog | None:
+    """A run known only by its .npy log, read from the reference's file name (None: another kind of .npy)."""
+    match = RUN_NAME.fullmatch(npy.stem)
+    if not match:
+        return None
+    labels = match["labels"]
+    miou, finished = read_log(npy)
+    return RunLog(npy, method_name(match["aug"] is not None, match["aug"], bool(match["reco"])),
+                  match["partial"] or (labels if labels != "0" else "all"), int(match["seed"]), None,
+                  match["dataset"], miou, finished)
+
+
+def find_runs(folders: Sequence[Path]) -> list[RunLog]:
+    """Every run under the folders: run folders by their config.json, other runs by their .npy log's name."""
+    runs: dict[Path, RunLog] = {}
+    logs_of_configs: set[Path] = set()
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder; pass a study folder or run folders")
+        for path in sorted(folder.rglob("config.json")):
+            found = run_from_config(path)
+            if found:
+                runs[found[0].source.resolve()] = found[0]
+                logs_of_configs.add(found[1].resolve())
+    for folder in folders:
+        for npy in sorted(folder.rglob("*.npy")):
+            if npy.resolve() not in logs_of_configs and (run := run_from_name(npy)):
+                runs[npy.resolve()] = run
+    return list(runs.values())
+
+
+def check_comparable(runs: Sequence[RunLog]) -> None:
+    """Refuse runs that differ in anything but the grid's axes, or that repeat a (method, budget, seed) cell."""
+    if any(r.config is None for r in runs):  # runs known by name only: their name says the dataset, no more
+        configs = [{"dataset": r.dataset} for r in runs]
+    else:
+        configs = [r.config for r in runs]
+    differ = []
+    for key in sorted({k for c in configs for k in c}):
+        values: dict[str, list[RunLog]] = defaultdict(list)
+        for run, config in zip(runs, configs):
+            values[json.dumps(config.get(key))].append(run)
+        if len(values) > 1:
+            differ.append(f"{key if ' ' in key else '--' + key} " + " vs ".join(
+                f"{v} ({len(rs)} run{'s' if len(rs) > 1 else ''}, e.g. {rs[0].source})" for v, rs in values.items()))
+    if differ:
+        raise UserError("these runs differ in more than method, label budget and seed, so they are not one study: "
+                        + "; ".join(differ) + ". Report them separately (pass fewer folders)")
+    cells: dict[tuple, list[RunLog]] = defaultdict(list)
+    for run in runs:
+        cells[(run.method, run.budget, run.seed)].append(run)
+    for (method, budget, seed), same in cells.items():
+        if len(same) > 1:
+            raise UserError(f"{method} at {budget} labels, seed {seed} was run more than once: "
+                            f"{', '.join(str(r.source) for r in same)}; pass only one of them")
+
+
+def budget_order(budget: str) -> tuple[int, int]:
+    """Columns left to right: label counts ascending, then all labels; partial settings p0 < p1 < p5 < p25."""
+    if budget == "all":
+        return (1, 0)
+    return (2, int(budget[1:])) if budget.startswith("p") else (0, int(budget))
+
+
+def method_order(method: str) -> tuple[int, bool]:
+    """Rows top to bottom: sup, cutout, cutmix, classmix, each followed by its +reco."""
+    base, reco = parse_method(method)
+    return METHOD_BASES.index(base), reco
+
+
+@dataclass
+class Stat:
+    """mean and sample std (n - 1; NaN for one seed) of the best and the final val mIoU (%) over seeds."""
+    seeds: list[int]
+    best: tuple[float, float]
+    final: tuple[float, float]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample std) in percent; the std of one value is NaN."""
+    v = 100 * np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def summarise(runs: Sequence[RunLog]) -> dict[tuple[str, str], Stat]:
+    """(method, budget) -> Stat over the finished runs' seeds."""
+    groups: dict[tuple[str, str], list[RunLog]] = defaultdict(list)
+    for run in runs:
+        groups[(run.method, run.budget)].append(run)
+    return {key: Stat(sorted(r.seed for r in rs), mean_std([r.test_miou.max() for r in rs]),
+                      mean_std([r.test_miou[-1] for r in rs])) for key, rs in groups.items()}
+
+
+def flag_text(key: str, value) -> str:
+    """A configuration entry as it reads on a command line: --key, --key v or --key v1 v2."""
+    if value is True:
+        return f"--{key}"
+    return f"--{key} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
+def cell_text(mean: float, std: float, n: int) -> str:
+    """'45.12 ± 1.03 (3)': mean ± std (n seeds) in percent."""
+    return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} (1)"
+
+
+def paper_numbers(paper: str | None, runs: Sequence[RunLog]) -> dict[tuple[str, str], float]:
+    """(method, budget) -> the reference README's published mIoU (%) for --paper, checked against the runs' dataset."""
+    if paper is None:
+        return {}
+    datasets = sorted({r.dataset for r in runs})
+    if datasets != [paper]:
+        raise UserError(f"--paper {paper}: these runs are on {', '.join(datasets)}; the published numbers are "
+                        f"for {paper}: drop --paper or report {paper} runs")
+    budget, numbers = PAPER[paper]
+    return {(method, budget): value for method, value in numbers.items()}
+
+
+def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequence[RunLog],
+             folders: Sequence[Path]) -> str:
+    """report.md: the shared configuration, then best and final val mIoU tables (rows methods, columns budgets)."""
+    methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
+    budgets = sorted({b for _, b in stats} | {b for _, b in paper}, key=budget_order)
+    kind = "partial labels" if all(b.startswith("p") for b in budgets) else "labelled images"
+    lines = [f"# Study report: {', '.join(sorted({r.dataset for r in runs}))}", "",
+             f"{len(runs)} finished runs from {', '.join(str(f) for f in folders)}."]
+    if runs[0].config is not None:
+        shared = " ".join(flag_text(k, v) for k, v in sorted(runs[0].config.items())
+                          if " " not in k and k != "world_size" and v not in (None, False))
+        lines += ["", f"Shared by every run (world size {runs[0].config['world_size']}, "
+                  f"split folder {'yes' if runs[0].config['split folder'] else 'no'}):", "", f"`{shared}`"]
+    else:
+        lines += ["", "Some runs have no config.json: they were grouped by their file names only."]
+    for title, field in (("Best", "best"), ("Final", "final")):
+        lines += ["", f"## {title} val mIoU (%), mean ± std (seeds), columns: {kind}", "",
+                  "| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+        for method in methods:
+            row = [cell_text(*getattr(stats[(method, b)], field), len(stats[(method, b)].seeds))
+                   if (method, b) in stats else "–" for b in budgets]
+            if any(r != "–" for r in row):
+                lines.append(f"| {method} | " + " | ".join(row) + " |")
+        if field == "best":
+            for method in [m for m in methods if any((m, b) in paper for b in budgets)]:
+                lines.append(f"| {method} (paper) | " + " | ".join(
+                    f"{paper[(method, b)]:.2f} (paper)" if (method, b) in paper else "–" for b in budgets) + " |")
+    lines += ["", "Best: the highest val mIoU over a run's epochs; final: its last epoch's. std: the sample "
+              "standard deviation over seeds (n - 1); the number in brackets is the number of seeds."]
+    if paper:
+        lines.append("Rows marked (paper): the reference README's published checkpoints (one run each).")
+    if left_out:
+        lines += ["", "Left out, unfinished: " + ", ".join(f"{r.source} ({len(r.test_miou)} epochs logged)"
+                                                        for r in left_out)]
+    return "\n".join(lines + ["", "![val mIoU against labels](report.png)", ""])
+
+
+def csv_text(stats: dict, paper: dict) -> str:
+    """report.csv: one row per (source, method, budget), mIoU in percent."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["source", "method", "budget", "n", "best_mean", "best_std", "final_mean", "final_std", "seeds"])
+    for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]), budget_order(kv[0][1]))):
+        numbers = [f"{v:.4f}" if v == v else "" for v in (*s.best, *s.final)]  # v != v: NaN, the std of one seed
+        writer.writerow(["ours", method, budget, len(s.seeds), *numbers, " ".join(map(str, s.seeds))])
+    for (method, budget), value in paper.items():
+        writer.writerow(["paper", method, budget, 1, f"{value:.2f}", "", "", "", ""])
+    return buffer.getvalue()
+
+
+def plot(stats: dict, paper: dict, out: Path) -> None:
+    """report.png: best val mIoU (mean ± std over seeds) against the label budget, one line per method."""
+    methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
+    budgets = sorted({b for _, b in stats} | {b for _, b in paper}, key=budget_order)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, method in enumerate(methods):
+        colour = f"C{i}"
+        shift = 0.04 * (i - (len(methods) - 1) / 2)  # side by side, so error bars do not hide each other
+        xs = [j for j, b in enumerate(budgets) if (method, b) in stats]
+        if xs:
+            means = [stats[(method, budgets[j])].best[0] for j in xs]
+            stds = [np.nan_to_num(stats[(method, budgets[j])].best[1]) for j in xs]
+            ax.errorbar(np.add(xs, shift), means, yerr=stds, color=colour, marker="o", capsize=3, label=method)
+        for j, b in enumerate(budgets):
+            if (method, b) in paper:
+                ax.scatter(j + shift, paper[(method, b)], color=colour, marker="*", s=90, label=f"{method} (paper)")
+    ax.set_xticks(range(len(budgets)), budgets)
+    ax.set_xlabel("partial labels" if all(b.startswith("p") for b in budgets) else "labelled images")
+    ax.set_ylabel("best val mIoU (%), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save(lambda tmp: fig.savefig(tmp, format="png", dpi=120), out)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace) -> None:
+    """study.py report: report.md, report.csv and report.png of the runs in the folders."""
+    folders = [Path(f) for f in args.folders]
+    found = find_runs(folders)
+    runs = [r for r in found if r.finished]
+    if not runs:
+        raise UserError(f"no finished run in {', '.join(map(str, folders))} (a run folder holds config.json, or "
+                        f"a log folder {{run}}.npy); {len(found)} unfinished")
+    check_comparable(runs)
+    stats = summarise(runs)
+    paper = paper_numbers(args.paper, runs)
+    out = Path(args.out or folders[0])
+    left_out = [r for r in found if not r.finished]
+    atomic_save(lambda tmp: tmp.write_text(markdown(stats, paper, runs, left_out, folders)), out / "report.md")
+    atomic_save(lambda tmp: tmp.write_text(csv_text(stats, paper)), out / "report.csv")
+    plot(stats, paper, out / "report.png")
+    unfinished = f", {len(left_out)} unfinished left out" if left_out else ""
+    print(f"{len(runs)} runs ({len(stats)} method x budget cells{unfinished}) -> {out / 'report.md'}, report.csv, "
+          "report.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """study.py run | report."""
+    p = argparse.ArgumentParser(description="Studies: a grid of training runs, and the paper-style table of them")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or list) every cell of a methods x budgets x seeds grid",
+                         description="Training flags shared by every cell follow a lone --.")
+    run.add_argument("--out", required=True, help="the study folder (cells/<method>/<budget>/seed<k>/ inside)")
+    run.add_argument("--script", choices=[s for pair in SCRIPTS.values() for s in pair],
+                     help="the semi-supervised script (default: by the budget kind); 'sup' runs its supervised twin")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    budgets = run.add_mutually_exclusive_group(required=True)
+    budgets.add_argument("--num_labels", type=int, nargs="+", help="label budgets (labelled images)")
+    budgets.add_argument("--split_dirs", nargs="+", help="split folders (labelled.txt, unlabelled.txt)")
+    budgets.add_argument("--splits", nargs="+", help="shipped splits by name, e.g. pascal/92 (the scripts' --split)")
+    budgets.add_argument("--partial", nargs="+", help="partial-label settings (p0 p1 p5 p25)")
+    run.add_argument("--methods", nargs="+", required=True,
+                     help="sup, cutout, cutmix, classmix, each optionally +reco (e.g. classmix+reco)")
+    run.add_argument("--gpus", nargs="+", help="run one cell per GPU at a time (CUDA_VISIBLE_DEVICES of each)")
+    run.add_argument("--print", dest="print_only", action="store_true",
+                     help="print the command line of each cell still to run, one a line, and run nothing")
+    rep = sub.add_parser("report", help="report.md, report.csv and report.png of a study or of run folders")
+    rep.add_argument("folders", nargs="+", help="a study folder, or any folders holding runs (searched recursively)")
+    rep.add_argument("--out", help="where the report goes (default: the first folder)")
+    rep.add_argument("--paper", choices=sorted(PAPER), help="add the reference README's published numbers")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: training flags for the cells follow a lone '--'."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = get_args_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.command == "run":
+        run_study(args, extra)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,258 @@
+"""study.py: a grid of real training runs that fails once, is killed once and restarted, then its report checked
+against the runs' own .npy logs; --print; the refusal of mixed configurations; runs known only by name; --paper."""
+
+import csv
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import preparation
+import study
+from helpers import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = ["--seeds", "0", "1", "--num_labels", "4", "8", "--methods", "sup", "classmix"]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory) -> Path:
+    """A demo dataset small enough for eight runs in a test: 40 train and 4 val images of 48 px."""
+    return preparation.make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", num_train=40, num_val=4, size=48,
+                                         partial_seeds=(0,))
+
+
+def training_flags(root: Path) -> list[str]:
+    return ["--", "--dataset", "demo", "--data_root", str(root), "--epochs", "2", "--iters_per_epoch", "1",
+            "--batch_size", "2", "--crop_size", "33", "33", "--num_workers", "0", "--no_visual"]
+
+
+def run_study(out: Path, root: Path, *more: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "study.py"), "run", "--out", str(out), *GRID, *more,
+                           *training_flags(root)], capture_output=True, text=True, timeout=1800)
+
+
+def table_state(stdout: str, method: str, budget: str, seed: int) -> str:
+    """The state column of one cell in the table study.py run prints."""
+    for line in stdout.splitlines():
+        fields = line.split(None, 3)
+        if fields[:3] == [method, budget, str(seed)]:
+            return fields[3].rsplit("  ", 1)[0].strip()
+    raise AssertionError(f"no row for {method} {budget} {seed} in:\n{stdout}")
+
+
+def test_a_grid_is_killed_once_fails_once_resumes_and_reports_its_logs(small_demo, tmp_path, capsys):
+    out = tmp_path / "study"
+    cell = lambda method, budget, seed: out / "cells" / method / str(budget) / f"seed{seed}"  # noqa: E731
+    # kill the whole study (and its running cell) once the 3rd cell has finished its first epoch
+    first = subprocess.Popen([sys.executable, str(REPO / "study.py"), "run", "--out", str(out), *GRID,
+                              *training_flags(small_demo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    victim_log = cell("sup", 8, 0) / "cell.log"
+    while first.poll() is None and not (victim_log.is_file() and "EPOCH    1" in victim_log.read_text()):
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert len(list((cell("sup", 8, 0) / "log").glob("*/last.pth"))) == 1
+
+    # --print lists the cells still to run, the interrupted one with --resume
+    capsys.readouterr()
+    study.main(["run", "--out", str(out), *GRID, "--print", *training_flags(small_demo)])
+    lines = capsys.readouterr().out.splitlines()
+    commands = {(Path(a[1]).name, a[a.index("--num_labels") + 1], a[a.index("--seed") + 1]): a
+                for a in map(shlex.split, lines)}
+    assert len(lines) == len(commands) == 6  # 8 cells, 2 finished (sup 4 and classmix 4 of seed 0)
+    assert ("train_sup.py", "4", "0") not in commands and ("train_semisup.py", "4", "0") not in commands
+    assert commands[("train_sup.py", "8", "0")][-1] == "--resume"
+    assert commands[("train_semisup.py", "8", "0")][-1] != "--resume"
+    assert all(a[a.index("--log_dir") + 1].startswith(str(out / "cells")) for a in commands.values())
+
+    # a cell that cannot start (its --weights_dir is a file) fails; the others go on, two at a time
+    cell("classmix", 8, 0).mkdir(parents=True)
+    (cell("classmix", 8, 0) / "weights").write_text("in the way")
+    done_before = (cell("sup", 4, 0) / "log" / "demo_label4_sup_0.npy").stat().st_mtime_ns
+    second = run_study(out, small_demo, "--gpus", "a", "b")  # the GPU ids are unused on a CPU
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert table_state(second.stdout, "classmix", "8", 0).startswith("FAILED (exit 2): error: ")
+    assert table_state(second.stdout, "sup", "8", 0) == "resumed, done"
+    assert table_state(second.stdout, "sup", "4", 0) == "skipped (finished before)"
+    assert table_state(second.stdout, "classmix", "8", 1) == "done"
+    assert "resuming at epoch 2" in (cell("sup", 8, 0) / "cell.log").read_text()
+    assert (cell("sup", 4, 0) / "log" / "demo_label4_sup_0.npy").stat().st_mtime_ns == done_before
+
+    (cell("classmix", 8, 0) / "weights").unlink()
+    third = run_study(out, small_demo)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert table_state(third.stdout, "classmix", "8", 0) == "done"
+    assert sum("skipped" in line for line in third.stdout.splitlines()) == 7
+
+    study.main(["report", str(out)])
+    logs = {}
+    for npy in out.glob("cells/*/*/seed*/log/*.npy"):
+        method, budget = npy.parents[3].name, npy.parents[2].name
+        logs.setdefault((method, budget), []).append(np.load(npy)[:, -2])  # the val mIoU column
+    rows = {(r["method"], r["budget"]): r for r in csv.DictReader((out / "report.csv").open())}
+    assert set(rows) == set(logs) == {(m, b) for m in ("sup", "classmix") for b in ("4", "8")}
+    for key, mious in logs.items():
+        best, final = 100 * np.array([m.max() for m in mious]), 100 * np.array([m[-1] for m in mious])
+        row = rows[key]
+        assert row["n"] == "2" and row["seeds"] == "0 1"
+        for name, values in (("best", best), ("final", final)):
+            assert float(row[f"{name}_mean"]) == pytest.approx(values.mean(), abs=1e-4)
+            assert float(row[f"{name}_std"]) == pytest.approx(values.std(ddof=1), abs=1e-4)
+    sup4 = 100 * np.array([m.max() for m in logs[("sup", "4")]])
+    assert f"| sup | {sup4.mean():.2f} ± {sup4.std(ddof=1):.2f} (2) |" in (out / "report.md").read_text()
+    assert (out / "report.png").stat().st_size > 5000
+
+
+# ---------------------------------------------------------------------------------------------
+# reports of synthetic run folders (no training)
+# ---------------------------------------------------------------------------------------------
+
+def fake_run(log_dir: Path, mode: str, seed: int, miou: list[float], num_labels: int = 60, aug: str = "classmix",
+             reco: bool = False, dataset: str = "demo", config: bool = True, epochs: int | None = None,
+             **flags) -> Path:
+    """A run as the engine leaves it: {log_dir}/{name}.npy (val mIoU column filled) and {name}/config.json."""
+    semi = mode.startswith("semi")
+    name = f"{dataset}_label{num_labels}_{'semi_' + aug if semi else 'sup'}{'_reco' if reco else ''}_{seed}"
+    metrics = np.zeros((epochs or len(miou), 10 if semi else 6))
+    metrics[: len(miou), -2], metrics[: len(miou), -3] = miou, 1.0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    np.save(log_dir / f"{name}.npy", metrics)
+    if config:
+        args = {"dataset": dataset, "num_labels": num_labels, "partial": None, "seed": seed, "apply_aug": aug,
+                "apply_reco": reco, "name": name, "lr": 0.0025, "epochs": epochs or len(miou), "backbone": "deeplabv3p",
+                "data_root": f"/data/{seed}", "log_dir": str(log_dir), "split_dir": None, "train_mode": mode} | flags
+        (log_dir / name).mkdir()
+        (log_dir / name / "config.json").write_text(json.dumps({
+            "args": args, "split_digest": "0" * 64, "torch": "2", "torchvision": "0", "device": "cpu",
+            "world_size": 1, "mode": mode, "script": "train_semisup.py" if semi else "train_sup.py"}))
+    return log_dir
+
+
+def test_report_refuses_runs_of_another_configuration(tmp_path):
+    fake_run(tmp_path / "a", "sup", 0, [0.3, 0.4])
+    fake_run(tmp_path / "a", "semi", 1, [0.3, 0.5], num_labels=200, reco=True)  # other axes, another data_root: fine
+    fake_run(tmp_path / "b", "semi", 2, [0.2, 0.1], lr=0.01)
+    study.main(["report", str(tmp_path / "a")])
+    with pytest.raises(UserError) as refused:
+        study.main(["report", str(tmp_path / "a"), str(tmp_path / "b")])
+    message = str(refused.value)
+    assert "--lr 0.0025 (2 runs" in message and "0.01 (1 run, e.g. " in message and "--data_root" not in message
+    with pytest.raises(UserError, match="--world_size|world_size 1"):
+        fake_run(tmp_path / "c", "sup", 3, [0.2, 0.2])
+        config = tmp_path / "c" / "demo_label60_sup_3" / "config.json"
+        config.write_text(config.read_text().replace('"world_size": 1', '"world_size": 2'))
+        study.main(["report", str(tmp_path / "a"), str(tmp_path / "c")])
+    fake_run(tmp_path / "d", "sup", 0, [0.3, 0.35])  # the cell sup, 60 labels, seed 0 a second time
+    with pytest.raises(UserError, match="sup at 60 labels, seed 0 was run more than once"):
+        study.main(["report", str(tmp_path / "a"), str(tmp_path / "d")])
+
+
+def test_report_reads_logs_without_config_by_their_names_and_leaves_out_unfinished_runs(tmp_path):
+    logs = tmp_path / "logging"
+    for seed, miou in enumerate(([0.2, 0.6, 0.5], [0.4, 0.3, 0.45], [0.1, 0.2, 0.3])):
+        fake_run(logs, "semi", seed, miou, aug="cutmix", reco=True, config=False)
+    fake_run(logs, "sup", 0, [0.2], epochs=3, config=False)  # killed after its first epoch
+    np.save(logs / "other.npy", np.ones(3))  # not a run log: ignored
+    study.main(["report", str(logs), "--out", str(tmp_path / "r")])
+    row, = csv.DictReader((tmp_path / "r" / "report.csv").open())
+    assert (row["method"], row["budget"], row["n"]) == ("cutmix+reco", "60", "3")
+    assert float(row["best_mean"]) == pytest.approx(100 * np.mean([0.6, 0.45, 0.3]), abs=1e-4)
+    assert float(row["final_std"]) == pytest.approx(100 * np.std([0.5, 0.45, 0.3], ddof=1), abs=1e-4)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "file names only" in md and "Left out, unfinished: " in md and "demo_label60_sup_0.npy (1 epochs" in md
+    fake_run(tmp_path / "other", "sup", 0, [0.3], dataset="pascal", config=False)
+    with pytest.raises(UserError, match="--dataset \"demo\""):
+        study.main(["report", str(logs), str(tmp_path / "other")])
+
+
+def test_report_adds_the_published_numbers_of_the_reference_readme(tmp_path):
+    for seed in (0, 1):
+        fake_run(tmp_path, "semi", seed, [0.5, 0.55 + seed / 100], reco=True, dataset="pascal")
+    fake_run(tmp_path, "sup", 0, [0.3, 0.32], num_labels=200, dataset="pascal")
+    study.main(["report", str(tmp_path), "--paper", "pascal"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| classmix+reco | 55.50 ± 0.71 (2) | – |" in md and "| sup | – | 32.00 (1) |" in md
+    assert "| classmix+reco (paper) | 57.12 (paper) | – |" in md and "| sup (paper) | 36.06 (paper) | – |" in md
+    assert "`--backbone deeplabv3p --dataset pascal --epochs 2 --lr 0.0025`" in md
+    assert "paper,classmix,60,1,53.71" in (tmp_path / "report.csv").read_text()
+    with pytest.raises(UserError, match="--paper cityscapes: these runs are on pascal"):
+        study.main(["report", str(tmp_path), "--paper", "cityscapes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# study.py run: its checks and its cells (no training)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_labels", "60", "--methods", "mixup"], "--methods: unknown method 'mixup'"),
+    (["--num_labels", "60", "--methods", "sup+cutmix"], "--methods: unknown method 'sup+cutmix'"),
+    (["--partial", "p2", "--methods", "sup"], "--partial p2: choose among p0, p1, p5, p25"),
+    (["--partial", "p0", "--script", "train_semisup.py", "--methods", "sup"], "--script train_semisup.py does not"),
+    (["--num_labels", "60", "--methods", "sup", "--", "--seed", "3"], "--seed is set by the study for each cell"),
+    (["--num_labels", "60", "--methods", "sup", "--", "--log_dir=x"], "--log_dir is set by the study"),
+    (["--split_dirs", "nowhere", "--methods", "sup"], "--split_dirs: nowhere has no labelled.txt"),
+    (["--num_labels", "60", "60", "--methods", "sup"], "repeat a name"),
+])
+def test_run_refuses_a_bad_grid(argv, message, tmp_path):
+    with pytest.raises(UserError, match=message.replace("+", r"\+")):
+        study.main(["run", "--out", str(tmp_path), *argv])
+
+
+def test_run_refuses_to_continue_a_study_with_other_training_flags(tmp_path, capsys):
+    grid = ["run", "--out", str(tmp_path), "--num_labels", "60", "--methods", "sup", "--seeds", "0"]
+    study.check_study_file(tmp_path, False, ["--epochs", "2"])
+    with pytest.raises(UserError, match="study.json: this study was run with .*--epochs.*use the same flags"):
+        study.main(grid + ["--", "--epochs", "3"])
+
+
+def test_cells_pick_scripts_and_flags_for_partial_labels_and_splits(tmp_path, capsys):
+    study.main(["run", "--out", str(tmp_path), "--partial", "p0", "p25", "--methods", "sup+reco", "cutout", "--seeds",
+                "4", "--print"])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(Path(a[1]).name, a[2:4], "--apply_reco" in a) for a in lines] == [
+        ("train_sup_partial.py", ["--partial", "p0"], True), ("train_semisup_partial.py", ["--partial", "p0"], False),
+        ("train_sup_partial.py", ["--partial", "p25"], True), ("train_semisup_partial.py", ["--partial", "p25"], False)]
+    assert lines[1][lines[1].index("--apply_aug") + 1] == "cutout" and "--seed" in lines[0]
+    study.main(["run", "--out", str(tmp_path), "--splits", "pascal/92", "--methods", "classmix", "--seeds", "0",
+                "--print"])
+    line = capsys.readouterr().out
+    assert "--split pascal/92" in line and str(tmp_path / "cells" / "classmix" / "pascal_92" / "seed0") in line
+
+
+def test_a_cell_runs_on_its_own_gpu_and_logs_its_output(tmp_path):
+    gpus = queue.Queue()
+    gpus.put("7")
+    cell = study.Cell("sup", "60", ("--num_labels", "60"), 0, tmp_path / "cell")
+    code = study.run_cell(cell, [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"], gpus)
+    assert code == 0 and gpus.get_nowait() == "7"
+    log = (tmp_path / "cell" / "cell.log").read_text().splitlines()
+    assert log[0].startswith("=== ") and log[1] == "7"
+    code = study.run_cell(cell, [sys.executable, "-c", "import sys; print('error: no data'); print('x'); sys.exit(2)"],
+                          gpus if gpus.put(None) is None else gpus)
+    assert code == 2 and study.last_error(tmp_path / "cell" / "cell.log") == "error: no data"
+
+
+def test_a_cell_is_new_interrupted_or_done_by_its_run_folder(tmp_path):
+    cell = study.Cell("classmix", "60", ("--num_labels", "60"), 0, tmp_path / "cell")
+    assert cell.state() == "new"
+    log_dir = fake_run(tmp_path / "cell" / "log", "semi", 0, [0.3], epochs=2)  # one of two epochs logged
+    assert cell.state() == "new"  # died before its first last.pth: starts again
+    (log_dir / "demo_label60_semi_classmix_0" / "last.pth").write_bytes(b"")
+    assert cell.state() == "interrupted"
+    (log_dir / "demo_label60_semi_classmix_0" / "summary.json").write_text("{}")
+    assert cell.state() == "done"
+    fake_run(tmp_path / "cell2" / "log", "semi", 0, [0.3, 0.0001])  # every epoch logged, no summary.json
+    assert study.Cell("classmix", "60", (), 0, tmp_path / "cell2").state() == "done"
+    (tmp_path / "cell2" / "log" / "another_run").mkdir()
+    with pytest.raises(UserError, match="holds several runs"):
+        study.Cell("classmix", "60", (), 0, tmp_path / "cell2").state()
