@@ -23,13 +23,13 @@ from build_data import (DatasetInfo, SegmentationDataset, build_test_loader, bui
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all
 from evaluation import evaluate
 from figures import covering_test_images, draw_figure, plot_curves
-from helpers import UserError, atomic_save, autocast_for, read_torch_file, run_cli
+from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, autocast_for, read_torch_file, run_cli, write_json
 from module_list import (EMA, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
                          compute_unsupervised_loss, generate_unsup_data, label_onehot)
 from network import build_model, upsample
 from options import MODES, RESUME_KEYS, get_args_parser, metric_columns, resolve_args, run_folder
 from preparation import make_demo_dataset
-from run_record import format_summary, run_config, summarise, write_json
+from run_record import format_summary, run_config, summarise
 from splits import get_split, load_split, write_split_dir
 from transforms import batch_transform
 
@@ -311,13 +311,13 @@ class Outputs:
 
     def write_config(self, labelled: Sequence[str], unlabelled: Sequence[str], d: Dist) -> None:
         """config.json: the resolved flags, split digest, versions, device and world size."""
-        write_json(self.run_dir / "config.json", run_config(self.args, labelled, unlabelled, d.device, d.world_size))
+        write_json(self.run_dir / RUN_CONFIG, run_config(self.args, labelled, unlabelled, d.device, d.world_size))
 
     def write_summary(self, metrics: np.ndarray, wall_s: float) -> dict:
         """summary.json of the finished run, also printed; returns it."""
         figures = [f for f in (self.run_dir / "curves.png", self.run_dir / "visual.png") if f.is_file()]
         summary = summarise(metrics, self.columns, wall_s, self.best_path, self.npy_path, self.run_dir, figures)
-        write_json(self.run_dir / "summary.json", summary)
+        write_json(self.run_dir / RUN_SUMMARY, summary)
         print(format_summary(self.args.name, summary), flush=True)
         return summary
 

@@ -9,14 +9,13 @@ whole set. --window H W slides a window over each image and --flip adds the mirr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Sequence
 
 from build_data import SegmentationDataset, build_test_loader, data_root, dataset_info, list_ids
 from evaluation import evaluate
-from helpers import AMP_DTYPES, UserError, atomic_save, resolve_device, run_cli
+from helpers import AMP_DTYPES, UserError, resolve_device, run_cli, write_json
 from network import BACKBONES, RESNET_DEPTHS, check_window, load_model
 
 
@@ -77,8 +76,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         path = Path(args.json)
         # NaN (a class absent from GT and prediction) is not JSON: write null
         iou = [None if math.isnan(v) else v for v in result["iou_per_class"]]
-        text = json.dumps({"miou": result["miou"], "acc": result["acc"], "iou_per_class": iou}, indent=1) + "\n"
-        atomic_save(lambda tmp: tmp.write_text(text), path)
+        write_json(path, {"miou": result["miou"], "acc": result["acc"], "iou_per_class": iou}, indent=1)
         print(f"wrote {path}")
     return result
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 # A run folder's record of its resolved configuration ({"args": {...}, ...}), written by the engine.
-RUN_CONFIG = "config.json"
+RUN_CONFIG = "config.json"  # a run folder's resolved configuration, written at its start
+RUN_SUMMARY = "summary.json"  # ... and its outcome, written at its end
 
 # --amp: the autocast dtype of each mode (None: full precision)
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,6 +118,12 @@ def read_torch_file(path: str | os.PathLike, what: str, fix: str, map_location: 
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
         cause = next((line for line in lines if line.startswith("Unsupported")), lines[0])
         raise UserError(f"{what} {path} cannot be read ({type(error).__name__}: {cause}); {fix}") from None
+
+
+def write_json(path: str | os.PathLike, content: object, indent: int = 2) -> None:
+    """Write `content` as indented JSON, atomically."""
+    text = json.dumps(content, indent=indent) + "\n"
+    atomic_save(lambda tmp: tmp.write_text(text), path)
 
 
 def read_run_config(folder: str | os.PathLike) -> dict | None:

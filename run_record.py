@@ -1,11 +1,9 @@
-"""What a run folder records about its run: the resolved configuration (config.json, at the start) and the
-outcome (summary.json and the printed summary, at the end)."""
+"""What a run folder records about its run: the resolved configuration (helpers.RUN_CONFIG, at the start) and
+the outcome (helpers.RUN_SUMMARY and the printed summary, at the end)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +11,6 @@ import numpy as np
 import torch
 import torchvision
 
-from helpers import atomic_save
 from splits import split_digest
 
 MODE_SCRIPTS = {"sup": "train_sup.py", "semi": "train_semisup.py", "sup_partial": "train_sup_partial.py",
@@ -40,12 +37,6 @@ def run_config(args: argparse.Namespace, labelled: Sequence[str], unlabelled: Se
     return {"args": flags, "split_digest": split_digest(labelled, unlabelled), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "device": str(device), "world_size": world_size,
             "mode": args.train_mode, "script": MODE_SCRIPTS[args.train_mode]}
-
-
-def write_json(path: str | os.PathLike, content: dict) -> None:
-    """Write `content` as indented JSON, atomically."""
-    text = json.dumps(content, indent=2) + "\n"
-    atomic_save(lambda tmp: tmp.write_text(text), path)
 
 
 def summarise(metrics: np.ndarray, columns: Sequence[str], wall_s: float, weights: Path, npy: Path, run_dir: Path,
