@@ -65,6 +65,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Wait for every rank, then leave the process group (a no-op in a single process)."""
+    barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def seed_all(stream: str, *keys: int) -> None:
     """Seed torch (all devices), numpy and random for one named stream and its keys, e.g. ("steps", seed,
     epoch, rank); see helpers.stream_seed."""
