@@ -430,7 +430,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
             print(f"EPOCH {epoch + 1:4d} ITER {(epoch + 1) * args.iters_per_epoch:6d} | {train_part} || "
                   f"test loss {test['loss']:.4f} | mIoU {test['miou']:.4f} | acc {test['acc']:.4f} || "
                   f"best mIoU {best:.4f} | lr {lr:.2e} | {time.perf_counter() - started:.1f} s"
-                  f"{f' | {state.skipped} steps skipped (non-finite loss)' if state.skipped else ''}", flush=True)
+                  f"{f' | non-finite steps skipped: {state.skipped}' if state.skipped else ''}", flush=True)
     result = {"best_miou": best, "weights": None, "run_dir": None}
     if out:
         out.close()
