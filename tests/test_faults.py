@@ -57,10 +57,10 @@ def every_step(monkeypatch, action):
 
 
 def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(small_demo, tmp_path, monkeypatch, capsys):
-    common = ["--epochs", "2", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco"]
+    common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco"]
     name = "demo_label6_semi_cutmix_reco_0"
     engine.main("semi", argv_for(small_demo, tmp_path / "a", *common))
-    every_step(monkeypatch, lambda n, run: n == 5 and os.kill(os.getpid(), signal.SIGTERM))
+    every_step(monkeypatch, lambda n, run: n == 2 and os.kill(os.getpid(), signal.SIGTERM))
     argv = argv_for(small_demo, tmp_path / "b", *common)
     capsys.readouterr()
     handler = signal.getsignal(signal.SIGTERM)
@@ -68,22 +68,22 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(small_demo
         engine.main("semi", argv)
     assert stopped.value.code == faults.exit_code(signal.SIGTERM) == 143
     out = capsys.readouterr().out.splitlines()
-    assert out[-1].startswith("stopped by SIGTERM in epoch 2 after iteration 2/3; ") and "last.pth is saved" in out[-1]
+    assert out[-1].startswith("stopped by SIGTERM in epoch 1 after iteration 2/3; ") and "last.pth is saved" in out[-1]
     assert out[-1].endswith(" ".join(argv) + " --resume") and "--resume --" not in out[-1]
     assert last(tmp_path / "b", name)["epoch_state"]["iteration"] == 2
     assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
     monkeypatch.undo()
     engine.main("semi", argv + ["--resume"])
-    assert "resuming at epoch 2 after iteration 2" in capsys.readouterr().out
+    assert "resuming at epoch 1 after iteration 2" in capsys.readouterr().out
     assert_same_run(last(tmp_path / "a", name), last(tmp_path / "b", name))
 
 
 def test_nonfinite_losses_skip_the_update_and_stop_after_a_streak(small_demo, tmp_path, monkeypatch, capsys):
     states, poisoned = [], [False]
 
-    def record(n, run):  # NaN images on step 2 (alone) and from step 5 on (a streak in epoch 2)
+    def record(n, run):  # NaN images on step 1 (alone) and from step 3 on (a streak in epoch 2)
         states.append({k: v.clone() for k, v in run.model.state_dict().items()})
-        poisoned[0] = n == 2 or n >= 5
+        poisoned[0] = n != 2
 
     def sup_step(run, batch, monitors, original=engine.sup_step):
         images, labels = batch
@@ -92,17 +92,18 @@ def test_nonfinite_losses_skip_the_update_and_stop_after_a_streak(small_demo, tm
     monkeypatch.setattr(engine, "sup_step", sup_step)
     every_step(monkeypatch, record)
     with pytest.raises(SystemExit) as stopped:
-        engine.main("sup", argv_for(small_demo, tmp_path, "--epochs", "2", "--iters_per_epoch", "3",
+        engine.main("sup", argv_for(small_demo, tmp_path, "--epochs", "2", "--iters_per_epoch", "2",
                                     "--max_nonfinite", "2"))
     captured = capsys.readouterr()
     assert stopped.value.code == 2
-    assert "non-finite in 2 consecutive steps (epoch 2, iteration 3; --max_nonfinite 2)" in captured.err
+    assert "non-finite in 2 consecutive steps (epoch 2, iteration 2; --max_nonfinite 2)" in captured.err
     assert "last.pth keeps the last saved state" in captured.err and captured.err.count("\n") == 1
     epoch_lines = [line for line in captured.out.splitlines() if line.startswith("EPOCH")]
     assert len(epoch_lines) == 1 and "non-finite steps skipped: 1" in epoch_lines[0]
-    # states[n] is the state before step n + 1: step 2 changed nothing (BN statistics included), step 3 did
-    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])
-    assert not all(torch.equal(states[2][k], states[3][k]) for k in states[2])
+    # states[n] is the state before step n + 1: step 1 changed nothing (BN statistics included), step 2 did
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[1][k], states[2][k]) for k in states[1])
+    assert all(torch.equal(states[2][k], states[3][k]) for k in states[2])
     saved = last(tmp_path, "demo_label6_sup_0")
     assert saved["epoch"] == 1 and "epoch_state" not in saved  # the end of epoch 1: the last good state
     assert np.isfinite(saved["metrics"][0].numpy()).all()
