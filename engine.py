@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from build_data import DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown
-from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
 from evaluation import evaluate
+from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
 from figures import draw_figure, plot_curves
 from helpers import UserError, atomic_save, autocast_for, read_torch_file, run_cli, save_file
 from module_list import (EMA, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,

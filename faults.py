@@ -83,7 +83,7 @@ class StepGuard:
     def decide(self, loss: torch.Tensor) -> tuple[bool, bool]:
         """(skip the update, stop after this step), the same on every rank; a skip restores the kept tensors."""
         flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
-                             torch.tensor(float(self.stop.received is not None), device=loss.device)])
+                             torch.full((), float(self.stop.received is not None), device=loss.device)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip, stop = (bool(v) for v in flags.tolist())
