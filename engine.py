@@ -273,9 +273,9 @@ def resume_config(args: argparse.Namespace) -> dict:
 
 
 def save_last(run: Run, path: Path, epoch: int, best: float, metrics: np.ndarray,
-              inside: EpochState | None = None) -> None:
-    """The resume checkpoint: one dict with everything needed to continue after `epoch`, or inside it after
-    `inside.iteration` steps (written atomically)."""
+              inside: dict | None = None) -> None:
+    """The resume checkpoint: one dict with everything needed to continue after `epoch`, or inside it at the
+    position `inside` (an EpochState.state_dict()); written atomically."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
              "epoch": epoch + 1 if inside is None else epoch,
@@ -283,7 +283,7 @@ def save_last(run: Run, path: Path, epoch: int, best: float, metrics: np.ndarray
     if run.ema is not None:
         state |= {"teacher": run.ema.model.state_dict(), "ema_step": run.ema.step}
     if inside is not None:
-        state["epoch_state"] = inside.state_dict()
+        state["epoch_state"] = inside
     save_file(lambda file: torch.save(state, file), path)
 
 
@@ -400,11 +400,12 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
         lr = run.optimizer.param_groups[0]["lr"]
         state = EpochState(3 if semi else 1, 2 if semi else 1, info.num_classes, d.device)
         if resumed and epoch == start_epoch:
-            state.load_state_dict(resumed)
+            state.load_state_dict(resumed, holds_sums=d.main)
 
         def checkpoint(inside: EpochState) -> None:
+            position = inside.state_dict()  # every rank takes part: the sums are over all ranks
             if out:
-                save_last(run, out.last_path, epoch, best, metrics, inside)
+                save_last(run, out.last_path, epoch, best, metrics, position)
 
         row = train_one_epoch(run, loaders, epoch, state, stop, checkpoint)
         if row is None:  # stopped by a signal, and last.pth holds the step it stopped after

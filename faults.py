@@ -114,18 +114,24 @@ class EpochState:
             self.applied, self.streak = self.applied + 1, 0
 
     def state_dict(self) -> dict:
-        """The state as plain values and CPU tensors, for last.pth."""
-        return {"iteration": self.iteration, "losses": self.losses.cpu(), "applied": self.applied,
-                "skipped": self.skipped, "streak": self.streak,
-                "confusion": [m.mat.cpu() for m in self.monitors]}
+        """The state as plain values and CPU tensors, for last.pth; the sums are totals over all ranks (under
+        torchrun a collective: every rank calls it)."""
+        sums = [self.losses.clone(), *(m.mat.clone() for m in self.monitors)]
+        if dist.is_available() and dist.is_initialized():
+            for tensor in sums:
+                dist.all_reduce(tensor)
+        return {"iteration": self.iteration, "applied": self.applied, "skipped": self.skipped,
+                "streak": self.streak, "losses": sums[0].cpu(), "confusion": [t.cpu() for t in sums[1:]]}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned."""
+    def load_state_dict(self, state: dict, holds_sums: bool) -> None:
+        """Restore what state_dict() returned; only one rank (`holds_sums`) takes the sums over all ranks, the
+        others start theirs from zero, so the epoch's final all-reduce counts them once."""
         self.iteration, self.applied = int(state["iteration"]), int(state["applied"])
         self.skipped, self.streak = int(state["skipped"]), int(state["streak"])
-        self.losses.copy_(state["losses"])
-        for monitor, mat in zip(self.monitors, state["confusion"], strict=True):
-            monitor.mat.copy_(mat)
+        if holds_sums:
+            self.losses.copy_(state["losses"])
+            for monitor, mat in zip(self.monitors, state["confusion"], strict=True):
+                monitor.mat.copy_(mat)
 
 
 def resume_command(argv: Sequence[str], world_size: int) -> str:
