@@ -373,7 +373,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
 
     A signal that `stop` caught ends the run after the current step: last.pth is saved, a line gives the
     command that continues (from `argv`, default sys.argv[1:]), and SystemExit carries faults.exit_code."""
-    stop = stop or StopSignals()  # not entered: a library call leaves the host process's signals alone
+    stop = stop or StopSignals()  # never entered: a library call leaves the host process's signals alone
     d = init_distributed(args)
     args = resolve_args(args)
     info = dataset_info(args.dataset, args.data_root)
@@ -395,15 +395,16 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
               f"{f', resuming at epoch {start_epoch + 1}' if start_epoch or resumed else ''}"
               f"{' after iteration %d' % resumed['iteration'] if resumed else ''}", flush=True)
     eval_model = run.ema.model if semi else run.model
+    stop.arm()  # from here on a stop signal ends the run after a step, with last.pth saved
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
         state = EpochState(3 if semi else 1, 2 if semi else 1, info.num_classes, d.device)
         if resumed and epoch == start_epoch:
-            state.load_state_dict(resumed, holds_sums=d.main)
+            state.load_state_dict(resumed, d.rank, d.world_size)
 
         def checkpoint(inside: EpochState) -> None:
-            position = inside.state_dict()  # every rank takes part: the sums are over all ranks
+            position = inside.state_dict()  # every rank takes part: it gathers every rank's sums
             if out:
                 save_last(run, out.last_path, epoch, best, metrics, position)
 

@@ -35,19 +35,27 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 class StopSignals:
-    """While entered (in the main thread), the first SIGTERM or SIGINT only records a stop request, so the
-    current step can finish and be saved; a second one acts as if no handler were installed (stop now)."""
+    """Inside its context and once armed (when training starts, in the main thread), the first SIGTERM or
+    SIGINT only records a stop request, so the current step can finish and be saved; a second one acts as if
+    no handler were installed (stop now). Before arming (set-up, rendezvous) the signals keep their default
+    action, which also ends a process blocked in a collective, where a Python handler would never run."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._entered = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # Python sets handlers only there
-            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        self._entered = True
         return self
 
+    def arm(self) -> None:
+        """Start catching the stop signals (only inside the context, and in the main thread)."""
+        if self._entered and not self._previous and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
     def __exit__(self, *exc) -> None:
+        self._entered = False
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
@@ -114,24 +122,33 @@ class EpochState:
             self.applied, self.streak = self.applied + 1, 0
 
     def state_dict(self) -> dict:
-        """The state as plain values and CPU tensors, for last.pth; the sums are totals over all ranks (under
-        torchrun a collective: every rank calls it)."""
-        sums = [self.losses.clone(), *(m.mat.clone() for m in self.monitors)]
-        if dist.is_available() and dist.is_initialized():
-            for tensor in sums:
-                dist.all_reduce(tensor)
+        """The state as plain values and CPU tensors, for last.pth, with the sums of every rank (under torchrun
+        a collective: every rank calls it)."""
         return {"iteration": self.iteration, "applied": self.applied, "skipped": self.skipped,
-                "streak": self.streak, "losses": sums[0].cpu(), "confusion": [t.cpu() for t in sums[1:]]}
+                "streak": self.streak, "losses": _per_rank(self.losses).cpu(),
+                "confusion": [_per_rank(m.mat).cpu() for m in self.monitors]}
 
-    def load_state_dict(self, state: dict, holds_sums: bool) -> None:
-        """Restore what state_dict() returned; only one rank (`holds_sums`) takes the sums over all ranks, the
-        others start theirs from zero, so the epoch's final all-reduce counts them once."""
+    def load_state_dict(self, state: dict, rank: int, world_size: int) -> None:
+        """Restore what state_dict() returned: each rank takes back its own sums (exact to the bit). Resumed by
+        another number of processes, rank 0 takes the totals and the others start from zero, so the epoch's
+        final all-reduce still counts every step once."""
         self.iteration, self.applied = int(state["iteration"]), int(state["applied"])
         self.skipped, self.streak = int(state["skipped"]), int(state["streak"])
-        if holds_sums:
-            self.losses.copy_(state["losses"])
-            for monitor, mat in zip(self.monitors, state["confusion"], strict=True):
-                monitor.mat.copy_(mat)
+        for mine, saved in zip([self.losses, *(m.mat for m in self.monitors)],
+                               [state["losses"], *state["confusion"]], strict=True):
+            if len(saved) == world_size:
+                mine.copy_(saved[rank])
+            else:
+                mine.copy_(saved.sum(0) if rank == 0 else torch.zeros_like(saved[0]))
+
+
+def _per_rank(tensor: torch.Tensor) -> torch.Tensor:
+    """[world_size, ...]: this tensor as every rank holds it (under torchrun a collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor[None].clone()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.stack(parts)
 
 
 def resume_command(argv: Sequence[str], world_size: int) -> str:

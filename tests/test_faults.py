@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,16 @@ def test_torchrun_restarts_after_a_rank_dies_and_ends_as_an_uninterrupted_run(sm
     assert "resuming" not in outputs[0]  # --resume auto without a last.pth starts the run
     name = "demo_label6_semi_cutout_0"
     assert_same_run(last(tmp_path / "a", name), last(tmp_path / "b", name))
+
+
+def test_stop_signals_are_caught_only_once_armed_and_a_second_one_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with faults.StopSignals() as stop:
+        assert signal.getsignal(signal.SIGINT) is before  # set-up keeps the default action
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
