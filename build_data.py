@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset_card import CLASSES_FILE, HELP, read_card
+from faults import ignore_stop_signals
 from helpers import DataError, stream_seed
 from module_list import IGNORE_INDEX
 from transforms import normalise, pad_to, random_transform
@@ -488,20 +489,21 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         if num_items < 1:
             raise DataError("the training set is empty: check the id list / split")
         self.num_items, self.batch_size, self.iters = num_items, batch_size, iters_per_epoch
-        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.seed, self.rank, self.epoch, self.start = seed, rank, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Draw epoch `epoch`'s batches, skipping its first `start` (already trained on before a stop)."""
+        self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(stream_seed("batches", self.seed, self.epoch, self.rank))
         index = torch.randint(self.num_items, (self.iters, self.batch_size), generator=generator)
         seeds = torch.randint(2**62, (self.iters, self.batch_size), generator=generator)
-        for row_index, row_seed in zip(index.tolist(), seeds.tolist()):
+        for row_index, row_seed in zip(index[self.start:].tolist(), seeds[self.start:].tolist()):
             yield list(zip(row_index, row_seed))
 
     def __len__(self) -> int:
-        return self.iters
+        return self.iters - self.start
 
 
 class TrainLoader:
@@ -512,12 +514,12 @@ class TrainLoader:
         self.dataset, self.sampler = dataset, sampler
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
+            persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
             # seeds the workers' torch, numpy and random streams: distinct per worker, reproducible per run
             generator=torch.Generator().manual_seed(stream_seed("loader workers", seed, sampler.rank)))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.loader)

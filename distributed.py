@@ -41,7 +41,12 @@ def init_distributed(args: argparse.Namespace) -> Dist:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+        # torchrun's agent keeps one key-value store across restarts (--max-restarts): a restarted group would
+        # read the addresses its dead predecessors left there, so each attempt keeps its keys apart
+        store, rank, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if want_cuda else "gloo", store=dist.PrefixStore(f"attempt{attempt}/", store),
+                                rank=rank, world_size=size)
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
@@ -63,6 +68,13 @@ def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Wait for every rank, then leave the process group (a no-op in a single process)."""
+    barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_all(stream: str, *keys: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -13,17 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from build_data import (DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids,
                         list_unlabelled)
-from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all
+from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown
 from evaluation import evaluate
+from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
 from figures import covering_test_images, draw_figure, plot_curves
-from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, autocast_for, read_torch_file, run_cli, write_json
+from helpers import (RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, autocast_for, read_torch_file, run_cli, save_file,
+                     write_json)
 from module_list import (EMA, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
                          compute_unsupervised_loss, generate_unsup_data, label_onehot)
 from network import build_model, upsample
@@ -137,49 +139,70 @@ def semi_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, torch.stack([sup, unsup, reco]).detach()
 
 
-def optimisation_step(run: Run, batch: Sequence, monitors: Sequence[ConfMatrix]) -> torch.Tensor:
-    """Loss, backward, SGD step and (semi) teacher update for one batch per loader; returns the logged losses."""
+def optimisation_step(run: Run, batch: Sequence, monitors: Sequence[ConfMatrix],
+                      guard: StepGuard | None = None) -> tuple[torch.Tensor, bool, bool]:
+    """Loss, backward, SGD step and (semi) teacher update for one batch per loader; returns (logged losses,
+    skipped, stop). With a guard, a non-finite loss on any rank skips the update on every rank."""
+    if guard:
+        guard.before_step()
     if run.ema is None:
         loss, logged = sup_step(run, batch[0], monitors)
     else:
         loss, logged = semi_step(run, batch, monitors)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    if run.ema is not None:
-        run.ema.update(run.model)
-    return logged
+    skip, stop = guard.decide(loss) if guard else (False, False)
+    if not skip:
+        run.scaler.step(run.optimizer)  # fp16: the scaler itself still skips a step whose gradients overflow
+        run.scaler.update()
+        if run.ema is not None:
+            run.ema.update(run.model)
+    return logged, skip, stop
 
 
-def train_one_epoch(run: Run, loaders: Sequence, epoch: int) -> list[float]:
-    """One epoch of `iters_per_epoch` steps; returns the epoch's row of training metrics (reduced over ranks)."""
-    args, device = run.args, run.dist.device
+def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, stop: StopSignals,
+                    checkpoint: Callable[[EpochState], None]) -> list[float] | None:
+    """The steps of one epoch from state.iteration on; returns the epoch's row of training metrics (reduced
+    over ranks), or None when a stop signal ended it early (after checkpoint(state) saved where it stopped)."""
+    args = run.args
     semi = run.ema is not None
-    seed_all("steps", args.seed, epoch, run.dist.rank)  # every epoch's draws are fixed: exact resume
     for loader in loaders:
-        loader.set_epoch(epoch)
-    monitors = [ConfMatrix(run.info.num_classes, device) for _ in range(2 if semi else 1)]
-    losses = torch.zeros(3 if semi else 1, device=device)
+        loader.set_epoch(epoch, state.iteration)  # a resumed epoch skips the batches it has trained on
+    kept = [*run.model.buffers(), *(run.ema.model.buffers() if semi else ()), *(m.mat for m in state.monitors)]
+    guard = StepGuard(stop, kept)
     run.student.train()
     if semi:
         run.ema.model.train()  # the teacher's BN uses batch statistics for pseudo-labels, as the reference
-    bar = tqdm(zip(*loaders), total=args.iters_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-               disable=not (run.dist.main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+    bar = tqdm(zip(*loaders), total=args.iters_per_epoch, initial=state.iteration,
+               desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (run.dist.main and sys.stderr.isatty()),
+               leave=False, dynamic_ncols=True)
     lr = run.optimizer.param_groups[0]["lr"]
-    for it, batch in enumerate(bar):
-        losses += optimisation_step(run, batch, monitors)
-        if (it + 1) % args.log_interval == 0 and not bar.disable:  # the only host sync inside the epoch
+    for it, batch in enumerate(bar, state.iteration):
+        seed_all("steps", args.seed, epoch, it, run.dist.rank)  # every step's draws are fixed: exact resume
+        logged, skipped, stopping = optimisation_step(run, batch, state.monitors, guard)
+        state.record(logged, skipped)
+        if args.max_nonfinite and state.streak >= args.max_nonfinite:
+            raise UserError(f"the loss was non-finite in {state.streak} consecutive steps (epoch {epoch + 1}, "
+                            f"iteration {it + 1}; --max_nonfinite {args.max_nonfinite}); those steps were skipped "
+                            f"and {run_folder(args) / 'last.pth'} keeps the last saved state: lower --lr, check "
+                            "the data, or use --amp off")
+        if stopping or (args.save_every and (it + 1) % args.save_every == 0 and it + 1 < args.iters_per_epoch):
+            checkpoint(state)
+        if stopping:
+            bar.close()
+            return None
+        if (it + 1) % args.log_interval == 0 and not bar.disable:
             names = ("sup", "unsup", "reco") if semi else ("loss",)
-            bar.set_postfix({n: f"{v:.3f}" for n, v in zip(names, (losses / (it + 1)).tolist())}, lr=f"{lr:.2e}")
+            means = (state.losses / max(state.applied, 1)).tolist()
+            bar.set_postfix({n: f"{v:.3f}" for n, v in zip(names, means)}, lr=f"{lr:.2e}",
+                            **({"skipped": state.skipped} if state.skipped else {}))
     bar.close()
-    losses = all_reduce_sum(losses) / (args.iters_per_epoch * run.dist.world_size)
+    losses = all_reduce_sum(state.losses.clone()) / (state.applied * run.dist.world_size)
     row = losses.tolist()
-    for monitor in monitors:
+    for monitor in state.monitors:
         monitor.reduce_from_all_processes()
         row += list(monitor.get_metrics())
     return row
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,18 +277,24 @@ def resume_config(args: argparse.Namespace) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in RESUME_KEYS}
 
 
-def save_last(run: Run, path: Path, epoch: int, best: float, metrics: np.ndarray) -> None:
-    """The resume checkpoint: one dict with everything needed to continue after `epoch` (written atomically)."""
+def save_last(run: Run, path: Path, epoch: int, best: float, metrics: np.ndarray,
+              inside: dict | None = None) -> None:
+    """The resume checkpoint: one dict with everything needed to continue after `epoch`, or inside it at the
+    position `inside` (an EpochState.state_dict()); written atomically."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch + 1,
+             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+             "epoch": epoch + 1 if inside is None else epoch,
              "best_miou": best, "metrics": torch.from_numpy(metrics), "config": resume_config(run.args)}
     if run.ema is not None:
         state |= {"teacher": run.ema.model.state_dict(), "ema_step": run.ema.step}
-    atomic_save(lambda tmp: torch.save(state, tmp), path)
+    if inside is not None:
+        state["epoch_state"] = inside
+    save_file(lambda file: torch.save(state, file), path)
 
 
-def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray]:
-    """Restore a run from its resume checkpoint; returns (next epoch, best mIoU, metric array)."""
+def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None]:
+    """Restore a run from its resume checkpoint; returns (epoch to run, best mIoU, metric array, the state of
+    that epoch's steps done so far or None to start it)."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume: nothing to resume, {path} does not exist; "
                                 "run without --resume to start, or pass the path of a last.pth")
@@ -279,14 +308,24 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray]:
         detail = ", ".join(f"--{k} {state['config'].get(k)} (now {ours[k]})" for k in differ)
         raise UserError(f"--resume: {path} was written by another configuration: {detail}; "
                         "use the same flags or another --log_dir")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    if run.ema is not None:
-        run.ema.model.load_state_dict(state["teacher"])
-        run.ema.step = state["ema_step"]
-    return state["epoch"], state["best_miou"], state["metrics"].cpu().numpy()
+    needed = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_miou", "metrics"}
+    missing = sorted(needed - state.keys() | ({"teacher", "ema_step"} - state.keys() if run.ema else set()))
+    if missing:
+        raise UserError(f"--resume: {path} lacks {', '.join(missing)}, so it is not a complete last.pth; "
+                        "pass another file, or run without --resume")
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        if run.ema is not None:
+            run.ema.model.load_state_dict(state["teacher"])
+            run.ema.step = state["ema_step"]
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--resume: {path} does not fit this run ({cause}); pass a last.pth written with the "
+                        "same flags, or run without --resume") from None
+    return state["epoch"], state["best_miou"], state["metrics"].cpu().numpy(), state.get("epoch_state")
 
 
 class Outputs:
@@ -324,8 +363,8 @@ class Outputs:
     def write_epoch(self, epoch: int, lr: float, metrics: np.ndarray, model: nn.Module, is_best: bool) -> None:
         """Everything that changes after an epoch, each file replaced atomically."""
         if is_best:
-            atomic_save(lambda tmp: torch.save(model.state_dict(), tmp), self.best_path)
-        atomic_save(lambda tmp: np.save(open(tmp, "wb"), metrics), self.npy_path)
+            save_file(lambda file: torch.save(model.state_dict(), file), self.best_path)
+        save_file(lambda file: np.save(file, metrics), self.npy_path)
         rows = [",".join(("epoch",) + self.columns)]
         rows += [",".join([str(e + 1)] + [f"{v:.6g}" for v in metrics[e]]) for e in range(epoch + 1)]
         atomic_save(lambda tmp: tmp.write_text("\n".join(rows) + "\n"), self.run_dir / "metrics.csv")
@@ -347,9 +386,13 @@ def draw_run_figure(args: argparse.Namespace, out: Outputs) -> str:
                            device="cpu"))
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train one run end to end; returns the best test mIoU and the output paths."""
+def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: StopSignals | None = None) -> dict:
+    """Train one run end to end; returns the best test mIoU and the output paths.
+
+    A signal that `stop` caught ends the run after the current step: last.pth is saved, a line gives the
+    command that continues (from `argv`, default sys.argv[1:]), and SystemExit carries faults.exit_code."""
     started_at = time.perf_counter()
+    stop = stop or StopSignals()  # never entered: a library call leaves the host process's signals alone
     d = init_distributed(args)
     args = resolve_args(args)
     info = dataset_info(args.dataset, args.data_root)
@@ -357,10 +400,11 @@ def train(args: argparse.Namespace) -> dict:
     split, loaders, test_loader = build_loaders(args, info, d)
     run = build_run(args, info, d)
     columns = metric_columns(semi)
-    metrics, start_epoch, best = np.zeros((args.epochs, len(columns))), 0, -1.0
+    metrics, start_epoch, best, resumed = np.zeros((args.epochs, len(columns))), 0, -1.0, None
     if args.resume:
-        path = run_folder(args) / "last.pth" if args.resume == "auto" else Path(args.resume)
-        start_epoch, best, metrics = load_last(run, path)
+        path = run_folder(args) / "last.pth" if args.resume in ("last", "auto") else Path(args.resume)
+        if args.resume != "auto" or path.is_file():  # auto: a first launch starts, a restart continues
+            start_epoch, best, metrics, resumed = load_last(run, path)
     out = Outputs(args, columns, start_epoch) if d.main else None
     if out:
         out.write_split(*split)
@@ -368,12 +412,32 @@ def train(args: argparse.Namespace) -> dict:
         print(f"{args.name}: {len(split[0])} labelled / {len(split[1])} unlabelled images, "
               f"{args.epochs} epochs x {args.iters_per_epoch} iterations, device {d.device}"
               f"{f' x {d.world_size} processes' if d.world_size > 1 else ''}"
-              f"{f', resuming at epoch {start_epoch + 1}' if start_epoch else ''}", flush=True)
+              f"{f', resuming at epoch {start_epoch + 1}' if start_epoch or resumed else ''}"
+              f"{' after iteration %d' % resumed['iteration'] if resumed else ''}", flush=True)
     eval_model = run.ema.model if semi else run.model
+    stop.arm()  # from here on a stop signal ends the run after a step, with last.pth saved
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
-        row = train_one_epoch(run, loaders, epoch)
+        state = EpochState(3 if semi else 1, 2 if semi else 1, info.num_classes, d.device)
+        if resumed and epoch == start_epoch:
+            state.load_state_dict(resumed, d.rank, d.world_size)
+
+        def checkpoint(inside: EpochState) -> None:
+            position = inside.state_dict()  # every rank takes part: it gathers every rank's sums
+            if out:
+                save_last(run, out.last_path, epoch, best, metrics, position)
+
+        row = train_one_epoch(run, loaders, epoch, state, stop, checkpoint)
+        if row is None:  # stopped by a signal, and last.pth holds the step it stopped after
+            shutdown()  # every rank waits for rank 0's save: torchrun ends all ranks when one exits
+            if out:
+                out.close()
+                print(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} in epoch {epoch + 1} "
+                      f"after iteration {state.iteration}/{args.iters_per_epoch}; {out.last_path} is saved. "
+                      f"Continue with: {resume_command(sys.argv[1:] if argv is None else argv, d.world_size)}",
+                      flush=True)
+            raise SystemExit(exit_code(stop.received or signal.SIGTERM))
         broadcast_buffers(eval_model)  # every rank evaluates the weights rank 0 saves (and resumes from)
         test = evaluate(eval_model, test_loader, info.num_classes, d.device, args.amp,
                         progress=d.main and sys.stderr.isatty())
@@ -387,7 +451,8 @@ def train(args: argparse.Namespace) -> dict:
             train_part = " | ".join(f"{n} {v:.4f}" for n, v in zip(columns[:-3], row))
             print(f"EPOCH {epoch + 1:4d} ITER {(epoch + 1) * args.iters_per_epoch:6d} | {train_part} || "
                   f"test loss {test['loss']:.4f} | mIoU {test['miou']:.4f} | acc {test['acc']:.4f} || "
-                  f"best mIoU {best:.4f} | lr {lr:.2e} | {time.perf_counter() - started:.1f} s", flush=True)
+                  f"best mIoU {best:.4f} | lr {lr:.2e} | {time.perf_counter() - started:.1f} s"
+                  f"{f' | non-finite steps skipped: {state.skipped}' if state.skipped else ''}", flush=True)
     result = {"best_miou": best, "weights": None, "run_dir": None}
     if out:
         out.close()
@@ -395,12 +460,11 @@ def train(args: argparse.Namespace) -> dict:
         if not args.no_visual:
             result["figure"] = draw_run_figure(args, out)
         result["summary"] = out.write_summary(metrics, time.perf_counter() - started_at)
-    barrier()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()
     return result
 
 
 def main(mode: str, argv: Sequence[str] | None = None) -> None:
     """Entry point of the four training scripts."""
-    run_cli(lambda a: train(get_args_parser(mode).parse_args(a)), argv)
+    with StopSignals() as stop:
+        run_cli(lambda a: train(get_args_parser(mode).parse_args(a), a, stop), argv)

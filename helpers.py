@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,26 @@ def atomic_save(write: Callable[[Path], object], path: str | os.PathLike) -> Non
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        # a failed write() names no file (a full disk, a quota): say which one could not be written
+        raise type(error)(error.errno, f"{error.strerror or error} while writing {path}") from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_file(save: Callable[[BinaryIO], object], path: str | os.PathLike) -> None:
+    """atomic_save for writers of an open binary file (torch.save, np.save): the file is flushed to disk and
+    closed before it is renamed, and a full disk is an OSError naming `path` (torch.save given a path would
+    raise a RuntimeError from its own writer instead)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as file:
+            save(file)
+            file.flush()
+            os.fsync(file.fileno())  # a node that dies after the rename still has the whole file
+
+    atomic_save(write, path)
 
 
 def replace_dir(new: Path, dest: Path) -> None:

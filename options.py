@@ -73,12 +73,18 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     new.add_argument("--split_dir", default=None, help="use labelled.txt/unlabelled.txt from this folder")
     new.add_argument("--split", default=None, metavar="NAME",
                      help="a shipped standard split, e.g. pascal/92 or cityscapes/1_30 (dataset/splits/)")
-    new.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                     help="continue from the run folder's last.pth (or the given file)")
+    new.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                     help="continue from the run folder's last.pth (or the given file); 'auto': continue if "
+                          "last.pth exists, else start (one command line for the first launch and every restart)")
     new.add_argument("--weights_dir", default="model_weights")
     new.add_argument("--log_dir", default="logging")
     new.add_argument("--log_interval", type=int, default=10, help="iterations between progress-bar updates")
     new.add_argument("--no_visual", action="store_true", help="skip the visual.py figure at the end")
+    long_runs = p.add_argument_group("long runs (faults.py)")
+    long_runs.add_argument("--save_every", type=int, default=0,
+                           help="also write last.pth every N iterations (0: at the end of each epoch only)")
+    long_runs.add_argument("--max_nonfinite", type=int, default=10,
+                           help="stop after this many consecutive steps skipped for a non-finite loss (0: never)")
     p.set_defaults(train_mode=mode)
     return p
 
@@ -121,6 +127,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--temp must be positive, got {args.temp}")
     if args.num_workers is not None and args.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
+    for flag in ("save_every", "max_nonfinite"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be >= 0 (0 turns it off), got {getattr(args, flag)}")
     args.name = run_name(args)
     return args
 

@@ -1,0 +1,236 @@
+"""Faults of long runs: a stop signal mid-epoch, non-finite losses, a full disk, bad checkpoints, and an elastic
+torchrun restart after a rank dies."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+import faults
+import helpers
+import preparation
+from build_data import EpochBatchSampler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """A demo dataset with few, small images: evaluation after each epoch stays cheap."""
+    return preparation.make_demo_dataset(tmp_path_factory.mktemp("small") / "demo", num_train=24, num_val=4,
+                                         size=48, partial_seeds=())
+
+
+def argv_for(root, out, *extra):
+    return ["--dataset", "demo", "--data_root", str(root), "--weights_dir", str(out / "w"), "--log_dir",
+            str(out / "log"), "--batch_size", "2", "--crop_size", "33", "33", "--num_labels", "6", "--output_dim",
+            "16", "--num_queries", "16", "--num_negatives", "32", "--no_visual", "--device", "cpu", *extra]
+
+
+def last(out, name):
+    return torch.load(out / "log" / name / "last.pth", weights_only=True)
+
+
+def assert_same_run(a, b):
+    for key in ("model", "teacher"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert torch.equal(a["metrics"], b["metrics"])
+
+
+def every_step(monkeypatch, action):
+    """Call action(step number from 1, run) before each optimisation step of this process."""
+    original, count = engine.optimisation_step, [0]
+
+    def step(run, *a, **k):
+        count[0] += 1
+        action(count[0], run)
+        return original(run, *a, **k)
+
+    monkeypatch.setattr(engine, "optimisation_step", step)
+
+
+def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(small_demo, tmp_path, monkeypatch, capsys):
+    common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco"]
+    name = "demo_label6_semi_cutmix_reco_0"
+    engine.main("semi", argv_for(small_demo, tmp_path / "a", *common))
+    every_step(monkeypatch, lambda n, run: n == 2 and os.kill(os.getpid(), signal.SIGTERM))
+    argv = argv_for(small_demo, tmp_path / "b", *common)
+    capsys.readouterr()
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        engine.main("semi", argv)
+    assert stopped.value.code == faults.exit_code(signal.SIGTERM) == 143
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("stopped by SIGTERM in epoch 1 after iteration 2/3; ") and "last.pth is saved" in out[-1]
+    assert out[-1].endswith(" ".join(argv) + " --resume") and "--resume --" not in out[-1]
+    assert last(tmp_path / "b", name)["epoch_state"]["iteration"] == 2
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
+    monkeypatch.undo()
+    engine.main("semi", argv + ["--resume"])
+    assert "resuming at epoch 1 after iteration 2" in capsys.readouterr().out
+    assert_same_run(last(tmp_path / "a", name), last(tmp_path / "b", name))
+
+
+def test_nonfinite_losses_skip_the_update_and_stop_after_a_streak(small_demo, tmp_path, monkeypatch, capsys):
+    states, poisoned = [], [False]
+
+    def record(n, run):  # NaN images on step 1 (alone) and from step 3 on (a streak in epoch 2)
+        states.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        poisoned[0] = n != 2
+
+    def sup_step(run, batch, monitors, original=engine.sup_step):
+        images, labels = batch
+        return original(run, (images * np.nan if poisoned[0] else images, labels), monitors)
+
+    monkeypatch.setattr(engine, "sup_step", sup_step)
+    every_step(monkeypatch, record)
+    with pytest.raises(SystemExit) as stopped:
+        engine.main("sup", argv_for(small_demo, tmp_path, "--epochs", "2", "--iters_per_epoch", "2",
+                                    "--max_nonfinite", "2"))
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2
+    assert "non-finite in 2 consecutive steps (epoch 2, iteration 2; --max_nonfinite 2)" in captured.err
+    assert "last.pth keeps the last saved state" in captured.err and captured.err.count("\n") == 1
+    epoch_lines = [line for line in captured.out.splitlines() if line.startswith("EPOCH")]
+    assert len(epoch_lines) == 1 and "non-finite steps skipped: 1" in epoch_lines[0]
+    # states[n] is the state before step n + 1: step 1 changed nothing (BN statistics included), step 2 did
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[1][k], states[2][k]) for k in states[1])
+    assert all(torch.equal(states[2][k], states[3][k]) for k in states[2])
+    saved = last(tmp_path, "demo_label6_sup_0")
+    assert saved["epoch"] == 1 and "epoch_state" not in saved  # the end of epoch 1: the last good state
+    assert np.isfinite(saved["metrics"][0].numpy()).all()
+
+
+def test_a_full_disk_while_saving_the_checkpoint_stops_with_its_path(small_demo, tmp_path, monkeypatch, capsys):
+    real_save, saves = torch.save, []
+
+    def save(obj, file, *a, **k):
+        saves.append(obj)
+        if isinstance(obj, dict) and "optimizer" in obj and obj["epoch"] == 2:
+            file.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, file, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as stopped:
+        engine.main("sup", argv_for(small_demo, tmp_path, "--epochs", "2", "--iters_per_epoch", "1"))
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "log" / "demo_label6_sup_0"
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: [Errno 28] No space left on device while writing ") and str(run_dir / "last.pth") in err
+    assert last(tmp_path, "demo_label6_sup_0")["epoch"] == 1  # the previous checkpoint is intact
+    assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
+
+
+def test_save_file_keeps_the_previous_file_and_names_the_path(tmp_path):
+    target = tmp_path / "x.npy"
+    helpers.save_file(lambda f: np.save(f, np.arange(3)), target)
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=f"No space left on device while writing {target}") as error:
+        helpers.save_file(full, target)
+    assert error.value.errno == errno.ENOSPC
+    assert np.load(target).tolist() == [0, 1, 2] and sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_resume_refuses_truncated_and_foreign_checkpoints_and_touches_nothing(small_demo, tmp_path, capsys):
+    argv = argv_for(small_demo, tmp_path, "--epochs", "1", "--iters_per_epoch", "1")
+    engine.main("sup", argv)
+    run_dir = tmp_path / "log" / "demo_label6_sup_0"
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file())
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    good = (run_dir / "last.pth").read_bytes()
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    cases = {
+        "truncated.pth": (good[: len(good) // 2], "truncated.pth cannot be read"),
+        "lacking.pth": ({k: v for k, v in state.items() if k != "optimizer"}, "lacks optimizer, so it is not"),
+        "foreign.pth": (state | {"model": {"weight": torch.zeros(3)}}, "foreign.pth does not fit this run"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            engine.main("sup", argv + ["--resume", str(path)])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and err.startswith("error: --resume: ") and message in err, err
+        assert err.count("\n") == 1
+    assert sorted(p for p in run_dir.rglob("*") if p.is_file()) == files
+    assert all((p.stat().st_mtime_ns, p.read_bytes()) == before[p] for p in files)
+
+
+def test_a_resumed_epoch_skips_exactly_the_drawn_batches():
+    full = EpochBatchSampler(10, 2, 5, seed=3, rank=1)
+    full.set_epoch(4)
+    rest = EpochBatchSampler(10, 2, 5, seed=3, rank=1)
+    rest.set_epoch(4, start=2)
+    assert list(rest) == list(full)[2:] and len(rest) == 3
+
+
+def test_resume_command_replaces_any_resume_flag(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train_semisup.py"])
+    assert faults.resume_command(["--seed", "1", "--resume", "x.pth", "--epochs", "2"], 1) == \
+        "python train_semisup.py --seed 1 --epochs 2 --resume"
+    assert faults.resume_command(["--resume=auto", "--data_root", "my data"], 2) == \
+        "torchrun --nproc_per_node=2 train_semisup.py --data_root 'my data' --resume"
+
+
+KILLER = """\
+import os, sys
+import engine
+step, count = engine.optimisation_step, [0]
+def dying_step(run, *a, **k):  # rank 1 dies once, at the step given, as a lost node would
+    count[0] += 1
+    marker = sys.argv[1]
+    if os.environ["RANK"] == "1" and count[0] == int(sys.argv[2]) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return step(run, *a, **k)
+engine.optimisation_step = dying_step
+engine.main("semi", sys.argv[3:])
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_after_a_rank_dies_and_ends_as_an_uninterrupted_run(small_demo, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(KILLER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    common = ["--epochs", "2", "--iters_per_epoch", "3", "--save_every", "2", "--resume", "auto"]
+    outputs = []
+    for out, die_at in ((tmp_path / "a", 0), (tmp_path / "b", 6)):  # before step 6: epoch 2 was saved after iteration 2
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "--max-restarts=1", "--monitor-interval=0.2", str(probe), str(tmp_path / "died"),
+                               str(die_at), *argv_for(small_demo, out, *common)],
+                              cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs.append(done.stdout)
+    assert (tmp_path / "died").exists() and "resuming at epoch 2 after iteration 2" in outputs[1]
+    assert "resuming" not in outputs[0]  # --resume auto without a last.pth starts the run
+    name = "demo_label6_semi_cutout_0"
+    assert_same_run(last(tmp_path / "a", name), last(tmp_path / "b", name))
+
+
+def test_stop_signals_are_caught_only_once_armed_and_a_second_one_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with faults.StopSignals() as stop:
+        assert signal.getsignal(signal.SIGINT) is before  # set-up keeps the default action
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
