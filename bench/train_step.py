@@ -3,11 +3,12 @@
 Runs the engine's own optimisation step on synthetic batches (so data loading is not measured):
     python bench/train_step.py                       # CPU, small size, eager vs torch.compile
     python bench/train_step.py --device cuda --size pascal --amp off bf16 --compile off reduce-overhead \
-        --sync_check --kernels                       # the GPU table (about 10 minutes on one H100-class GPU)
+        --sync_check --kernels                       # the GPU table (12 rows, 6 compiled; --amp bf16 alone halves it)
 Prints one JSON line per configuration and a table at the end. Compilation happens in engine.build_run
 (its seconds are the 'compile s' column), so the timed steps are the compiled ones. 'first losses' are the
 first step's logged losses from the same seed: equal within float noise across --compile and --channels_last.
---kernels (CUDA) profiles one step: kernels launched and the summed duration of the device's work.
+--kernels (CUDA) profiles one step: host launch calls, kernels run and the summed duration of the device's
+work (GPU busy time; the step's s/iter over it says how much the host makes the device wait).
 """
 
 import argparse
@@ -51,11 +52,18 @@ def synthetic_batch(batch: int, crop, num_classes: int, device, generator):
     return images, labels.to(device)
 
 
-def device_work(prof) -> tuple[int, float]:
-    """(kernels launched, summed milliseconds of device work) in a CUDA profile."""
-    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    kernels = sum(1 for e in events if not e.name.startswith(("Memcpy", "Memset")))
-    return kernels, sum(e.time_range.elapsed_us() for e in events) / 1000
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def device_work(prof) -> tuple[int, int, float]:
+    """(host launch calls, kernels run on the device, summed milliseconds of device work) in a CUDA profile.
+
+    Under CUDA graphs one cudaGraphLaunch runs many kernels: launches then fall while kernels stay."""
+    events = prof.events()
+    launches = sum(1 for e in events if e.name in LAUNCHES)
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = sum(1 for e in device if not e.name.startswith(("Memcpy", "Memset")))
+    return launches, kernels, sum(e.time_range.elapsed_us() for e in device) / 1000
 
 
 def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool, profile: bool,
@@ -127,7 +135,8 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
     if syncs is not None:
         result["host_syncs"] = syncs
     if work is not None:
-        result["kernels_per_step"], result["gpu_busy_ms"] = work[0], round(work[1], 2)
+        result["launches_per_step"], result["kernels_per_step"] = work[0], work[1]
+        result["gpu_busy_ms"] = round(work[2], 2)
     return result
 
 
@@ -159,11 +168,11 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     print(f"\n{'config':14} {'amp':5} {'compile':15} {'NHWC':5} {'batch':7} {'crop':9} {'s/iter':>8} {'CPU s':>7} {'peak GiB':>9}"
-          f" {'compile s':>9} {'kernels':>8} {'GPU ms':>8}  first losses  ({rows[0]['device_name']})")
+          f" {'compile s':>9} {'launches':>8} {'kernels':>8} {'GPU ms':>8}  first losses  ({rows[0]['device_name']})")
     for r in rows:
         print(f"{r['config']:14} {r['amp']:5} {r['compile']:15} {'yes' if r['channels_last'] else 'no':5} "
               f"{r['batch']:7} {'x'.join(map(str, r['crop'])):9} {r['s_per_iter']:8.3f} {r['cpu_s_per_iter']:7.3f} {r['peak_gib']:9.2f} "
-              f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r.get('kernels_per_step', '-'):>8} "
+              f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r.get('launches_per_step', '-'):>8} {r.get('kernels_per_step', '-'):>8} "
               f"{r.get('gpu_busy_ms', '-'):>8}  {' '.join(f'{v:.4f}' for v in r['first_losses'])}")
 
 
