@@ -19,7 +19,7 @@ LAYOUT_CHOICES = ("auto", "on", "off")
 # stays off until the bench shows a gain (`--compile reduce-overhead` is the mode made for launch-bound steps).
 AUTO_COMPILE = {"cpu": "off", "cuda": "off"}
 # --channels_last auto: NHWC convolutions are what cuDNN's tensor-core kernels read (bf16/fp16/TF32); on the
-# CPU they were slower here (README, Performance).
+# CPU the gain was within the noise of the shared machine (README, Performance), so the default layout stays.
 AUTO_CHANNELS_LAST = {"cpu": False, "cuda": True}
 
 
