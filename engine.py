@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from acceleration import compile_in_place, compile_mode, memory_format, step_begin, warm_up
 from build_data import (DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids,
                         list_unlabelled)
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown
@@ -37,14 +38,15 @@ from transforms import batch_transform
 
 
 class Views(nn.Module):
-    """Runs the model on each input separately (own BN statistics) inside one call, so DDP sees one forward."""
+    """Runs the model on each input separately (own BN statistics) inside one call, so DDP sees one forward
+    (and torch.compile one graph); inputs are put in the weights' memory format."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layout: torch.memory_format = torch.contiguous_format):
         super().__init__()
-        self.model = model
+        self.model, self.layout = model, layout
 
-    def forward(self, *inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [self.model(x) for x in inputs]
+    def forward(self, *inputs: torch.Tensor, with_rep: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [self.model(x.contiguous(memory_format=self.layout), with_rep) for x in inputs]
 
 
 def nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -69,6 +71,9 @@ class Run:
     scheduler: PolyLR
     scaler: torch.amp.GradScaler
     autocast: Callable[[], AbstractContextManager]
+    teacher: nn.Module | None = None  # Views(ema.model), compiled with the student; ema.model stays eager
+    compile_mode: str = "off"         # the torch.compile mode in use ('off': eager)
+    compile_s: float | None = None    # seconds spent compiling before the first step
 
 
 def reco_inputs(labels: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor, num_classes: int):
@@ -84,7 +89,7 @@ def sup_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
     args, device = run.args, run.dist.device
     images, labels = (t.to(device, non_blocking=True) for t in batch)
     with run.autocast():
-        [(logits, rep)] = run.student(images)
+        [(logits, rep)] = run.student(images, with_rep=args.apply_reco)
     logits_up = upsample(logits, labels.shape[-2:])
     loss = compute_supervised_loss(logits_up, labels)
     if args.apply_reco:
@@ -103,7 +108,7 @@ def semi_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
     crop = images_u.shape[-2:]
     with torch.no_grad():
         with run.autocast():
-            teacher_logits, _ = run.ema.model(images_u)
+            [(teacher_logits, _)] = run.teacher(images_u, with_rep=False)
         conf_u, pseudo_u = torch.softmax(upsample(teacher_logits, crop), dim=1).max(dim=1)
         monitors[1].update(pseudo_u, labels_u)
         if args.partial:  # partial ground truth overrides the teacher, with full confidence
@@ -115,7 +120,7 @@ def semi_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
         images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, (1.0, 1.0), True)
 
     with run.autocast():
-        (logits_l, rep_l), (logits_u, rep_u) = run.student(images_l, images_u)
+        (logits_l, rep_l), (logits_u, rep_u) = run.student(images_l, images_u, with_rep=args.apply_reco)
     logits_l_up = upsample(logits_l, labels_l.shape[-2:])
     sup = compute_supervised_loss(logits_l_up, labels_l)
     unsup = compute_unsupervised_loss(upsample(logits_u, crop), pseudo_u, conf_u, args.strong_threshold)
@@ -143,6 +148,7 @@ def optimisation_step(run: Run, batch: Sequence, monitors: Sequence[ConfMatrix],
                       guard: StepGuard | None = None) -> tuple[torch.Tensor, bool, bool]:
     """Loss, backward, SGD step and (semi) teacher update for one batch per loader; returns (logged losses,
     skipped, stop). With a guard, a non-finite loss on any rank skips the update on every rank."""
+    step_begin(run.compile_mode)
     if guard:
         guard.before_step()
     if run.ema is None:
@@ -257,19 +263,37 @@ def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
         if d.device.type != "cuda":
             raise UserError("--sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop the flag")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(d.device)
-    ema = EMA(model, 0.99, average_buffers=args.ema_buffers) if MODES[args.train_mode][0] else None
-    student = Views(model)
+    layout = memory_format(args.channels_last, d.device)
+    model.to(d.device, memory_format=layout)
+    model.representation.requires_grad_(args.apply_reco)  # not run without ReCo: no parameter is left unused
+    semi = MODES[args.train_mode][0]
+    ema = EMA(model, 0.99, average_buffers=args.ema_buffers) if semi else None
+    student, teacher = Views(model, layout), Views(ema.model, layout) if ema else None
+    mode, note = compile_mode(args.compile, d.device, d.world_size)
+    if note and d.main:
+        print(note, flush=True)
+    for views in (student, teacher):
+        if views is not None:
+            compile_in_place(views, mode)  # before DDP wraps it, as torch.compile's documentation advises
     if d.world_size > 1:
         student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-            find_unused_parameters=not args.apply_reco)  # the representation head is idle without ReCo
+            student, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
+    autocast = autocast_for(d.device, args.amp)
+    compile_s = None
+    if mode != "off":  # compile before the first epoch, so its it/s are the compiled step's
+        crop = (3, *args.crop_size)
+        calls = ([(student, [(args.batch_size, *crop)] * 2, args.apply_reco, True),
+                  (teacher, [(args.batch_size, *crop)], False, False)] if semi
+                 else [(student, [(2 * args.batch_size, *crop)], args.apply_reco, True)])
+        compile_s = warm_up(calls, d.device, autocast, mode)
+        if d.main:
+            print(f"torch.compile ({mode}): compiled in {compile_s:.1f} s", flush=True)
     return Run(args=args, info=info, dist=d, model=model, student=student, ema=ema, optimizer=optimizer,
                scheduler=PolyLR(optimizer, args.epochs, power=0.9, min_lr=1e-6),
                scaler=torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16"),
-               autocast=autocast_for(d.device, args.amp))
+               autocast=autocast, teacher=teacher, compile_mode=mode, compile_s=compile_s)
 
 
 def resume_config(args: argparse.Namespace) -> dict:

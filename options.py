@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
 from build_data import PARTIAL_SETTINGS, check_partial, dataset_info
 from helpers import AMP_DTYPES, UserError
 from module_list import MIX_MODES
@@ -68,6 +69,11 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     new.add_argument("--pretrained", default=None, help="imagenet, none, or a torchvision ResNet state_dict")
     new.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision")
     new.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:<gpu> if available)")
+    new.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
+                     help="torch.compile the model's forward and backward ('reduce-overhead' adds CUDA graphs); "
+                          "auto: the fastest measured on the device (off on CPU and, until measured, on CUDA)")
+    new.add_argument("--channels_last", default="auto", choices=LAYOUT_CHOICES,
+                     help="channels-last memory format for the convolutions (auto: on for CUDA, off on CPU)")
     new.add_argument("--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
     new.add_argument("--ema_buffers", action="store_true", help="the teacher also averages BN buffers")
     new.add_argument("--split_dir", default=None, help="use labelled.txt/unlabelled.txt from this folder")

@@ -1,5 +1,7 @@
-"""Loader throughput on Pascal-sized data: crops/s of the labelled train loader for several worker counts,
-and of batch_transform on a device batch (the unlabelled path).
+"""Loader throughput on Pascal-sized data: crops/s of the labelled train loader for several worker counts, of the
+unlabelled train loader (plain crops at scale 1), and of batch_transform on a device batch (the unlabelled path).
+In a semi-supervised run each branch has its own loader and workers: at S s per step with batch B, each loader
+must deliver B / S crops/s (10 / 0.10 s = 100 crops/s at the Pascal defaults).
 
     python bench/dataloader.py [--images 64] [--iters 20] [--workers 0 1 2] [--json out.json]
 
@@ -85,13 +87,18 @@ def main() -> None:
     info = bd.DATASETS["pascal"]
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
                "torch": torch.__version__, "crop": list(info.crop_size), "scale_range": list(info.scale_range),
-               "batch": args.batch, "loader_crops_per_s": {}, "batch_transform_crops_per_s": {}}
+               "batch": args.batch, "loader_crops_per_s": {}, "unlabelled_loader_crops_per_s": {},
+               "batch_transform_crops_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         ids = make_images(Path(tmp), args.images)
         dataset = bd.SegmentationDataset(info, tmp, ids, "train", crop_size=info.crop_size,
                                          scale_range=info.scale_range, augmentation=True)
+        plain = bd.SegmentationDataset(info, tmp, ids, "train", crop_size=info.crop_size, scale_range=(1.0, 1.0),
+                                       augmentation=False)
         for workers in args.workers:
             results["loader_crops_per_s"][str(workers)] = round(loader_rate(dataset, workers, args.batch, args.iters), 1)
+            results["unlabelled_loader_crops_per_s"][str(workers)] = round(
+                loader_rate(plain, workers, args.batch, args.iters), 1)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         results["batch_transform_crops_per_s"][device.type] = round(transform_rate(device, args.batch), 1)
@@ -102,6 +109,8 @@ def main() -> None:
     print("\npath                          crops/s")
     for workers, rate in results["loader_crops_per_s"].items():
         print(f"train loader, {workers} worker(s)      {rate:9.1f}")
+    for workers, rate in results["unlabelled_loader_crops_per_s"].items():
+        print(f"unlabelled loader, {workers} worker(s) {rate:9.1f}")
     for device, rate in results["batch_transform_crops_per_s"].items():
         print(f"batch_transform on {device:<10} {rate:9.1f}")
 

@@ -1,9 +1,14 @@
-"""Seconds per training iteration and peak memory of sup, semisup and semisup + ReCo steps.
+"""Seconds per training iteration and peak memory of sup, semisup and semisup + ReCo steps, compiled or not.
 
 Runs the engine's own optimisation step on synthetic batches (so data loading is not measured):
-    python bench/train_step.py                       # CPU, small size
-    python bench/train_step.py --device cuda --size pascal --amp off bf16 [--sync_check]
-Prints one JSON line per configuration and a table at the end.
+    python bench/train_step.py                       # CPU, small size, eager vs torch.compile
+    python bench/train_step.py --device cuda --size pascal --amp off bf16 --compile off reduce-overhead \
+        --sync_check --kernels                       # the GPU table (12 rows, 6 compiled; --amp bf16 alone halves it)
+Prints one JSON line per configuration and a table at the end. Compilation happens in engine.build_run
+(its seconds are the 'compile s' column), so the timed steps are the compiled ones. 'first losses' are the
+first step's logged losses from the same seed: equal within float noise across --compile and --channels_last.
+--kernels (CUDA) profiles one step: host launch calls, kernels run and the summed duration of the device's
+work (GPU busy time; the step's s/iter over it says how much the host makes the device wait).
 """
 
 import argparse
@@ -17,17 +22,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile as torch_profile  # noqa: E402
 
 import distributed  # noqa: E402
 import engine  # noqa: E402
 import helpers  # noqa: E402
 import options  # noqa: E402
+from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES  # noqa: E402
 from build_data import dataset_info  # noqa: E402
 from module_list import ConfMatrix  # noqa: E402
 
 SIZES = {  # the reference's Pascal defaults, and a size a laptop CPU gets through in seconds
     "pascal": ["--dataset", "pascal", "--resnet_depth", "101"],
     "small": ["--dataset", "pascal", "--resnet_depth", "18", "--batch_size", "2", "--crop_size", "97", "97"],
+    "crop161": ["--dataset", "pascal", "--resnet_depth", "101", "--batch_size", "2", "--crop_size", "161", "161"],
 }
 MODES = {"sup": ("sup", []), "semisup": ("semi", ["--apply_aug", "classmix"]),
          "semisup+reco": ("semi", ["--apply_aug", "classmix", "--apply_reco"])}
@@ -43,11 +52,28 @@ def synthetic_batch(batch: int, crop, num_classes: int, device, generator):
     return images, labels.to(device)
 
 
-def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool, profile: bool) -> dict:
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def device_work(prof) -> tuple[int, int, float]:
+    """(host launch calls, kernels run on the device, summed milliseconds of device work) in a CUDA profile.
+
+    Under CUDA graphs one cudaGraphLaunch runs many kernels: launches then fall while kernels stay."""
+    events = prof.events()
+    launches = sum(1 for e in events if e.name in LAUNCHES)
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = sum(1 for e in device if not e.name.startswith(("Memcpy", "Memset")))
+    return launches, kernels, sum(e.time_range.elapsed_us() for e in device) / 1000
+
+
+def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool, profile: bool,
+          compile_mode: str, channels_last: str, kernels: bool) -> dict:
     mode, extra = MODES[name]
     args = options.resolve_args(options.get_args_parser(mode).parse_args(
-        SIZES[size] + extra + ["--amp", amp, "--pretrained", "none", "--device", device]))
+        SIZES[size] + extra + ["--amp", amp, "--pretrained", "none", "--device", device, "--compile", compile_mode,
+                               "--channels_last", channels_last]))
     info = dataset_info(args.dataset)
+    torch.compiler.reset()  # each row compiles afresh (and stays under Dynamo's per-function recompile limit)
     run = engine.build_run(args, info, distributed.Dist(0, 1, torch.device(device)))
     run.student.train()
     g = torch.Generator().manual_seed(0)
@@ -61,16 +87,18 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(3):  # warm-up: cuDNN autotuning, allocator growth
+    torch.manual_seed(0)
+    first = engine.optimisation_step(run, batch, monitors)[0].tolist()
+    for _ in range(2):  # warm-up: cuDNN autotuning, allocator growth, CUDA graph recording
         engine.optimisation_step(run, batch, monitors)
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         engine.optimisation_step(run, batch, monitors)
     sync()
-    seconds = (time.perf_counter() - start) / steps
+    seconds, cpu_seconds = (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
     syncs = None
     if sync_check and cuda:  # separate, untimed steps: the debug mode itself costs time
         with warnings.catch_warnings(record=True) as caught:
@@ -81,21 +109,34 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
             torch.cuda.set_sync_debug_mode("default")
         syncs = sorted({str(w.message).splitlines()[0] for w in caught
                         if "synchroniz" in str(w.message) and "prototype" not in str(w.message)})
-    if profile and cuda:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    work = None
+    if profile or (kernels and cuda):
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             engine.optimisation_step(run, batch, monitors)
             sync()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
-    result = {"config": name, "size": size, "amp": amp, "device": device,
+        if profile:
+            print(f"--- {name} {amp} compile {run.compile_mode}", file=sys.stderr)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                            row_limit=25), file=sys.stderr)
+        if cuda:
+            work = device_work(prof)
+    result = {"config": name, "size": size, "amp": amp, "device": device, "compile": run.compile_mode,
+              "channels_last": next(run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+              and not next(run.model.parameters()).is_contiguous(),
+              "compile_s": None if run.compile_s is None else round(run.compile_s, 1),
+              "first_losses": [round(v, 5) for v in first],
               "device_name": torch.cuda.get_device_name() if cuda else "cpu",
               "batch": f"{per_loader}" + (f"+{per_loader}" if mode == "semi" else ""),
               "crop": list(args.crop_size), "resnet_depth": args.resnet_depth, "s_per_iter": round(seconds, 4),
+              "cpu_s_per_iter": round(cpu_seconds, 4), "threads": torch.get_num_threads(),
               "peak_gib": round((torch.cuda.max_memory_allocated() if cuda else
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 3),
               "peak_kind": "cuda max_memory_allocated" if cuda else "process peak RSS"}
     if syncs is not None:
         result["host_syncs"] = syncs
+    if work is not None:
+        result["launches_per_step"], result["kernels_per_step"] = work[0], work[1]
+        result["gpu_busy_ms"] = round(work[2], 2)
     return result
 
 
@@ -107,18 +148,32 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sync_check", action="store_true", help="report host syncs (CUDA's sync debug mode)")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one step (CUDA)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one step")
+    p.add_argument("--compile", nargs="+", default=["off", "default"], choices=COMPILE_CHOICES[1:],
+                   help="torch.compile modes side by side ('off' = eager)")
+    p.add_argument("--channels_last", nargs="+", default=["auto"], choices=LAYOUT_CHOICES)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (1 makes the process's CPU seconds a fair measure on a shared machine)")
+    p.add_argument("--kernels", action="store_true", help="kernels launched and GPU busy time of one step (CUDA)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for amp in args.amp:
         for name in args.configs:
-            row = bench(name, args.size, amp, args.device, args.steps, args.sync_check, args.profile)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    print(f"\n{'config':14} {'amp':5} {'batch':7} {'crop':9} {'s/iter':>8} {'peak GiB':>9}  ({rows[0]['device_name']})")
+            for layout in args.channels_last:
+                for mode in args.compile:
+                    row = bench(name, args.size, amp, args.device, args.steps, args.sync_check, args.profile,
+                                mode, layout, args.kernels)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    print(f"\n{'config':14} {'amp':5} {'compile':15} {'NHWC':5} {'batch':7} {'crop':9} {'s/iter':>8} {'CPU s':>7} {'peak GiB':>9}"
+          f" {'compile s':>9} {'launches':>8} {'kernels':>8} {'GPU ms':>8}  first losses  ({rows[0]['device_name']})")
     for r in rows:
-        print(f"{r['config']:14} {r['amp']:5} {r['batch']:7} {'x'.join(map(str, r['crop'])):9} "
-              f"{r['s_per_iter']:8.3f} {r['peak_gib']:9.2f}")
+        print(f"{r['config']:14} {r['amp']:5} {r['compile']:15} {'yes' if r['channels_last'] else 'no':5} "
+              f"{r['batch']:7} {'x'.join(map(str, r['crop'])):9} {r['s_per_iter']:8.3f} {r['cpu_s_per_iter']:7.3f} {r['peak_gib']:9.2f} "
+              f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r.get('launches_per_step', '-'):>8} {r.get('kernels_per_step', '-'):>8} "
+              f"{r.get('gpu_busy_ms', '-'):>8}  {' '.join(f'{v:.4f}' for v in r['first_losses'])}")
 
 
 if __name__ == "__main__":

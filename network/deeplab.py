@@ -1,6 +1,7 @@
 """DeepLabv3+ and DeepLabv2 with a ReCo representation head (reco_behaviour.md sections 4.2 and 4.3).
 
-Module names are the reference's, so its published state_dicts load strictly (checkpoint_keys_*.json).
+forward(x, with_rep=False) skips the representation head (it is only needed by the ReCo loss) and returns
+(logits, None). Module names are the reference's, so its published state_dicts load strictly (checkpoint_keys_*.json).
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ class DeepLabv3Plus(_ResNetStem):
         self.classifier = nn.Sequential(*_conv_bn_relu(304, 256, 3), nn.Conv2d(256, num_classes, 1))
         self.representation = nn.Sequential(*_conv_bn_relu(304, 256, 3), nn.Conv2d(256, output_dim, 1))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,3,H,W] -> (logits [B,C,h,w], representation [B,D,h,w]), h = ceil(H/4) after the stem."""
+    def forward(self, x: torch.Tensor, with_rep: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B,3,H,W] -> (logits [B,C,h,w], representation [B,D,h,w] or None), h = ceil(H/4) after the stem."""
         low, high = self._features(x)
         low = self.project(low)
         high = F.interpolate(self.ASPP(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
         features = torch.cat([low, high], dim=1)
-        return self.classifier(features), self.representation(features)
+        return self.classifier(features), self.representation(features) if with_rep else None
 
 
 class DeepLabv2Classifier(nn.Module):
@@ -107,10 +108,10 @@ class DeepLabv2(_ResNetStem):
         self.classifier = DeepLabv2Classifier(high_ch, num_classes)
         self.representation = nn.Sequential(nn.Conv2d(high_ch, output_dim, 1))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,3,H,W] -> (logits [B,C,h,w], representation [B,D,h,w]) at stride 8."""
+    def forward(self, x: torch.Tensor, with_rep: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B,3,H,W] -> (logits [B,C,h,w], representation [B,D,h,w] or None) at stride 8."""
         _, high = self._features(x)
-        return self.classifier(high), self.representation(high)
+        return self.classifier(high), self.representation(high) if with_rep else None
 
 
 def _out_channels(layer: nn.Sequential) -> int:

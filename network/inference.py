@@ -24,7 +24,7 @@ def check_window(window: Sequence[int] | None) -> None:
 
 
 def _upsampled_logits(model: nn.Module, images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return upsample(model(images)[0], size)
+    return upsample(model(images, with_rep=False)[0], size)  # no ReCo at inference: skip the head
 
 
 def _window_starts(length: int, window: int) -> list[int]:

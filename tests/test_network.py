@@ -184,7 +184,7 @@ def test_pretrained_imagenet_without_network_says_where_to_put_the_file(tmp_path
 class _Echo(nn.Module):
     """Logits = the image plus a left-to-right ramp, at full resolution (a known answer for predict)."""
 
-    def forward(self, x):
+    def forward(self, x, with_rep=True):
         ramp = torch.arange(x.shape[-1], dtype=x.dtype).expand_as(x)
         return x + ramp, x
 
@@ -197,7 +197,7 @@ def test_predict_flip_and_window_known_answers():
     # the flipped pass sees the ramp reversed; undoing the flip must realign the image
     torch.testing.assert_close(network.predict(_Echo(), x, (20, 31), flip=True), x + (width - 1) / 2)
     # windows are put back where they came from and overlaps are averaged: the identity model is exact
-    torch.testing.assert_close(network.predict(lambda t: (t, t), x, (20, 31), window=(8, 12)), x)
+    torch.testing.assert_close(network.predict(lambda t, with_rep: (t, t), x, (20, 31), window=(8, 12)), x)
     # each window's ramp restarts at 0: column 0 is only ever a window's first column, the last only a last one
     windowed = network.predict(_Echo(), x, (20, 31), window=(8, 12))
     torch.testing.assert_close(windowed[..., 0], x[..., 0])
