@@ -130,7 +130,8 @@ def fake_run(log_dir: Path, mode: str, seed: int, miou: list[float], num_labels:
     if config:
         args = {"dataset": dataset, "num_labels": num_labels, "partial": None, "seed": seed, "apply_aug": aug,
                 "apply_reco": reco, "name": name, "lr": 0.0025, "epochs": epochs or len(miou), "backbone": "deeplabv3p",
-                "data_root": f"/data/{seed}", "log_dir": str(log_dir), "split_dir": None, "train_mode": mode} | flags
+                "data_root": str(log_dir / f"data{seed}"), "log_dir": str(log_dir), "split_dir": None,
+                "train_mode": mode} | flags
         (log_dir / name).mkdir()
         (log_dir / name / "config.json").write_text(json.dumps({
             "args": args, "split_digest": "0" * 64, "torch": "2", "torchvision": "0", "device": "cpu",
