@@ -218,18 +218,22 @@ def load_split(info: DatasetInfo, root: str | os.PathLike | None, path: str | os
     labelled, unlabelled = read_split_dir(path)
     if info.layout == "cityscapes" and not all(i.isdigit() for i in labelled + unlabelled):
         numbers = cityscapes_numbers(root)
-        for name, ids in (("labelled.txt", labelled), ("unlabelled.txt", unlabelled)):
-            unknown = [i for i in ids if i not in numbers]
-            if unknown:
-                raise DataError(f"split file {Path(path) / name} names {len(unknown)} images that "
-                                f"{name_record_path(root, 'train')} does not list (first: {unknown[0]}): the split "
-                                f"is not of this Cityscapes train set; pass another --split / --split_dir")
+        _refuse_unknown(path, labelled, unlabelled, numbers,
+                        f"images that {name_record_path(root, 'train')} does not list",
+                        "the split is not of this Cityscapes train set; pass another --split / --split_dir")
         labelled, unlabelled = [numbers[i] for i in labelled], [numbers[i] for i in unlabelled]
-    known = set(list_ids(info, root, "train"))
+    _refuse_unknown(path, labelled, unlabelled, set(list_ids(info, root, "train")),
+                    f"ids that are not in the {info.name} training list of {root}",
+                    "the split is of another dataset or list; pass another --split / --split_dir, or another "
+                    "--data_root")
+    return labelled, unlabelled
+
+
+def _refuse_unknown(path: str | os.PathLike, labelled: Sequence[str], unlabelled: Sequence[str],
+                    known: Collection[str], what: str, fix: str) -> None:
+    """DataError naming the split file and its first id not in `known` (`what` they are, and the fix)."""
     for name, ids in (("labelled.txt", labelled), ("unlabelled.txt", unlabelled)):
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise DataError(f"split file {Path(path) / name} lists {len(unknown)} ids that are not in the "
-                            f"{info.name} training list of {root} (first: {unknown[0]}): the split is of "
-                            f"another dataset or list; pass another --split / --split_dir, or another --data_root")
-    return labelled, unlabelled
+            raise DataError(f"split file {Path(path) / name} lists {len(unknown)} {what} (first: {unknown[0]}): "
+                            f"{fix}")

@@ -30,15 +30,16 @@ def _load_script(name: str):
 def run_script(capsys):
     """run_script('make_splits.py', *args) -> (exit code, stdout, stderr): a dataset/ script's main through
     helpers.run_cli, in this process (no interpreter start-up per call)."""
-    def run(name: str, *args) -> tuple[int, str, str]:
-        module = _load_script(name)
-        capsys.readouterr()
-        try:
-            helpers.run_cli(module.main, [str(a) for a in args])
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return code, out, err
+    return lambda name, *args: run_entry(_load_script(name).main, args, capsys)
 
-    return run
+
+def run_entry(main, args, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of an entry point's main(argv) run through helpers.run_cli in this process."""
+    capsys.readouterr()
+    try:
+        helpers.run_cli(main, [str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err

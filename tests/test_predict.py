@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import build_data
-import helpers
 import network
 import predict
+from conftest import run_entry
 from transforms import normalise
 
 NUM_CLASSES = 5  # the demo dataset's classes
@@ -66,14 +66,7 @@ def checkpoint(tmp_path_factory):
 
 def run(argv, capsys) -> tuple[int, str, str]:
     """predict.main through helpers.run_cli: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        helpers.run_cli(predict.main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_entry(predict.main, argv, capsys)
 
 
 def expected_mask(model, path, flip=False, window=None) -> np.ndarray:

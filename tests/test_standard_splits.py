@@ -101,7 +101,7 @@ def test_cityscapes_names_are_recorded_and_map_a_split(tmp_path, run_script, mon
     splits.write_split_dir(tmp_path / "numbered", ["3"], ["0", "1", "2"])
     assert splits.load_split(info, root, tmp_path / "numbered") == (["3"], ["0", "1", "2"])
     # the real 1/30 split names images this tiny train set lacks
-    with pytest.raises(build_data.DataError, match=r"1_30/labelled.txt names 100 images that .*names_train.txt "
+    with pytest.raises(build_data.DataError, match=r"1_30/labelled.txt lists 100 images that .*names_train.txt "
                                                    r"does not list \(first: weimar/weimar_000085_000019\)"):
         splits.load_split(info, root, REPO / "dataset/splits/cityscapes/1_30")
 
