@@ -38,6 +38,7 @@ def steps(run: engine.Run, semi: bool, count: int) -> list[torch.Tensor]:
     return [engine.optimisation_step(run, batches(semi), monitors)[0] for _ in range(count)]
 
 
+@pytest.mark.slow
 def test_compiled_semi_reco_step_matches_eager(monkeypatch, capsys):
     # Inductor's C++ code generation takes minutes on 2 cores; the aot_eager backend still runs Dynamo's capture
     # and AOTAutograd's forward/backward graphs, which is where a compiled step could go wrong.

@@ -49,6 +49,7 @@ def table_state(stdout: str, method: str, budget: str, seed: int) -> str:
     raise AssertionError(f"no row for {method} {budget} {seed} in:\n{stdout}")
 
 
+@pytest.mark.slow
 def test_a_grid_is_killed_once_fails_once_resumes_and_reports_its_logs(small_demo, tmp_path, capsys):
     out = tmp_path / "study"
     cell = lambda method, budget, seed: out / "cells" / method / str(budget) / f"seed{seed}"  # noqa: E731

@@ -113,6 +113,7 @@ def script(name, argv, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_weights(demo_root, tmp_path):
     common = ["--epochs", "3", "--iters_per_epoch", "4", "--no_visual", "--num_labels", "6", "--apply_aug", "cutmix",
               "--apply_reco", "--device", "cpu"]  # bit-identical on the CPU (CUDA kernels may use atomics)
@@ -147,6 +148,7 @@ def torchrun(script, argv):
     return done
 
 
+@pytest.mark.slow
 def test_torchrun_resume(demo_root, tmp_path):
     argv = tiny_args(demo_root, tmp_path, "--epochs", "2", "--no_visual", "--num_labels", "6", "--device", "cpu")
     torchrun(REPO / "train_semisup.py", argv)
@@ -158,6 +160,7 @@ def test_torchrun_resume(demo_root, tmp_path):
     assert "resuming at epoch 2" in done.stdout and done.stdout.count("EPOCH") == 1
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(demo_root, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
