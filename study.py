@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from build_data import PARTIAL_SETTINGS  # noqa: E402
-from helpers import UserError, atomic_save, run_cli  # noqa: E402
+from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, run_cli  # noqa: E402
 from module_list import MIX_MODES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -100,7 +100,7 @@ class Cell:
         run_dir = self.run_dir()
         if run_dir is None:
             return "new"
-        if (run_dir / "summary.json").is_file() or epochs_filled(run_dir.parent / f"{run_dir.name}.npy")[1]:
+        if (run_dir / RUN_SUMMARY).is_file() or epochs_filled(run_dir.parent / f"{run_dir.name}.npy")[1]:
             return "done"
         return "interrupted" if (run_dir / "last.pth").is_file() else "new"
 
@@ -268,11 +268,11 @@ def read_log(npy: Path) -> tuple[np.ndarray, bool]:
 
 def run_from_config(path: Path) -> tuple[RunLog, Path] | None:
     """The run of a run folder's config.json and its .npy log (None: not a run configuration of this project)."""
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text())  # tolerant: a foreign config.json in the folders is not a run
     if not isinstance(config, dict) or not isinstance(config.get("args"), dict) or "mode" not in config:
         return None
     args, run_dir = config["args"], path.parent
-    summary = run_dir / "summary.json"
+    summary = run_dir / RUN_SUMMARY
     npy = Path(json.loads(summary.read_text())["npy"]) if summary.is_file() else None
     if npy is None or not npy.is_file():  # the folder may have moved: the log lies beside it, as training wrote it
         npy = run_dir.parent / f"{args['name']}.npy"
@@ -308,7 +308,7 @@ def find_runs(folders: Sequence[Path]) -> list[RunLog]:
     for folder in folders:
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder; pass a study folder or run folders")
-        for path in sorted(folder.rglob("config.json")):
+        for path in sorted(folder.rglob(RUN_CONFIG)):
             found = run_from_config(path)
             if found:
                 runs[found[0].source.resolve()] = found[0]
