@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from build_data import PARTIAL_SETTINGS  # noqa: E402
-from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, run_cli  # noqa: E402
+from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, run_cli, write_json  # noqa: E402
 from module_list import MIX_MODES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -167,7 +167,7 @@ def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
             raise UserError(f"{path}: this study was run with {theirs}, now {ours}; finished cells would mix "
                             "configurations: use the same flags, or another --out")
     else:
-        atomic_save(lambda tmp: tmp.write_text(json.dumps(ours, indent=1) + "\n"), path)
+        write_json(path, ours, indent=1)
 
 
 def run_cell(cell: Cell, command: list[str], gpus: queue.Queue) -> int:
