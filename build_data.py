@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset_card import CLASSES_FILE, HELP, read_card
-from faults import ignore_stop_signals
+from faults import ignore_stop_signals, kill_loader_workers_at_exit
 from helpers import DataError, stream_seed
 from module_list import IGNORE_INDEX
 from transforms import normalise, pad_to, random_transform
@@ -512,6 +512,8 @@ class TrainLoader:
     def __init__(self, dataset: SegmentationDataset, sampler: EpochBatchSampler, num_workers: int, seed: int,
                  pin_memory: bool):
         self.dataset, self.sampler = dataset, sampler
+        if num_workers:
+            kill_loader_workers_at_exit()
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
             persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
@@ -543,8 +545,11 @@ def build_test_loader(dataset: SegmentationDataset, batch_size: int = 4, num_wor
     """In order; with world_size > 1 rank r takes the r-th contiguous shard (shards are disjoint, no padding)."""
     n = len(dataset)
     shard = range(n * rank // world_size, n * (rank + 1) // world_size)
+    if num_workers:
+        kill_loader_workers_at_exit()
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                       worker_init_fn=ignore_stop_signals)
 
 
 def color_map(label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:

@@ -3,6 +3,9 @@ skipping a non-finite loss, the position inside an epoch that a mid-epoch checkp
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import shlex
 import signal
 import sys
@@ -32,6 +35,23 @@ def ignore_stop_signals(worker_id: int) -> None:
     training process, which finishes its step and saves before it ends its workers."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+@functools.cache
+def kill_loader_workers_at_exit() -> None:
+    """Once per process, before its first loader workers start: at exit, kill the workers still alive (a loader
+    kept until then by a reference cycle or an exception's traceback). They ignore SIGTERM, and multiprocessing's
+    own exit hook ends daemonic children with SIGTERM and then waits for them: forever, without this. Registered
+    after that hook (torch imports multiprocessing), so it runs first."""
+    atexit.register(kill_daemonic_children)
+
+
+def kill_daemonic_children() -> None:
+    """SIGKILL and reap this process's daemonic multiprocessing children (its loader workers)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 class StopSignals:

@@ -223,6 +223,52 @@ def test_torchrun_restarts_after_a_rank_dies_and_ends_as_an_uninterrupted_run(sm
     assert_same_run(last(tmp_path / "a", name), last(tmp_path / "b", name))
 
 
+JOB_SIGNAL = """\
+import os, signal, sys
+import engine
+evaluate, count = engine.evaluate, [0]
+def signalled_evaluate(*a, **k):  # SIGTERM to the whole job while the test loader's workers run, as Slurm sends it
+    count[0] += 1
+    if count[0] == 2:
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+    return evaluate(*a, **k)
+engine.evaluate = signalled_evaluate
+engine.main("semi", sys.argv[1:])
+"""
+
+
+def test_a_sigterm_to_the_whole_job_spares_the_loader_workers_and_the_run_stops_after_its_step(small_demo, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(JOB_SIGNAL)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(probe), *argv_for(small_demo, tmp_path, "--epochs", "3",
+                                                                 "--iters_per_epoch", "2", "--num_workers", "2")],
+                          cwd=REPO, env=env, text=True, capture_output=True, timeout=300, start_new_session=True)
+    assert done.returncode == 143, done.stdout + done.stderr
+    assert "stopped by SIGTERM in epoch 3 after iteration 1/2" in done.stdout
+    assert last(tmp_path, "demo_label6_semi_cutout_0")["epoch_state"]["iteration"] == 1
+
+
+KEPT_LOADER = """\
+import sys
+from build_data import SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids
+info, root = dataset_info("demo"), sys.argv[1]
+train, test = (SegmentationDataset(info, root, list_ids(info, root, split), split) for split in ("train", "test"))
+kept = [iter(build_train_loader(train, 2, 3, num_workers=2)), iter(build_test_loader(test, num_workers=2))]
+next(kept[0]), next(kept[1])
+kept.append(kept)  # a reference cycle: the loaders live until the interpreter ends
+"""
+
+
+def test_a_process_ends_while_a_cycle_still_holds_its_loaders(small_demo, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(KEPT_LOADER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(probe), str(small_demo)], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=120)  # workers ignore SIGTERM: without the exit hook, forever
+    assert done.returncode == 0 and not done.stderr, done.stderr
+
+
 def test_stop_signals_are_caught_only_once_armed_and_a_second_one_stops_at_once():
     before = signal.getsignal(signal.SIGINT)
     with faults.StopSignals() as stop:
