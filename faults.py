@@ -16,7 +16,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from module_list import ConfMatrix
+from module_list import ConfMatrix, copy_tensors_
 
 # Exit code of a run stopped by a signal after saving last.pth: 128 + the signal's number, what a shell
 # reports for a process that signal killed (143 for SIGTERM, 130 for SIGINT), so job scripts and schedulers
@@ -106,7 +106,7 @@ class StepGuard:
 
     def before_step(self) -> None:
         """Remember the tensors a skipped step must leave unchanged."""
-        torch._foreach_copy_(self.saved, self.kept)
+        copy_tensors_(self.saved, self.kept)
 
     def decide(self, loss: torch.Tensor) -> tuple[bool, bool]:
         """(skip the update, stop after this step), the same on every rank; a skip restores the kept tensors."""
@@ -116,7 +116,7 @@ class StepGuard:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip, stop = (bool(v) for v in flags.tolist())
         if skip:
-            torch._foreach_copy_(self.kept, self.saved)
+            copy_tensors_(self.kept, self.saved)
         return skip, stop
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -334,6 +335,28 @@ def label_onehot(labels: Tensor, num_classes: int) -> Tensor:
     return out.scatter_(1, labels.clamp(min=0)[:, None], 1.0)
 
 
+def copy_tensors_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
+    """targets[i].copy_(sources[i]) for every i: one fused call (torch's private _foreach_copy_) where this torch
+    has it, else a loop of public copies (one launch per tensor)."""
+    fused = getattr(torch, "_foreach_copy_", None)
+    if fused is not None:
+        fused(list(targets), list(sources))
+    else:
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+
+
+def lerp_tensors_(targets: Sequence[Tensor], ends: Sequence[Tensor], weight: float) -> None:
+    """targets[i].lerp_(ends[i], weight) for every i: fused (torch's private _foreach_lerp_) where this torch has
+    it, else a loop of public lerps."""
+    fused = getattr(torch, "_foreach_lerp_", None)
+    if fused is not None:
+        fused(list(targets), list(ends), weight)
+    else:
+        for target, end in zip(targets, ends, strict=True):
+            target.lerp_(end, weight)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside a (Distributed)DataParallel wrapper, or the model itself."""
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
@@ -359,7 +382,7 @@ class EMA:
         """Move the teacher towards the student by one EMA step."""
         student = _unwrap(student)
         decay = min(1 - 1 / (self.step + 1), self.alpha)
-        torch._foreach_lerp_(list(self.model.parameters()), list(student.parameters()), 1 - decay)
+        lerp_tensors_(list(self.model.parameters()), list(student.parameters()), 1 - decay)
         if self.average_buffers:
             for mine, theirs in zip(self.model.buffers(), student.buffers()):
                 if mine.is_floating_point():

@@ -240,6 +240,22 @@ def test_ema_average_buffers_and_state_dict():
     assert other.step == 6 and torch.equal(other.model[1].running_mean, ema.model[1].running_mean)
 
 
+@pytest.mark.parametrize("fused", ["_foreach_copy_", "_foreach_lerp_"])
+def test_tensor_list_ops_give_the_same_result_without_the_fused_private_op(fused, monkeypatch):
+    torch.manual_seed(0)
+    shapes = [(3, 4), (5,), (), (2, 1, 3)]
+    targets, sources = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
+    with_fused = [t.clone() for t in targets]
+    ml.copy_tensors_(with_fused, sources) if fused == "_foreach_copy_" else ml.lerp_tensors_(with_fused, sources, 0.3)
+    monkeypatch.delattr(torch, fused)  # a torch without the private op: the public loop
+    public = [t.clone() for t in targets]
+    ml.copy_tensors_(public, sources) if fused == "_foreach_copy_" else ml.lerp_tensors_(public, sources, 0.3)
+    for a, b, target, source in zip(with_fused, public, targets, sources):
+        expected = source if fused == "_foreach_copy_" else target + 0.3 * (source - target)
+        torch.testing.assert_close(a, expected)
+        torch.testing.assert_close(b, expected)
+
+
 def test_poly_lr_staircase_and_resume():
     def make():
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.5e-3)
