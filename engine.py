@@ -166,6 +166,13 @@ def optimisation_step(run: Run, batch: Sequence, monitors: Sequence[ConfMatrix],
     return logged, skip, stop
 
 
+def build_guard(run: Run, monitors: Sequence[ConfMatrix], stop: StopSignals) -> StepGuard:
+    """The step guard of a run: a skipped step restores what a forward pass changes besides the loss (the BN
+    statistics of student and teacher, the monitors' counts)."""
+    teacher = run.ema.model.buffers() if run.ema is not None else ()
+    return StepGuard(stop, [*run.model.buffers(), *teacher, *(m.mat for m in monitors)])
+
+
 def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, stop: StopSignals,
                     checkpoint: Callable[[EpochState], None]) -> list[float] | None:
     """The steps of one epoch from state.iteration on; returns the epoch's row of training metrics (reduced
@@ -174,8 +181,7 @@ def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, 
     semi = run.ema is not None
     for loader in loaders:
         loader.set_epoch(epoch, state.iteration)  # a resumed epoch skips the batches it has trained on
-    kept = [*run.model.buffers(), *(run.ema.model.buffers() if semi else ()), *(m.mat for m in state.monitors)]
-    guard = StepGuard(stop, kept)
+    guard = build_guard(run, state.monitors, stop)
     run.student.train()
     if semi:
         run.ema.model.train()  # the teacher's BN uses batch statistics for pseudo-labels, as the reference

@@ -7,6 +7,8 @@ Runs the engine's own optimisation step on synthetic batches (so data loading is
 Prints one JSON line per configuration and a table at the end. Compilation happens in engine.build_run
 (its seconds are the 'compile s' column), so the timed steps are the compiled ones. 'first losses' are the
 first step's logged losses from the same seed: equal within float noise across --compile and --channels_last.
+The step is the training loop's, with its guard (one host read per step of the non-finite and stop flags,
+which --sync_check lists; --guard off on leaves it out, for its cost side by side).
 --kernels (CUDA) profiles one step: host launch calls, kernels run and the summed duration of the device's
 work (GPU busy time; the step's s/iter over it says how much the host makes the device wait).
 """
@@ -31,6 +33,7 @@ import helpers  # noqa: E402
 import options  # noqa: E402
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES  # noqa: E402
 from build_data import dataset_info  # noqa: E402
+from faults import StopSignals  # noqa: E402
 from module_list import ConfMatrix  # noqa: E402
 
 SIZES = {  # the reference's Pascal defaults, and a size a laptop CPU gets through in seconds
@@ -67,7 +70,7 @@ def device_work(prof) -> tuple[int, int, float]:
 
 
 def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool, profile: bool,
-          compile_mode: str, channels_last: str, kernels: bool) -> dict:
+          compile_mode: str, channels_last: str, kernels: bool, guarded: bool) -> dict:
     mode, extra = MODES[name]
     args = options.resolve_args(options.get_args_parser(mode).parse_args(
         SIZES[size] + extra + ["--amp", amp, "--pretrained", "none", "--device", device, "--compile", compile_mode,
@@ -82,21 +85,25 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
              for _ in range(2 if mode == "semi" else 1)]
     monitors = [ConfMatrix(info.num_classes, torch.device(device)) for _ in range(2)]
     cuda = device.startswith("cuda")
+    guard = engine.build_guard(run, monitors, StopSignals()) if guarded else None
+
+    def step() -> torch.Tensor:
+        return engine.optimisation_step(run, batch, monitors, guard)[0]
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
     torch.manual_seed(0)
-    first = engine.optimisation_step(run, batch, monitors)[0].tolist()
+    first = step().tolist()
     for _ in range(2):  # warm-up: cuDNN autotuning, allocator growth, CUDA graph recording
-        engine.optimisation_step(run, batch, monitors)
+        step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        engine.optimisation_step(run, batch, monitors)
+        step()
     sync()
     seconds, cpu_seconds = (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
     syncs = None
@@ -105,14 +112,14 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             for _ in range(2):
-                engine.optimisation_step(run, batch, monitors)
+                step()
             torch.cuda.set_sync_debug_mode("default")
         syncs = sorted({str(w.message).splitlines()[0] for w in caught
                         if "synchroniz" in str(w.message) and "prototype" not in str(w.message)})
     work = None
     if profile or (kernels and cuda):
         with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            engine.optimisation_step(run, batch, monitors)
+            step()
             sync()
         if profile:
             print(f"--- {name} {amp} compile {run.compile_mode}", file=sys.stderr)
@@ -121,6 +128,7 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
         if cuda:
             work = device_work(prof)
     result = {"config": name, "size": size, "amp": amp, "device": device, "compile": run.compile_mode,
+              "guard": guarded,
               "channels_last": next(run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
               and not next(run.model.parameters()).is_contiguous(),
               "compile_s": None if run.compile_s is None else round(run.compile_s, 1),
@@ -152,6 +160,8 @@ def main() -> None:
     p.add_argument("--compile", nargs="+", default=["off", "default"], choices=COMPILE_CHOICES[1:],
                    help="torch.compile modes side by side ('off' = eager)")
     p.add_argument("--channels_last", nargs="+", default=["auto"], choices=LAYOUT_CHOICES)
+    p.add_argument("--guard", nargs="+", default=["on"], choices=["on", "off"],
+                   help="the non-finite/stop guard of the training loop (its one host read per step)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (1 makes the process's CPU seconds a fair measure on a shared machine)")
     p.add_argument("--kernels", action="store_true", help="kernels launched and GPU busy time of one step (CUDA)")
@@ -163,14 +173,16 @@ def main() -> None:
         for name in args.configs:
             for layout in args.channels_last:
                 for mode in args.compile:
-                    row = bench(name, args.size, amp, args.device, args.steps, args.sync_check, args.profile,
-                                mode, layout, args.kernels)
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-    print(f"\n{'config':14} {'amp':5} {'compile':15} {'NHWC':5} {'batch':7} {'crop':9} {'s/iter':>8} {'CPU s':>7} {'peak GiB':>9}"
+                    for guarded in args.guard:
+                        row = bench(name, args.size, amp, args.device, args.steps, args.sync_check, args.profile,
+                                    mode, layout, args.kernels, guarded == "on")
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+    print(f"\n{'config':14} {'amp':5} {'compile':15} {'guard':5} {'NHWC':5} {'batch':7} {'crop':9} {'s/iter':>8} {'CPU s':>7} {'peak GiB':>9}"
           f" {'compile s':>9} {'launches':>8} {'kernels':>8} {'GPU ms':>8}  first losses  ({rows[0]['device_name']})")
     for r in rows:
-        print(f"{r['config']:14} {r['amp']:5} {r['compile']:15} {'yes' if r['channels_last'] else 'no':5} "
+        print(f"{r['config']:14} {r['amp']:5} {r['compile']:15} {'on' if r['guard'] else 'off':5} "
+              f"{'yes' if r['channels_last'] else 'no':5} "
               f"{r['batch']:7} {'x'.join(map(str, r['crop'])):9} {r['s_per_iter']:8.3f} {r['cpu_s_per_iter']:7.3f} {r['peak_gib']:9.2f} "
               f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r.get('launches_per_step', '-'):>8} {r.get('kernels_per_step', '-'):>8} "
               f"{r.get('gpu_busy_ms', '-'):>8}  {' '.join(f'{v:.4f}' for v in r['first_losses'])}")
