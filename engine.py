@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,12 @@ class Run:
     teacher: nn.Module | None = None  # Views(ema.model), compiled with the student; ema.model stays eager
     compile_mode: str = "off"         # the torch.compile mode in use ('off': eager)
     compile_s: float | None = None    # seconds spent compiling before the first step
+    started: float = field(default_factory=time.perf_counter)  # when this invocation started
+    wall_before: float = 0.0          # wall seconds of the invocations before a resume
+
+    def wall_s(self) -> float:
+        """Wall-clock seconds of the whole run so far, over every invocation of a resumed one."""
+        return self.wall_before + time.perf_counter() - self.started
 
 
 def reco_inputs(labels: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor, num_classes: int):
@@ -314,7 +320,8 @@ def save_last(run: Run, path: Path, epoch: int, best: float, metrics: np.ndarray
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
              "epoch": epoch + 1 if inside is None else epoch,
-             "best_miou": best, "metrics": torch.from_numpy(metrics), "config": resume_config(run.args)}
+             "best_miou": best, "metrics": torch.from_numpy(metrics), "config": resume_config(run.args),
+             "wall_s": run.wall_s()}
     if run.ema is not None:
         state |= {"teacher": run.ema.model.state_dict(), "ema_step": run.ema.step}
     if inside is not None:
@@ -351,6 +358,7 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None
         if run.ema is not None:
             run.ema.model.load_state_dict(state["teacher"])
             run.ema.step = state["ema_step"]
+        run.wall_before = float(state.get("wall_s", 0.0))  # absent from checkpoints of older versions
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--resume: {path} does not fit this run ({cause}); pass a last.pth written with the "
@@ -429,6 +437,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
     semi = MODES[args.train_mode][0]
     split, loaders, test_loader = build_loaders(args, info, d)
     run = build_run(args, info, d)
+    run.started = started_at  # the wall time counts the set-up too
     columns = metric_columns(semi)
     metrics, start_epoch, best, resumed = np.zeros((args.epochs, len(columns))), 0, -1.0, None
     if args.resume:
@@ -489,7 +498,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
         result |= {"weights": str(out.best_path), "run_dir": str(out.run_dir)}
         if not args.no_visual:
             result["figure"] = draw_run_figure(args, out)
-        result["summary"] = out.write_summary(metrics, time.perf_counter() - started_at)
+        result["summary"] = out.write_summary(metrics, run.wall_s())
     shutdown()
     return result
 

@@ -2,6 +2,7 @@
 torchrun restart after a rank dies."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -61,7 +62,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(small_demo
     common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco"]
     name = "demo_label6_semi_cutmix_reco_0"
     engine.main("semi", argv_for(small_demo, tmp_path / "a", *common))
-    every_step(monkeypatch, lambda n, run: n == 2 and os.kill(os.getpid(), signal.SIGTERM))
+    every_step(monkeypatch, lambda n, run: time.sleep(2) if n == 1 else n == 2 and os.kill(os.getpid(), signal.SIGTERM))
     argv = argv_for(small_demo, tmp_path / "b", *common)
     capsys.readouterr()
     handler = signal.getsignal(signal.SIGTERM)
@@ -71,12 +72,17 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(small_demo
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("stopped by SIGTERM in epoch 1 after iteration 2/3; ") and "last.pth is saved" in out[-1]
     assert out[-1].endswith(" ".join(argv) + " --resume") and "--resume --" not in out[-1]
-    assert last(tmp_path / "b", name)["epoch_state"]["iteration"] == 2
+    stopped_after = last(tmp_path / "b", name)
+    assert stopped_after["epoch_state"]["iteration"] == 2 and stopped_after["wall_s"] > 2
     assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
     monkeypatch.undo()
+    resumed_at = time.perf_counter()
     engine.main("semi", argv + ["--resume"])
+    resumed_s = time.perf_counter() - resumed_at
     assert "resuming at epoch 1 after iteration 2" in capsys.readouterr().out
     assert_same_run(last(tmp_path / "a", name), last(tmp_path / "b", name))
+    summary = json.loads((tmp_path / "b" / "log" / name / helpers.RUN_SUMMARY).read_text())
+    assert summary["wall_s"] >= stopped_after["wall_s"] + resumed_s - 0.1  # both invocations count
 
 
 def test_nonfinite_losses_skip_the_update_and_stop_after_a_streak(small_demo, tmp_path, monkeypatch, capsys):
