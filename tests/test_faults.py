@@ -229,6 +229,29 @@ def test_torchrun_restarts_after_a_rank_dies_and_ends_as_an_uninterrupted_run(sm
     assert_same_run(last(tmp_path / "a", name), last(tmp_path / "b", name))
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_last_pth_saved(small_demo, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(REPO / "train_semisup.py"), *argv_for(small_demo, tmp_path, "--epochs", "2",
+                                                                         "--iters_per_epoch", "40")],
+                             cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in agent.stdout:  # SIGTERM to the launcher (as a scheduler sends it) once epoch 2 has begun
+        lines.append(line)
+        if line.startswith("EPOCH    1"):
+            agent.send_signal(signal.SIGTERM)
+            break
+    lines += agent.stdout.readlines()
+    agent.wait(timeout=120)
+    out = "".join(lines)
+    assert "stopped by SIGTERM in epoch 2 after iteration " in out, out
+    assert "Continue with: torchrun --nproc_per_node=2 " in out and "--iters_per_epoch 40 --resume\n" in out
+    assert agent.returncode != 0  # torchrun itself reports the signal (1), the ranks ended with 143
+    position = last(tmp_path, "demo_label6_semi_cutout_0")["epoch_state"]["iteration"]
+    assert 0 < position < 40
+
+
 JOB_SIGNAL = """\
 import os, signal, sys
 import engine
