@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ FOLDER = "folder"
 _FOLDER_SPLITS = {"train": "train", "test": "val"}
 UNLABELLED_DIR = "unlabelled"  # images with no masks at all; their ids are 'unlabelled/<file name>'
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_SUFFIXES = (".png", ".PNG")  # tools on Windows write upper-case suffixes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +273,8 @@ def label_path(info: DatasetInfo, root: str | Path, image_id: str, split: str, p
     if info.layout in ("cityscapes", FOLDER):  # a folder dataset's ids are image file names: the label has its stem
         if partial and split != "train":
             raise ValueError("partial labels exist for the train split only")
-        return root / "labels" / (("train" if split == "train" else "val") + suffix) / f"{Path(image_id).stem}.png"
+        path = root / "labels" / (("train" if split == "train" else "val") + suffix) / f"{Path(image_id).stem}.png"
+        return _upper_case_png(path) if info.layout == FOLDER else path
     return root / "sunrgbd_train_test_labels" / f"img-{int(image_id):06d}.png"
 
 
@@ -315,9 +318,11 @@ def read_label(info: DatasetInfo, path: Path) -> np.ndarray:
     if invalid.any():
         values = np.unique(raw[invalid])[:8].tolist()
         void = "/".join(map(str, void_values(info)))
+        fix = (f"name every class of your masks in {CLASSES_FILE}, one a line (line k is value k from 0), or "
+               f"relabel those pixels ({HELP})" if info.layout == FOLDER
+               else f"is it the right dataset, preprocessed? ({info.setup_hint})")
         raise DataError(f"label {path} holds values {values} that are neither a class of --dataset {info.name} "
-                        f"(0..{info.num_classes - 1}) nor void {void}: is it the right dataset, preprocessed? "
-                        f"({info.setup_hint})")
+                        f"(0..{info.num_classes - 1}) nor void {void}: {fix}")
     return label
 
 
@@ -350,7 +355,13 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
                         f"and labels/val/ ({HELP})")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.name.startswith("."):
+            continue
+        if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+            raise DataError(f"{path} is a subfolder: the {what}s of a folder dataset are read from directly inside "
+                            f"{folder}, so these would be left out; move its files up into {folder} (every file "
+                            f"stem must stay unique)")
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if path.stem in files:
             raise DataError(f"{path} and {files[path.stem].name} share the stem {path.stem!r}: {what}s are matched "
@@ -360,6 +371,12 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
         raise DataError(f"{folder} holds no {what} files ({' '.join(IMAGE_SUFFIXES)}): put the {what}s there "
                         f"({HELP})")
     return files
+
+
+def _upper_case_png(path: Path) -> Path:
+    """A label file <stem>.png, or <stem>.PNG where only that one exists."""
+    upper = path.with_suffix(".PNG")
+    return upper if not path.exists() and upper.exists() else path
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -382,7 +399,7 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
     image_dir, label_dir = root / "images" / sub, root / "labels" / sub
     images, labels = _listing(image_dir, "image"), _listing(label_dir, "label")
     for stem, path in labels.items():
-        if path.suffix != ".png":  # label_path asks for <stem>.png
+        if path.suffix not in LABEL_SUFFIXES:  # label_path asks for <stem>.png or <stem>.PNG
             raise DataError(f"label {path} is not a .png file: save it as {path.stem}.png (PNG keeps class values "
                             f"exact)")
         if stem not in images:
@@ -396,9 +413,11 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
     key = (tuple((str(p.resolve()), p.stat().st_mtime_ns) for p in [*images.values(), *labels.values()]),
            info.label_table.tobytes(), eval_size)
     if key not in _checked_folders:
+        present = np.zeros(256, bool)  # class ids (and VOID) that some label of the split holds
         for stem in tqdm(sorted(images), desc=f"checking {label_dir}", disable=len(images) < 500, leave=False):
             width, height = _image_size(images[stem])
             label = read_label(info, labels[stem])
+            present |= np.bincount(label.ravel(), minlength=256) > 0
             if label.shape != (height, width):
                 raise DataError(f"label {labels[stem]} is {label.shape[1]}x{label.shape[0]} but its image "
                                 f"{images[stem].name} is {width}x{height} (WxH): a label has its image's size")
@@ -406,8 +425,29 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
                 raise DataError(f"image {images[stem]} is {width}x{height} (WxH), larger than the eval_size "
                                 f"{eval_size[1]}x{eval_size[0]} of {root / 'dataset.json'}: raise eval_size "
                                 f"(or drop it: the default is the largest val image)")
+        if split == "train":
+            _check_class_coverage(info, label_dir, present)
         _checked_folders.add(key)
     return sorted(path.name for path in images.values())
+
+
+def _check_class_coverage(info: DatasetInfo, label_dir: Path, present: np.ndarray) -> None:
+    """DataError if the training labels hold fewer than two classes (a 0/255 mask read as background and void
+    looks like this), a warning for each class they never show (the network cannot learn it)."""
+    classes = np.flatnonzero(present[: info.num_classes])
+    names = [f"{c} ({info.class_names[c]!r})" for c in range(info.num_classes)]
+    [void] = void_values(info)
+    if len(classes) < 2:
+        held = f"only class {names[classes[0]]}" if len(classes) else "no class"
+        raise DataError(f"the labels in {label_dir} hold {held}{f' and void {void}' if present[VOID] else ''}: "
+                        f"there is nothing to tell apart. Mask values are the line of the class in "
+                        f"{CLASSES_FILE}, counted from 0, and {void} is void: a 0/{void} mask whose {void} marks "
+                        f"the object must store it as 1 ({HELP})")
+    missing = [names[c] for c in range(info.num_classes) if not present[c]]
+    if missing:
+        print(f"warning: no label in {label_dir} holds class {', '.join(missing)} of {CLASSES_FILE}: the network "
+              f"cannot learn {'it' if len(missing) == 1 else 'them'}; add training images that show "
+              f"{'it' if len(missing) == 1 else 'them'}", file=sys.stderr, flush=True)
 
 
 def list_unlabelled(info: DatasetInfo, root: str | Path) -> list[str]:

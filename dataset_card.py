@@ -85,7 +85,10 @@ def read_classes(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
     if not path.is_file():
         raise DataError(f"{path} not found: write one class name a line (the first line is label value 0, "
                         f"e.g. 'background'), optionally followed by R G B ({HELP})")
-    lines = path.read_text(encoding="utf-8").rstrip().splitlines()
+    try:  # utf-8-sig: Windows editors start UTF-8 files with a byte-order mark, not part of the first name
+        lines = path.read_text(encoding="utf-8-sig").rstrip().splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: save it as UTF-8 (one class name a line)") from None
     parsed = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -115,7 +118,7 @@ def read_overrides(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path} is not valid JSON ({error}); fix it or delete it to use the defaults") from None
     if not isinstance(raw, dict):

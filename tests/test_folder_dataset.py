@@ -19,6 +19,7 @@ from build_data import DataError
 from dataset_card import read_card
 from helpers import run_cli
 from module_list import IGNORE_INDEX
+from options import dataset_tag
 from splits import get_split, select_labelled
 
 SIZES = [(37, 41), (45, 33), (40, 40), (33, 51)]  # (H, W): odd and mixed
@@ -118,6 +119,15 @@ def test_card_names_colours_overrides_and_defaults(tmp_path):
     assert read_card(root).class_names == ("grade 1", "grade 2 5", "sky 0 0") and read_card(root).colours is None
 
 
+def test_card_files_from_windows_editors_read_as_written(tmp_path):
+    root = make_folder(tmp_path / "d", 3)
+    (root / "classes.txt").write_bytes("\ufeffback ground 0 0 0\r\nZelle ä 1 2 3\r\ncar 4 5 6\r\n\r\n\n".encode())
+    (root / "dataset.json").write_bytes("\ufeff".encode() + json.dumps({"crop_size": [40, 50]}).encode())
+    card = read_card(root)
+    assert card.class_names == ("back ground", "Zelle ä", "car") and card.colours[2] == (4, 5, 6)
+    assert card.crop_size == (40, 50)
+
+
 def test_two_classes_default_to_voc_colours_and_min_classes_two(tmp_path):
     info = build_data.dataset_info("folder", make_folder(tmp_path / "d", 2))
     assert info.palette[:2].tolist() == build_data.dataset_info("pascal").palette[:2].tolist()
@@ -143,8 +153,17 @@ BAD_DATA = {
     "colour label": (lambda r: Image.new("RGB", (41, 37)).save(r / "labels/train/train_0.png"), "is a RGB image"),
     "jpeg label": (lambda r: Image.open(r / "labels/train/train_0.png").convert("L").save(r / "labels/train/x.jpg"),
                    "x.jpg is not a .png file"),
-    "upper-case suffix": (lambda r: (r / "labels/val/val_0.png").rename(r / "labels/val/val_0.PNG"),
-                          "val_0.PNG is not a .png file: save it as val_0.png"),
+    "tiff label": (lambda r: (r / "labels/val/val_0.png").rename(r / "labels/val/val_0.tif"),
+                   "val_0.tif is not a .png file: save it as val_0.png"),
+    "subfolder": (lambda r: (r / "images/train/batch 2").mkdir() or (r / "images/train/train_0.jpg").rename(
+        r / "images/train/batch 2/train_0.jpg"), "images/train/batch 2 is a subfolder"),
+    "0/255 binary mask": (lambda r: [write_label(p, np.where(np.asarray(Image.open(p)) > 0, 255, 0).astype(np.uint8),
+                                                 False) for p in (r / "labels/train").iterdir()],
+                          "hold only class 0 ('class 0') and void 255: there is nothing to tell apart"),
+    "masks of more classes": (lambda r: (r / "classes.txt").write_text("a\nb\n"),
+                              "name every class of your masks in classes.txt"),
+    "utf-16 classes.txt": (lambda r: (r / "classes.txt").write_text("a\nb\nc\n", encoding="utf-16"),
+                           "classes.txt is not UTF-8 text: save it as UTF-8"),
     "duplicate stem": (lambda r: (r / "images/train/train_0.png").write_bytes(
         (r / "images/train/train_1.png").read_bytes()), "share the stem 'train_0'"),
     "corrupt image": (lambda r: (r / "images/train/train_1.png").write_bytes(b"not a png"),
@@ -186,7 +205,55 @@ def test_folder_without_data_root_says_so(capsys):
     assert "needs --data_root" in err
 
 
-# --- reading: any image mode, images without masks ---
+# --- reading: any image mode, file names as users write them, images without masks ---
+
+
+def test_file_names_as_users_write_them(tmp_path, run_script):
+    root = make_folder(tmp_path / "d", 3, train=4)
+    renames = {"train_0": "IMG 0001.JPG", "train_1": "scan.2024.01.05.png", "train_2": "Zelle ä 細胞.png",
+               "train_3": "x.y.z.JPEG"}  # the labels of the last two are <stem>.PNG, as tools on Windows write them
+    for k, (old, new) in enumerate(renames.items()):
+        [image] = (root / "images/train").glob(f"{old}.*")
+        image.rename(root / "images/train" / new)
+        label = root / "labels/train" / f"{Path(new).stem}.{'PNG' if k > 1 else 'png'}"
+        (root / "labels/train" / f"{old}.png").rename(label)
+    info = build_data.dataset_info("folder", root)
+    ids = build_data.list_ids(info, root, "train")
+    assert ids == sorted(renames.values())
+    code, out, err = run_script("folder_preprocess.py", "--root", root, "--seeds", "0", "--workers", "1")
+    assert code == 0, err
+    for partial in (None, "p1"):
+        dataset = build_data.SegmentationDataset(info, root, ids, "train", partial=partial, crop_size=(33, 33))
+        for i, image_id in enumerate(ids):
+            path = build_data.label_path(info, root, image_id, "train", partial, 0)
+            assert path.is_file() and path.stem == Path(image_id).stem
+            assert dataset[i][1].shape == (33, 33)
+
+
+def test_a_class_no_training_label_holds_is_named(tmp_path, capsys):
+    root = make_folder(tmp_path / "d", 7, train=2)  # the two labels hold classes 0, 1 and 2
+    info = build_data.dataset_info("folder", root)
+    build_data.list_ids(info, root, "test")  # a val set may lack classes
+    assert "warning" not in capsys.readouterr().err
+    build_data.list_ids(info, root, "train")
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: no label in {root / 'labels/train'} holds class 3 ('class 3'), 4 ('class 4'), "
+                          f"5 ('class 5'), 6 ('class 6') of classes.txt: the network cannot learn them")
+
+
+def test_folder_runs_are_named_by_their_folder_and_builtin_names_stay(tmp_path, monkeypatch):
+    def name(dataset, root, *flags):
+        argv = ["--dataset", dataset, "--num_labels", "2", *(["--data_root", str(root)] if root else []), *flags]
+        return engine.resolve_args(engine.get_args_parser("semi").parse_args(argv)).name
+    first, second = make_folder(tmp_path / "a/cells", 2, train=2), make_folder(tmp_path / "b/cells", 2, train=2)
+    names = name("folder", first), name("folder", second)
+    assert names[0] != names[1] and all(n.startswith("cells-") and n.endswith("_label2_semi_cutout_0") for n in names)
+    monkeypatch.chdir(tmp_path / "b")
+    assert name("folder", "cells") == names[1]  # the same folder, however it is written
+    odd = make_folder(tmp_path / "my_data set.v2", 2, train=2)
+    assert name("folder", odd, "--apply_reco").startswith("my-data-set.v2-")  # '_' keeps separating the parts
+    assert name("demo", None, "--apply_aug", "classmix", "--apply_reco") == "demo_label2_semi_classmix_reco_0"
+    assert name("demo", tmp_path / "a/cells", "--seed", "3") == "demo_label2_semi_cutout_3"  # --data_root: no change
 
 
 def test_every_image_mode_reads_as_rgb_and_16_bit_is_scaled(tmp_path):
@@ -262,7 +329,7 @@ def test_two_classes_semi_reco_then_evaluate_and_visual(tmp_path, capsys):
     root = make_folder(tmp_path / "d", 2, train=6, val=2, unlabelled=2)
     engine.main("semi", train_argv(root, tmp_path, "--num_labels", "3", "--apply_aug", "classmix", "--apply_reco",
                                    "--no_visual", *RECO))
-    name = "folder_label3_semi_classmix_reco_0"
+    name = f"{dataset_tag('folder', root)}_label3_semi_classmix_reco_0"
     assert "EPOCH    1" in capsys.readouterr().out
     assert np.load(tmp_path / "log" / f"{name}.npy")[0, 2] > 0  # the ReCo loss worked with two classes
     weights = tmp_path / "w" / f"{name}.pth"
@@ -290,15 +357,15 @@ def test_seven_classes_sup_with_a_split_dir_and_amp(tmp_path, capsys, run_script
     assert code == 0, err
     engine.main("sup", train_argv(root, tmp_path, "--split_dir", str(tmp_path / "split"), "--amp", "bf16",
                                   "--apply_reco", *RECO))
-    run = tmp_path / "log/folder_label4_sup_reco_0"
+    run = tmp_path / f"log/{dataset_tag('folder', root)}_label4_sup_reco_0"
     assert (run / "split/labelled.txt").read_text() == (tmp_path / "split/labelled.txt").read_text()
     assert (run / "visual.png").stat().st_size > 1000  # the figure uses the card's colours
-    assert np.isfinite(np.load(tmp_path / "log/folder_label4_sup_reco_0.npy")).all()
+    assert np.isfinite(np.load(run.parent / f"{run.name}.npy")).all()
 
 
 @pytest.mark.parametrize("mode, num_classes", [("sup_partial", 2), ("semi_partial", 7)])
 def test_partial_scripts_after_folder_preprocess(mode, num_classes, tmp_path, capsys, run_script):
-    root = make_folder(tmp_path / "d", num_classes, train=4, unlabelled=1, card=TINY_CARD | {"void": 250}, void=250)
+    root = make_folder(tmp_path / "d", num_classes, train=6, unlabelled=1, card=TINY_CARD | {"void": 250}, void=250)
     full = np.asarray(Image.open(root / "labels/train/train_0.png"))
     err = cli_error(capsys, lambda a: engine.main(mode, a), train_argv(root, tmp_path, "--partial", "p1"))
     assert f"partial labels come from `python dataset/folder_preprocess.py --root {root}`" in err
