@@ -106,7 +106,7 @@ class DatasetInfo:
     palette: np.ndarray  # uint8 [256, 3]; row 255 paints void / ignore
     label_table: np.ndarray  # uint8 [257]: raw label file value -> class id, VOID, or _INVALID
     crop_size: tuple[int, int]
-    eval_size: tuple[int, int]
+    eval_size: tuple[int, int] | None  # None: a folder dataset without val images (it cannot be evaluated)
     scale_range: tuple[float, float]
     batch_size: int
     min_classes: int  # split sampler threshold (0: SUN's own loop)
@@ -179,8 +179,7 @@ def _folder_info(root: str | Path | None) -> DatasetInfo:
                         f"{CLASSES_FILE} ({HELP})")
     card = read_card(root)
     n = len(card.class_names)
-    eval_size = card.eval_size or tuple(max(sizes) for sizes in zip(*(
-        _image_size(path)[::-1] for path in _listing(root / "images" / "val", "image").values())))
+    eval_size = card.eval_size or _largest_size(root / "images" / "val")
     return DatasetInfo(
         name=FOLDER, layout=FOLDER, class_names=card.class_names,
         palette=_palette(card.colours or _voc_colours(n), 255),
@@ -371,6 +370,14 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
         raise DataError(f"{folder} holds no {what} files ({' '.join(IMAGE_SUFFIXES)}): put the {what}s there "
                         f"({HELP})")
     return files
+
+
+def _largest_size(folder: Path) -> tuple[int, int] | None:
+    """(H, W): the largest height and width of the images in a folder; None without images (predict.py needs only
+    the card, and list_ids names the missing folder where images are needed)."""
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    sizes = [_image_size(path)[::-1] for path in files]
+    return (max(h for h, _ in sizes), max(w for _, w in sizes)) if sizes else None
 
 
 def _upper_case_png(path: Path) -> Path:
