@@ -54,6 +54,14 @@ def _positive(key: str, value: Any, path: Path) -> int:
     return value
 
 
+def _batch_size(key: str, value: Any, path: Path) -> int:
+    """A batch of at least two images: BatchNorm after the ASPP's image pooling cannot train on one."""
+    if type(value) is not int or value < 2:
+        raise DataError(f"{path}: {key!r} must be a whole number >= 2 (BatchNorm needs two images a batch), "
+                        f"got {value!r}")
+    return value
+
+
 def _text(key: str, value: Any, path: Path) -> str:
     if not isinstance(value, str) or not value:
         raise DataError(f"{path}: {key!r} must be a string (imagenet, none or a file), got {value!r}")
@@ -61,7 +69,7 @@ def _text(key: str, value: Any, path: Path) -> str:
 
 
 _OVERRIDES = {"void": _positive, "crop_size": _size, "eval_size": _size, "scale_range": _scale_range,
-              "batch_size": _positive, "min_classes": _positive, "epochs": _positive,
+              "batch_size": _batch_size, "min_classes": _positive, "epochs": _positive,
               "iters_per_epoch": _positive, "resnet_depth": _positive, "pretrained": _text}
 
 

@@ -179,6 +179,8 @@ BAD_DATA = {
     "unknown key": (lambda r: (r / "dataset.json").write_text('{"crop": 3}'), "unknown key(s) crop"),
     "bad json": (lambda r: (r / "dataset.json").write_text('{"crop_size": '), "is not valid JSON"),
     "bad size": (lambda r: (r / "dataset.json").write_text('{"crop_size": [3, -1]}'), "'crop_size' must be"),
+    "batch of one": (lambda r: (r / "dataset.json").write_text('{"batch_size": 1}'), "'batch_size' must be a whole "
+                     "number >= 2"),
     "void is a class": (lambda r: (r / "dataset.json").write_text('{"void": 1}'), "'void' 1 must lie in 3..255"),
     "min_classes": (lambda r: (r / "dataset.json").write_text('{"min_classes": 4}'), "more than the 3 classes"),
     "eval_size too small": (lambda r: (r / "dataset.json").write_text('{"eval_size": 40}'),
