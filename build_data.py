@@ -356,7 +356,8 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+        if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                                 for p in path.rglob("*")):  # macOS zips add __MACOSX/ of ._<name> files
             raise DataError(f"{path} is a subfolder: the {what}s of a folder dataset are read from directly inside "
                             f"{folder}, so these would be left out; move its files up into {folder} (every file "
                             f"stem must stay unique)")
