@@ -302,9 +302,15 @@ def read_label_values(path: Path, hint: str) -> np.ndarray:
     """The raw values of a single-channel label PNG (grayscale or palette: the stored indices), [H, W]: uint8,
     or uint16 for 16/32-bit files with every value above 255 clipped to 256; errors name the file and `hint`."""
     image = _open(path, "label", hint)
+    if image.mode in ("LA", "RGB", "RGBA"):  # a grey mask that a tool saved with colour or alpha channels
+        channels = np.asarray(image)[..., : 1 if image.mode == "LA" else 3]
+        if not (channels == channels[..., :1]).all():
+            raise DataError(f"label {path} is an {image.mode} image of colours: labels must be single-channel PNGs "
+                            f"(grayscale or palette) holding class indices; convert each colour to its class index")
+        return np.ascontiguousarray(channels[..., 0])
     if image.mode not in ("L", "P") and not image.mode.startswith("I"):
         raise DataError(f"label {path} is a {image.mode} image: labels must be single-channel PNGs "
-                        f"(grayscale or palette) holding class indices; convert the colour label to indices")
+                        f"(grayscale or palette) holding class indices; convert it to indices")
     raw = np.asarray(image)
     return raw if raw.dtype == np.uint8 else np.clip(raw, 0, 256).astype(np.uint16)
 

@@ -150,7 +150,8 @@ BAD_DATA = {
                      "holds values [9] that are neither a class"),
     "empty folder": (lambda r: [_drop(p) for p in (r / "images/val").iterdir()], "images/val holds no image files"),
     "no folder": (lambda r: (r / "labels/val").rename(r / "labels/validation"), "labels/val not found"),
-    "colour label": (lambda r: Image.new("RGB", (41, 37)).save(r / "labels/train/train_0.png"), "is a RGB image"),
+    "colour label": (lambda r: Image.new("RGB", (41, 37), (200, 0, 0)).save(r / "labels/train/train_0.png"),
+                     "is an RGB image of colours"),
     "jpeg label": (lambda r: Image.open(r / "labels/train/train_0.png").convert("L").save(r / "labels/train/x.jpg"),
                    "x.jpg is not a .png file"),
     "tiff label": (lambda r: (r / "labels/val/val_0.png").rename(r / "labels/val/val_0.tif"),
@@ -274,6 +275,18 @@ def test_every_image_mode_reads_as_rgb_and_16_bit_is_scaled(tmp_path):
     # palette and grayscale labels read as their stored indices
     label = build_data.read_label(info, build_data.label_path(info, root, "train_1.png", "train"))
     assert set(np.unique(label)) == {1, 2, build_data.VOID}
+
+
+def test_grey_masks_saved_with_colour_or_alpha_channels_read_as_their_values(tmp_path):
+    root = make_folder(tmp_path / "d", 3, train=4)
+    info = build_data.dataset_info("folder", root)
+    stored = {}
+    for path, mode in zip(sorted((root / "labels/train").iterdir()), ("RGB", "RGBA", "LA", "L")):
+        stored[path] = np.asarray(Image.open(path))  # what a tool exporting the same mask in another mode keeps
+        Image.fromarray(stored[path], "L").convert(mode).save(path)
+    build_data.list_ids(info, root, "train")
+    for path, values in stored.items():
+        np.testing.assert_array_equal(build_data.read_label_values(path, ""), values)
 
 
 def test_images_without_masks_yield_all_ignore_and_join_the_semi_pool(tmp_path, capsys):
