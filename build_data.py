@@ -302,6 +302,8 @@ def read_label_values(path: Path, hint: str) -> np.ndarray:
     """The raw values of a single-channel label PNG (grayscale or palette: the stored indices), [H, W]: uint8,
     or uint16 for 16/32-bit files with every value above 255 clipped to 256; errors name the file and `hint`."""
     image = _open(path, "label", hint)
+    if image.mode == "1":  # a 1-bit PNG: black is 0, white is 1
+        return np.asarray(image, np.uint8)
     if image.mode in ("LA", "RGB", "RGBA"):  # a grey mask that a tool saved with colour or alpha channels
         channels = np.asarray(image)[..., : 1 if image.mode == "LA" else 3]
         if not (channels == channels[..., :1]).all():
@@ -417,6 +419,9 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
             raise DataError(f"label {path} is not a .png file: save it as {path.stem}.png (PNG keeps class values "
                             f"exact)")
         if stem not in images:
+            if Path(stem).stem in images and Path(stem).suffix.lower() in IMAGE_SUFFIXES:  # a.jpg -> a.jpg.png
+                raise DataError(f"label {path} is named after its image's whole file name: rename it "
+                                f"{Path(stem).stem}.png (labels are matched to images by file stem)")
             raise DataError(f"label {path} has no image of the same stem in {image_dir}: add the image or remove "
                             f"the label")
     for stem, path in images.items():

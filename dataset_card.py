@@ -62,13 +62,19 @@ def _batch_size(key: str, value: Any, path: Path) -> int:
     return value
 
 
+def _byte(key: str, value: Any, path: Path) -> int:
+    if type(value) is not int or not 0 <= value <= 255:
+        raise DataError(f"{path}: {key!r} must be a label value from 0 to 255, got {value!r}")
+    return value
+
+
 def _text(key: str, value: Any, path: Path) -> str:
     if not isinstance(value, str) or not value:
         raise DataError(f"{path}: {key!r} must be a string (imagenet, none or a file), got {value!r}")
     return value
 
 
-_OVERRIDES = {"void": _positive, "crop_size": _size, "eval_size": _size, "scale_range": _scale_range,
+_OVERRIDES = {"void": _byte, "crop_size": _size, "eval_size": _size, "scale_range": _scale_range,
               "batch_size": _batch_size, "min_classes": _positive, "epochs": _positive,
               "iters_per_epoch": _positive, "resnet_depth": _positive, "pretrained": _text}
 
@@ -145,7 +151,8 @@ def read_card(root: Path) -> DatasetCard:
     void = overrides.get("void", DatasetCard.void)
     if not len(names) <= void <= 255:
         raise DataError(f"{path}: 'void' {void} must lie in {len(names)}..255 (the label values 0.."
-                        f"{len(names) - 1} are the classes of classes.txt)")
+                        f"{len(names) - 1} are the classes of classes.txt): masks whose void is a class value must "
+                        f"be relabelled")
     min_classes = overrides.get("min_classes", DatasetCard.min_classes)
     if min_classes > len(names):
         raise DataError(f"{path}: 'min_classes' {min_classes} is more than the {len(names)} classes of "

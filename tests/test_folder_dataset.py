@@ -182,6 +182,9 @@ BAD_DATA = {
     "bad size": (lambda r: (r / "dataset.json").write_text('{"crop_size": [3, -1]}'), "'crop_size' must be"),
     "batch of one": (lambda r: (r / "dataset.json").write_text('{"batch_size": 1}'), "'batch_size' must be a whole "
                      "number >= 2"),
+    "void zero": (lambda r: (r / "dataset.json").write_text('{"void": 0}'), "'void' 0 must lie in 3..255"),
+    "label named after the image file": (lambda r: (r / "labels/train/train_1.png").rename(
+        r / "labels/train/train_1.png.png"), "train_1.png.png is named after its image's whole file name: rename it train_1.png"),
     "void is a class": (lambda r: (r / "dataset.json").write_text('{"void": 1}'), "'void' 1 must lie in 3..255"),
     "min_classes": (lambda r: (r / "dataset.json").write_text('{"min_classes": 4}'), "more than the 3 classes"),
     "eval_size too small": (lambda r: (r / "dataset.json").write_text('{"eval_size": 40}'),
@@ -287,6 +290,10 @@ def test_grey_masks_saved_with_colour_or_alpha_channels_read_as_their_values(tmp
     build_data.list_ids(info, root, "train")
     for path, values in stored.items():
         np.testing.assert_array_equal(build_data.read_label_values(path, ""), values)
+    binary = np.zeros((5, 7), np.uint8)
+    binary[1:3, 2:6] = 255
+    Image.fromarray(binary).convert("1").save(tmp_path / "one_bit.png")  # a 1-bit PNG: black 0, white 1
+    np.testing.assert_array_equal(build_data.read_label_values(tmp_path / "one_bit.png", ""), binary // 255)
 
 
 def test_images_without_masks_yield_all_ignore_and_join_the_semi_pool(tmp_path, capsys):
