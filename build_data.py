@@ -277,6 +277,11 @@ def label_path(info: DatasetInfo, root: str | Path, image_id: str, split: str, p
     return root / "sunrgbd_train_test_labels" / f"img-{int(image_id):06d}.png"
 
 
+def _too_large(path: Path, error: Exception) -> DataError:
+    return DataError(f"image {path} is too large to decode safely ({error}): cut it into tiles (e.g. 2048x2048 "
+                     f"pixels, its mask likewise) and use the tiles")
+
+
 def _open(path: Path, what: str, hint: str) -> Image.Image:
     """Open and decode an image file, turning every failure into one DataError naming the file."""
     try:
@@ -285,6 +290,8 @@ def _open(path: Path, what: str, hint: str) -> Image.Image:
         return image
     except FileNotFoundError:
         raise DataError(f"{what} {path} is missing: the id list and the data folder disagree; {hint}") from None
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, error) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot decode {what} {path} ({error}): the file is corrupt; replace it ({hint})") from None
 
@@ -400,6 +407,8 @@ def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, error) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read image {path} ({error}): the file is corrupt or not an image; replace or "
                         f"remove it") from None

@@ -204,6 +204,14 @@ def test_bad_input_is_one_line_before_training(case, tmp_path, capsys):
     assert not (tmp_path / "log").exists()  # refused before any training output
 
 
+def test_an_image_too_large_to_decode_is_named_with_the_fix(tmp_path, capsys, monkeypatch):
+    root = make_folder(tmp_path / "d", 3, train=4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL refuses twice this: our 33..51 px images are "huge"
+    err = cli_error(capsys, lambda a: engine.train(engine.get_args_parser("sup").parse_args(a)),
+                    train_argv(root, tmp_path, "--num_labels", "2"))
+    assert "is too large to decode safely" in err and "cut it into tiles" in err
+
+
 def test_folder_without_data_root_says_so(capsys):
     with pytest.raises(DataError, match="--dataset folder needs --data_root DIR"):
         build_data.dataset_info("folder", None)
