@@ -2,6 +2,7 @@
 images of any mode, images without masks, the sampler with few classes, and every script on 2 and 7 classes."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +353,21 @@ def test_rare_classes_retire_instead_of_ending_the_split():
         select_labelled(ids, sets, 14, 0, num_classes=7, min_classes=2, retire_missing=True)
     # up to the first retirement, the picks are the reference's
     assert select_labelled(ids, sets, 3, 0, 7, 2, retire_missing=True) == select_labelled(ids, sets, 3, 0, 7, 2)
+
+
+def test_resume_continues_the_folders_own_run_and_a_moved_folder_can_continue(tmp_path, capsys):
+    first = make_folder(tmp_path / "a/cells", 2, train=2, val=1)
+
+    def argv(root, *flags):
+        return train_argv(root, tmp_path, "--num_labels", "2", "--no_visual", *flags)
+    engine.main("sup", argv(first, "--resume", "auto"))
+    moved = shutil.copytree(first, tmp_path / "b/cells")
+    engine.main("sup", argv(moved, "--resume", "auto"))  # another folder of that name: its own run, from the start
+    assert capsys.readouterr().out.count("EPOCH    1 ") == 2
+    # resume compares the flags, not --data_root: the old run's file continues on the moved data
+    old = tmp_path / "log" / f"{dataset_tag('folder', first)}_label2_sup_0" / "last.pth"
+    engine.main("sup", argv(moved, "--resume", str(old)))
+    assert "resuming at epoch 2" in capsys.readouterr().out
 
 
 # --- every script, evaluate.py and visual.py on 2 and 7 classes ---
