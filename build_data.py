@@ -365,8 +365,10 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
     """Stem -> file of the image files in a folder of a folder dataset; DataError if it is missing or empty,
     or if two files share a stem (labels are matched to images by stem)."""
     if not folder.is_dir():
-        raise DataError(f"{folder} not found: a folder dataset holds images/train/, labels/train/, images/val/ "
-                        f"and labels/val/ ({HELP})")
+        beside = ", ".join(sorted(p.name for p in folder.parent.iterdir() if p.is_dir())) \
+            if folder.parent.is_dir() else ""  # 'valid' or 'Train' instead of 'val' or 'train'
+        raise DataError(f"{folder} not found{f' (its folder holds: {beside})' if beside else ''}: a folder dataset "
+                        f"holds images/train/, labels/train/, images/val/ and labels/val/ ({HELP})")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
@@ -428,11 +430,11 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
             raise DataError(f"label {path} is not a .png file: save it as {path.stem}.png (PNG keeps class values "
                             f"exact)")
         if stem not in images:
-            if Path(stem).stem in images and Path(stem).suffix.lower() in IMAGE_SUFFIXES:  # a.jpg -> a.jpg.png
-                raise DataError(f"label {path} is named after its image's whole file name: rename it "
-                                f"{Path(stem).stem}.png (labels are matched to images by file stem)")
-            raise DataError(f"label {path} has no image of the same stem in {image_dir}: add the image or remove "
-                            f"the label")
+            # tools often name masks <image stem>_mask, _segmentation or <image name>.png: say which image
+            prefixed = max((other for other in images if stem.startswith(other)), key=len, default=None)
+            fix = (f"its name starts with that of image {images[prefixed].name}: rename it {prefixed}.png (labels "
+                   f"are matched to images by the whole file stem)" if prefixed else "add the image or remove the label")
+            raise DataError(f"label {path} has no image of the same stem in {image_dir}: {fix}")
     for stem, path in images.items():
         if stem not in labels:
             raise DataError(f"image {path} has no label {label_dir / stem}.png: add the label, or move the image "

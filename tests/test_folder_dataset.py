@@ -185,7 +185,11 @@ BAD_DATA = {
                      "number >= 2"),
     "void zero": (lambda r: (r / "dataset.json").write_text('{"void": 0}'), "'void' 0 must lie in 3..255"),
     "label named after the image file": (lambda r: (r / "labels/train/train_1.png").rename(
-        r / "labels/train/train_1.png.png"), "train_1.png.png is named after its image's whole file name: rename it train_1.png"),
+        r / "labels/train/train_1.png.png"), "train_1.png.png has no image of the same stem in "),
+    "label stem with a suffix": (lambda r: (r / "labels/train/train_1.png").rename(
+        r / "labels/train/train_1_mask.png"), "its name starts with that of image train_1.png: rename it train_1.png"),
+    "val folder named otherwise": (lambda r: [(r / d / "val").rename(r / d / "validation") for d in ("images", "labels")],
+                                   "images/val not found (its folder holds: train, validation)"),
     "void is a class": (lambda r: (r / "dataset.json").write_text('{"void": 1}'), "'void' 1 must lie in 3..255"),
     "min_classes": (lambda r: (r / "dataset.json").write_text('{"min_classes": 4}'), "more than the 3 classes"),
     "eval_size too small": (lambda r: (r / "dataset.json").write_text('{"eval_size": 40}'),
