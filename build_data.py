@@ -361,6 +361,12 @@ def has_no_mask(info: DatasetInfo, image_id: str) -> bool:
     return info.layout == FOLDER and image_id.startswith(f"{UNLABELLED_DIR}/")
 
 
+def _is_image_file(path: Path) -> bool:
+    """An image file by its name: an image suffix (any case), not hidden (macOS leaves ._<name> files and
+    __MACOSX/ folders of them)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
 def _listing(folder: Path, what: str) -> dict[str, Path]:
     """Stem -> file of the image files in a folder of a folder dataset; DataError if it is missing or empty,
     or if two files share a stem (labels are matched to images by stem)."""
@@ -373,12 +379,11 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-                                 for p in path.rglob("*")):  # macOS zips add __MACOSX/ of ._<name> files
+        if path.is_dir() and any(map(_is_image_file, path.rglob("*"))):
             raise DataError(f"{path} is a subfolder: the {what}s of a folder dataset are read from directly inside "
                             f"{folder}, so these would be left out; move its files up into {folder} (every file "
                             f"stem must stay unique)")
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if not _is_image_file(path):
             continue
         if path.stem in files:
             raise DataError(f"{path} and {files[path.stem].name} share the stem {path.stem!r}: {what}s are matched "
@@ -393,7 +398,7 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
 def _largest_size(folder: Path) -> tuple[int, int] | None:
     """(H, W): the largest height and width of the images in a folder; None without images (predict.py needs only
     the card, and list_ids names the missing folder where images are needed)."""
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = sorted(filter(_is_image_file, folder.iterdir())) if folder.is_dir() else []
     sizes = [_image_size(path)[::-1] for path in files]
     return (max(h for h, _ in sizes), max(w for _, w in sizes)) if sizes else None
 

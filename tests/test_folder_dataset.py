@@ -238,6 +238,7 @@ def test_file_names_as_users_write_them(tmp_path, run_script):
         (root / "labels/train" / f"{old}.png").rename(label)
     (root / "images/train/__MACOSX").mkdir()  # what a zip made on a Mac unpacks: no images, only ._ files
     (root / "images/train/__MACOSX/._IMG 0001.JPG").write_bytes(b"\0\5\x16\7")
+    (root / "images/val/._val_0.jpg").write_bytes(b"\0\5\x16\7")  # and ._ files beside the images
     info = build_data.dataset_info("folder", root)
     ids = build_data.list_ids(info, root, "train")
     assert ids == sorted(renames.values())
