@@ -435,11 +435,7 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
             raise DataError(f"label {path} is not a .png file: save it as {path.stem}.png (PNG keeps class values "
                             f"exact)")
         if stem not in images:
-            # tools often name masks <image stem>_mask, _segmentation or <image name>.png: say which image
-            prefixed = max((other for other in images if stem.startswith(other)), key=len, default=None)
-            fix = (f"its name starts with that of image {images[prefixed].name}: rename it {prefixed}.png (labels "
-                   f"are matched to images by the whole file stem)" if prefixed else "add the image or remove the label")
-            raise DataError(f"label {path} has no image of the same stem in {image_dir}: {fix}")
+            raise _unmatched_label(path, images, image_dir)
     for stem, path in images.items():
         if stem not in labels:
             raise DataError(f"image {path} has no label {label_dir / stem}.png: add the label, or move the image "
@@ -454,8 +450,12 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
             label = read_label(info, labels[stem])
             present |= np.bincount(label.ravel(), minlength=256) > 0
             if label.shape != (height, width):
+                turned = (" (its sides are swapped: a photo with an EXIF orientation tag, shown upright where it "
+                          "was labelled? Store it upright, e.g. with PIL.ImageOps.exif_transpose)"
+                          if label.shape == (width, height) else "")
                 raise DataError(f"label {labels[stem]} is {label.shape[1]}x{label.shape[0]} but its image "
-                                f"{images[stem].name} is {width}x{height} (WxH): a label has its image's size")
+                                f"{images[stem].name} is {width}x{height} (WxH): a label has its image's size"
+                                f"{turned}")
             if eval_size and (height > eval_size[0] or width > eval_size[1]):
                 raise DataError(f"image {images[stem]} is {width}x{height} (WxH), larger than the eval_size "
                                 f"{eval_size[1]}x{eval_size[0]} of {root / 'dataset.json'}: raise eval_size "
@@ -464,6 +464,22 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
             _check_class_coverage(info, label_dir, present)
         _checked_folders.add(key)
     return sorted(path.name for path in images.values())
+
+
+def _unmatched_label(path: Path, images: dict[str, Path], image_dir: Path) -> DataError:
+    """The error of a label without an image of its stem, saying which file it probably belongs to."""
+    stem = path.stem
+    unread = sorted(p.name for p in image_dir.iterdir() if p.stem == stem and not p.is_dir())
+    # tools often name masks <image stem>_mask, _segmentation or <image name>.png
+    prefixed = max((other for other in images if stem.startswith(other)), key=len, default=None)
+    if unread:
+        fix = f"{unread[0]} is not a format read here ({' '.join(IMAGE_SUFFIXES)}): convert it, e.g. to PNG"
+    elif prefixed:
+        fix = (f"its name starts with that of image {images[prefixed].name}: rename it {prefixed}.png (labels are "
+               f"matched to images by the whole file stem)")
+    else:
+        fix = "add the image or remove the label"
+    return DataError(f"label {path} has no image of the same stem in {image_dir}: {fix}")
 
 
 def _check_class_coverage(info: DatasetInfo, label_dir: Path, present: np.ndarray) -> None:
