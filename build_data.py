@@ -471,7 +471,8 @@ def _unmatched_label(path: Path, images: dict[str, Path], image_dir: Path) -> Da
     stem = path.stem
     unread = sorted(p.name for p in image_dir.iterdir() if p.stem == stem and not p.is_dir())
     # tools often name masks <image stem>_mask, _segmentation or <image name>.png
-    prefixed = max((other for other in images if stem.startswith(other)), key=len, default=None)
+    prefixed = max((other for other in images if stem.startswith(other) and stem[len(other)] in "_-. "), key=len,
+                   default=None)
     if unread:
         fix = f"{unread[0]} is not a format read here ({' '.join(IMAGE_SUFFIXES)}): convert it, e.g. to PNG"
     elif prefixed:

@@ -186,6 +186,8 @@ BAD_DATA = {
     "void zero": (lambda r: (r / "dataset.json").write_text('{"void": 0}'), "'void' 0 must lie in 3..255"),
     "label named after the image file": (lambda r: (r / "labels/train/train_1.png").rename(
         r / "labels/train/train_1.png.png"), "train_1.png.png has no image of the same stem in "),
+    "label of another image": (lambda r: (r / "labels/train/train_1.png").rename(r / "labels/train/train_12.png"),
+                               "images/train: add the image or remove the label"),  # train_1 is not its image
     "image of another format": (lambda r: (r / "images/train/train_0.jpg").rename(r / "images/train/train_0.heic"),
                                 "train_0.heic is not a format read here"),
     "turned photo": (lambda r: write_label(r / "labels/train/train_1.png", np.zeros((33, 45), np.uint8), False),
