@@ -277,6 +277,12 @@ def label_path(info: DatasetInfo, root: str | Path, image_id: str, split: str, p
     return root / "sunrgbd_train_test_labels" / f"img-{int(image_id):06d}.png"
 
 
+def _float_image(path: Path) -> DataError:
+    """PIL would clip a float image's values to 0..255 (data in 0..1 would read as black): ask for integers."""
+    return DataError(f"image {path} holds 32-bit floats, whose range is unknown: save it as an 8- or 16-bit "
+                     f"image (scaled to 0..255 or 0..65535)")
+
+
 def _too_large(path: Path, error: Exception) -> DataError:
     return DataError(f"image {path} is too large to decode safely ({error}): cut it into tiles (e.g. 2048x2048 "
                      f"pixels, its mask likewise) and use the tiles")
@@ -299,6 +305,8 @@ def _open(path: Path, what: str, hint: str) -> Image.Image:
 def read_image(info: DatasetInfo, path: Path) -> np.ndarray:
     """An RGB image file as uint8 [H, W, 3]; 16-bit grey is scaled to 8 bits (PIL's convert would clip it)."""
     image = _open(path, "image", info.setup_hint)
+    if image.mode == "F":
+        raise _float_image(path)
     if image.mode.startswith("I"):
         grey = np.clip(np.asarray(image, np.float32) / 257, 0, 255).round().astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
@@ -413,6 +421,8 @@ def _image_size(path: Path) -> tuple[int, int]:
     """(W, H) of an image file, read from its header only."""
     try:
         with Image.open(path) as image:
+            if image.mode == "F":
+                raise _float_image(path)
             return image.size
     except Image.DecompressionBombError as error:
         raise _too_large(path, error) from None

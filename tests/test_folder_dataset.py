@@ -188,6 +188,8 @@ BAD_DATA = {
         r / "labels/train/train_1.png.png"), "train_1.png.png has no image of the same stem in "),
     "label of another image": (lambda r: (r / "labels/train/train_1.png").rename(r / "labels/train/train_12.png"),
                                "images/train: add the image or remove the label"),  # train_1 is not its image
+    "float image": (lambda r: Image.fromarray(np.ones((37, 41), np.float32)).save(r / "images/train/train_0.tif")
+                    or (r / "images/train/train_0.jpg").unlink(), "train_0.tif holds 32-bit floats"),
     "image of another format": (lambda r: (r / "images/train/train_0.jpg").rename(r / "images/train/train_0.heic"),
                                 "train_0.heic is not a format read here"),
     "turned photo": (lambda r: write_label(r / "labels/train/train_1.png", np.zeros((33, 45), np.uint8), False),
