@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ FOLDER = "folder"
 _FOLDER_SPLITS = {"train": "train", "test": "val"}
 UNLABELLED_DIR = "unlabelled"  # images with no masks at all; their ids are 'unlabelled/<file name>'
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_SUFFIXES = (".png", ".PNG")  # tools on Windows write upper-case suffixes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ class DatasetInfo:
     palette: np.ndarray  # uint8 [256, 3]; row 255 paints void / ignore
     label_table: np.ndarray  # uint8 [257]: raw label file value -> class id, VOID, or _INVALID
     crop_size: tuple[int, int]
-    eval_size: tuple[int, int]
+    eval_size: tuple[int, int] | None  # None: a folder dataset without val images (it cannot be evaluated)
     scale_range: tuple[float, float]
     batch_size: int
     min_classes: int  # split sampler threshold (0: SUN's own loop)
@@ -177,8 +179,7 @@ def _folder_info(root: str | Path | None) -> DatasetInfo:
                         f"{CLASSES_FILE} ({HELP})")
     card = read_card(root)
     n = len(card.class_names)
-    eval_size = card.eval_size or tuple(max(sizes) for sizes in zip(*(
-        _image_size(path)[::-1] for path in _listing(root / "images" / "val", "image").values())))
+    eval_size = card.eval_size or _largest_size(root / "images" / "val")
     return DatasetInfo(
         name=FOLDER, layout=FOLDER, class_names=card.class_names,
         palette=_palette(card.colours or _voc_colours(n), 255),
@@ -271,8 +272,20 @@ def label_path(info: DatasetInfo, root: str | Path, image_id: str, split: str, p
     if info.layout in ("cityscapes", FOLDER):  # a folder dataset's ids are image file names: the label has its stem
         if partial and split != "train":
             raise ValueError("partial labels exist for the train split only")
-        return root / "labels" / (("train" if split == "train" else "val") + suffix) / f"{Path(image_id).stem}.png"
+        path = root / "labels" / (("train" if split == "train" else "val") + suffix) / f"{Path(image_id).stem}.png"
+        return _upper_case_png(path) if info.layout == FOLDER else path
     return root / "sunrgbd_train_test_labels" / f"img-{int(image_id):06d}.png"
+
+
+def _float_image(path: Path) -> DataError:
+    """PIL would clip a float image's values to 0..255 (data in 0..1 would read as black): ask for integers."""
+    return DataError(f"image {path} holds 32-bit floats, whose range is unknown: save it as an 8- or 16-bit "
+                     f"image (scaled to 0..255 or 0..65535)")
+
+
+def _too_large(path: Path, error: Exception) -> DataError:
+    return DataError(f"image {path} is too large to decode safely ({error}): cut it into tiles (e.g. 2048x2048 "
+                     f"pixels, its mask likewise) and use the tiles")
 
 
 def _open(path: Path, what: str, hint: str) -> Image.Image:
@@ -283,6 +296,8 @@ def _open(path: Path, what: str, hint: str) -> Image.Image:
         return image
     except FileNotFoundError:
         raise DataError(f"{what} {path} is missing: the id list and the data folder disagree; {hint}") from None
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, error) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot decode {what} {path} ({error}): the file is corrupt; replace it ({hint})") from None
 
@@ -290,6 +305,8 @@ def _open(path: Path, what: str, hint: str) -> Image.Image:
 def read_image(info: DatasetInfo, path: Path) -> np.ndarray:
     """An RGB image file as uint8 [H, W, 3]; 16-bit grey is scaled to 8 bits (PIL's convert would clip it)."""
     image = _open(path, "image", info.setup_hint)
+    if image.mode == "F":
+        raise _float_image(path)
     if image.mode.startswith("I"):
         grey = np.clip(np.asarray(image, np.float32) / 257, 0, 255).round().astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
@@ -300,9 +317,17 @@ def read_label_values(path: Path, hint: str) -> np.ndarray:
     """The raw values of a single-channel label PNG (grayscale or palette: the stored indices), [H, W]: uint8,
     or uint16 for 16/32-bit files with every value above 255 clipped to 256; errors name the file and `hint`."""
     image = _open(path, "label", hint)
+    if image.mode == "1":  # a 1-bit PNG: black is 0, white is 1
+        return np.asarray(image, np.uint8)
+    if image.mode in ("LA", "RGB", "RGBA"):  # a grey mask that a tool saved with colour or alpha channels
+        channels = np.asarray(image)[..., : 1 if image.mode == "LA" else 3]
+        if not (channels == channels[..., :1]).all():
+            raise DataError(f"label {path} is an {image.mode} image of colours: labels must be single-channel PNGs "
+                            f"(grayscale or palette) holding class indices; convert each colour to its class index")
+        return np.ascontiguousarray(channels[..., 0])
     if image.mode not in ("L", "P") and not image.mode.startswith("I"):
         raise DataError(f"label {path} is a {image.mode} image: labels must be single-channel PNGs "
-                        f"(grayscale or palette) holding class indices; convert the colour label to indices")
+                        f"(grayscale or palette) holding class indices; convert it to indices")
     raw = np.asarray(image)
     return raw if raw.dtype == np.uint8 else np.clip(raw, 0, 256).astype(np.uint16)
 
@@ -315,9 +340,11 @@ def read_label(info: DatasetInfo, path: Path) -> np.ndarray:
     if invalid.any():
         values = np.unique(raw[invalid])[:8].tolist()
         void = "/".join(map(str, void_values(info)))
+        fix = (f"name every class of your masks in {CLASSES_FILE}, one a line (line k is value k from 0), or "
+               f"relabel those pixels ({HELP})" if info.layout == FOLDER
+               else f"is it the right dataset, preprocessed? ({info.setup_hint})")
         raise DataError(f"label {path} holds values {values} that are neither a class of --dataset {info.name} "
-                        f"(0..{info.num_classes - 1}) nor void {void}: is it the right dataset, preprocessed? "
-                        f"({info.setup_hint})")
+                        f"(0..{info.num_classes - 1}) nor void {void}: {fix}")
     return label
 
 
@@ -342,15 +369,29 @@ def has_no_mask(info: DatasetInfo, image_id: str) -> bool:
     return info.layout == FOLDER and image_id.startswith(f"{UNLABELLED_DIR}/")
 
 
+def _is_image_file(path: Path) -> bool:
+    """An image file by its name: an image suffix (any case), not hidden (macOS leaves ._<name> files and
+    __MACOSX/ folders of them)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
 def _listing(folder: Path, what: str) -> dict[str, Path]:
     """Stem -> file of the image files in a folder of a folder dataset; DataError if it is missing or empty,
     or if two files share a stem (labels are matched to images by stem)."""
     if not folder.is_dir():
-        raise DataError(f"{folder} not found: a folder dataset holds images/train/, labels/train/, images/val/ "
-                        f"and labels/val/ ({HELP})")
+        beside = ", ".join(sorted(p.name for p in folder.parent.iterdir() if p.is_dir())) \
+            if folder.parent.is_dir() else ""  # 'valid' or 'Train' instead of 'val' or 'train'
+        raise DataError(f"{folder} not found{f' (its folder holds: {beside})' if beside else ''}: a folder dataset "
+                        f"holds images/train/, labels/train/, images/val/ and labels/val/ ({HELP})")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.name.startswith("."):
+            continue
+        if path.is_dir() and any(map(_is_image_file, path.rglob("*"))):
+            raise DataError(f"{path} is a subfolder: the {what}s of a folder dataset are read from directly inside "
+                            f"{folder}, so these would be left out; move its files up into {folder} (every file "
+                            f"stem must stay unique)")
+        if not _is_image_file(path):
             continue
         if path.stem in files:
             raise DataError(f"{path} and {files[path.stem].name} share the stem {path.stem!r}: {what}s are matched "
@@ -362,11 +403,29 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
     return files
 
 
+def _largest_size(folder: Path) -> tuple[int, int] | None:
+    """(H, W): the largest height and width of the images in a folder; None without images (predict.py needs only
+    the card, and list_ids names the missing folder where images are needed)."""
+    files = sorted(filter(_is_image_file, folder.iterdir())) if folder.is_dir() else []
+    sizes = [_image_size(path)[::-1] for path in files]
+    return (max(h for h, _ in sizes), max(w for _, w in sizes)) if sizes else None
+
+
+def _upper_case_png(path: Path) -> Path:
+    """A label file <stem>.png, or <stem>.PNG where only that one exists."""
+    upper = path.with_suffix(".PNG")
+    return upper if not path.exists() and upper.exists() else path
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     """(W, H) of an image file, read from its header only."""
     try:
         with Image.open(path) as image:
+            if image.mode == "F":
+                raise _float_image(path)
             return image.size
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, error) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read image {path} ({error}): the file is corrupt or not an image; replace or "
                         f"remove it") from None
@@ -382,12 +441,11 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
     image_dir, label_dir = root / "images" / sub, root / "labels" / sub
     images, labels = _listing(image_dir, "image"), _listing(label_dir, "label")
     for stem, path in labels.items():
-        if path.suffix != ".png":  # label_path asks for <stem>.png
+        if path.suffix not in LABEL_SUFFIXES:  # label_path asks for <stem>.png or <stem>.PNG
             raise DataError(f"label {path} is not a .png file: save it as {path.stem}.png (PNG keeps class values "
                             f"exact)")
         if stem not in images:
-            raise DataError(f"label {path} has no image of the same stem in {image_dir}: add the image or remove "
-                            f"the label")
+            raise _unmatched_label(path, images, image_dir)
     for stem, path in images.items():
         if stem not in labels:
             raise DataError(f"image {path} has no label {label_dir / stem}.png: add the label, or move the image "
@@ -396,18 +454,62 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
     key = (tuple((str(p.resolve()), p.stat().st_mtime_ns) for p in [*images.values(), *labels.values()]),
            info.label_table.tobytes(), eval_size)
     if key not in _checked_folders:
+        present = np.zeros(256, bool)  # class ids (and VOID) that some label of the split holds
         for stem in tqdm(sorted(images), desc=f"checking {label_dir}", disable=len(images) < 500, leave=False):
             width, height = _image_size(images[stem])
             label = read_label(info, labels[stem])
+            present |= np.bincount(label.ravel(), minlength=256) > 0
             if label.shape != (height, width):
+                turned = (" (its sides are swapped: a photo with an EXIF orientation tag, shown upright where it "
+                          "was labelled? Store it upright, e.g. with PIL.ImageOps.exif_transpose)"
+                          if label.shape == (width, height) else "")
                 raise DataError(f"label {labels[stem]} is {label.shape[1]}x{label.shape[0]} but its image "
-                                f"{images[stem].name} is {width}x{height} (WxH): a label has its image's size")
+                                f"{images[stem].name} is {width}x{height} (WxH): a label has its image's size"
+                                f"{turned}")
             if eval_size and (height > eval_size[0] or width > eval_size[1]):
                 raise DataError(f"image {images[stem]} is {width}x{height} (WxH), larger than the eval_size "
                                 f"{eval_size[1]}x{eval_size[0]} of {root / 'dataset.json'}: raise eval_size "
                                 f"(or drop it: the default is the largest val image)")
+        if split == "train":
+            _check_class_coverage(info, label_dir, present)
         _checked_folders.add(key)
     return sorted(path.name for path in images.values())
+
+
+def _unmatched_label(path: Path, images: dict[str, Path], image_dir: Path) -> DataError:
+    """The error of a label without an image of its stem, saying which file it probably belongs to."""
+    stem = path.stem
+    unread = sorted(p.name for p in image_dir.iterdir() if p.stem == stem and not p.is_dir())
+    # tools often name masks <image stem>_mask, _segmentation or <image name>.png
+    prefixed = max((other for other in images if stem.startswith(other) and stem[len(other)] in "_-. "), key=len,
+                   default=None)
+    if unread:
+        fix = f"{unread[0]} is not a format read here ({' '.join(IMAGE_SUFFIXES)}): convert it, e.g. to PNG"
+    elif prefixed:
+        fix = (f"its name starts with that of image {images[prefixed].name}: rename it {prefixed}.png (labels are "
+               f"matched to images by the whole file stem)")
+    else:
+        fix = "add the image or remove the label"
+    return DataError(f"label {path} has no image of the same stem in {image_dir}: {fix}")
+
+
+def _check_class_coverage(info: DatasetInfo, label_dir: Path, present: np.ndarray) -> None:
+    """DataError if the training labels hold fewer than two classes (a 0/255 mask read as background and void
+    looks like this), a warning for each class they never show (the network cannot learn it)."""
+    classes = np.flatnonzero(present[: info.num_classes])
+    names = [f"{c} ({info.class_names[c]!r})" for c in range(info.num_classes)]
+    [void] = void_values(info)
+    if len(classes) < 2:
+        held = f"only class {names[classes[0]]}" if len(classes) else "no class"
+        raise DataError(f"the labels in {label_dir} hold {held}{f' and void {void}' if present[VOID] else ''}: "
+                        f"there is nothing to tell apart. Mask values are the line of the class in "
+                        f"{CLASSES_FILE}, counted from 0, and {void} is void: a 0/{void} mask whose {void} marks "
+                        f"the object must store it as 1 ({HELP})")
+    missing = [names[c] for c in range(info.num_classes) if not present[c]]
+    if missing:
+        print(f"warning: no label in {label_dir} holds class {', '.join(missing)} of {CLASSES_FILE}: the network "
+              f"cannot learn {'it' if len(missing) == 1 else 'them'}; add training images that show "
+              f"{'it' if len(missing) == 1 else 'them'}", file=sys.stderr, flush=True)
 
 
 def list_unlabelled(info: DatasetInfo, root: str | Path) -> list[str]:

@@ -54,14 +54,28 @@ def _positive(key: str, value: Any, path: Path) -> int:
     return value
 
 
+def _batch_size(key: str, value: Any, path: Path) -> int:
+    """A batch of at least two images: BatchNorm after the ASPP's image pooling cannot train on one."""
+    if type(value) is not int or value < 2:
+        raise DataError(f"{path}: {key!r} must be a whole number >= 2 (BatchNorm needs two images a batch), "
+                        f"got {value!r}")
+    return value
+
+
+def _byte(key: str, value: Any, path: Path) -> int:
+    if type(value) is not int or not 0 <= value <= 255:
+        raise DataError(f"{path}: {key!r} must be a label value from 0 to 255, got {value!r}")
+    return value
+
+
 def _text(key: str, value: Any, path: Path) -> str:
     if not isinstance(value, str) or not value:
         raise DataError(f"{path}: {key!r} must be a string (imagenet, none or a file), got {value!r}")
     return value
 
 
-_OVERRIDES = {"void": _positive, "crop_size": _size, "eval_size": _size, "scale_range": _scale_range,
-              "batch_size": _positive, "min_classes": _positive, "epochs": _positive,
+_OVERRIDES = {"void": _byte, "crop_size": _size, "eval_size": _size, "scale_range": _scale_range,
+              "batch_size": _batch_size, "min_classes": _positive, "epochs": _positive,
               "iters_per_epoch": _positive, "resnet_depth": _positive, "pretrained": _text}
 
 
@@ -85,7 +99,10 @@ def read_classes(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
     if not path.is_file():
         raise DataError(f"{path} not found: write one class name a line (the first line is label value 0, "
                         f"e.g. 'background'), optionally followed by R G B ({HELP})")
-    lines = path.read_text(encoding="utf-8").rstrip().splitlines()
+    try:  # utf-8-sig: Windows editors start UTF-8 files with a byte-order mark, not part of the first name
+        lines = path.read_text(encoding="utf-8-sig").rstrip().splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: save it as UTF-8 (one class name a line)") from None
     parsed = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -115,7 +132,7 @@ def read_overrides(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path} is not valid JSON ({error}); fix it or delete it to use the defaults") from None
     if not isinstance(raw, dict):
@@ -134,7 +151,8 @@ def read_card(root: Path) -> DatasetCard:
     void = overrides.get("void", DatasetCard.void)
     if not len(names) <= void <= 255:
         raise DataError(f"{path}: 'void' {void} must lie in {len(names)}..255 (the label values 0.."
-                        f"{len(names) - 1} are the classes of classes.txt)")
+                        f"{len(names) - 1} are the classes of classes.txt): masks whose void is a class value must "
+                        f"be relabelled")
     min_classes = overrides.get("min_classes", DatasetCard.min_classes)
     if min_classes > len(names):
         raise DataError(f"{path}: 'min_classes' {min_classes} is more than the {len(names)} classes of "

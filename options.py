@@ -4,10 +4,12 @@ against the dataset table, and the run's name and folder."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 from pathlib import Path
 
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
-from build_data import PARTIAL_SETTINGS, check_partial, dataset_info
+from build_data import FOLDER, PARTIAL_SETTINGS, check_partial, dataset_info
 from helpers import AMP_DTYPES, UserError
 from module_list import MIX_MODES
 from network import BACKBONES, RESNET_DEPTHS
@@ -140,10 +142,22 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def dataset_tag(dataset: str, data_root: str | None) -> str:
+    """The dataset in a run name: a built-in's name, or a folder dataset's folder name (in letters, digits, '.'
+    and '-') and 6 hex digits of its absolute path: two folders, even of one name, never share a run folder."""
+    if dataset != FOLDER:
+        return dataset
+    path = Path(data_root).resolve()
+    name = re.sub(r"[^\w.-]+|_", "-", path.name).strip("-.") or "data"  # '_' separates the name's parts
+    return f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
+
+
 def run_name(args: argparse.Namespace) -> str:
-    """The reference's file stem: {dataset}_label{N}|{partial}_{sup|semi_{aug}}[_reco]_{seed}."""
+    """The reference's file stem: {dataset}_label{N}|{partial}_{sup|semi_{aug}}[_reco]_{seed}, where a folder
+    dataset's {dataset} is dataset_tag's."""
     semi = MODES[args.train_mode][0]
-    head = f"{args.dataset}_{args.partial}" if args.partial else f"{args.dataset}_label{args.num_labels}"
+    dataset = dataset_tag(args.dataset, args.data_root)
+    head = f"{dataset}_{args.partial}" if args.partial else f"{dataset}_label{args.num_labels}"
     kind = f"semi_{args.apply_aug}" if semi else "sup"
     return f"{head}_{kind}{'_reco' if args.apply_reco else ''}_{args.seed}"
 

@@ -168,8 +168,8 @@ def test_16bit_label(tmp_path):
 
 
 def test_rgb_label_is_an_error(tmp_path):
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
-    with pytest.raises(bd.DataError, match="rgb.png is a RGB image.*single-channel"):
+    Image.fromarray(np.full((4, 4, 3), (200, 0, 0), np.uint8)).save(tmp_path / "rgb.png")  # colours, not grey
+    with pytest.raises(bd.DataError, match="rgb.png is an RGB image of colours.*single-channel"):
         bd.read_label(bd.DATASETS["pascal"], tmp_path / "rgb.png")
 
 

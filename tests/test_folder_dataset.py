@@ -2,6 +2,7 @@
 images of any mode, images without masks, the sampler with few classes, and every script on 2 and 7 classes."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from build_data import DataError
 from dataset_card import read_card
 from helpers import run_cli
 from module_list import IGNORE_INDEX
+from options import dataset_tag
 from splits import get_split, select_labelled
 
 SIZES = [(37, 41), (45, 33), (40, 40), (33, 51)]  # (H, W): odd and mixed
@@ -118,6 +120,15 @@ def test_card_names_colours_overrides_and_defaults(tmp_path):
     assert read_card(root).class_names == ("grade 1", "grade 2 5", "sky 0 0") and read_card(root).colours is None
 
 
+def test_card_files_from_windows_editors_read_as_written(tmp_path):
+    root = make_folder(tmp_path / "d", 3)
+    (root / "classes.txt").write_bytes("\ufeffback ground 0 0 0\r\nZelle ä 1 2 3\r\ncar 4 5 6\r\n\r\n\n".encode())
+    (root / "dataset.json").write_bytes("\ufeff".encode() + json.dumps({"crop_size": [40, 50]}).encode())
+    card = read_card(root)
+    assert card.class_names == ("back ground", "Zelle ä", "car") and card.colours[2] == (4, 5, 6)
+    assert card.crop_size == (40, 50)
+
+
 def test_two_classes_default_to_voc_colours_and_min_classes_two(tmp_path):
     info = build_data.dataset_info("folder", make_folder(tmp_path / "d", 2))
     assert info.palette[:2].tolist() == build_data.dataset_info("pascal").palette[:2].tolist()
@@ -140,11 +151,21 @@ BAD_DATA = {
                      "holds values [9] that are neither a class"),
     "empty folder": (lambda r: [_drop(p) for p in (r / "images/val").iterdir()], "images/val holds no image files"),
     "no folder": (lambda r: (r / "labels/val").rename(r / "labels/validation"), "labels/val not found"),
-    "colour label": (lambda r: Image.new("RGB", (41, 37)).save(r / "labels/train/train_0.png"), "is a RGB image"),
+    "colour label": (lambda r: Image.new("RGB", (41, 37), (200, 0, 0)).save(r / "labels/train/train_0.png"),
+                     "is an RGB image of colours"),
     "jpeg label": (lambda r: Image.open(r / "labels/train/train_0.png").convert("L").save(r / "labels/train/x.jpg"),
                    "x.jpg is not a .png file"),
-    "upper-case suffix": (lambda r: (r / "labels/val/val_0.png").rename(r / "labels/val/val_0.PNG"),
-                          "val_0.PNG is not a .png file: save it as val_0.png"),
+    "tiff label": (lambda r: (r / "labels/val/val_0.png").rename(r / "labels/val/val_0.tif"),
+                   "val_0.tif is not a .png file: save it as val_0.png"),
+    "subfolder": (lambda r: (r / "images/train/batch 2").mkdir() or (r / "images/train/train_0.jpg").rename(
+        r / "images/train/batch 2/train_0.jpg"), "images/train/batch 2 is a subfolder"),
+    "0/255 binary mask": (lambda r: [write_label(p, np.where(np.asarray(Image.open(p)) > 0, 255, 0).astype(np.uint8),
+                                                 False) for p in (r / "labels/train").iterdir()],
+                          "hold only class 0 ('class 0') and void 255: there is nothing to tell apart"),
+    "masks of more classes": (lambda r: (r / "classes.txt").write_text("a\nb\n"),
+                              "name every class of your masks in classes.txt"),
+    "utf-16 classes.txt": (lambda r: (r / "classes.txt").write_text("a\nb\nc\n", encoding="utf-16"),
+                           "classes.txt is not UTF-8 text: save it as UTF-8"),
     "duplicate stem": (lambda r: (r / "images/train/train_0.png").write_bytes(
         (r / "images/train/train_1.png").read_bytes()), "share the stem 'train_0'"),
     "corrupt image": (lambda r: (r / "images/train/train_1.png").write_bytes(b"not a png"),
@@ -160,6 +181,23 @@ BAD_DATA = {
     "unknown key": (lambda r: (r / "dataset.json").write_text('{"crop": 3}'), "unknown key(s) crop"),
     "bad json": (lambda r: (r / "dataset.json").write_text('{"crop_size": '), "is not valid JSON"),
     "bad size": (lambda r: (r / "dataset.json").write_text('{"crop_size": [3, -1]}'), "'crop_size' must be"),
+    "batch of one": (lambda r: (r / "dataset.json").write_text('{"batch_size": 1}'), "'batch_size' must be a whole "
+                     "number >= 2"),
+    "void zero": (lambda r: (r / "dataset.json").write_text('{"void": 0}'), "'void' 0 must lie in 3..255"),
+    "label named after the image file": (lambda r: (r / "labels/train/train_1.png").rename(
+        r / "labels/train/train_1.png.png"), "train_1.png.png has no image of the same stem in "),
+    "label of another image": (lambda r: (r / "labels/train/train_1.png").rename(r / "labels/train/train_12.png"),
+                               "images/train: add the image or remove the label"),  # train_1 is not its image
+    "float image": (lambda r: Image.fromarray(np.ones((37, 41), np.float32)).save(r / "images/train/train_0.tif")
+                    or (r / "images/train/train_0.jpg").unlink(), "train_0.tif holds 32-bit floats"),
+    "image of another format": (lambda r: (r / "images/train/train_0.jpg").rename(r / "images/train/train_0.heic"),
+                                "train_0.heic is not a format read here"),
+    "turned photo": (lambda r: write_label(r / "labels/train/train_1.png", np.zeros((33, 45), np.uint8), False),
+                     "its sides are swapped"),
+    "label stem with a suffix": (lambda r: (r / "labels/train/train_1.png").rename(
+        r / "labels/train/train_1_mask.png"), "its name starts with that of image train_1.png: rename it train_1.png"),
+    "val folder named otherwise": (lambda r: [(r / d / "val").rename(r / d / "validation") for d in ("images", "labels")],
+                                   "images/val not found (its folder holds: train, validation)"),
     "void is a class": (lambda r: (r / "dataset.json").write_text('{"void": 1}'), "'void' 1 must lie in 3..255"),
     "min_classes": (lambda r: (r / "dataset.json").write_text('{"min_classes": 4}'), "more than the 3 classes"),
     "eval_size too small": (lambda r: (r / "dataset.json").write_text('{"eval_size": 40}'),
@@ -179,6 +217,14 @@ def test_bad_input_is_one_line_before_training(case, tmp_path, capsys):
     assert not (tmp_path / "log").exists()  # refused before any training output
 
 
+def test_an_image_too_large_to_decode_is_named_with_the_fix(tmp_path, capsys, monkeypatch):
+    root = make_folder(tmp_path / "d", 3, train=4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL refuses twice this: our 33..51 px images are "huge"
+    err = cli_error(capsys, lambda a: engine.train(engine.get_args_parser("sup").parse_args(a)),
+                    train_argv(root, tmp_path, "--num_labels", "2"))
+    assert "is too large to decode safely" in err and "cut it into tiles" in err
+
+
 def test_folder_without_data_root_says_so(capsys):
     with pytest.raises(DataError, match="--dataset folder needs --data_root DIR"):
         build_data.dataset_info("folder", None)
@@ -186,7 +232,58 @@ def test_folder_without_data_root_says_so(capsys):
     assert "needs --data_root" in err
 
 
-# --- reading: any image mode, images without masks ---
+# --- reading: any image mode, file names as users write them, images without masks ---
+
+
+def test_file_names_as_users_write_them(tmp_path, run_script):
+    root = make_folder(tmp_path / "d", 3, train=4)
+    renames = {"train_0": "IMG 0001.JPG", "train_1": "scan.2024.01.05.png", "train_2": "Zelle ä 細胞.png",
+               "train_3": "x.y.z.JPEG"}  # the labels of the last two are <stem>.PNG, as tools on Windows write them
+    for k, (old, new) in enumerate(renames.items()):
+        [image] = (root / "images/train").glob(f"{old}.*")
+        image.rename(root / "images/train" / new)
+        label = root / "labels/train" / f"{Path(new).stem}.{'PNG' if k > 1 else 'png'}"
+        (root / "labels/train" / f"{old}.png").rename(label)
+    (root / "images/train/__MACOSX").mkdir()  # what a zip made on a Mac unpacks: no images, only ._ files
+    (root / "images/train/__MACOSX/._IMG 0001.JPG").write_bytes(b"\0\5\x16\7")
+    (root / "images/val/._val_0.jpg").write_bytes(b"\0\5\x16\7")  # and ._ files beside the images
+    info = build_data.dataset_info("folder", root)
+    ids = build_data.list_ids(info, root, "train")
+    assert ids == sorted(renames.values())
+    code, out, err = run_script("folder_preprocess.py", "--root", root, "--seeds", "0", "--workers", "1")
+    assert code == 0, err
+    for partial in (None, "p1"):
+        dataset = build_data.SegmentationDataset(info, root, ids, "train", partial=partial, crop_size=(33, 33))
+        for i, image_id in enumerate(ids):
+            path = build_data.label_path(info, root, image_id, "train", partial, 0)
+            assert path.is_file() and path.stem == Path(image_id).stem
+            assert dataset[i][1].shape == (33, 33)
+
+
+def test_a_class_no_training_label_holds_is_named(tmp_path, capsys):
+    root = make_folder(tmp_path / "d", 7, train=2)  # the two labels hold classes 0, 1 and 2
+    info = build_data.dataset_info("folder", root)
+    build_data.list_ids(info, root, "test")  # a val set may lack classes
+    assert "warning" not in capsys.readouterr().err
+    build_data.list_ids(info, root, "train")
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: no label in {root / 'labels/train'} holds class 3 ('class 3'), 4 ('class 4'), "
+                          f"5 ('class 5'), 6 ('class 6') of classes.txt: the network cannot learn them")
+
+
+def test_folder_runs_are_named_by_their_folder_and_builtin_names_stay(tmp_path, monkeypatch):
+    def name(dataset, root, *flags):
+        argv = ["--dataset", dataset, "--num_labels", "2", *(["--data_root", str(root)] if root else []), *flags]
+        return engine.resolve_args(engine.get_args_parser("semi").parse_args(argv)).name
+    first, second = make_folder(tmp_path / "a/cells", 2, train=2), make_folder(tmp_path / "b/cells", 2, train=2)
+    names = name("folder", first), name("folder", second)
+    assert names[0] != names[1] and all(n.startswith("cells-") and n.endswith("_label2_semi_cutout_0") for n in names)
+    monkeypatch.chdir(tmp_path / "b")
+    assert name("folder", "cells") == names[1]  # the same folder, however it is written
+    odd = make_folder(tmp_path / "my_data set.v2", 2, train=2)
+    assert name("folder", odd, "--apply_reco").startswith("my-data-set.v2-")  # '_' keeps separating the parts
+    assert name("demo", None, "--apply_aug", "classmix", "--apply_reco") == "demo_label2_semi_classmix_reco_0"
+    assert name("demo", tmp_path / "a/cells", "--seed", "3") == "demo_label2_semi_cutout_3"  # --data_root: no change
 
 
 def test_every_image_mode_reads_as_rgb_and_16_bit_is_scaled(tmp_path):
@@ -203,6 +300,22 @@ def test_every_image_mode_reads_as_rgb_and_16_bit_is_scaled(tmp_path):
     # palette and grayscale labels read as their stored indices
     label = build_data.read_label(info, build_data.label_path(info, root, "train_1.png", "train"))
     assert set(np.unique(label)) == {1, 2, build_data.VOID}
+
+
+def test_grey_masks_saved_with_colour_or_alpha_channels_read_as_their_values(tmp_path):
+    root = make_folder(tmp_path / "d", 3, train=4)
+    info = build_data.dataset_info("folder", root)
+    stored = {}
+    for path, mode in zip(sorted((root / "labels/train").iterdir()), ("RGB", "RGBA", "LA", "L")):
+        stored[path] = np.asarray(Image.open(path))  # what a tool exporting the same mask in another mode keeps
+        Image.fromarray(stored[path], "L").convert(mode).save(path)
+    build_data.list_ids(info, root, "train")
+    for path, values in stored.items():
+        np.testing.assert_array_equal(build_data.read_label_values(path, ""), values)
+    binary = np.zeros((5, 7), np.uint8)
+    binary[1:3, 2:6] = 255
+    Image.fromarray(binary).convert("1").save(tmp_path / "one_bit.png")  # a 1-bit PNG: black 0, white 1
+    np.testing.assert_array_equal(build_data.read_label_values(tmp_path / "one_bit.png", ""), binary // 255)
 
 
 def test_images_without_masks_yield_all_ignore_and_join_the_semi_pool(tmp_path, capsys):
@@ -255,6 +368,21 @@ def test_rare_classes_retire_instead_of_ending_the_split():
     assert select_labelled(ids, sets, 3, 0, 7, 2, retire_missing=True) == select_labelled(ids, sets, 3, 0, 7, 2)
 
 
+def test_resume_continues_the_folders_own_run_and_a_moved_folder_can_continue(tmp_path, capsys):
+    first = make_folder(tmp_path / "a/cells", 2, train=2, val=1)
+
+    def argv(root, *flags):
+        return train_argv(root, tmp_path, "--num_labels", "2", "--no_visual", *flags)
+    engine.main("sup", argv(first, "--resume", "auto"))
+    moved = shutil.copytree(first, tmp_path / "b/cells")
+    engine.main("sup", argv(moved, "--resume", "auto"))  # another folder of that name: its own run, from the start
+    assert capsys.readouterr().out.count("EPOCH    1 ") == 2
+    # resume compares the flags, not --data_root: the old run's file continues on the moved data
+    old = tmp_path / "log" / f"{dataset_tag('folder', first)}_label2_sup_0" / "last.pth"
+    engine.main("sup", argv(moved, "--resume", str(old)))
+    assert "resuming at epoch 2" in capsys.readouterr().out
+
+
 # --- every script, evaluate.py and visual.py on 2 and 7 classes ---
 
 
@@ -262,7 +390,7 @@ def test_two_classes_semi_reco_then_evaluate_and_visual(tmp_path, capsys):
     root = make_folder(tmp_path / "d", 2, train=6, val=2, unlabelled=2)
     engine.main("semi", train_argv(root, tmp_path, "--num_labels", "3", "--apply_aug", "classmix", "--apply_reco",
                                    "--no_visual", *RECO))
-    name = "folder_label3_semi_classmix_reco_0"
+    name = f"{dataset_tag('folder', root)}_label3_semi_classmix_reco_0"
     assert "EPOCH    1" in capsys.readouterr().out
     assert np.load(tmp_path / "log" / f"{name}.npy")[0, 2] > 0  # the ReCo loss worked with two classes
     weights = tmp_path / "w" / f"{name}.pth"
@@ -290,15 +418,15 @@ def test_seven_classes_sup_with_a_split_dir_and_amp(tmp_path, capsys, run_script
     assert code == 0, err
     engine.main("sup", train_argv(root, tmp_path, "--split_dir", str(tmp_path / "split"), "--amp", "bf16",
                                   "--apply_reco", *RECO))
-    run = tmp_path / "log/folder_label4_sup_reco_0"
+    run = tmp_path / f"log/{dataset_tag('folder', root)}_label4_sup_reco_0"
     assert (run / "split/labelled.txt").read_text() == (tmp_path / "split/labelled.txt").read_text()
     assert (run / "visual.png").stat().st_size > 1000  # the figure uses the card's colours
-    assert np.isfinite(np.load(tmp_path / "log/folder_label4_sup_reco_0.npy")).all()
+    assert np.isfinite(np.load(run.parent / f"{run.name}.npy")).all()
 
 
 @pytest.mark.parametrize("mode, num_classes", [("sup_partial", 2), ("semi_partial", 7)])
 def test_partial_scripts_after_folder_preprocess(mode, num_classes, tmp_path, capsys, run_script):
-    root = make_folder(tmp_path / "d", num_classes, train=4, unlabelled=1, card=TINY_CARD | {"void": 250}, void=250)
+    root = make_folder(tmp_path / "d", num_classes, train=6, unlabelled=1, card=TINY_CARD | {"void": 250}, void=250)
     full = np.asarray(Image.open(root / "labels/train/train_0.png"))
     err = cli_error(capsys, lambda a: engine.main(mode, a), train_argv(root, tmp_path, "--partial", "p1"))
     assert f"partial labels come from `python dataset/folder_preprocess.py --root {root}`" in err

@@ -196,8 +196,8 @@ def test_padded_sizes_and_batches():
 def test_a_folder_dataset_gives_its_classes_and_colours_through_the_run_folder(inputs, tmp_path, capsys):
     data = tmp_path / "mydata"
     data.mkdir()
-    (data / "classes.txt").write_text("sky 10 20 30\nsea 200 100 0\n")
-    (data / "dataset.json").write_text(json.dumps({"eval_size": 33}))
+    (data / "classes.txt").write_text("sky 10 20 30\nsea 200 100 0\n")  # the card alone, as on a machine that
+    # only predicts: no images/, and no eval_size in a dataset.json
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"args": {"dataset": "folder", "data_root": str(data)}}))
