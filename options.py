@@ -127,6 +127,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag in positive:
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if semi and args.batch_size < 2:  # training-mode BatchNorm of the pooled ASPP branch needs two values
+        raise UserError(f"--batch_size {args.batch_size}: the semi-supervised step needs at least 2 images per "
+                        "process (BatchNorm in training mode); use --batch_size 2 or more")
     if min(args.crop_size) <= 0:
         raise UserError(f"--crop_size must be positive, got {args.crop_size}")
     if not partial and args.num_labels < 0:

@@ -55,6 +55,7 @@ def test_reference_file_names(mode, argv, name):
 @pytest.mark.parametrize("mode, argv, words", [
     ("sup_partial", ["--dataset", "sun"], "--dataset sun has no partial labels"),
     ("semi", ["--batch_size", "0"], "--batch_size must be positive"),
+    ("semi_partial", ["--batch_size", "1"], "--batch_size 1: the semi-supervised step needs at least 2 images"),
     ("semi", ["--iters_per_epoch", "-1"], "--iters_per_epoch must be positive"),
     ("semi", ["--apply_reco", "--num_queries", "0"], "--num_queries must be positive"),
     ("sup", ["--num_labels", "-3"], "--num_labels"),
