@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -219,7 +220,8 @@ def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, 
     row = losses.tolist()
     for monitor in state.monitors:
         monitor.reduce_from_all_processes()
-        row += list(monitor.get_metrics())
+        # no pixel with a label (unlabelled images without masks): no score, rather than a misleading 0
+        row += list(monitor.get_metrics()) if bool(monitor.mat.any()) else [math.nan, math.nan]
     return row
 
 
@@ -487,7 +489,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
         if out:
             out.write_epoch(epoch, lr, metrics, eval_model, is_best)
             save_last(run, out.last_path, epoch, best, metrics)
-            train_part = " | ".join(f"{n} {v:.4f}" for n, v in zip(columns[:-3], row))
+            train_part = " | ".join(f"{n} {v:.4f}" if not math.isnan(v) else f"{n} n/a" for n, v in zip(columns[:-3], row))
             print(f"EPOCH {epoch + 1:4d} ITER {(epoch + 1) * args.iters_per_epoch:6d} | {train_part} || "
                   f"test loss {test['loss']:.4f} | mIoU {test['miou']:.4f} | acc {test['acc']:.4f} || "
                   f"best mIoU {best:.4f} | lr {lr:.2e} | {time.perf_counter() - started:.1f} s"

@@ -20,7 +20,7 @@ from build_data import DataError
 from dataset_card import read_card
 from helpers import run_cli
 from module_list import IGNORE_INDEX
-from options import dataset_tag
+from options import dataset_tag, metric_columns
 from splits import get_split, select_labelled
 
 SIZES = [(37, 41), (45, 33), (40, 40), (33, 51)]  # (H, W): odd and mixed
@@ -335,6 +335,21 @@ def test_images_without_masks_yield_all_ignore_and_join_the_semi_pool(tmp_path, 
     args.train_mode = "sup"
     (_, unlabelled), _, _ = engine.build_loaders(args, info, d)
     assert not set(extra) & set(unlabelled)  # a supervised run has no unlabelled branch
+
+
+def test_monitors_of_an_unlabelled_pool_without_masks_read_n_a_not_zero(tmp_path, capsys):
+    root = make_folder(tmp_path / "d", 3, train=4, unlabelled=3)
+    split = tmp_path / "split"  # every labelled image labelled: the unlabelled pool is the images without masks
+    split.mkdir()
+    (split / "labelled.txt").write_text("\n".join(build_data.list_ids(build_data.dataset_info("folder", root), root,
+                                                                      "train")))
+    (split / "unlabelled.txt").write_text("")
+    engine.main("semi", train_argv(root, tmp_path, "--split_dir", str(split), "--no_visual"))
+    assert "| unlabelled_miou n/a | unlabelled_acc n/a ||" in capsys.readouterr().out
+    row = np.load(tmp_path / "log" / f"{dataset_tag('folder', root)}_label4_semi_cutout_0.npy")[0]
+    columns = list(metric_columns(True))
+    assert np.isnan(row[columns.index("unlabelled_miou")]) and np.isnan(row[columns.index("unlabelled_acc")])
+    assert row[columns.index("labelled_acc")] > 0
 
 
 # --- the class-balanced sampler with the dataset's classes ---
