@@ -14,8 +14,10 @@ import os
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -31,12 +33,12 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from build_data import PARTIAL_SETTINGS  # noqa: E402
+from faults import STOP_SIGNALS, exit_code  # noqa: E402
 from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, run_cli, write_json  # noqa: E402
 from module_list import MIX_MODES  # noqa: E402
+from run_record import MODE_SCRIPTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
-# (supervised script, semi-supervised script) of each label kind: full labels on some images, or partial labels
-SCRIPTS = {False: ("train_sup.py", "train_semisup.py"), True: ("train_sup_partial.py", "train_semisup_partial.py")}
 METHOD_BASES = ("sup", *MIX_MODES)
 # Flags the study sets for each cell: they may not be among the extra training flags.
 CELL_FLAGS = ("--seed", "--num_labels", "--partial", "--split_dir", "--split", "--apply_aug", "--apply_reco",
@@ -57,6 +59,11 @@ PAPER = {"pascal": ("60", {"sup": 36.06, "classmix": 53.71, "classmix+reco": 57.
 # ---------------------------------------------------------------------------------------------
 # study.py run: the grid's cells, their states and commands, one subprocess each
 # ---------------------------------------------------------------------------------------------
+
+def script_of(semi: bool, partial: bool) -> str:
+    """The training script of a cell: supervised or semi-supervised, on full or partial labels."""
+    return MODE_SCRIPTS[("semi" if semi else "sup") + ("_partial" if partial else "")]
+
 
 def parse_method(method: str) -> tuple[str, bool]:
     """'classmix+reco' -> ('classmix', True); a UserError naming --methods for anything else."""
@@ -79,8 +86,7 @@ class Cell:
     def command(self, partial: bool, extra: Sequence[str], resume: bool) -> list[str]:
         """The training script's command line of this cell (outputs inside the cell's folder)."""
         base, reco = parse_method(self.method)
-        script = SCRIPTS[partial][0 if base == "sup" else 1]
-        return [sys.executable, str(REPO / script), *self.budget_flags, "--seed", str(self.seed),
+        return [sys.executable, str(REPO / script_of(base != "sup", partial)), *self.budget_flags, "--seed", str(self.seed),
                 *(["--apply_aug", base] if base != "sup" else []), *(["--apply_reco"] if reco else []),
                 "--log_dir", str(self.folder / "log"), "--weights_dir", str(self.folder / "weights"), *extra,
                 *(["--resume"] if resume else [])]
@@ -140,10 +146,11 @@ def budgets_of(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
 def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cell]]:
     """Check the study's flags; returns (partial labels?, the cells in the order they run)."""
     partial = args.partial is not None
-    if args.script and args.script not in SCRIPTS[partial]:
+    scripts = (script_of(False, partial), script_of(True, partial))
+    if args.script and args.script not in scripts:
         budget_flags = "--partial" if partial else "--num_labels, --splits or --split_dirs"
         raise UserError(f"--script {args.script} does not match the label budgets: use "
-                        f"{' or '.join(SCRIPTS[partial])} with {budget_flags}")
+                        f"{' or '.join(scripts)} with {budget_flags}")
     for token in extra:
         if token.split("=")[0] in CELL_FLAGS:
             raise UserError(f"{token.split('=')[0]} is set by the study for each cell; drop it from the training "
@@ -170,18 +177,63 @@ def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
         write_json(path, ours, indent=1)
 
 
-def run_cell(cell: Cell, command: list[str], gpus: queue.Queue) -> int:
-    """Run one cell's command with its output appended to cell.log, on a free GPU if any; returns its exit code."""
-    gpu = gpus.get()
+class CellProcesses:
+    """The running cells' processes and the GPUs free for the next one; study.py's stop signals go to the cells.
+
+    Each cell runs in its own process group, so a terminal's Ctrl-C (or a kill of the study's group) reaches
+    study.py alone, which passes it on once: the training scripts finish their step, save last.pth and stop
+    (a second signal, passed on too, stops them at once), and no further cell starts."""
+
+    def __init__(self, gpus: Sequence[str] | None):
+        self.gpus: queue.Queue = queue.Queue()
+        for gpu in gpus or [None]:
+            self.gpus.put(gpu)
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.RLock()  # re-entrant: a second signal may arrive inside the handler
+        self.stopped_by: int | None = None
+
+    def stop(self, signum: int, frame: object = None) -> None:
+        """Signal handler: pass the signal on to every running cell and start no other."""
+        with self.lock:
+            self.stopped_by = signum
+            for process in self.running:
+                process.send_signal(signum)
+
+
+def run_cell(cell: Cell, command: list[str], cells: CellProcesses) -> int | None:
+    """Run one cell's command with its output appended to cell.log, on a free GPU if any; returns its exit code
+    (None: not started, the study was stopped first)."""
+    gpu = cells.gpus.get()
     try:
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
-        cell.folder.mkdir(parents=True, exist_ok=True)
-        with open(cell.folder / "cell.log", "a") as log:
+        with cells.lock:
+            if cells.stopped_by is not None:
+                return None
+            cell.folder.mkdir(parents=True, exist_ok=True)
+            log = open(cell.folder / "cell.log", "a")
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
             log.flush()
-            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
+            cells.running.add(process)
+        with log:
+            code = process.wait()
+        with cells.lock:
+            cells.running.discard(process)
+        return code
     finally:
-        gpus.put(gpu)
+        cells.gpus.put(gpu)
+
+
+def cell_result(cell: Cell, code: int | None, before: str) -> str:
+    """The state column of a cell that was to run, from its exit code and its run folder."""
+    if code is None:
+        return "not started"
+    stopped = {exit_code(s): signal.Signals(s).name for s in STOP_SIGNALS}
+    if code in stopped and cell.state() == "interrupted":
+        return f"stopped by {stopped[code]}, resumes on the next run"
+    if code == 0 and cell.state() == "done":
+        return ("resumed, " if before == "interrupted" else "") + "done"
+    return f"FAILED (exit {code}): {last_error(cell.folder / 'cell.log')}"
 
 
 def last_error(log: Path) -> str:
@@ -202,32 +254,39 @@ def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
         print(f"{len(todo)} of {len(cells)} cells to run ({len(cells) - len(todo)} finished)", file=sys.stderr)
         return
     check_study_file(out, partial, extra)
-    gpus: queue.Queue = queue.Queue()
-    for gpu in args.gpus or [None]:
-        gpus.put(gpu)
+    processes = CellProcesses(args.gpus)
     result = {cell: "skipped (finished before)" for cell in cells if states[cell] == "done"}
+    on_gpus = f" on GPUs {' '.join(args.gpus)}" if args.gpus else ""
     print(f"study {out}: {len(cells)} cells, {len(todo)} to run ({sum(s == 'interrupted' for s in states.values())} "
-          f"to resume){f' on GPUs {args.gpus}' if args.gpus else ''}", flush=True)
+          f"to resume){on_gpus}", flush=True)
     pool = ThreadPoolExecutor(max_workers=len(args.gpus or [None]))
+    previous = {signum: signal.signal(signum, processes.stop) for signum in STOP_SIGNALS}
     try:
-        futures = {pool.submit(run_cell, cell, cell.command(partial, extra, states[cell] == "interrupted"), gpus): cell
-                   for cell in todo}
+        futures = {pool.submit(run_cell, cell, cell.command(partial, extra, states[cell] == "interrupted"),
+                               processes): cell for cell in todo}
         bar = tqdm(as_completed(futures), total=len(todo), desc="cells", unit="cell", disable=not sys.stderr.isatty())
         for future in bar:
             cell = futures[future]
-            code, done = future.result(), cell.state() == "done"
-            resumed = "resumed, " if states[cell] == "interrupted" else ""
-            result[cell] = f"{resumed}done" if code == 0 and done else \
-                f"FAILED (exit {code}): {last_error(cell.folder / 'cell.log')}"
-            tqdm.write(f"{cell.method} {cell.budget} seed {cell.seed}: {result[cell]}")
-    finally:  # on Ctrl-C start no further cell (the running ones got the signal too)
+            result[cell] = cell_result(cell, future.result(), states[cell])
+            if result[cell] != "not started":
+                tqdm.write(f"{cell.method} {cell.budget} seed {cell.seed}: {result[cell]}")
+    finally:
         pool.shutdown(cancel_futures=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(format_table(["method", "budget", "seed", "state", "folder"],
                        [[c.method, c.budget, str(c.seed), result[c], str(c.folder.relative_to(out))] for c in cells]))
-    failed = [c for c in cells if result[c].startswith("FAILED")]
+    if processes.stopped_by is not None:
+        stopped = sum(r.startswith("stopped") for r in result.values())
+        print(f"stopped by {signal.Signals(processes.stopped_by).name}: {stopped} running cell(s) saved last.pth "
+              f"and stopped, {sum(r == 'not started' for r in result.values())} not started; run the same command "
+              "again to resume them and run the rest", file=sys.stderr)
+        raise SystemExit(exit_code(processes.stopped_by))
+    failed = [c for c in cells if not result[c].endswith("done") and not result[c].startswith("skipped")]
     if failed:
-        print(f"{len(failed)} of {len(cells)} cells failed (their logs: <cell>/cell.log); fix the cause and run the "
-              "same command again: finished cells are skipped", file=sys.stderr)
+        print(f"{len(failed)} of {len(cells)} cells failed or were stopped (their logs: <cell>/cell.log); fix the "
+              "cause and run the same command again: finished cells are skipped, stopped ones resume",
+              file=sys.stderr)
         raise SystemExit(1)
     print(f"all {len(cells)} cells finished; next: python study.py report {shlex.quote(str(out))}")
 
@@ -514,7 +573,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or list) every cell of a methods x budgets x seeds grid",
                          description="Training flags shared by every cell follow a lone --.")
     run.add_argument("--out", required=True, help="the study folder (cells/<method>/<budget>/seed<k>/ inside)")
-    run.add_argument("--script", choices=[s for pair in SCRIPTS.values() for s in pair],
+    run.add_argument("--script", choices=sorted(set(MODE_SCRIPTS.values())),
                      help="the semi-supervised script (default: by the budget kind); 'sup' runs its supervised twin")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     budgets = run.add_mutually_exclusive_group(required=True)

@@ -4,11 +4,11 @@ against the runs' own .npy logs; --print; the refusal of mixed configurations; r
 import csv
 import json
 import os
-import queue
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +31,7 @@ def small_demo(tmp_path_factory) -> Path:
 
 
 def training_flags(root: Path) -> list[str]:
-    return ["--", "--dataset", "demo", "--data_root", str(root), "--epochs", "2", "--iters_per_epoch", "1",
+    return ["--", "--dataset", "demo", "--data_root", str(root), "--epochs", "3", "--iters_per_epoch", "1",
             "--batch_size", "2", "--crop_size", "33", "33", "--num_workers", "0", "--no_visual"]
 
 
@@ -53,15 +53,17 @@ def table_state(stdout: str, method: str, budget: str, seed: int) -> str:
 def test_a_grid_is_killed_once_fails_once_resumes_and_reports_its_logs(small_demo, tmp_path, capsys):
     out = tmp_path / "study"
     cell = lambda method, budget, seed: out / "cells" / method / str(budget) / f"seed{seed}"  # noqa: E731
-    # kill the whole study (and its running cell) once the 3rd cell has finished its first epoch
+    # stop the study (kill PID) once the 3rd cell has finished its first epoch: the cell saves and stops
     first = subprocess.Popen([sys.executable, str(REPO / "study.py"), "run", "--out", str(out), *GRID,
-                              *training_flags(small_demo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                              *training_flags(small_demo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim_log = cell("sup", 8, 0) / "cell.log"
     while first.poll() is None and not (victim_log.is_file() and "EPOCH    1" in victim_log.read_text()):
         time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    first.send_signal(signal.SIGTERM)
+    stopped = first.communicate()[0]
+    assert first.returncode == 143, stopped
+    assert table_state(stopped, "sup", "8", 0) == "stopped by SIGTERM, resumes on the next run"
+    assert table_state(stopped, "classmix", "8", 0) == "not started"
     assert len(list((cell("sup", 8, 0) / "log").glob("*/last.pth"))) == 1
 
     # --print lists the cells still to run, the interrupted one with --resume
@@ -86,7 +88,7 @@ def test_a_grid_is_killed_once_fails_once_resumes_and_reports_its_logs(small_dem
     assert table_state(second.stdout, "sup", "8", 0) == "resumed, done"
     assert table_state(second.stdout, "sup", "4", 0) == "skipped (finished before)"
     assert table_state(second.stdout, "classmix", "8", 1) == "done"
-    assert "resuming at epoch 2" in (cell("sup", 8, 0) / "cell.log").read_text()
+    assert "resuming at epoch" in (cell("sup", 8, 0) / "cell.log").read_text()
     assert (cell("sup", 4, 0) / "log" / "demo_label4_sup_0.npy").stat().st_mtime_ns == done_before
 
     (cell("classmix", 8, 0) / "weights").unlink()
@@ -232,15 +234,15 @@ def test_cells_pick_scripts_and_flags_for_partial_labels_and_splits(tmp_path, ca
 
 
 def test_a_cell_runs_on_its_own_gpu_and_logs_its_output(tmp_path):
-    gpus = queue.Queue()
-    gpus.put("7")
+    cells = study.CellProcesses(["7"])
     cell = study.Cell("sup", "60", ("--num_labels", "60"), 0, tmp_path / "cell")
-    code = study.run_cell(cell, [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"], gpus)
-    assert code == 0 and gpus.get_nowait() == "7"
+    code = study.run_cell(cell, [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"], cells)
+    assert code == 0 and cells.gpus.get_nowait() == "7" and not cells.running
     log = (tmp_path / "cell" / "cell.log").read_text().splitlines()
     assert log[0].startswith("=== ") and log[1] == "7"
+    cells.gpus.put(None)
     code = study.run_cell(cell, [sys.executable, "-c", "import sys; print('error: no data'); print('x'); sys.exit(2)"],
-                          gpus if gpus.put(None) is None else gpus)
+                          cells)
     assert code == 2 and study.last_error(tmp_path / "cell" / "cell.log") == "error: no data"
 
 
@@ -258,3 +260,57 @@ def test_a_cell_is_new_interrupted_or_done_by_its_run_folder(tmp_path):
     (tmp_path / "cell2" / "log" / "another_run").mkdir()
     with pytest.raises(UserError, match="holds several runs"):
         study.Cell("classmix", "60", (), 0, tmp_path / "cell2").state()
+
+
+# ---------------------------------------------------------------------------------------------
+# what a first study met (each test: one problem found by running study.py as a new user would)
+# ---------------------------------------------------------------------------------------------
+
+FAKE_CELL = """
+import os, pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def stop(signum, frame):  # what a training script does: save last.pth, exit 128 + the signal
+    run = folder / "log" / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "last.pth").write_bytes(b"")
+    with open(folder / "signals", "a") as f:
+        f.write(f"{signum}\\n")
+    time.sleep(0.3)  # a second signal would arrive here
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+print("pgid", os.getpgid(0), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(signum, tmp_path, capsys,
+                                                                             monkeypatch):
+    script = tmp_path / "cell.py"
+    script.write_text(FAKE_CELL)
+    monkeypatch.setattr(study.Cell, "command", lambda cell, *_: [sys.executable, str(script), str(cell.folder)])
+    first = tmp_path / "study" / "cells" / "sup" / "4" / "seed0"
+
+    def signal_the_study() -> None:  # as `kill PID`, or Ctrl-C (the cell is in another process group: see below)
+        while not ((first / "cell.log").is_file() and "pgid" in (first / "cell.log").read_text()):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)
+
+    previous = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(target=signal_the_study)
+    thread.start()
+    with pytest.raises(SystemExit) as stopped:
+        study.main(["run", "--out", str(tmp_path / "study"), "--seeds", "0", "--num_labels", "4", "8",
+                    "--methods", "sup"])
+    thread.join()
+    assert stopped.value.code == 128 + signum
+    assert (first / "signals").read_text() == f"{int(signum)}\n"  # passed on once
+    # a terminal's Ctrl-C reaches the study's process group only, so the cell does not get it twice
+    assert int((first / "cell.log").read_text().split("pgid ")[1].split()[0]) != os.getpgid(0)
+    assert not (tmp_path / "study" / "cells" / "sup" / "8").exists()  # the next cell never started
+    out, err = capsys.readouterr()
+    assert table_state(out, "sup", "4", 0) == f"stopped by {signal.Signals(signum).name}, resumes on the next run"
+    assert table_state(out, "sup", "8", 0) == "not started"
+    assert f"stopped by {signal.Signals(signum).name}" in err and "run the same command again" in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) == previous
