@@ -37,6 +37,7 @@ from faults import STOP_SIGNALS, exit_code  # noqa: E402
 from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, run_cli, write_json  # noqa: E402
 from module_list import MIX_MODES  # noqa: E402
 from run_record import MODE_SCRIPTS  # noqa: E402
+from splits import read_split_dir, shipped_splits  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 METHOD_BASES = ("sup", *MIX_MODES)
@@ -130,16 +131,22 @@ def budgets_of(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
                 raise UserError(f"--partial {p}: choose among {', '.join(PARTIAL_SETTINGS)}")
         budgets = [(p, ("--partial", p)) for p in args.partial]
     elif args.splits is not None:
+        for name in args.splits:
+            if name not in shipped_splits():
+                raise UserError(f"--splits {name} is not a shipped split: choose among {', '.join(shipped_splits())} "
+                                "(dataset/splits/README.md), or pass your own split folders with --split_dirs")
         budgets = [(s, ("--split", s)) for s in args.splits]
     else:
         for d in args.split_dirs:
             if not (Path(d) / "labelled.txt").is_file():
                 raise UserError(f"--split_dirs: {d} has no labelled.txt; pass folders written by "
                                 "dataset/make_splits.py (labelled.txt, unlabelled.txt)")
-        budgets = [(Path(d).resolve().name, ("--split_dir", str(Path(d).resolve()))) for d in args.split_dirs]
+        # named by their size, as the runs are (a split's size is its --num_labels) and the report's columns
+        budgets = [(str(len(read_split_dir(d)[0])), ("--split_dir", str(Path(d).resolve()))) for d in args.split_dirs]
     names = [name for name, _ in budgets]
     if len(set(names)) < len(names):
-        raise UserError(f"the label budgets {names} repeat a name; pass each once (split folders need distinct names)")
+        raise UserError(f"the label budgets {names} repeat a name; pass each once (split folders of one size "
+                        "belong to separate studies)")
     return budgets
 
 
@@ -164,17 +171,39 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cel
     return partial, cells
 
 
+def flag_values(tokens: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Training flags as {flag: values}, '--epochs 2' and '--epochs=2' alike; a repeated flag keeps its last."""
+    flags: dict[str, tuple[str, ...]] = {}
+    name = ""
+    for token in tokens:
+        if token.startswith("--"):
+            name, equals, value = token.partition("=")
+            flags[name] = (value,) if equals else ()
+        else:
+            flags[name] = (*flags.get(name, ()), token)
+    return flags
+
+
 def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
-    """Record the study's shared training flags in study.json; refuse to continue a study with other ones."""
+    """Record the study's shared training flags in study.json; refuse to continue a study with other ones
+    (in any order), naming each flag that changed."""
     path = out / "study.json"
     ours = {"partial_labels": partial, "training_flags": list(extra)}
-    if path.is_file():
-        theirs = json.loads(path.read_text())
-        if theirs != ours:
-            raise UserError(f"{path}: this study was run with {theirs}, now {ours}; finished cells would mix "
-                            "configurations: use the same flags, or another --out")
-    else:
+    if not path.is_file():
         write_json(path, ours, indent=1)
+        return
+    theirs = json.loads(path.read_text())
+    before, now = flag_values(theirs["training_flags"]), flag_values(extra)
+    said = lambda flags, name: shlex.join([name, *flags[name]]) if name in flags else "not given"  # noqa: E731
+    changed = [f"{said(before, name)} before, {said(now, name)} now" if name in before else
+               f"{name} not given before, {said(now, name)} now" for name in dict.fromkeys([*before, *now])
+               if before.get(name) != now.get(name)]
+    if theirs["partial_labels"] != partial:
+        changed.append(f"{'--partial' if theirs['partial_labels'] else 'full-label'} budgets before, "
+                       f"{'--partial' if partial else 'full-label'} budgets now")
+    if changed:
+        raise UserError(f"{path}: this study ran its cells with other training flags ({'; '.join(changed)}); finished "
+                        "cells would mix configurations: pass the same flags after --, or use another --out")
 
 
 class CellProcesses:
@@ -248,12 +277,12 @@ def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
     out = Path(args.out).resolve()
     states = {cell: cell.state() for cell in cells}
     todo = [cell for cell in cells if states[cell] != "done"]
+    check_study_file(out, partial, extra)  # --print too: a job array runs the lines it prints
     if args.print_only:
         for cell in todo:
             print(shlex.join(cell.command(partial, extra, states[cell] == "interrupted")))
         print(f"{len(todo)} of {len(cells)} cells to run ({len(cells) - len(todo)} finished)", file=sys.stderr)
         return
-    check_study_file(out, partial, extra)
     processes = CellProcesses(args.gpus)
     result = {cell: "skipped (finished before)" for cell in cells if states[cell] == "done"}
     on_gpus = f" on GPUs {' '.join(args.gpus)}" if args.gpus else ""
@@ -306,7 +335,8 @@ class RunLog:
     """One run found on disk: where, which grid cell, the configuration it is compared by, its val mIoU per epoch."""
     source: Path                 # the run folder (with config.json) or the .npy log (without)
     method: str
-    budget: str
+    budget: str                  # the table's column: labelled images, a shipped split's name, all, or p0 ...
+    labels: int                  # labelled images (0: all of them, or partial labels)
     seed: int
     config: dict | None          # flags that must agree between runs of one report (None: no config.json)
     dataset: str
@@ -341,10 +371,13 @@ def run_from_config(path: Path) -> tuple[RunLog, Path] | None:
     if args.get("dataset") == "folder":  # the folder is what names the dataset
         compared["data_root"] = args.get("data_root")
     miou, finished = read_log(npy)
-    budget = args.get("partial") or (str(args["num_labels"]) if args.get("num_labels") else "all")
+    labels = int(args.get("num_labels") or 0)
+    # a shipped split by its name: the field has splits of one size drawn twice (pascal/1_16, pascal/u2pl_1_16)
+    budget = args.get("partial") or args.get("split") or (str(labels) if labels else "all")
+    dataset = str(args.get("dataset")) + (f" {args.get('data_root')}" if args.get("dataset") == "folder" else "")
     run = RunLog(run_dir, method_name(config["mode"].startswith("semi"), args.get("apply_aug"),
                                       bool(args.get("apply_reco"))),
-                 budget, int(args["seed"]), compared, str(args.get("dataset")), miou, finished)
+                 budget, labels, int(args["seed"]), compared, dataset, miou, finished)
     return run, npy
 
 
@@ -356,7 +389,7 @@ def run_from_name(npy: Path) -> RunLog | None:
     labels = match["labels"]
     miou, finished = read_log(npy)
     return RunLog(npy, method_name(match["aug"] is not None, match["aug"], bool(match["reco"])),
-                  match["partial"] or (labels if labels != "0" else "all"), int(match["seed"]), None,
+                  match["partial"] or (labels if labels != "0" else "all"), int(labels or 0), int(match["seed"]), None,
                   match["dataset"], miou, finished)
 
 
@@ -405,11 +438,21 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
                             f"{', '.join(str(r.source) for r in same)}; pass only one of them")
 
 
-def budget_order(budget: str) -> tuple[int, int]:
-    """Columns left to right: label counts ascending, then all labels; partial settings p0 < p1 < p5 < p25."""
-    if budget == "all":
-        return (1, 0)
-    return (2, int(budget[1:])) if budget.startswith("p") else (0, int(budget))
+def budget_columns(stats: dict, paper: dict) -> list[str]:
+    """Columns left to right: labelled-image budgets by size (splits of one size by name), then all labels, then
+    partial settings p0 < p1 < p5 < p25."""
+    sizes = {b: int(b) for _, b in paper} | {b: s.labels for (_, b), s in stats.items()}
+
+    def order(budget: str) -> tuple[int, int, str]:
+        if budget == "all":
+            return (1, 0, budget)
+        return (2, int(budget[1:]), budget) if budget in PARTIAL_SETTINGS else (0, sizes[budget], budget)
+    return sorted(sizes, key=order)
+
+
+def budget_kind(budgets: Sequence[str]) -> str:
+    """What the columns count: partial-label settings or labelled images."""
+    return "partial labels" if all(b in PARTIAL_SETTINGS for b in budgets) else "labelled images"
 
 
 def method_order(method: str) -> tuple[int, bool]:
@@ -422,6 +465,7 @@ def method_order(method: str) -> tuple[int, bool]:
 class Stat:
     """mean and sample std (n - 1; NaN for one seed) of the best and the final val mIoU (%) over seeds."""
     seeds: list[int]
+    labels: int
     best: tuple[float, float]
     final: tuple[float, float]
 
@@ -437,7 +481,7 @@ def summarise(runs: Sequence[RunLog]) -> dict[tuple[str, str], Stat]:
     groups: dict[tuple[str, str], list[RunLog]] = defaultdict(list)
     for run in runs:
         groups[(run.method, run.budget)].append(run)
-    return {key: Stat(sorted(r.seed for r in rs), mean_std([r.test_miou.max() for r in rs]),
+    return {key: Stat(sorted(r.seed for r in rs), rs[0].labels, mean_std([r.test_miou.max() for r in rs]),
                       mean_std([r.test_miou[-1] for r in rs])) for key, rs in groups.items()}
 
 
@@ -469,8 +513,8 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
              folders: Sequence[Path]) -> str:
     """report.md: the shared configuration, then best and final val mIoU tables (rows methods, columns budgets)."""
     methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
-    budgets = sorted({b for _, b in stats} | {b for _, b in paper}, key=budget_order)
-    kind = "partial labels" if all(b.startswith("p") for b in budgets) else "labelled images"
+    budgets = budget_columns(stats, paper)
+    kind = budget_kind(budgets)
     lines = [f"# Study report: {', '.join(sorted({r.dataset for r in runs}))}", "",
              f"{len(runs)} finished runs from {', '.join(str(f) for f in folders)}."]
     if runs[0].config is not None:
@@ -496,6 +540,13 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
               "standard deviation over seeds (n - 1); the number in brackets is the number of seeds."]
     if paper:
         lines.append("Rows marked (paper): the reference README's published checkpoints (one run each).")
+    every_seed = {seed for s in stats.values() for seed in s.seeds}
+    lacking = [f"{method} at {budget} lacks {' '.join(map(str, sorted(every_seed - set(s.seeds))))}"
+               for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]),
+                                                                               budgets.index(kv[0][1])))
+               if set(s.seeds) != every_seed]
+    if lacking:
+        lines += ["", f"Seeds missing (these cells' means are over fewer seeds): {'; '.join(lacking)}."]
     if left_out:
         lines += ["", "Left out, unfinished: " + ", ".join(f"{r.source} ({len(r.test_miou)} epochs logged)"
                                                         for r in left_out)]
@@ -507,7 +558,8 @@ def csv_text(stats: dict, paper: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["source", "method", "budget", "n", "best_mean", "best_std", "final_mean", "final_std", "seeds"])
-    for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]), budget_order(kv[0][1]))):
+    budgets = budget_columns(stats, paper)
+    for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]), budgets.index(kv[0][1]))):
         numbers = [f"{v:.4f}" if v == v else "" for v in (*s.best, *s.final)]  # v != v: NaN, the std of one seed
         writer.writerow(["ours", method, budget, len(s.seeds), *numbers, " ".join(map(str, s.seeds))])
     for (method, budget), value in paper.items():
@@ -518,7 +570,7 @@ def csv_text(stats: dict, paper: dict) -> str:
 def plot(stats: dict, paper: dict, out: Path) -> None:
     """report.png: best val mIoU (mean ± std over seeds) against the label budget, one line per method."""
     methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
-    budgets = sorted({b for _, b in stats} | {b for _, b in paper}, key=budget_order)
+    budgets = budget_columns(stats, paper)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, method in enumerate(methods):
         colour = f"C{i}"
@@ -532,7 +584,7 @@ def plot(stats: dict, paper: dict, out: Path) -> None:
             if (method, b) in paper:
                 ax.scatter(j + shift, paper[(method, b)], color=colour, marker="*", s=90, label=f"{method} (paper)")
     ax.set_xticks(range(len(budgets)), budgets)
-    ax.set_xlabel("partial labels" if all(b.startswith("p") for b in budgets) else "labelled images")
+    ax.set_xlabel(budget_kind(budgets))
     ax.set_ylabel("best val mIoU (%), mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

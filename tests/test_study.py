@@ -215,7 +215,8 @@ def test_run_refuses_a_bad_grid(argv, message, tmp_path):
 def test_run_refuses_to_continue_a_study_with_other_training_flags(tmp_path, capsys):
     grid = ["run", "--out", str(tmp_path), "--num_labels", "60", "--methods", "sup", "--seeds", "0"]
     study.check_study_file(tmp_path, False, ["--epochs", "2"])
-    with pytest.raises(UserError, match="study.json: this study was run with .*--epochs.*use the same flags"):
+    changed = r"study.json: this study ran its cells with other training flags \(--epochs 2 before, --epochs 3 now\)"
+    with pytest.raises(UserError, match=changed + ".*pass the same flags"):
         study.main(grid + ["--", "--epochs", "3"])
 
 
@@ -227,10 +228,10 @@ def test_cells_pick_scripts_and_flags_for_partial_labels_and_splits(tmp_path, ca
         ("train_sup_partial.py", ["--partial", "p0"], True), ("train_semisup_partial.py", ["--partial", "p0"], False),
         ("train_sup_partial.py", ["--partial", "p25"], True), ("train_semisup_partial.py", ["--partial", "p25"], False)]
     assert lines[1][lines[1].index("--apply_aug") + 1] == "cutout" and "--seed" in lines[0]
-    study.main(["run", "--out", str(tmp_path), "--splits", "pascal/92", "--methods", "classmix", "--seeds", "0",
+    study.main(["run", "--out", str(tmp_path / "b"), "--splits", "pascal/92", "--methods", "classmix", "--seeds", "0",
                 "--print"])
     line = capsys.readouterr().out
-    assert "--split pascal/92" in line and str(tmp_path / "cells" / "classmix" / "pascal_92" / "seed0") in line
+    assert "--split pascal/92" in line and str(tmp_path / "b" / "cells" / "classmix" / "pascal_92" / "seed0") in line
 
 
 def test_a_cell_runs_on_its_own_gpu_and_logs_its_output(tmp_path):
@@ -314,3 +315,58 @@ def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(
     assert table_state(out, "sup", "8", 0) == "not started"
     assert f"stopped by {signal.Signals(signum).name}" in err and "run the same command again" in err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) == previous
+
+
+def test_print_records_the_training_flags_and_a_change_is_refused_by_name(tmp_path, capsys):
+    grid = ["run", "--out", str(tmp_path), "--num_labels", "60", "--methods", "sup", "--seeds", "0", "--print", "--"]
+    study.main(grid + ["--epochs", "2", "--lr", "0.01", "--no_visual"])  # a job array runs these lines
+    study.main(grid + ["--no_visual", "--lr=0.01", "--epochs", "2"])  # the same flags in another order
+    with pytest.raises(UserError) as refused:
+        study.main(grid + ["--epochs", "3", "--no_visual", "--amp", "bf16"])
+    message = str(refused.value)
+    assert "study.json" in message and "--epochs 2 before, --epochs 3 now" in message
+    assert "--lr 0.01 before, not given now" in message and "--amp not given before, --amp bf16 now" in message
+    assert "--no_visual" not in message
+
+
+def test_run_refuses_an_unknown_standard_split_before_any_cell(tmp_path):
+    with pytest.raises(UserError, match="--splits pascal/93 is not a shipped split: choose among .*pascal/92"):
+        study.main(["run", "--out", str(tmp_path), "--splits", "pascal/92", "pascal/93", "--methods", "sup",
+                    "--print"])
+
+
+def test_report_keeps_two_splits_of_one_size_apart_and_orders_columns_by_size(tmp_path):
+    for split, size in (("pascal/u2pl_1_16", 662), ("pascal/1_16", 662), ("pascal/92", 92)):
+        for seed in (0, 1):
+            fake_run(tmp_path / split.replace("/", "_"), "sup", seed, [0.3, 0.4 + seed / 10], num_labels=size,
+                     dataset="pascal", split=split, split_dir=f"/data/splits/{split}")
+    study.main(["report", str(tmp_path)])
+    rows = [(r["budget"], r["n"]) for r in csv.DictReader((tmp_path / "report.csv").open())]
+    assert rows == [("pascal/92", "2"), ("pascal/1_16", "2"), ("pascal/u2pl_1_16", "2")]
+    md = (tmp_path / "report.md").read_text()
+    assert "| method | pascal/92 | pascal/1_16 | pascal/u2pl_1_16 |" in md and "columns: labelled images" in md
+
+
+def test_report_names_an_own_data_folder_and_the_seeds_a_cell_lacks(tmp_path):
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, "sup", seed, [0.3, 0.4], dataset="folder", data_root="/data/leaves")
+    fake_run(tmp_path, "semi", 1, [0.3, 0.5], dataset="folder", data_root="/data/leaves")
+    study.main(["report", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# Study report: folder /data/leaves\n")
+    assert "Seeds missing (these cells' means are over fewer seeds): classmix at 60 lacks 0 2." in md
+
+
+def test_split_folders_are_columns_by_their_size_as_the_report_names_them(tmp_path, capsys):
+    for name, size in (("draw_a", 3), ("draw_b", 5), ("draw_c", 3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "labelled.txt").write_text("".join(f"{i}\n" for i in range(size)))
+        (tmp_path / name / "unlabelled.txt").write_text("9\n")
+    grid = ["run", "--out", str(tmp_path / "study"), "--methods", "sup", "--seeds", "0", "--print", "--split_dirs"]
+    study.main(grid + [str(tmp_path / "draw_b"), str(tmp_path / "draw_a")])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(a[a.index("--split_dir") + 1], a[a.index("--log_dir") + 1]) for a in lines] == [
+        (str(tmp_path / f"draw_{d}"), str(tmp_path / "study" / "cells" / "sup" / n / "seed0" / "log"))
+        for d, n in (("b", "5"), ("a", "3"))]
+    with pytest.raises(UserError, match=r"repeat a name; .*split folders of one size belong to separate studies"):
+        study.main(grid + [str(tmp_path / "draw_a"), str(tmp_path / "draw_c")])
