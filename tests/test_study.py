@@ -339,7 +339,7 @@ def test_report_keeps_two_splits_of_one_size_apart_and_orders_columns_by_size(tm
     for split, size in (("pascal/u2pl_1_16", 662), ("pascal/1_16", 662), ("pascal/92", 92)):
         for seed in (0, 1):
             fake_run(tmp_path / split.replace("/", "_"), "sup", seed, [0.3, 0.4 + seed / 10], num_labels=size,
-                     dataset="pascal", split=split, split_dir=f"/data/splits/{split}")
+                     dataset="pascal", split=split, split_dir=str(tmp_path / "splits" / split))
     study.main(["report", str(tmp_path)])
     rows = [(r["budget"], r["n"]) for r in csv.DictReader((tmp_path / "report.csv").open())]
     assert rows == [("pascal/92", "2"), ("pascal/1_16", "2"), ("pascal/u2pl_1_16", "2")]
@@ -349,11 +349,11 @@ def test_report_keeps_two_splits_of_one_size_apart_and_orders_columns_by_size(tm
 
 def test_report_names_an_own_data_folder_and_the_seeds_a_cell_lacks(tmp_path):
     for seed in (0, 1, 2):
-        fake_run(tmp_path, "sup", seed, [0.3, 0.4], dataset="folder", data_root="/data/leaves")
-    fake_run(tmp_path, "semi", 1, [0.3, 0.5], dataset="folder", data_root="/data/leaves")
+        fake_run(tmp_path, "sup", seed, [0.3, 0.4], dataset="folder", data_root=str(tmp_path / "leaves"))
+    fake_run(tmp_path, "semi", 1, [0.3, 0.5], dataset="folder", data_root=str(tmp_path / "leaves"))
     study.main(["report", str(tmp_path)])
     md = (tmp_path / "report.md").read_text()
-    assert md.startswith("# Study report: folder /data/leaves\n")
+    assert md.startswith(f"# Study report: folder {tmp_path / 'leaves'}\n")
     assert "Seeds missing (these cells' means are over fewer seeds): classmix at 60 lacks 0 2." in md
 
 
