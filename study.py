@@ -44,6 +44,8 @@ METHOD_BASES = ("sup", *MIX_MODES)
 # Flags the study sets for each cell: they may not be among the extra training flags.
 CELL_FLAGS = ("--seed", "--num_labels", "--partial", "--split_dir", "--split", "--apply_aug", "--apply_reco",
               "--log_dir", "--weights_dir", "--resume")
+# Training flags naming a file or folder: made absolute, so that a cell's command line runs from any folder.
+PATH_FLAGS = ("--data_root", "--pretrained")
 # Run arguments that are the grid's axes (they differ between cells by design) ...
 GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "name", "train_mode"}
 # ... and those that say where or how a run was kept, not what was trained.
@@ -184,6 +186,20 @@ def flag_values(tokens: Sequence[str]) -> dict[str, tuple[str, ...]]:
     return flags
 
 
+def absolute_paths(extra: Sequence[str]) -> list[str]:
+    """The training flags with the paths of PATH_FLAGS made absolute (--pretrained only where it names a file that
+    exists, not imagenet or none); '--flag=value' becomes two tokens there."""
+    tokens: list[str] = []
+    for token in extra:
+        name, equals, value = token.partition("=")
+        tokens += [name, value] if equals and name in PATH_FLAGS else [token]
+    for i in range(1, len(tokens)):
+        flag, value = tokens[i - 1], tokens[i]
+        if flag in PATH_FLAGS and not value.startswith("--") and (flag == "--data_root" or Path(value).exists()):
+            tokens[i] = str(Path(value).resolve())
+    return tokens
+
+
 def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
     """Record the study's shared training flags in study.json; refuse to continue a study with other ones
     (in any order), naming each flag that changed."""
@@ -273,6 +289,7 @@ def last_error(log: Path) -> str:
 
 def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
     """study.py run: every cell not finished, one after another or one per GPU; a table of states at the end."""
+    extra = absolute_paths(extra)
     partial, cells = plan(args, extra)
     out = Path(args.out).resolve()
     states = {cell: cell.state() for cell in cells}

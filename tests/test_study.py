@@ -370,3 +370,15 @@ def test_split_folders_are_columns_by_their_size_as_the_report_names_them(tmp_pa
         for d, n in (("b", "5"), ("a", "3"))]
     with pytest.raises(UserError, match=r"repeat a name; .*split folders of one size belong to separate studies"):
         study.main(grid + [str(tmp_path / "draw_a"), str(tmp_path / "draw_c")])
+
+
+def test_printed_lines_run_from_any_folder_with_a_relative_data_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet.pth").write_bytes(b"")
+    study.main(["run", "--out", "study", "--num_labels", "4", "--methods", "sup", "--seeds", "0", "--print", "--",
+                "--data_root", "own", "--pretrained", "resnet.pth", "--lr", "0.01"])
+    line = shlex.split(capsys.readouterr().out)
+    assert line[line.index("--data_root") + 1] == str(tmp_path / "own")
+    assert line[line.index("--pretrained") + 1] == str(tmp_path / "resnet.pth") and "0.01" in line
+    study.main(["run", "--out", str(tmp_path / "study"), "--num_labels", "4", "--methods", "sup", "--seeds", "0",
+                "--print", "--", "--data_root", str(tmp_path / "own"), "--pretrained=resnet.pth", "--lr", "0.01"])
