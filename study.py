@@ -89,7 +89,8 @@ class Cell:
     def command(self, partial: bool, extra: Sequence[str], resume: bool) -> list[str]:
         """The training script's command line of this cell (outputs inside the cell's folder)."""
         base, reco = parse_method(self.method)
-        return [sys.executable, str(REPO / script_of(base != "sup", partial)), *self.budget_flags, "--seed", str(self.seed),
+        script = REPO / script_of(base != "sup", partial)
+        return [sys.executable, str(script), *self.budget_flags, "--seed", str(self.seed),
                 *(["--apply_aug", base] if base != "sup" else []), *(["--apply_reco"] if reco else []),
                 "--log_dir", str(self.folder / "log"), "--weights_dir", str(self.folder / "weights"), *extra,
                 *(["--resume"] if resume else [])]
@@ -210,7 +211,9 @@ def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
         return
     theirs = json.loads(path.read_text())
     before, now = flag_values(theirs["training_flags"]), flag_values(extra)
-    said = lambda flags, name: shlex.join([name, *flags[name]]) if name in flags else "not given"  # noqa: E731
+
+    def said(flags: dict[str, tuple[str, ...]], name: str) -> str:
+        return shlex.join([name, *flags[name]]) if name in flags else "not given"
     changed = [f"{said(before, name)} before, {said(now, name)} now" if name in before else
                f"{name} not given before, {said(now, name)} now" for name in dict.fromkeys([*before, *now])
                if before.get(name) != now.get(name)]
@@ -255,13 +258,12 @@ def run_cell(cell: Cell, command: list[str], cells: CellProcesses) -> int | None
             if cells.stopped_by is not None:
                 return None
             cell.folder.mkdir(parents=True, exist_ok=True)
-            log = open(cell.folder / "cell.log", "a")
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
-            log.flush()
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
+            with open(cell.folder / "cell.log", "a") as log:  # the cell writes to its own copy of the file
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+                log.flush()
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
             cells.running.add(process)
-        with log:
-            code = process.wait()
+        code = process.wait()
         with cells.lock:
             cells.running.discard(process)
         return code
@@ -273,9 +275,11 @@ def cell_result(cell: Cell, code: int | None, before: str) -> str:
     """The state column of a cell that was to run, from its exit code and its run folder."""
     if code is None:
         return "not started"
-    stopped = {exit_code(s): signal.Signals(s).name for s in STOP_SIGNALS}
-    if code in stopped and cell.state() == "interrupted":
-        return f"stopped by {stopped[code]}, resumes on the next run"
+    # a graceful stop exits 128 + the signal; one before the script caught signals dies of it (-signal)
+    stopped = {c: signal.Signals(s).name for s in STOP_SIGNALS for c in (exit_code(s), -s)}
+    if code in stopped:
+        return f"stopped by {stopped[code]}, " + ("resumes" if cell.state() == "interrupted" else "starts again") + \
+            " on the next run"
     if code == 0 and cell.state() == "done":
         return ("resumed, " if before == "interrupted" else "") + "done"
     return f"FAILED (exit {code}): {last_error(cell.folder / 'cell.log')}"
