@@ -127,7 +127,7 @@ def epochs_filled(npy: Path) -> tuple[np.ndarray, bool]:
 def budgets_of(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
     """The grid's columns: (name, training flags) per label budget."""
     if args.num_labels is not None:
-        budgets = [(str(n), ("--num_labels", str(n))) for n in args.num_labels]
+        budgets = [(str(n) if n else "all", ("--num_labels", str(n))) for n in args.num_labels]  # 0: every image
     elif args.partial is not None:
         for p in args.partial:
             if p not in PARTIAL_SETTINGS:

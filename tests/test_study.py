@@ -382,3 +382,12 @@ def test_printed_lines_run_from_any_folder_with_a_relative_data_root(tmp_path, c
     assert line[line.index("--pretrained") + 1] == str(tmp_path / "resnet.pth") and "0.01" in line
     study.main(["run", "--out", str(tmp_path / "study"), "--num_labels", "4", "--methods", "sup", "--seeds", "0",
                 "--print", "--", "--data_root", str(tmp_path / "own"), "--pretrained=resnet.pth", "--lr", "0.01"])
+
+
+def test_every_label_is_the_column_all_in_the_study_as_in_the_report(tmp_path, capsys):
+    study.main(["run", "--out", str(tmp_path), "--num_labels", "0", "--methods", "sup", "--seeds", "0", "--print"])
+    line = shlex.split(capsys.readouterr().out)
+    assert line[line.index("--log_dir") + 1] == str(tmp_path / "cells" / "sup" / "all" / "seed0" / "log")
+    fake_run(tmp_path / "cells" / "sup" / "all" / "seed0" / "log", "sup", 0, [0.3, 0.4], num_labels=0)
+    study.main(["report", str(tmp_path)])
+    assert [r["budget"] for r in csv.DictReader((tmp_path / "report.csv").open())] == ["all"]
