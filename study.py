@@ -50,7 +50,7 @@ PATH_FLAGS = ("--data_root", "--pretrained")
 GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "name", "train_mode"}
 # ... and those that say where or how a run was kept, not what was trained.
 NOT_COMPARED = {"data_root", "log_dir", "weights_dir", "resume", "log_interval", "no_visual", "num_workers", "gpu",
-                "device", "id", "mode", "port"}
+                "device", "id", "mode", "port", "save_every"}
 # The reference's run name (options.run_name), read back when a run folder has no config.json.
 RUN_NAME = re.compile(r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
                       r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r"))(?P<reco>_reco)?_(?P<seed>\d+)")

@@ -145,12 +145,13 @@ def fake_run(log_dir: Path, mode: str, seed: int, miou: list[float], num_labels:
 def test_report_refuses_runs_of_another_configuration(tmp_path):
     fake_run(tmp_path / "a", "sup", 0, [0.3, 0.4])
     fake_run(tmp_path / "a", "semi", 1, [0.3, 0.5], num_labels=200, reco=True)  # other axes, another data_root: fine
+    fake_run(tmp_path / "a", "semi", 3, [0.3, 0.5], save_every=50)  # how often it saved: how it was kept, fine
     fake_run(tmp_path / "b", "semi", 2, [0.2, 0.1], lr=0.01)
     study.main(["report", str(tmp_path / "a")])
     with pytest.raises(UserError) as refused:
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "b")])
     message = str(refused.value)
-    assert "--lr 0.0025 (2 runs" in message and "0.01 (1 run, e.g. " in message and "--data_root" not in message
+    assert "--lr 0.0025 (3 runs" in message and "0.01 (1 run, e.g. " in message and "--data_root" not in message
     with pytest.raises(UserError, match="--world_size|world_size 1"):
         fake_run(tmp_path / "c", "sup", 3, [0.2, 0.2])
         config = tmp_path / "c" / "demo_label60_sup_3" / "config.json"
