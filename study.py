@@ -446,7 +446,8 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
             values[json.dumps(config.get(key))].append(run)
         if len(values) > 1:
             differ.append(f"{key if ' ' in key else '--' + key} " + " vs ".join(
-                f"{v} ({len(rs)} run{'s' if len(rs) > 1 else ''}, e.g. {rs[0].source})" for v, rs in values.items()))
+                f"{'unset' if v == 'null' else v} ({len(rs)} run{'s' if len(rs) > 1 else ''}, e.g. {rs[0].source})"
+                for v, rs in values.items()))
     if differ:
         raise UserError("these runs differ in more than method, label budget and seed, so they are not one study: "
                         + "; ".join(differ) + ". Report them separately (pass fewer folders)")

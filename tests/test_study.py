@@ -157,6 +157,9 @@ def test_report_refuses_runs_of_another_configuration(tmp_path):
         config = tmp_path / "c" / "demo_label60_sup_3" / "config.json"
         config.write_text(config.read_text().replace('"world_size": 1', '"world_size": 2'))
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "c")])
+    fake_run(tmp_path / "e", "sup", 4, [0.3, 0.35], amp="bf16")
+    with pytest.raises(UserError, match=r'--amp unset \(3 runs, .* vs "bf16" \(1 run'):
+        study.main(["report", str(tmp_path / "a"), str(tmp_path / "e")])
     fake_run(tmp_path / "d", "sup", 0, [0.3, 0.35])  # the cell sup, 60 labels, seed 0 a second time
     with pytest.raises(UserError, match="sup at 60 labels, seed 0 was run more than once"):
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "d")])
