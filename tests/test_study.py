@@ -285,7 +285,7 @@ def stop(signum, frame):  # what a training script does: save last.pth, exit 128
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
 print("pgid", os.getpgid(0), flush=True)
-time.sleep(60)
+time.sleep(15)  # the study stops it long before
 """
 
 
@@ -302,14 +302,23 @@ def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(
             time.sleep(0.02)
         os.kill(os.getpid(), signum)
 
-    previous = signal.getsignal(signal.SIGINT)
+    missed = []  # a signal the study did not catch lands here, not in pytest
+
+    def fallback(signum: int, frame: object) -> None:
+        missed.append(signum)
+    previous = {s: signal.signal(s, fallback) for s in (signal.SIGTERM, signal.SIGINT)}
     thread = threading.Thread(target=signal_the_study)
     thread.start()
-    with pytest.raises(SystemExit) as stopped:
-        study.main(["run", "--out", str(tmp_path / "study"), "--seeds", "0", "--num_labels", "4", "8",
-                    "--methods", "sup"])
-    thread.join()
-    assert stopped.value.code == 128 + signum
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            study.main(["run", "--out", str(tmp_path / "study"), "--seeds", "0", "--num_labels", "4", "8",
+                        "--methods", "sup"])
+        thread.join()
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == fallback  # restored
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert missed == [] and stopped.value.code == 128 + signum
     assert (first / "signals").read_text() == f"{int(signum)}\n"  # passed on once
     # a terminal's Ctrl-C reaches the study's process group only, so the cell does not get it twice
     assert int((first / "cell.log").read_text().split("pgid ")[1].split()[0]) != os.getpgid(0)
@@ -318,7 +327,6 @@ def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(
     assert table_state(out, "sup", "4", 0) == f"stopped by {signal.Signals(signum).name}, resumes on the next run"
     assert table_state(out, "sup", "8", 0) == "not started"
     assert f"stopped by {signal.Signals(signum).name}" in err and "run the same command again" in err
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) == previous
 
 
 def test_print_records_the_training_flags_and_a_change_is_refused_by_name(tmp_path, capsys):
