@@ -1,5 +1,6 @@
-"""study.py: a grid of real training runs that fails once, is killed once and restarted, then its report checked
-against the runs' own .npy logs; --print; the refusal of mixed configurations; runs known only by name; --paper."""
+"""study.py: a grid of real training runs that is stopped once (SIGTERM), fails once and is restarted, then its
+report checked against the runs' own .npy logs; --print; the refusal of mixed configurations; runs known only by
+name; --paper; and what a first study met (stop signals, flags, paths, split columns, missing seeds)."""
 
 import csv
 import json
