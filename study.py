@@ -169,6 +169,11 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cel
     for m in methods:
         parse_method(m)
     budgets = budgets_of(args)
+    dataset = flag_values(extra).get("--dataset")
+    for name in args.splits or []:  # else every cell would stop on it
+        if dataset and name.split("/")[0] != dataset[-1]:
+            raise UserError(f"--splits {name} is a split of {name.split('/')[0]}, not of --dataset {dataset[-1]}: "
+                            "pass another --dataset after -- or other --splits")
     cells = [Cell(m, name, flags, seed, Path(args.out).resolve() / "cells" / m / name.replace("/", "_") / f"seed{seed}")
              for seed in dict.fromkeys(args.seeds) for name, flags in budgets for m in methods]
     return partial, cells

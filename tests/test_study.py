@@ -346,6 +346,9 @@ def test_run_refuses_an_unknown_standard_split_before_any_cell(tmp_path):
     with pytest.raises(UserError, match="--splits pascal/93 is not a shipped split: choose among .*pascal/92"):
         study.main(["run", "--out", str(tmp_path), "--splits", "pascal/92", "pascal/93", "--methods", "sup",
                     "--print"])
+    with pytest.raises(UserError, match="--splits pascal/92 is a split of pascal, not of --dataset demo"):
+        study.main(["run", "--out", str(tmp_path), "--splits", "pascal/92", "--methods", "sup", "--print", "--",
+                    "--dataset=demo"])
 
 
 def test_report_keeps_two_splits_of_one_size_apart_and_orders_columns_by_size(tmp_path):
