@@ -3,6 +3,7 @@ seed) and split folders (labelled.txt / unlabelled.txt)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -17,6 +18,7 @@ from helpers import UserError, atomic_save
 
 ClassSets = Mapping[str, Collection[int]] | Callable[[str], Collection[int]]
 SHIPPED_SPLITS = REPO_ROOT / "dataset" / "splits"  # the field's standard splits (dataset/splits/README.md)
+SPLIT_FILES = ("labelled.txt", "unlabelled.txt")  # a split folder: ids one a line
 
 
 def _budget_error(num_labels: int, got: int, why: str) -> DataError:
@@ -138,7 +140,7 @@ def _split_text(split_ids: Sequence[str]) -> str:
 
 def write_split_dir(path: str | os.PathLike, labelled: Sequence[str], unlabelled: Sequence[str]) -> None:
     """Write path/labelled.txt and path/unlabelled.txt, one id per line."""
-    for name, split_ids in (("labelled.txt", labelled), ("unlabelled.txt", unlabelled)):
+    for name, split_ids in zip(SPLIT_FILES, (labelled, unlabelled)):
         text = _split_text(split_ids)
         atomic_save(lambda tmp: tmp.write_text(text), Path(path) / name)
 
@@ -150,19 +152,29 @@ def split_digest(labelled: Sequence[str], unlabelled: Sequence[str]) -> str:
 
 
 def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(labelled, unlabelled) ids from a folder written by write_split_dir or dataset/make_splits.py."""
+    """(labelled, unlabelled) ids from a folder written by write_split_dir or dataset/make_splits.py. A run asks
+    twice (its flags take the budget from it, its loaders the ids): the files are read once while unchanged."""
     path = Path(path)
-    lists = []
-    for name in ("labelled.txt", "unlabelled.txt"):
+    stamps = []
+    for name in SPLIT_FILES:
         file = path / name
         if not file.is_file():
             raise FileNotFoundError(f"split file {file} does not exist: --split_dir must be a folder written "
                                     f"by dataset/make_splits.py (labelled.txt and unlabelled.txt)")
-        lists.append([line.strip() for line in file.read_text().splitlines() if line.strip()])
-    if not lists[0]:
+        stat = file.stat()
+        stamps.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    labelled, unlabelled = _read_split_files(path.resolve(), tuple(stamps))
+    if not labelled:
         raise DataError(f"split file {path / 'labelled.txt'} lists no ids; re-create it with "
                         f"dataset/make_splits.py")
-    return lists[0], lists[1]
+    return list(labelled), list(unlabelled)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_split_files(folder: Path, stamps: tuple) -> tuple[tuple[str, ...], ...]:
+    """The ids of a split folder's files, kept while their stamps (inode, mtime, size: any rewrite) stay."""
+    return tuple(tuple(line.strip() for line in (folder / name).read_text().splitlines() if line.strip())
+                 for name in SPLIT_FILES)
 
 
 

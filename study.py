@@ -14,8 +14,10 @@ import os
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -31,21 +33,24 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from build_data import PARTIAL_SETTINGS  # noqa: E402
+from faults import STOP_SIGNALS, exit_code  # noqa: E402
 from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, run_cli, write_json  # noqa: E402
 from module_list import MIX_MODES  # noqa: E402
+from run_record import MODE_SCRIPTS  # noqa: E402
+from splits import read_split_dir, shipped_splits  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
-# (supervised script, semi-supervised script) of each label kind: full labels on some images, or partial labels
-SCRIPTS = {False: ("train_sup.py", "train_semisup.py"), True: ("train_sup_partial.py", "train_semisup_partial.py")}
 METHOD_BASES = ("sup", *MIX_MODES)
 # Flags the study sets for each cell: they may not be among the extra training flags.
 CELL_FLAGS = ("--seed", "--num_labels", "--partial", "--split_dir", "--split", "--apply_aug", "--apply_reco",
               "--log_dir", "--weights_dir", "--resume")
+# Training flags naming a file or folder: made absolute, so that a cell's command line runs from any folder.
+PATH_FLAGS = ("--data_root", "--pretrained")
 # Run arguments that are the grid's axes (they differ between cells by design) ...
 GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "name", "train_mode"}
 # ... and those that say where or how a run was kept, not what was trained.
 NOT_COMPARED = {"data_root", "log_dir", "weights_dir", "resume", "log_interval", "no_visual", "num_workers", "gpu",
-                "device", "id", "mode", "port"}
+                "device", "id", "mode", "port", "save_every"}
 # The reference's run name (options.run_name), read back when a run folder has no config.json.
 RUN_NAME = re.compile(r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
                       r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
@@ -57,6 +62,11 @@ PAPER = {"pascal": ("60", {"sup": 36.06, "classmix": 53.71, "classmix+reco": 57.
 # ---------------------------------------------------------------------------------------------
 # study.py run: the grid's cells, their states and commands, one subprocess each
 # ---------------------------------------------------------------------------------------------
+
+def script_of(semi: bool, partial: bool) -> str:
+    """The training script of a cell: supervised or semi-supervised, on full or partial labels."""
+    return MODE_SCRIPTS[("semi" if semi else "sup") + ("_partial" if partial else "")]
+
 
 def parse_method(method: str) -> tuple[str, bool]:
     """'classmix+reco' -> ('classmix', True); a UserError naming --methods for anything else."""
@@ -79,8 +89,8 @@ class Cell:
     def command(self, partial: bool, extra: Sequence[str], resume: bool) -> list[str]:
         """The training script's command line of this cell (outputs inside the cell's folder)."""
         base, reco = parse_method(self.method)
-        script = SCRIPTS[partial][0 if base == "sup" else 1]
-        return [sys.executable, str(REPO / script), *self.budget_flags, "--seed", str(self.seed),
+        script = REPO / script_of(base != "sup", partial)
+        return [sys.executable, str(script), *self.budget_flags, "--seed", str(self.seed),
                 *(["--apply_aug", base] if base != "sup" else []), *(["--apply_reco"] if reco else []),
                 "--log_dir", str(self.folder / "log"), "--weights_dir", str(self.folder / "weights"), *extra,
                 *(["--resume"] if resume else [])]
@@ -117,33 +127,40 @@ def epochs_filled(npy: Path) -> tuple[np.ndarray, bool]:
 def budgets_of(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
     """The grid's columns: (name, training flags) per label budget."""
     if args.num_labels is not None:
-        budgets = [(str(n), ("--num_labels", str(n))) for n in args.num_labels]
+        budgets = [(str(n) if n else "all", ("--num_labels", str(n))) for n in args.num_labels]  # 0: every image
     elif args.partial is not None:
         for p in args.partial:
             if p not in PARTIAL_SETTINGS:
                 raise UserError(f"--partial {p}: choose among {', '.join(PARTIAL_SETTINGS)}")
         budgets = [(p, ("--partial", p)) for p in args.partial]
     elif args.splits is not None:
+        for name in args.splits:
+            if name not in shipped_splits():
+                raise UserError(f"--splits {name} is not a shipped split: choose among {', '.join(shipped_splits())} "
+                                "(dataset/splits/README.md), or pass your own split folders with --split_dirs")
         budgets = [(s, ("--split", s)) for s in args.splits]
     else:
         for d in args.split_dirs:
             if not (Path(d) / "labelled.txt").is_file():
                 raise UserError(f"--split_dirs: {d} has no labelled.txt; pass folders written by "
                                 "dataset/make_splits.py (labelled.txt, unlabelled.txt)")
-        budgets = [(Path(d).resolve().name, ("--split_dir", str(Path(d).resolve()))) for d in args.split_dirs]
+        # named by their size, as the runs are (a split's size is its --num_labels) and the report's columns
+        budgets = [(str(len(read_split_dir(d)[0])), ("--split_dir", str(Path(d).resolve()))) for d in args.split_dirs]
     names = [name for name, _ in budgets]
     if len(set(names)) < len(names):
-        raise UserError(f"the label budgets {names} repeat a name; pass each once (split folders need distinct names)")
+        raise UserError(f"the label budgets {names} repeat a name; pass each once (split folders of one size "
+                        "belong to separate studies)")
     return budgets
 
 
 def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cell]]:
     """Check the study's flags; returns (partial labels?, the cells in the order they run)."""
     partial = args.partial is not None
-    if args.script and args.script not in SCRIPTS[partial]:
+    scripts = (script_of(False, partial), script_of(True, partial))
+    if args.script and args.script not in scripts:
         budget_flags = "--partial" if partial else "--num_labels, --splits or --split_dirs"
         raise UserError(f"--script {args.script} does not match the label budgets: use "
-                        f"{' or '.join(SCRIPTS[partial])} with {budget_flags}")
+                        f"{' or '.join(scripts)} with {budget_flags}")
     for token in extra:
         if token.split("=")[0] in CELL_FLAGS:
             raise UserError(f"{token.split('=')[0]} is set by the study for each cell; drop it from the training "
@@ -152,36 +169,125 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cel
     for m in methods:
         parse_method(m)
     budgets = budgets_of(args)
+    dataset = flag_values(extra).get("--dataset")
+    for name in args.splits or []:  # else every cell would stop on it
+        if dataset and name.split("/")[0] != dataset[-1]:
+            raise UserError(f"--splits {name} is a split of {name.split('/')[0]}, not of --dataset {dataset[-1]}: "
+                            "pass another --dataset after -- or other --splits")
     cells = [Cell(m, name, flags, seed, Path(args.out).resolve() / "cells" / m / name.replace("/", "_") / f"seed{seed}")
              for seed in dict.fromkeys(args.seeds) for name, flags in budgets for m in methods]
     return partial, cells
 
 
+def flag_values(tokens: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Training flags as {flag: values}, '--epochs 2' and '--epochs=2' alike; a repeated flag keeps its last."""
+    flags: dict[str, tuple[str, ...]] = {}
+    name = ""
+    for token in tokens:
+        if token.startswith("--"):
+            name, equals, value = token.partition("=")
+            flags[name] = (value,) if equals else ()
+        else:
+            flags[name] = (*flags.get(name, ()), token)
+    return flags
+
+
+def absolute_paths(extra: Sequence[str]) -> list[str]:
+    """The training flags with the paths of PATH_FLAGS made absolute (--pretrained only where it names a file that
+    exists, not imagenet or none); '--flag=value' becomes two tokens there."""
+    tokens: list[str] = []
+    for token in extra:
+        name, equals, value = token.partition("=")
+        tokens += [name, value] if equals and name in PATH_FLAGS else [token]
+    for i in range(1, len(tokens)):
+        flag, value = tokens[i - 1], tokens[i]
+        if flag in PATH_FLAGS and not value.startswith("--") and (flag == "--data_root" or Path(value).exists()):
+            tokens[i] = str(Path(value).resolve())
+    return tokens
+
+
 def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
-    """Record the study's shared training flags in study.json; refuse to continue a study with other ones."""
+    """Record the study's shared training flags in study.json; refuse to continue a study with other ones
+    (in any order), naming each flag that changed."""
     path = out / "study.json"
     ours = {"partial_labels": partial, "training_flags": list(extra)}
-    if path.is_file():
-        theirs = json.loads(path.read_text())
-        if theirs != ours:
-            raise UserError(f"{path}: this study was run with {theirs}, now {ours}; finished cells would mix "
-                            "configurations: use the same flags, or another --out")
-    else:
+    if not path.is_file():
         write_json(path, ours, indent=1)
+        return
+    theirs = json.loads(path.read_text())
+    before, now = flag_values(theirs["training_flags"]), flag_values(extra)
+
+    def said(flags: dict[str, tuple[str, ...]], name: str) -> str:
+        return shlex.join([name, *flags[name]]) if name in flags else "not given"
+    changed = [f"{said(before, name)} before, {said(now, name)} now" if name in before else
+               f"{name} not given before, {said(now, name)} now" for name in dict.fromkeys([*before, *now])
+               if before.get(name) != now.get(name)]
+    if theirs["partial_labels"] != partial:
+        changed.append(f"{'--partial' if theirs['partial_labels'] else 'full-label'} budgets before, "
+                       f"{'--partial' if partial else 'full-label'} budgets now")
+    if changed:
+        raise UserError(f"{path}: this study ran its cells with other training flags ({'; '.join(changed)}); finished "
+                        "cells would mix configurations: pass the same flags after --, or use another --out")
 
 
-def run_cell(cell: Cell, command: list[str], gpus: queue.Queue) -> int:
-    """Run one cell's command with its output appended to cell.log, on a free GPU if any; returns its exit code."""
-    gpu = gpus.get()
+class CellProcesses:
+    """The running cells' processes and the GPUs free for the next one; study.py's stop signals go to the cells.
+
+    Each cell runs in its own process group, so a terminal's Ctrl-C (or a kill of the study's group) reaches
+    study.py alone, which passes it on once: the training scripts finish their step, save last.pth and stop
+    (a second signal, passed on too, stops them at once), and no further cell starts."""
+
+    def __init__(self, gpus: Sequence[str] | None):
+        self.gpus: queue.Queue = queue.Queue()
+        for gpu in gpus or [None]:
+            self.gpus.put(gpu)
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.RLock()  # re-entrant: a second signal may arrive inside the handler
+        self.stopped_by: int | None = None
+
+    def stop(self, signum: int, frame: object = None) -> None:
+        """Signal handler: pass the signal on to every running cell and start no other."""
+        with self.lock:
+            self.stopped_by = signum
+            for process in self.running:
+                process.send_signal(signum)
+
+
+def run_cell(cell: Cell, command: list[str], cells: CellProcesses) -> int | None:
+    """Run one cell's command with its output appended to cell.log, on a free GPU if any; returns its exit code
+    (None: not started, the study was stopped first)."""
+    gpu = cells.gpus.get()
     try:
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
-        cell.folder.mkdir(parents=True, exist_ok=True)
-        with open(cell.folder / "cell.log", "a") as log:
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
-            log.flush()
-            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        with cells.lock:
+            if cells.stopped_by is not None:
+                return None
+            cell.folder.mkdir(parents=True, exist_ok=True)
+            with open(cell.folder / "cell.log", "a") as log:  # the cell writes to its own copy of the file
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+                log.flush()
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
+            cells.running.add(process)
+        code = process.wait()
+        with cells.lock:
+            cells.running.discard(process)
+        return code
     finally:
-        gpus.put(gpu)
+        cells.gpus.put(gpu)
+
+
+def cell_result(cell: Cell, code: int | None, before: str) -> str:
+    """The state column of a cell that was to run, from its exit code and its run folder."""
+    if code is None:
+        return "not started"
+    # a graceful stop exits 128 + the signal; one before the script caught signals dies of it (-signal)
+    stopped = {c: signal.Signals(s).name for s in STOP_SIGNALS for c in (exit_code(s), -s)}
+    if code in stopped:
+        return f"stopped by {stopped[code]}, " + ("resumes" if cell.state() == "interrupted" else "starts again") + \
+            " on the next run"
+    if code == 0 and cell.state() == "done":
+        return ("resumed, " if before == "interrupted" else "") + "done"
+    return f"FAILED (exit {code}): {last_error(cell.folder / 'cell.log')}"
 
 
 def last_error(log: Path) -> str:
@@ -192,42 +298,50 @@ def last_error(log: Path) -> str:
 
 def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
     """study.py run: every cell not finished, one after another or one per GPU; a table of states at the end."""
+    extra = absolute_paths(extra)
     partial, cells = plan(args, extra)
     out = Path(args.out).resolve()
     states = {cell: cell.state() for cell in cells}
     todo = [cell for cell in cells if states[cell] != "done"]
+    check_study_file(out, partial, extra)  # --print too: a job array runs the lines it prints
     if args.print_only:
         for cell in todo:
             print(shlex.join(cell.command(partial, extra, states[cell] == "interrupted")))
         print(f"{len(todo)} of {len(cells)} cells to run ({len(cells) - len(todo)} finished)", file=sys.stderr)
         return
-    check_study_file(out, partial, extra)
-    gpus: queue.Queue = queue.Queue()
-    for gpu in args.gpus or [None]:
-        gpus.put(gpu)
+    processes = CellProcesses(args.gpus)
     result = {cell: "skipped (finished before)" for cell in cells if states[cell] == "done"}
+    on_gpus = f" on GPUs {' '.join(args.gpus)}" if args.gpus else ""
     print(f"study {out}: {len(cells)} cells, {len(todo)} to run ({sum(s == 'interrupted' for s in states.values())} "
-          f"to resume){f' on GPUs {args.gpus}' if args.gpus else ''}", flush=True)
+          f"to resume){on_gpus}", flush=True)
     pool = ThreadPoolExecutor(max_workers=len(args.gpus or [None]))
+    previous = {signum: signal.signal(signum, processes.stop) for signum in STOP_SIGNALS}
     try:
-        futures = {pool.submit(run_cell, cell, cell.command(partial, extra, states[cell] == "interrupted"), gpus): cell
-                   for cell in todo}
+        futures = {pool.submit(run_cell, cell, cell.command(partial, extra, states[cell] == "interrupted"),
+                               processes): cell for cell in todo}
         bar = tqdm(as_completed(futures), total=len(todo), desc="cells", unit="cell", disable=not sys.stderr.isatty())
         for future in bar:
             cell = futures[future]
-            code, done = future.result(), cell.state() == "done"
-            resumed = "resumed, " if states[cell] == "interrupted" else ""
-            result[cell] = f"{resumed}done" if code == 0 and done else \
-                f"FAILED (exit {code}): {last_error(cell.folder / 'cell.log')}"
-            tqdm.write(f"{cell.method} {cell.budget} seed {cell.seed}: {result[cell]}")
-    finally:  # on Ctrl-C start no further cell (the running ones got the signal too)
+            result[cell] = cell_result(cell, future.result(), states[cell])
+            if result[cell] != "not started":
+                tqdm.write(f"{cell.method} {cell.budget} seed {cell.seed}: {result[cell]}")
+    finally:
         pool.shutdown(cancel_futures=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(format_table(["method", "budget", "seed", "state", "folder"],
                        [[c.method, c.budget, str(c.seed), result[c], str(c.folder.relative_to(out))] for c in cells]))
-    failed = [c for c in cells if result[c].startswith("FAILED")]
+    if processes.stopped_by is not None:
+        stopped = sum(r.startswith("stopped") for r in result.values())
+        print(f"stopped by {signal.Signals(processes.stopped_by).name}: {stopped} running cell(s) saved last.pth "
+              f"and stopped, {sum(r == 'not started' for r in result.values())} not started; run the same command "
+              "again to resume them and run the rest", file=sys.stderr)
+        raise SystemExit(exit_code(processes.stopped_by))
+    failed = [c for c in cells if not result[c].endswith("done") and not result[c].startswith("skipped")]
     if failed:
-        print(f"{len(failed)} of {len(cells)} cells failed (their logs: <cell>/cell.log); fix the cause and run the "
-              "same command again: finished cells are skipped", file=sys.stderr)
+        print(f"{len(failed)} of {len(cells)} cells failed or were stopped (their logs: <cell>/cell.log); fix the "
+              "cause and run the same command again: finished cells are skipped, stopped ones resume",
+              file=sys.stderr)
         raise SystemExit(1)
     print(f"all {len(cells)} cells finished; next: python study.py report {shlex.quote(str(out))}")
 
@@ -247,7 +361,8 @@ class RunLog:
     """One run found on disk: where, which grid cell, the configuration it is compared by, its val mIoU per epoch."""
     source: Path                 # the run folder (with config.json) or the .npy log (without)
     method: str
-    budget: str
+    budget: str                  # the table's column: labelled images, a shipped split's name, all, or p0 ...
+    labels: int                  # labelled images (0: all of them, or partial labels)
     seed: int
     config: dict | None          # flags that must agree between runs of one report (None: no config.json)
     dataset: str
@@ -282,10 +397,13 @@ def run_from_config(path: Path) -> tuple[RunLog, Path] | None:
     if args.get("dataset") == "folder":  # the folder is what names the dataset
         compared["data_root"] = args.get("data_root")
     miou, finished = read_log(npy)
-    budget = args.get("partial") or (str(args["num_labels"]) if args.get("num_labels") else "all")
+    labels = int(args.get("num_labels") or 0)
+    # a shipped split by its name: the field has splits of one size drawn twice (pascal/1_16, pascal/u2pl_1_16)
+    budget = args.get("partial") or args.get("split") or (str(labels) if labels else "all")
+    dataset = str(args.get("dataset")) + (f" {args.get('data_root')}" if args.get("dataset") == "folder" else "")
     run = RunLog(run_dir, method_name(config["mode"].startswith("semi"), args.get("apply_aug"),
                                       bool(args.get("apply_reco"))),
-                 budget, int(args["seed"]), compared, str(args.get("dataset")), miou, finished)
+                 budget, labels, int(args["seed"]), compared, dataset, miou, finished)
     return run, npy
 
 
@@ -297,7 +415,7 @@ def run_from_name(npy: Path) -> RunLog | None:
     labels = match["labels"]
     miou, finished = read_log(npy)
     return RunLog(npy, method_name(match["aug"] is not None, match["aug"], bool(match["reco"])),
-                  match["partial"] or (labels if labels != "0" else "all"), int(match["seed"]), None,
+                  match["partial"] or (labels if labels != "0" else "all"), int(labels or 0), int(match["seed"]), None,
                   match["dataset"], miou, finished)
 
 
@@ -333,7 +451,8 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
             values[json.dumps(config.get(key))].append(run)
         if len(values) > 1:
             differ.append(f"{key if ' ' in key else '--' + key} " + " vs ".join(
-                f"{v} ({len(rs)} run{'s' if len(rs) > 1 else ''}, e.g. {rs[0].source})" for v, rs in values.items()))
+                f"{'unset' if v == 'null' else v} ({len(rs)} run{'s' if len(rs) > 1 else ''}, e.g. {rs[0].source})"
+                for v, rs in values.items()))
     if differ:
         raise UserError("these runs differ in more than method, label budget and seed, so they are not one study: "
                         + "; ".join(differ) + ". Report them separately (pass fewer folders)")
@@ -346,11 +465,21 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
                             f"{', '.join(str(r.source) for r in same)}; pass only one of them")
 
 
-def budget_order(budget: str) -> tuple[int, int]:
-    """Columns left to right: label counts ascending, then all labels; partial settings p0 < p1 < p5 < p25."""
-    if budget == "all":
-        return (1, 0)
-    return (2, int(budget[1:])) if budget.startswith("p") else (0, int(budget))
+def budget_columns(stats: dict, paper: dict) -> list[str]:
+    """Columns left to right: labelled-image budgets by size (splits of one size by name), then all labels, then
+    partial settings p0 < p1 < p5 < p25."""
+    sizes = {b: int(b) for _, b in paper} | {b: s.labels for (_, b), s in stats.items()}
+
+    def order(budget: str) -> tuple[int, int, str]:
+        if budget == "all":
+            return (1, 0, budget)
+        return (2, int(budget[1:]), budget) if budget in PARTIAL_SETTINGS else (0, sizes[budget], budget)
+    return sorted(sizes, key=order)
+
+
+def budget_kind(budgets: Sequence[str]) -> str:
+    """What the columns count: partial-label settings or labelled images."""
+    return "partial labels" if all(b in PARTIAL_SETTINGS for b in budgets) else "labelled images"
 
 
 def method_order(method: str) -> tuple[int, bool]:
@@ -363,6 +492,7 @@ def method_order(method: str) -> tuple[int, bool]:
 class Stat:
     """mean and sample std (n - 1; NaN for one seed) of the best and the final val mIoU (%) over seeds."""
     seeds: list[int]
+    labels: int
     best: tuple[float, float]
     final: tuple[float, float]
 
@@ -378,7 +508,7 @@ def summarise(runs: Sequence[RunLog]) -> dict[tuple[str, str], Stat]:
     groups: dict[tuple[str, str], list[RunLog]] = defaultdict(list)
     for run in runs:
         groups[(run.method, run.budget)].append(run)
-    return {key: Stat(sorted(r.seed for r in rs), mean_std([r.test_miou.max() for r in rs]),
+    return {key: Stat(sorted(r.seed for r in rs), rs[0].labels, mean_std([r.test_miou.max() for r in rs]),
                       mean_std([r.test_miou[-1] for r in rs])) for key, rs in groups.items()}
 
 
@@ -410,8 +540,8 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
              folders: Sequence[Path]) -> str:
     """report.md: the shared configuration, then best and final val mIoU tables (rows methods, columns budgets)."""
     methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
-    budgets = sorted({b for _, b in stats} | {b for _, b in paper}, key=budget_order)
-    kind = "partial labels" if all(b.startswith("p") for b in budgets) else "labelled images"
+    budgets = budget_columns(stats, paper)
+    kind = budget_kind(budgets)
     lines = [f"# Study report: {', '.join(sorted({r.dataset for r in runs}))}", "",
              f"{len(runs)} finished runs from {', '.join(str(f) for f in folders)}."]
     if runs[0].config is not None:
@@ -437,6 +567,13 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
               "standard deviation over seeds (n - 1); the number in brackets is the number of seeds."]
     if paper:
         lines.append("Rows marked (paper): the reference README's published checkpoints (one run each).")
+    every_seed = {seed for s in stats.values() for seed in s.seeds}
+    lacking = [f"{method} at {budget} lacks {' '.join(map(str, sorted(every_seed - set(s.seeds))))}"
+               for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]),
+                                                                               budgets.index(kv[0][1])))
+               if set(s.seeds) != every_seed]
+    if lacking:
+        lines += ["", f"Seeds missing (these cells' means are over fewer seeds): {'; '.join(lacking)}."]
     if left_out:
         lines += ["", "Left out, unfinished: " + ", ".join(f"{r.source} ({len(r.test_miou)} epochs logged)"
                                                         for r in left_out)]
@@ -448,7 +585,8 @@ def csv_text(stats: dict, paper: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["source", "method", "budget", "n", "best_mean", "best_std", "final_mean", "final_std", "seeds"])
-    for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]), budget_order(kv[0][1]))):
+    budgets = budget_columns(stats, paper)
+    for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]), budgets.index(kv[0][1]))):
         numbers = [f"{v:.4f}" if v == v else "" for v in (*s.best, *s.final)]  # v != v: NaN, the std of one seed
         writer.writerow(["ours", method, budget, len(s.seeds), *numbers, " ".join(map(str, s.seeds))])
     for (method, budget), value in paper.items():
@@ -459,7 +597,7 @@ def csv_text(stats: dict, paper: dict) -> str:
 def plot(stats: dict, paper: dict, out: Path) -> None:
     """report.png: best val mIoU (mean ± std over seeds) against the label budget, one line per method."""
     methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
-    budgets = sorted({b for _, b in stats} | {b for _, b in paper}, key=budget_order)
+    budgets = budget_columns(stats, paper)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, method in enumerate(methods):
         colour = f"C{i}"
@@ -473,7 +611,7 @@ def plot(stats: dict, paper: dict, out: Path) -> None:
             if (method, b) in paper:
                 ax.scatter(j + shift, paper[(method, b)], color=colour, marker="*", s=90, label=f"{method} (paper)")
     ax.set_xticks(range(len(budgets)), budgets)
-    ax.set_xlabel("partial labels" if all(b.startswith("p") for b in budgets) else "labelled images")
+    ax.set_xlabel(budget_kind(budgets))
     ax.set_ylabel("best val mIoU (%), mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -514,7 +652,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or list) every cell of a methods x budgets x seeds grid",
                          description="Training flags shared by every cell follow a lone --.")
     run.add_argument("--out", required=True, help="the study folder (cells/<method>/<budget>/seed<k>/ inside)")
-    run.add_argument("--script", choices=[s for pair in SCRIPTS.values() for s in pair],
+    run.add_argument("--script", choices=sorted(set(MODE_SCRIPTS.values())),
                      help="the semi-supervised script (default: by the budget kind); 'sup' runs its supervised twin")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     budgets = run.add_mutually_exclusive_group(required=True)

@@ -12,11 +12,13 @@ import torch
 import torchvision
 from PIL import Image
 
+import build_data
 import engine
 import figures
 import options
 import preparation
 import run_record
+import splits
 
 TINY = ["--dataset", "demo", "--batch_size", "2", "--crop_size", "33", "33", "--iters_per_epoch", "1",
         "--epochs", "1", "--num_labels", "4"]
@@ -114,3 +116,25 @@ def test_curves_give_each_loss_its_own_panel(tmp_path):
     metrics[:, semi.index("reco_loss")] += 5
     figures.plot_curves(metrics, semi, "run", tmp_path / "curves.png")
     assert Image.open(tmp_path / "curves.png").size == (1500, 700)  # 2 rows of 3 panels
+
+
+def test_each_mode_has_its_script_and_that_script_runs_the_mode():
+    assert set(run_record.MODE_SCRIPTS) == set(options.MODES)
+    for mode, script in run_record.MODE_SCRIPTS.items():  # the one table study.py and config.json use
+        assert f'engine.main("{mode}")' in (Path(run_record.__file__).parent / script).read_text()
+
+
+def test_a_split_folder_is_read_once_per_run_and_again_once_it_changes(small_demo, tmp_path, monkeypatch):
+    ids = [f"train_{i:05d}" for i in range(6)]
+    split = tmp_path / "split"
+    splits.write_split_dir(split, ids[:2], ids[2:])
+    reads = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda path, *a, **k: reads.append(path.name) or read_text(path, *a, **k))
+    args = options.resolve_args(options.get_args_parser("sup").parse_args(
+        ["--dataset", "demo", "--data_root", str(small_demo), "--split_dir", str(split)]))  # the budget, the name
+    assert args.num_labels == 2
+    assert splits.load_split(build_data.dataset_info("demo"), small_demo, args.split_dir) == (ids[:2], ids[2:])
+    assert reads.count("labelled.txt") == reads.count("unlabelled.txt") == 1
+    splits.write_split_dir(split, ids[:3], ids[3:])  # rewritten: read again
+    assert splits.read_split_dir(split) == (ids[:3], ids[3:])

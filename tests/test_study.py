@@ -1,14 +1,15 @@
-"""study.py: a grid of real training runs that fails once, is killed once and restarted, then its report checked
-against the runs' own .npy logs; --print; the refusal of mixed configurations; runs known only by name; --paper."""
+"""study.py: a grid of real training runs that is stopped once (SIGTERM), fails once and is restarted, then its
+report checked against the runs' own .npy logs; --print; the refusal of mixed configurations; runs known only by
+name; --paper; and what a first study met (stop signals, flags, paths, split columns, missing seeds)."""
 
 import csv
 import json
 import os
-import queue
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def small_demo(tmp_path_factory) -> Path:
 
 
 def training_flags(root: Path) -> list[str]:
-    return ["--", "--dataset", "demo", "--data_root", str(root), "--epochs", "2", "--iters_per_epoch", "1",
+    return ["--", "--dataset", "demo", "--data_root", str(root), "--epochs", "3", "--iters_per_epoch", "1",
             "--batch_size", "2", "--crop_size", "33", "33", "--num_workers", "0", "--no_visual"]
 
 
@@ -53,15 +54,17 @@ def table_state(stdout: str, method: str, budget: str, seed: int) -> str:
 def test_a_grid_is_killed_once_fails_once_resumes_and_reports_its_logs(small_demo, tmp_path, capsys):
     out = tmp_path / "study"
     cell = lambda method, budget, seed: out / "cells" / method / str(budget) / f"seed{seed}"  # noqa: E731
-    # kill the whole study (and its running cell) once the 3rd cell has finished its first epoch
+    # stop the study (kill PID) once the 3rd cell has finished its first epoch: the cell saves and stops
     first = subprocess.Popen([sys.executable, str(REPO / "study.py"), "run", "--out", str(out), *GRID,
-                              *training_flags(small_demo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                              *training_flags(small_demo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim_log = cell("sup", 8, 0) / "cell.log"
     while first.poll() is None and not (victim_log.is_file() and "EPOCH    1" in victim_log.read_text()):
         time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    first.send_signal(signal.SIGTERM)
+    stopped = first.communicate()[0]
+    assert first.returncode == 143, stopped
+    assert table_state(stopped, "sup", "8", 0) == "stopped by SIGTERM, resumes on the next run"
+    assert table_state(stopped, "classmix", "8", 0) == "not started"
     assert len(list((cell("sup", 8, 0) / "log").glob("*/last.pth"))) == 1
 
     # --print lists the cells still to run, the interrupted one with --resume
@@ -86,7 +89,7 @@ def test_a_grid_is_killed_once_fails_once_resumes_and_reports_its_logs(small_dem
     assert table_state(second.stdout, "sup", "8", 0) == "resumed, done"
     assert table_state(second.stdout, "sup", "4", 0) == "skipped (finished before)"
     assert table_state(second.stdout, "classmix", "8", 1) == "done"
-    assert "resuming at epoch 2" in (cell("sup", 8, 0) / "cell.log").read_text()
+    assert "resuming at epoch" in (cell("sup", 8, 0) / "cell.log").read_text()
     assert (cell("sup", 4, 0) / "log" / "demo_label4_sup_0.npy").stat().st_mtime_ns == done_before
 
     (cell("classmix", 8, 0) / "weights").unlink()
@@ -143,17 +146,21 @@ def fake_run(log_dir: Path, mode: str, seed: int, miou: list[float], num_labels:
 def test_report_refuses_runs_of_another_configuration(tmp_path):
     fake_run(tmp_path / "a", "sup", 0, [0.3, 0.4])
     fake_run(tmp_path / "a", "semi", 1, [0.3, 0.5], num_labels=200, reco=True)  # other axes, another data_root: fine
+    fake_run(tmp_path / "a", "semi", 3, [0.3, 0.5], save_every=50)  # how often it saved: how it was kept, fine
     fake_run(tmp_path / "b", "semi", 2, [0.2, 0.1], lr=0.01)
     study.main(["report", str(tmp_path / "a")])
     with pytest.raises(UserError) as refused:
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "b")])
     message = str(refused.value)
-    assert "--lr 0.0025 (2 runs" in message and "0.01 (1 run, e.g. " in message and "--data_root" not in message
+    assert "--lr 0.0025 (3 runs" in message and "0.01 (1 run, e.g. " in message and "--data_root" not in message
     with pytest.raises(UserError, match="--world_size|world_size 1"):
         fake_run(tmp_path / "c", "sup", 3, [0.2, 0.2])
         config = tmp_path / "c" / "demo_label60_sup_3" / "config.json"
         config.write_text(config.read_text().replace('"world_size": 1', '"world_size": 2'))
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "c")])
+    fake_run(tmp_path / "e", "sup", 4, [0.3, 0.35], amp="bf16")
+    with pytest.raises(UserError, match=r'--amp unset \(3 runs, .* vs "bf16" \(1 run'):
+        study.main(["report", str(tmp_path / "a"), str(tmp_path / "e")])
     fake_run(tmp_path / "d", "sup", 0, [0.3, 0.35])  # the cell sup, 60 labels, seed 0 a second time
     with pytest.raises(UserError, match="sup at 60 labels, seed 0 was run more than once"):
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "d")])
@@ -213,7 +220,8 @@ def test_run_refuses_a_bad_grid(argv, message, tmp_path):
 def test_run_refuses_to_continue_a_study_with_other_training_flags(tmp_path, capsys):
     grid = ["run", "--out", str(tmp_path), "--num_labels", "60", "--methods", "sup", "--seeds", "0"]
     study.check_study_file(tmp_path, False, ["--epochs", "2"])
-    with pytest.raises(UserError, match="study.json: this study was run with .*--epochs.*use the same flags"):
+    changed = r"study.json: this study ran its cells with other training flags \(--epochs 2 before, --epochs 3 now\)"
+    with pytest.raises(UserError, match=changed + ".*pass the same flags"):
         study.main(grid + ["--", "--epochs", "3"])
 
 
@@ -225,22 +233,22 @@ def test_cells_pick_scripts_and_flags_for_partial_labels_and_splits(tmp_path, ca
         ("train_sup_partial.py", ["--partial", "p0"], True), ("train_semisup_partial.py", ["--partial", "p0"], False),
         ("train_sup_partial.py", ["--partial", "p25"], True), ("train_semisup_partial.py", ["--partial", "p25"], False)]
     assert lines[1][lines[1].index("--apply_aug") + 1] == "cutout" and "--seed" in lines[0]
-    study.main(["run", "--out", str(tmp_path), "--splits", "pascal/92", "--methods", "classmix", "--seeds", "0",
+    study.main(["run", "--out", str(tmp_path / "b"), "--splits", "pascal/92", "--methods", "classmix", "--seeds", "0",
                 "--print"])
     line = capsys.readouterr().out
-    assert "--split pascal/92" in line and str(tmp_path / "cells" / "classmix" / "pascal_92" / "seed0") in line
+    assert "--split pascal/92" in line and str(tmp_path / "b" / "cells" / "classmix" / "pascal_92" / "seed0") in line
 
 
 def test_a_cell_runs_on_its_own_gpu_and_logs_its_output(tmp_path):
-    gpus = queue.Queue()
-    gpus.put("7")
+    cells = study.CellProcesses(["7"])
     cell = study.Cell("sup", "60", ("--num_labels", "60"), 0, tmp_path / "cell")
-    code = study.run_cell(cell, [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"], gpus)
-    assert code == 0 and gpus.get_nowait() == "7"
+    code = study.run_cell(cell, [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"], cells)
+    assert code == 0 and cells.gpus.get_nowait() == "7" and not cells.running
     log = (tmp_path / "cell" / "cell.log").read_text().splitlines()
     assert log[0].startswith("=== ") and log[1] == "7"
+    cells.gpus.put(None)
     code = study.run_cell(cell, [sys.executable, "-c", "import sys; print('error: no data'); print('x'); sys.exit(2)"],
-                          gpus if gpus.put(None) is None else gpus)
+                          cells)
     assert code == 2 and study.last_error(tmp_path / "cell" / "cell.log") == "error: no data"
 
 
@@ -258,3 +266,144 @@ def test_a_cell_is_new_interrupted_or_done_by_its_run_folder(tmp_path):
     (tmp_path / "cell2" / "log" / "another_run").mkdir()
     with pytest.raises(UserError, match="holds several runs"):
         study.Cell("classmix", "60", (), 0, tmp_path / "cell2").state()
+
+
+# ---------------------------------------------------------------------------------------------
+# what a first study met (each test: one problem found by running study.py as a new user would)
+# ---------------------------------------------------------------------------------------------
+
+FAKE_CELL = """
+import os, pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def stop(signum, frame):  # what a training script does: save last.pth, exit 128 + the signal
+    run = folder / "log" / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "last.pth").write_bytes(b"")
+    with open(folder / "signals", "a") as f:
+        f.write(f"{signum}\\n")
+    time.sleep(0.3)  # a second signal would arrive here
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+print("pgid", os.getpgid(0), flush=True)
+time.sleep(15)  # the study stops it long before
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(signum, tmp_path, capsys,
+                                                                             monkeypatch):
+    script = tmp_path / "cell.py"
+    script.write_text(FAKE_CELL)
+    monkeypatch.setattr(study.Cell, "command", lambda cell, *_: [sys.executable, str(script), str(cell.folder)])
+    first = tmp_path / "study" / "cells" / "sup" / "4" / "seed0"
+
+    def signal_the_study() -> None:  # as `kill PID`, or Ctrl-C (the cell is in another process group: see below)
+        while not ((first / "cell.log").is_file() and "pgid" in (first / "cell.log").read_text()):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)
+
+    missed = []  # a signal the study did not catch lands here, not in pytest
+
+    def fallback(signum: int, frame: object) -> None:
+        missed.append(signum)
+    previous = {s: signal.signal(s, fallback) for s in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=signal_the_study)
+    thread.start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            study.main(["run", "--out", str(tmp_path / "study"), "--seeds", "0", "--num_labels", "4", "8",
+                        "--methods", "sup"])
+        thread.join()
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == fallback  # restored
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert missed == [] and stopped.value.code == 128 + signum
+    assert (first / "signals").read_text() == f"{int(signum)}\n"  # passed on once
+    # a terminal's Ctrl-C reaches the study's process group only, so the cell does not get it twice
+    assert int((first / "cell.log").read_text().split("pgid ")[1].split()[0]) != os.getpgid(0)
+    assert not (tmp_path / "study" / "cells" / "sup" / "8").exists()  # the next cell never started
+    out, err = capsys.readouterr()
+    assert table_state(out, "sup", "4", 0) == f"stopped by {signal.Signals(signum).name}, resumes on the next run"
+    assert table_state(out, "sup", "8", 0) == "not started"
+    assert f"stopped by {signal.Signals(signum).name}" in err and "run the same command again" in err
+
+
+def test_print_records_the_training_flags_and_a_change_is_refused_by_name(tmp_path, capsys):
+    grid = ["run", "--out", str(tmp_path), "--num_labels", "60", "--methods", "sup", "--seeds", "0", "--print", "--"]
+    study.main(grid + ["--epochs", "2", "--lr", "0.01", "--no_visual"])  # a job array runs these lines
+    study.main(grid + ["--no_visual", "--lr=0.01", "--epochs", "2"])  # the same flags in another order
+    with pytest.raises(UserError) as refused:
+        study.main(grid + ["--epochs", "3", "--no_visual", "--amp", "bf16"])
+    message = str(refused.value)
+    assert "study.json" in message and "--epochs 2 before, --epochs 3 now" in message
+    assert "--lr 0.01 before, not given now" in message and "--amp not given before, --amp bf16 now" in message
+    assert "--no_visual" not in message
+
+
+def test_run_refuses_an_unknown_standard_split_before_any_cell(tmp_path):
+    with pytest.raises(UserError, match="--splits pascal/93 is not a shipped split: choose among .*pascal/92"):
+        study.main(["run", "--out", str(tmp_path), "--splits", "pascal/92", "pascal/93", "--methods", "sup",
+                    "--print"])
+    with pytest.raises(UserError, match="--splits pascal/92 is a split of pascal, not of --dataset demo"):
+        study.main(["run", "--out", str(tmp_path), "--splits", "pascal/92", "--methods", "sup", "--print", "--",
+                    "--dataset=demo"])
+
+
+def test_report_keeps_two_splits_of_one_size_apart_and_orders_columns_by_size(tmp_path):
+    for split, size in (("pascal/u2pl_1_16", 662), ("pascal/1_16", 662), ("pascal/92", 92)):
+        for seed in (0, 1):
+            fake_run(tmp_path / split.replace("/", "_"), "sup", seed, [0.3, 0.4 + seed / 10], num_labels=size,
+                     dataset="pascal", split=split, split_dir=str(tmp_path / "splits" / split))
+    study.main(["report", str(tmp_path)])
+    rows = [(r["budget"], r["n"]) for r in csv.DictReader((tmp_path / "report.csv").open())]
+    assert rows == [("pascal/92", "2"), ("pascal/1_16", "2"), ("pascal/u2pl_1_16", "2")]
+    md = (tmp_path / "report.md").read_text()
+    assert "| method | pascal/92 | pascal/1_16 | pascal/u2pl_1_16 |" in md and "columns: labelled images" in md
+
+
+def test_report_names_an_own_data_folder_and_the_seeds_a_cell_lacks(tmp_path):
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, "sup", seed, [0.3, 0.4], dataset="folder", data_root=str(tmp_path / "leaves"))
+    fake_run(tmp_path, "semi", 1, [0.3, 0.5], dataset="folder", data_root=str(tmp_path / "leaves"))
+    study.main(["report", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith(f"# Study report: folder {tmp_path / 'leaves'}\n")
+    assert "Seeds missing (these cells' means are over fewer seeds): classmix at 60 lacks 0 2." in md
+
+
+def test_split_folders_are_columns_by_their_size_as_the_report_names_them(tmp_path, capsys):
+    for name, size in (("draw_a", 3), ("draw_b", 5), ("draw_c", 3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "labelled.txt").write_text("".join(f"{i}\n" for i in range(size)))
+        (tmp_path / name / "unlabelled.txt").write_text("9\n")
+    grid = ["run", "--out", str(tmp_path / "study"), "--methods", "sup", "--seeds", "0", "--print", "--split_dirs"]
+    study.main(grid + [str(tmp_path / "draw_b"), str(tmp_path / "draw_a")])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(a[a.index("--split_dir") + 1], a[a.index("--log_dir") + 1]) for a in lines] == [
+        (str(tmp_path / f"draw_{d}"), str(tmp_path / "study" / "cells" / "sup" / n / "seed0" / "log"))
+        for d, n in (("b", "5"), ("a", "3"))]
+    with pytest.raises(UserError, match=r"repeat a name; .*split folders of one size belong to separate studies"):
+        study.main(grid + [str(tmp_path / "draw_a"), str(tmp_path / "draw_c")])
+
+
+def test_printed_lines_run_from_any_folder_with_a_relative_data_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet.pth").write_bytes(b"")
+    study.main(["run", "--out", "study", "--num_labels", "4", "--methods", "sup", "--seeds", "0", "--print", "--",
+                "--data_root", "own", "--pretrained", "resnet.pth", "--lr", "0.01"])
+    line = shlex.split(capsys.readouterr().out)
+    assert line[line.index("--data_root") + 1] == str(tmp_path / "own")
+    assert line[line.index("--pretrained") + 1] == str(tmp_path / "resnet.pth") and "0.01" in line
+    study.main(["run", "--out", str(tmp_path / "study"), "--num_labels", "4", "--methods", "sup", "--seeds", "0",
+                "--print", "--", "--data_root", str(tmp_path / "own"), "--pretrained=resnet.pth", "--lr", "0.01"])
+
+
+def test_every_label_is_the_column_all_in_the_study_as_in_the_report(tmp_path, capsys):
+    study.main(["run", "--out", str(tmp_path), "--num_labels", "0", "--methods", "sup", "--seeds", "0", "--print"])
+    line = shlex.split(capsys.readouterr().out)
+    assert line[line.index("--log_dir") + 1] == str(tmp_path / "cells" / "sup" / "all" / "seed0" / "log")
+    fake_run(tmp_path / "cells" / "sup" / "all" / "seed0" / "log", "sup", 0, [0.3, 0.4], num_labels=0)
+    study.main(["report", str(tmp_path)])
+    assert [r["budget"] for r in csv.DictReader((tmp_path / "report.csv").open())] == ["all"]
