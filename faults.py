@@ -10,6 +10,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -57,11 +58,15 @@ def kill_daemonic_children() -> None:
 class StopSignals:
     """Inside its context and once armed (when training starts, in the main thread), the first SIGTERM or
     SIGINT only records a stop request, so the current step can finish and be saved; a second one acts as if
-    no handler were installed (stop now). Before arming (set-up, rendezvous) the signals keep their default
+    no handler were installed (stop now). A repeat within `repeat_after` seconds of the first counts as the same
+    request: a scheduler that signals every process of a job (Slurm) while torchrun or study.py also passes the
+    signal on delivers it twice at once. Before arming (set-up, rendezvous) the signals keep their default
     action, which also ends a process blocked in a collective, where a Python handler would never run."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_after: float = 3.0) -> None:
         self.received: int | None = None
+        self.repeat_after = repeat_after
+        self._received_at = 0.0
         self._entered = False
         self._previous: dict[int, object] = {}
 
@@ -81,11 +86,11 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
+        if self.received is None:
+            self.received, self._received_at = signum, time.monotonic()
+        elif time.monotonic() - self._received_at >= self.repeat_after:
             self.__exit__()
             signal.raise_signal(signum)
-            return
-        self.received = signum
 
 
 class StepGuard:

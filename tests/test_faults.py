@@ -300,11 +300,14 @@ def test_a_process_ends_while_a_cycle_still_holds_its_loaders(small_demo, tmp_pa
 
 def test_stop_signals_are_caught_only_once_armed_and_a_second_one_stops_at_once():
     before = signal.getsignal(signal.SIGINT)
-    with faults.StopSignals() as stop:
+    with faults.StopSignals(repeat_after=0.5) as stop:
         assert signal.getsignal(signal.SIGINT) is before  # set-up keeps the default action
         stop.arm()
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.received == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)  # the same stop passed on twice (scheduler + torchrun): still one
+        assert stop.received == signal.SIGINT
+        time.sleep(0.5)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
