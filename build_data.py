@@ -231,7 +231,7 @@ def list_ids(info: DatasetInfo, root: str | Path | None, split: str) -> list[str
         path = REPO_ROOT / "dataset" / info.name / name
     if not path.is_file():
         raise DataError(f"id list {root / name} not found: {info.setup_hint}")
-    ids = path.read_text().split()
+    ids = path.read_text(encoding="utf-8").split()
     if not ids:
         raise DataError(f"id list {path} is empty: regenerate it ({info.setup_hint})")
     return [str(int(i)) for i in ids] if info.layout == "sun" else ids

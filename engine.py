@@ -407,7 +407,7 @@ class Outputs:
         save_file(lambda file: np.save(file, metrics), self.npy_path)
         rows = [",".join(("epoch",) + self.columns)]
         rows += [",".join([str(e + 1)] + [f"{v:.6g}" for v in metrics[e]]) for e in range(epoch + 1)]
-        atomic_save(lambda tmp: tmp.write_text("\n".join(rows) + "\n"), self.run_dir / "metrics.csv")
+        atomic_save(lambda tmp: tmp.write_text("\n".join(rows) + "\n", encoding="utf-8"), self.run_dir / "metrics.csv")
         for name, value in zip(self.columns, metrics[epoch]):
             self.tb.add_scalar(name, value, epoch + 1)
         self.tb.add_scalar("lr", lr, epoch + 1)
@@ -489,7 +489,8 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
         if out:
             out.write_epoch(epoch, lr, metrics, eval_model, is_best)
             save_last(run, out.last_path, epoch, best, metrics)
-            train_part = " | ".join(f"{n} {v:.4f}" if not math.isnan(v) else f"{n} n/a" for n, v in zip(columns[:-3], row))
+            train_part = " | ".join(f"{n} {v:.4f}" if not math.isnan(v) else f"{n} n/a"
+                                    for n, v in zip(columns[:-3], row))
             print(f"EPOCH {epoch + 1:4d} ITER {(epoch + 1) * args.iters_per_epoch:6d} | {train_part} || "
                   f"test loss {test['loss']:.4f} | mIoU {test['miou']:.4f} | acc {test['acc']:.4f} || "
                   f"best mIoU {best:.4f} | lr {lr:.2e} | {time.perf_counter() - started:.1f} s"

@@ -142,7 +142,7 @@ def read_torch_file(path: str | os.PathLike, what: str, fix: str, map_location: 
 def write_json(path: str | os.PathLike, content: object, indent: int = 2) -> None:
     """Write `content` as indented JSON, atomically."""
     text = json.dumps(content, indent=indent) + "\n"
-    atomic_save(lambda tmp: tmp.write_text(text), path)
+    atomic_save(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
 
 
 def read_run_config(folder: str | os.PathLike) -> dict | None:
@@ -151,7 +151,7 @@ def read_run_config(folder: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"run configuration {path} cannot be read ({error}); delete it or restore it") from None
     if not isinstance(config, dict) or not isinstance(config.get("args"), dict):

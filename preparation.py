@@ -226,7 +226,7 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
                 if label_dir:
                     write_png(label_dir / f"{sample_id}.png", label)
             if pascal and split_ids:
-                (tmp / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
+                (tmp / f"{split}.txt").write_text("\n".join(split_ids) + "\n", encoding="utf-8")
         if pascal:
             label_files = sorted((tmp / "SegmentationClassAug").glob("*.png"))
             write_partial_labels(label_files, tmp, "SegmentationClassAug_{partial}_{seed}", partial_seeds)
@@ -243,7 +243,7 @@ def _write_demo_card(root: Path) -> None:
     """classes.txt (names and colours) and dataset.json (sizes and training defaults) of the demo's table entry."""
     demo = dataset_info("demo")
     lines = [f"{name} {' '.join(map(str, demo.palette[c]))}" for c, name in enumerate(demo.class_names)]
-    (root / CLASSES_FILE).write_text("\n".join(lines) + "\n")
+    (root / CLASSES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     settings = {"crop_size": list(demo.crop_size), "eval_size": list(demo.eval_size),
                 "scale_range": list(demo.scale_range), "batch_size": demo.batch_size, "min_classes": demo.min_classes,
                 "epochs": demo.epochs, "iters_per_epoch": demo.iters_per_epoch, "resnet_depth": demo.resnet_depth,

@@ -142,7 +142,7 @@ def write_split_dir(path: str | os.PathLike, labelled: Sequence[str], unlabelled
     """Write path/labelled.txt and path/unlabelled.txt, one id per line."""
     for name, split_ids in zip(SPLIT_FILES, (labelled, unlabelled)):
         text = _split_text(split_ids)
-        atomic_save(lambda tmp: tmp.write_text(text), Path(path) / name)
+        atomic_save(lambda tmp: tmp.write_text(text, encoding="utf-8"), Path(path) / name)
 
 
 def split_digest(labelled: Sequence[str], unlabelled: Sequence[str]) -> str:
@@ -173,7 +173,8 @@ def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
 @functools.lru_cache(maxsize=8)
 def _read_split_files(folder: Path, stamps: tuple) -> tuple[tuple[str, ...], ...]:
     """The ids of a split folder's files, kept while their stamps (inode, mtime, size: any rewrite) stay."""
-    return tuple(tuple(line.strip() for line in (folder / name).read_text().splitlines() if line.strip())
+    return tuple(tuple(line.strip() for line in (folder / name).read_text(encoding="utf-8").splitlines()
+                       if line.strip())
                  for name in SPLIT_FILES)
 
 
@@ -219,7 +220,7 @@ def cityscapes_numbers(root: str | os.PathLike) -> dict[str, str]:
             f"a split naming original files (city/city_seq_frame) cannot be matched to it; re-run "
             f"`python dataset/cityscapes_preprocess.py --root {root}` on the original leftImg8bit_trainvaltest/ and "
             f"gtFine_trainvaltest/ folders, which writes the record")
-    return {name: str(i) for i, name in enumerate(record.read_text().split())}
+    return {name: str(i) for i, name in enumerate(record.read_text(encoding="utf-8").split())}
 
 
 def load_split(info: DatasetInfo, root: str | os.PathLike | None, path: str | os.PathLike

@@ -214,7 +214,7 @@ def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
     if not path.is_file():
         write_json(path, ours, indent=1)
         return
-    theirs = json.loads(path.read_text())
+    theirs = json.loads(path.read_text(encoding="utf-8"))
     before, now = flag_values(theirs["training_flags"]), flag_values(extra)
 
     def said(flags: dict[str, tuple[str, ...]], name: str) -> str:
@@ -263,7 +263,8 @@ def run_cell(cell: Cell, command: list[str], cells: CellProcesses) -> int | None
             if cells.stopped_by is not None:
                 return None
             cell.folder.mkdir(parents=True, exist_ok=True)
-            with open(cell.folder / "cell.log", "a") as log:  # the cell writes to its own copy of the file
+            # the cell writes to its own copy of the file
+            with open(cell.folder / "cell.log", "a", encoding="utf-8") as log:
                 log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
                 log.flush()
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0)
@@ -292,7 +293,7 @@ def cell_result(cell: Cell, code: int | None, before: str) -> str:
 
 def last_error(log: Path) -> str:
     """The line of a failed cell's log that says why (its 'error:' line, else its last line)."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     return next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "")
 
 
@@ -383,12 +384,12 @@ def read_log(npy: Path) -> tuple[np.ndarray, bool]:
 
 def run_from_config(path: Path) -> tuple[RunLog, Path] | None:
     """The run of a run folder's config.json and its .npy log (None: not a run configuration of this project)."""
-    config = json.loads(path.read_text())  # tolerant: a foreign config.json in the folders is not a run
+    config = json.loads(path.read_text(encoding="utf-8"))  # tolerant: a foreign config.json in the folders is not a run
     if not isinstance(config, dict) or not isinstance(config.get("args"), dict) or "mode" not in config:
         return None
     args, run_dir = config["args"], path.parent
     summary = run_dir / RUN_SUMMARY
-    npy = Path(json.loads(summary.read_text())["npy"]) if summary.is_file() else None
+    npy = Path(json.loads(summary.read_text(encoding="utf-8"))["npy"]) if summary.is_file() else None
     if npy is None or not npy.is_file():  # the folder may have moved: the log lies beside it, as training wrote it
         npy = run_dir.parent / f"{args['name']}.npy"
     compared = {k: v for k, v in args.items() if k not in GRID_AXES | NOT_COMPARED}
@@ -633,8 +634,9 @@ def report(args: argparse.Namespace) -> None:
     paper = paper_numbers(args.paper, runs)
     out = Path(args.out or folders[0])
     left_out = [r for r in found if not r.finished]
-    atomic_save(lambda tmp: tmp.write_text(markdown(stats, paper, runs, left_out, folders)), out / "report.md")
-    atomic_save(lambda tmp: tmp.write_text(csv_text(stats, paper)), out / "report.csv")
+    atomic_save(lambda tmp: tmp.write_text(markdown(stats, paper, runs, left_out, folders), encoding="utf-8"),
+                out / "report.md")
+    atomic_save(lambda tmp: tmp.write_text(csv_text(stats, paper), encoding="utf-8"), out / "report.csv")
     plot(stats, paper, out / "report.png")
     unfinished = f", {len(left_out)} unfinished left out" if left_out else ""
     print(f"{len(runs)} runs ({len(stats)} method x budget cells{unfinished}) -> {out / 'report.md'}, report.csv, "

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 labels.append((label, tmp / "labels" / split / f"{i}.png"))
             # Inside images/, so the record and the numbering it describes are replaced in one rename.
             names = "".join(f"{image.parent.name}/{image.name[:-len(IMAGE_SUFFIX)]}\n" for image, _ in pairs)
-            splits.name_record_path(tmp, split).write_text(names)
+            splits.name_record_path(tmp, split).write_text(names, encoding="utf-8")
             print(f"{split}: {len(pairs)} images")
         preparation.resize_files(images, SIZE, Image.BICUBIC, "RGB", args.workers, "images")
         preparation.resize_files(labels, SIZE, Image.NEAREST, None, args.workers, "labels")

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                                       if p.is_file()), args.src / "test_idx.txt")
     if not test_idx.is_file():
         raise FileNotFoundError(f"test list {test_idx} not found: pass --test_idx FILE")
-    keep_test = {int(k) for k in test_idx.read_text().split()}
+    keep_test = {int(k) for k in test_idx.read_text(encoding="utf-8").split()}
 
     train = indexed_files(args.src / FOLDERS[0], ".jpg")
     test = indexed_files(args.src / FOLDERS[1], ".jpg")

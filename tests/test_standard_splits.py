@@ -93,7 +93,7 @@ def test_cityscapes_names_are_recorded_and_map_a_split(tmp_path, run_script, mon
                            [train_names[1], train_names[3]])
     monkeypatch.setattr(splits, "SHIPPED_SPLITS", shipped)
     args = resolve("semi", "--dataset", "cityscapes", "--data_root", root, "--split", "cityscapes/tiny",
-                   "--batch_size", 1, "--num_workers", 0)
+                   "--batch_size", 2, "--num_workers", 0)
     info = build_data.dataset_info("cityscapes")
     (labelled, unlabelled), _, _ = engine.build_loaders(args, info, Dist(0, 1, torch.device("cpu")))
     assert (labelled, unlabelled) == (["2", "0"], ["1", "3"])
