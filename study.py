@@ -235,7 +235,8 @@ class CellProcesses:
 
     Each cell runs in its own process group, so a terminal's Ctrl-C (or a kill of the study's group) reaches
     study.py alone, which passes it on once: the training scripts finish their step, save last.pth and stop
-    (a second signal, passed on too, stops them at once), and no further cell starts."""
+    (a second signal, passed on too, stops them at once if it comes 3 s or more after the first), and no
+    further cell starts."""
 
     def __init__(self, gpus: Sequence[str] | None):
         self.gpus: queue.Queue = queue.Queue()
