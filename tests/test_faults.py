@@ -235,15 +235,19 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_last_pth_saved
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               str(REPO / "train_semisup.py"), *argv_for(small_demo, tmp_path, "--epochs", "2",
                                                                          "--iters_per_epoch", "40")],
-                             cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     lines = []
-    for line in agent.stdout:  # SIGTERM to the launcher (as a scheduler sends it) once epoch 2 has begun
-        lines.append(line)
-        if line.startswith("EPOCH    1"):
-            agent.send_signal(signal.SIGTERM)
-            break
-    lines += agent.stdout.readlines()
-    agent.wait(timeout=120)
+    try:
+        for line in agent.stdout:  # SIGTERM to the launcher (as a scheduler sends it) once epoch 2 has begun
+            lines.append(line)
+            if line.startswith("EPOCH    1"):
+                agent.send_signal(signal.SIGTERM)
+                break
+        lines.append(agent.communicate(timeout=120)[0])
+    finally:
+        if agent.poll() is None:  # a failure leaves no launcher or rank behind
+            os.killpg(agent.pid, signal.SIGKILL)
     out = "".join(lines)
     assert "stopped by SIGTERM in epoch 2 after iteration " in out, out
     assert "Continue with: torchrun --nproc_per_node=2 " in out and "--iters_per_epoch 40 --resume\n" in out
