@@ -608,17 +608,23 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return self.iters - self.start
 
 
+def _worker_options(num_workers: int, pin_memory: bool) -> dict:
+    """DataLoader options shared by the loaders: workers kept across epochs that leave stop signals to the
+    training process (faults.ignore_stop_signals), which therefore kills any still alive at its exit."""
+    if num_workers:
+        kill_loader_workers_at_exit()
+    return dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                worker_init_fn=ignore_stop_signals)
+
+
 class TrainLoader:
     """A DataLoader over an EpochBatchSampler: len() batches per epoch; call set_epoch(e) before epoch e."""
 
     def __init__(self, dataset: SegmentationDataset, sampler: EpochBatchSampler, num_workers: int, seed: int,
                  pin_memory: bool):
         self.dataset, self.sampler = dataset, sampler
-        if num_workers:
-            kill_loader_workers_at_exit()
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
+            dataset, batch_sampler=sampler, **_worker_options(num_workers, pin_memory),
             # seeds the workers' torch, numpy and random streams: distinct per worker, reproducible per run
             generator=torch.Generator().manual_seed(stream_seed("loader workers", seed, sampler.rank)))
 
@@ -647,11 +653,8 @@ def build_test_loader(dataset: SegmentationDataset, batch_size: int = 4, num_wor
     """In order; with world_size > 1 rank r takes the r-th contiguous shard (shards are disjoint, no padding)."""
     n = len(dataset)
     shard = range(n * rank // world_size, n * (rank + 1) // world_size)
-    if num_workers:
-        kill_loader_workers_at_exit()
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                                       worker_init_fn=ignore_stop_signals)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=shard,
+                                       **_worker_options(num_workers, pin_memory))
 
 
 def color_map(label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:
