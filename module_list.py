@@ -335,26 +335,26 @@ def label_onehot(labels: Tensor, num_classes: int) -> Tensor:
     return out.scatter_(1, labels.clamp(min=0)[:, None], 1.0)
 
 
-def copy_tensors_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
-    """targets[i].copy_(sources[i]) for every i: one fused call (torch's private _foreach_copy_) where this torch
-    has it, else a loop of public copies (one launch per tensor)."""
-    fused = getattr(torch, "_foreach_copy_", None)
+def _fused_or_loop(fused_name: str, method: str, targets: Sequence[Tensor], others: Sequence[Tensor],
+                   *extra: float) -> None:
+    """targets[i].<method>(others[i], *extra) for every i: one fused call (torch's private torch.<fused_name>)
+    where this torch has it, else a loop of the public in-place method (one launch per tensor)."""
+    fused = getattr(torch, fused_name, None)
     if fused is not None:
-        fused(list(targets), list(sources))
+        fused(list(targets), list(others), *extra)
     else:
-        for target, source in zip(targets, sources, strict=True):
-            target.copy_(source)
+        for target, other in zip(targets, others, strict=True):
+            getattr(target, method)(other, *extra)
+
+
+def copy_tensors_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
+    """targets[i].copy_(sources[i]) for every i (fused where torch has _foreach_copy_)."""
+    _fused_or_loop("_foreach_copy_", "copy_", targets, sources)
 
 
 def lerp_tensors_(targets: Sequence[Tensor], ends: Sequence[Tensor], weight: float) -> None:
-    """targets[i].lerp_(ends[i], weight) for every i: fused (torch's private _foreach_lerp_) where this torch has
-    it, else a loop of public lerps."""
-    fused = getattr(torch, "_foreach_lerp_", None)
-    if fused is not None:
-        fused(list(targets), list(ends), weight)
-    else:
-        for target, end in zip(targets, ends, strict=True):
-            target.lerp_(end, weight)
+    """targets[i].lerp_(ends[i], weight) for every i (fused where torch has _foreach_lerp_)."""
+    _fused_or_loop("_foreach_lerp_", "lerp_", targets, ends, weight)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
