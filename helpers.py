@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# A run folder's record of its resolved configuration ({"args": {...}, ...}), written by the engine.
-RUN_CONFIG = "config.json"  # a run folder's resolved configuration, written at its start
+RUN_CONFIG = "config.json"  # a run folder's resolved configuration ({"args": {...}, ...}), written at its start
 RUN_SUMMARY = "summary.json"  # ... and its outcome, written at its end
 
 # --amp: the autocast dtype of each mode (None: full precision)
