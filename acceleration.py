@@ -15,11 +15,11 @@ from torch import nn
 COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 LAYOUT_CHOICES = ("auto", "on", "off")
 # What --compile auto means per device type: the fastest measured with bench/train_step.py. On the 2-core CPU
-# compiling is not faster (README, Performance) and costs minutes; on CUDA no figure has been taken yet, so it
+# compiling is not faster (docs/performance.md) and costs minutes; on CUDA no figure has been taken yet, so it
 # stays off until the bench shows a gain (`--compile reduce-overhead` is the mode made for launch-bound steps).
 AUTO_COMPILE = {"cpu": "off", "cuda": "off"}
 # --channels_last auto: NHWC convolutions are what cuDNN's tensor-core kernels read (bf16/fp16/TF32); on the
-# CPU the gain was within the noise of the shared machine (README, Performance), so the default layout stays.
+# CPU the gain was within the noise of the shared machine (docs/performance.md), so the default layout stays.
 AUTO_CHANNELS_LAST = {"cpu": False, "cuda": True}
 
 

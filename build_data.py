@@ -133,21 +133,21 @@ DATASETS: dict[str, DatasetInfo] = {
         label_table=_identity_table(21), crop_size=(321, 321), eval_size=(513, 513), scale_range=(0.5, 1.5),
         batch_size=10, min_classes=3, partial_labels=True,
         setup_hint="put VOC2012 JPEGImages/ and SegmentationClassAug/ in dataset/pascal and run "
-                   "`python dataset/pascal_preprocess.py` (README, Datasets)"),
+                   "`python dataset/pascal_preprocess.py` (docs/datasets.md)"),
     "cityscapes": DatasetInfo(
         name="cityscapes", layout="cityscapes", class_names=_CITYSCAPES_NAMES,
         palette=_palette(_CITYSCAPES_COLOURS, 0), label_table=_label_table(_CITYSCAPES_TRAIN_IDS, VOID),
         crop_size=(512, 512), eval_size=(512, 1024), scale_range=(1.0, 1.0), batch_size=2, min_classes=12,
         partial_labels=True,
         setup_hint="put leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ in dataset/ and run "
-                   "`python dataset/cityscapes_preprocess.py` (README, Datasets)"),
+                   "`python dataset/cityscapes_preprocess.py` (docs/datasets.md)"),
     "sun": DatasetInfo(
         name="sun", layout="sun", class_names=_SUN_NAMES, palette=_palette(_SUN_COLOURS, 0),
         label_table=_label_table({0: VOID, **{v: v - 1 for v in range(1, 38)}}, _INVALID),
         crop_size=(321, 321), eval_size=(385, 513), scale_range=(0.5, 1.5), batch_size=5, min_classes=0,
         partial_labels=False,
         setup_hint="put SUNRGBD-{train,test}_images/ and sunrgbd_train_test_labels/ in dataset/sun and run "
-                   "`python dataset/sun_preprocess.py` (README, Datasets)"),
+                   "`python dataset/sun_preprocess.py` (docs/datasets.md)"),
     "demo": DatasetInfo(
         name="demo", layout="pascal", class_names=_DEMO_NAMES, palette=_palette(_voc_colours(5), 255),
         label_table=_identity_table(5), crop_size=(65, 65), eval_size=(97, 97), scale_range=(0.75, 1.25),
@@ -186,7 +186,7 @@ def _folder_info(root: str | Path | None) -> DatasetInfo:
         label_table=_label_table({**{c: c for c in range(n)}, card.void: VOID}, _INVALID), crop_size=card.crop_size,
         eval_size=eval_size, scale_range=card.scale_range, batch_size=card.batch_size, min_classes=card.min_classes,
         partial_labels=True,
-        setup_hint=f"the {HELP} describes the layout of {root}; partial labels come from "
+        setup_hint=f"{HELP} describes the layout of {root}; partial labels come from "
                    f"`python dataset/folder_preprocess.py --root {root}`",
         epochs=card.epochs, iters_per_epoch=card.iters_per_epoch, resnet_depth=card.resnet_depth,
         pretrained=card.pretrained)

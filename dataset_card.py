@@ -12,7 +12,7 @@ from helpers import DataError
 
 CLASSES_FILE = "classes.txt"
 OVERRIDES_FILE = "dataset.json"
-HELP = "README, Your own data"
+HELP = "docs/own_data.md"
 
 
 @dataclass(frozen=True)

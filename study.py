@@ -54,7 +54,7 @@ NOT_COMPARED = {"data_root", "log_dir", "weights_dir", "resume", "log_interval",
 # The reference's run name (options.run_name), read back when a run folder has no config.json.
 RUN_NAME = re.compile(r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
                       r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
-# The reference README's table of published checkpoints: val mIoU (%) of its best weights, one budget per dataset.
+# The reference ReCo README's published checkpoints: val mIoU (%) of their best weights, one budget a dataset.
 PAPER = {"pascal": ("60", {"sup": 36.06, "classmix": 53.71, "classmix+reco": 57.12}),
          "cityscapes": ("20", {"sup": 38.10, "classmix": 45.13, "classmix+reco": 50.14})}
 
@@ -527,7 +527,7 @@ def cell_text(mean: float, std: float, n: int) -> str:
 
 
 def paper_numbers(paper: str | None, runs: Sequence[RunLog]) -> dict[tuple[str, str], float]:
-    """(method, budget) -> the reference README's published mIoU (%) for --paper, checked against the runs' dataset."""
+    """(method, budget) -> the reference ReCo README's published mIoU (%) for --paper, checked on the runs."""
     if paper is None:
         return {}
     datasets = sorted({r.dataset for r in runs})
@@ -568,7 +568,7 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
     lines += ["", "Best: the highest val mIoU over a run's epochs; final: its last epoch's. std: the sample "
               "standard deviation over seeds (n - 1); the number in brackets is the number of seeds."]
     if paper:
-        lines.append("Rows marked (paper): the reference README's published checkpoints (one run each).")
+        lines.append("Rows marked (paper): the reference ReCo README's published checkpoints (one run each).")
     every_seed = {seed for s in stats.values() for seed in s.seeds}
     lacking = [f"{method} at {budget} lacks {' '.join(map(str, sorted(every_seed - set(s.seeds))))}"
                for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]),
@@ -671,7 +671,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="report.md, report.csv and report.png of a study or of run folders")
     rep.add_argument("folders", nargs="+", help="a study folder, or any folders holding runs (searched recursively)")
     rep.add_argument("--out", help="where the report goes (default: the first folder)")
-    rep.add_argument("--paper", choices=sorted(PAPER), help="add the reference README's published numbers")
+    rep.add_argument("--paper", choices=sorted(PAPER), help="add the reference ReCo README's published mIoU")
     return p
 
 

@@ -1,4 +1,4 @@
-"""Alias of train_semisup_partial.py under the misspelt name the reference README uses."""
+"""Alias of train_semisup_partial.py under the misspelt name the reference ReCo README uses."""
 
 import engine
 

@@ -34,7 +34,7 @@ PUBLISHED = {
         "semi_classmix_reco": "https://www.dropbox.com/s/xsxawpix5mtpi69/pascal_label60_semi_classmix_reco.pth?dl=0"}),
 }
 PUBLISHED_TITLES = ("Supervised", "ClassMix", "ClassMix + ReCo")
-PREPROCESSED_DATA = {  # the reference README's off-the-shelf preprocessed datasets
+PREPROCESSED_DATA = {  # the reference ReCo README's off-the-shelf preprocessed datasets
     "cityscapes": "https://www.dropbox.com/sh/1eeq4qi9g2n6la2/AAD4IK1oskNPUzfTuusMqfb7a?dl=0",
     "pascal": "https://www.dropbox.com/sh/gaoqumpylcci3he/AABjenlsGet060yhGXVxobE4a?dl=0",
 }
@@ -50,7 +50,7 @@ def published_checkpoints(dataset: str, weights_dir: str | Path = "model_weights
 
 
 def _check_checkpoints(dataset: str, checkpoints: Sequence[Path]) -> None:
-    """A missing file is named with where to get it (the README's Dropbox link for the published ones)."""
+    """A missing file is named with where to get it (a published one: the reference ReCo README's link)."""
     urls = {f"{PUBLISHED[d][0]}_{kind}.pth": url for d in PUBLISHED for kind, url in PUBLISHED[d][1].items()}
     for path in checkpoints:
         if path.is_file():
@@ -83,7 +83,7 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path] | None = None, t
     try:
         return figures.draw_figure(dataset, checkpoints, titles, index, out, data_root, backbone, resnet_depth,
                                    device)
-    except DataError as error:  # missing or broken data: also point at the README's preprocessed copy
+    except DataError as error:  # missing or broken data: also name the reference ReCo README's download
         if dataset not in PREPROCESSED_DATA:
             raise
         raise DataError(f"{error}; the reference's preprocessed copy: {PREPROCESSED_DATA[dataset]}") from None
