@@ -56,7 +56,7 @@ def nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# One training step per mode (section 6 of the behaviour description)
+# One training step per mode: supervised, or mean teacher (pseudo-labels from an EMA teacher)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass

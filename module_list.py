@@ -190,7 +190,7 @@ class _SampledDot(torch.autograd.Function):
 def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, strong_threshold: float = 1.0,
                       temp: float = 0.5, num_queries: int = 256, num_negatives: int = 256,
                       generator: torch.Generator | None = None) -> Tensor:
-    """ReCo loss (reco_behaviour.md 5.5): rep [B,D,h,w], label one-hot [B,C,h,w], mask [B,1,h,w], prob [B,C,h,w].
+    """ReCo loss (Liu et al. 2022): rep [B,D,h,w], label one-hot [B,C,h,w], mask [B,1,h,w], prob [B,C,h,w].
 
     Valid pixels are label * mask; a class is present with >= 1 valid pixel in the batch. Per present class c:
     num_queries hard queries (valid pixels with prob[c] < strong_threshold), drawn with replacement; a detached

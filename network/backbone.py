@@ -1,4 +1,4 @@
-"""Dilated torchvision ResNet backbone (reco_behaviour.md section 4.1) and its ImageNet / local weights."""
+"""Torchvision ResNet with dilation in place of the last strides, and its ImageNet / local weights."""
 
 from __future__ import annotations
 

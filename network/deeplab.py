@@ -1,7 +1,8 @@
-"""DeepLabv3+ and DeepLabv2 with a ReCo representation head (reco_behaviour.md sections 4.2 and 4.3).
+"""DeepLabv3+ (output stride 16) and DeepLabv2 (output stride 8), each with ReCo's representation head.
 
 forward(x, with_rep=False) skips the representation head (it is only needed by the ReCo loss) and returns
-(logits, None). Module names are the reference's, so its published state_dicts load strictly (checkpoint_keys_*.json).
+(logits, None). Module names are the reference's, so its published state_dicts load strictly
+(tests/data/checkpoint_keys_*.json).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The layout's rules (DESIGN.md): dependencies one way, no circles, no hidden imports; user errors vs bugs;
-one random stream per consumer."""
+"""The layout's rules (docs/layout.md): dependencies one way, no circles, no hidden imports; user errors vs
+bugs; one random stream per consumer."""
 
 import ast
 import subprocess

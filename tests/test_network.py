@@ -14,7 +14,7 @@ import network
 from helpers import UserError
 from network.backbone import dilate_layer
 
-# The reference code's key lists (../shared/reference/checkpoint_keys_*.json), copied in with the tests.
+# The state_dict key lists of the reference code's models (tests/data/checkpoint_keys_*.json).
 REFERENCE = Path(__file__).resolve().parent / "data"
 # (backbone, classes, reference key file, sha256 of json.dumps(that file's list), number of entries):
 # the digests let the test run where the reference folder is absent.

@@ -1,4 +1,4 @@
-"""Partial labels (§2, §11): byte-exact agreement with a naive transcription of the reference."""
+"""Partial labels: byte-exact agreement with a naive transcription of the reference's preprocessing."""
 
 import hashlib
 

@@ -1,4 +1,4 @@
-"""Label-budget splits (§3.4, §11): exact agreement with a naive transcription of the reference loop."""
+"""Label-budget splits: exact agreement with a naive transcription of the reference's sampler loops."""
 
 import random
 from pathlib import Path
@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def naive_pascal(ids, class_sets, num_labels, seed, num_classes, min_classes):
-    """§3.4 word by word (global random, list.pop()); None where the reference would loop forever."""
+    """The reference's Pascal/Cityscapes loop word by word (global random, list.pop()); None where it would
+    loop forever."""
     random.seed(seed)
     work = list(ids)
     random.shuffle(work)
@@ -45,7 +46,7 @@ def naive_pascal(ids, class_sets, num_labels, seed, num_classes, min_classes):
 
 
 def naive_sun(ids, class_sets, num_labels, seed, num_classes):
-    """§3.4 SUN loop word by word; None where the reference would crash (empty fill / undefined id)."""
+    """The reference's SUN loop word by word; None where it would crash (empty fill / undefined id)."""
     random.seed(seed)
     work = list(ids)
     random.shuffle(work)
