@@ -180,5 +180,5 @@ def autocast_for(device: torch.device, amp: str) -> Callable[[], contextlib.Abst
 
 
 def full_precision(x: torch.Tensor) -> torch.Tensor:
-    """x in float32 when autocast made it half or bfloat16; float32 and float64 tensors are kept as they are."""
+    """x in float32 when autocast made it half or bfloat16; float32 and float64 are kept as they are."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()

@@ -74,8 +74,8 @@ def ohem_min_kept(batch_size: int) -> int:
 
 
 class PerturbedNet(nn.Module):
-    """A network with encode/decode in one call, plain or with UniMatch's feature perturbation, so that DDP and
-    torch.compile see one forward; inputs are put in the weights' memory format."""
+    """A network with encode/decode in one call, plain or with UniMatch's feature perturbation, so that DDP
+    and torch.compile see one forward; inputs are put in the weights' memory format."""
 
     def __init__(self, model: nn.Module, layout: torch.memory_format = torch.contiguous_format):
         super().__init__()
@@ -83,13 +83,13 @@ class PerturbedNet(nn.Module):
 
     def forward(self, images: Tensor, rep_rows: int = 0, perturb: bool = False,
                 keep: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """images [N,3,H,W] -> (logits [N,C,h,w], perturbed logits [N,C,h,w] or None, representation of the first
-        rep_rows images or None), at the network's output stride.
+        """images [N,3,H,W] -> (logits [N,C,h,w], perturbed logits [N,C,h,w] or None, representation of
+        the first rep_rows images or None), at the network's output stride.
 
-        perturb: decode [clean; channel-dropped] encoder features in one batch (its BN statistics mix both), the
-        low- and high-level features each with Dropout2d(0.5): a (sample, channel) is zeroed with probability
-        0.5, the others doubled. keep: the two keep-masks (low [N,C_low], high [N,C_high], bool) instead of a
-        draw on the device.
+        perturb: decode [clean; channel-dropped] encoder features in one batch (its BN statistics mix both),
+        the low- and high-level features each with Dropout2d(0.5): a (sample, channel) is zeroed with
+        probability 0.5, the others doubled. keep: the two keep-masks (low [N,C_low], high [N,C_high], bool)
+        instead of a draw on the device.
         """
         low, high = self.model.encode(images.contiguous(memory_format=self.layout))
         if not (perturb or keep is not None):
@@ -97,7 +97,8 @@ class PerturbedNet(nn.Module):
             return logits, None, rep
         if keep is None:
             keep = [torch.rand(f.shape[:2], device=f.device) < 0.5 for f in (low, high)]
-        low, high = (torch.cat([f, f * (k[:, :, None, None].to(f.dtype) * 2)]) for f, k in zip((low, high), keep))
+        low, high = (torch.cat([f, f * (k[:, :, None, None].to(f.dtype) * 2)])
+                     for f, k in zip((low, high), keep))
         logits, rep = self.model.decode(low, high, rep_rows > 0, rep_rows)
         count = images.shape[0]
         return logits[:count], logits[count:], rep
@@ -108,11 +109,13 @@ def nearest(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(x.dtype)
 
 
-def reco_inputs(labels: Tensor, masks: Tensor, logits: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One-hot labels, validity mask and class probabilities at the logits' resolution for compute_reco_loss."""
+def reco_inputs(labels: Tensor, masks: Tensor, logits: Tensor,
+                num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One-hot labels, validity mask and class probabilities at the logits' resolution (compute_reco_loss)."""
     size = logits.shape[-2:]
     labels, masks = nearest(labels, size), nearest(masks, size)
-    return label_onehot(labels, num_classes), masks[:, None].float(), torch.softmax(full_precision(logits), dim=1)
+    prob = torch.softmax(full_precision(logits), dim=1)
+    return label_onehot(labels, num_classes), masks[:, None].float(), prob
 
 
 def _confidence_and_label(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,7 +124,7 @@ def _confidence_and_label(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _masked_ce(logits: Tensor, label: Tensor, conf: Tensor, padding: Tensor, tau: float) -> Tensor:
-    """Sum of per-pixel CE over confident (>= tau), non-padded pixels, divided by the count of non-padded ones."""
+    """Per-pixel CE summed over confident (>= tau) non-padded pixels, divided by the non-padded count."""
     loss = F.cross_entropy(logits, label, reduction="none") * ((conf >= tau) & ~padding)
     return loss.sum() / (~padding).sum().clamp(min=1)  # no pixel at all: 0 (UniMatch divides by 0)
 
@@ -134,10 +137,11 @@ def _labelled_loss(logits: Tensor, labels: Tensor, settings: MethodSettings) -> 
 
 def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
                 keep: Sequence[Tensor] | None = None) -> StepOutput:
-    """The loss of one FixMatch or UniMatch step (unimatch_behaviour.md 1.3 and 1.4), ReCo's loss added if asked.
+    """The loss of one FixMatch or UniMatch step as their authors' code computes it, plus ReCo's if asked.
 
-    net: a PerturbedNet (DDP-wrapped or not); it is left in train mode. keep: UniMatch's two dropout keep-masks
-    for the [labelled; weak] forward, [2B, C_low] and [2B, C_high] bool (None: drawn on the device).
+    net: a PerturbedNet (DDP-wrapped or not); it is left in train mode. keep: UniMatch's two dropout
+    keep-masks for the [labelled; weak] forward, [2B, C_low] and [2B, C_high] bool (None: drawn on the
+    device).
 
     1. Mix batch, eval mode (BN running statistics), no gradient: its confidences and pseudo-labels.
     2. CutMix: each strong view takes the mix batch's strong view of the same index inside its box.
@@ -155,7 +159,8 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
        representation's stride by nearest neighbour.
     """
     if settings.method not in METHODS:
-        raise ValueError(f"method_step: unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
+        raise ValueError(f"method_step: unknown method {settings.method!r}; "
+                         f"choose one of {', '.join(METHODS)}")
     unimatch = settings.method == "unimatch"
     size = batch.weak.shape[-2:]
     count_x = batch.images_x.shape[0]
@@ -171,10 +176,11 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
     strong = torch.cat([torch.where(box[:, None], mix, image) for image, box, mix in views])
 
     net.train()
+    reco = settings.apply_reco
     with settings.autocast():
         logits_b, logits_fp, rep_x = net(torch.cat([batch.images_x, batch.weak]),
-                                         rep_rows=count_x if settings.apply_reco else 0, perturb=unimatch, keep=keep)
-        logits_c, _, rep_c = net(strong, rep_rows=strong.shape[0] if settings.apply_reco else 0)
+                                         rep_rows=count_x if reco else 0, perturb=unimatch, keep=keep)
+        logits_c, _, rep_c = net(strong, rep_rows=strong.shape[0] if reco else 0)
     pred_x = upsample(logits_b[:count_x], batch.labels_x.shape[-2:])
     with torch.no_grad():
         conf_w, label_w = _confidence_and_label(upsample(logits_b[count_x:].detach(), size))
@@ -183,7 +189,8 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
 
     tau = settings.conf_thresh
     sup = _labelled_loss(pred_x, batch.labels_x, settings)
-    unsup = [_masked_ce(pred, *target, tau) for pred, target in zip(upsample(logits_c, size).chunk(len(views)), targets)]
+    preds = upsample(logits_c, size).chunk(len(views))
+    unsup = [_masked_ce(pred, *target, tau) for pred, target in zip(preds, targets)]
     if unimatch:
         fp = _masked_ce(upsample(logits_fp[count_x:], size), label_w, conf_w, batch.padding, tau)
         loss = (sup + unsup[0] * 0.25 + unsup[1] * 0.25 + fp * 0.5) / 2.0
@@ -191,26 +198,28 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
     else:
         loss = (sup + unsup[0]) / 2.0
 
-    reco = loss.new_zeros(())
-    if settings.apply_reco:
+    reco_loss = loss.new_zeros(())
+    if reco:
         with torch.no_grad():
             labels = torch.cat([batch.labels_x] + [label for label, _, _ in targets])
             valid = torch.cat([batch.labels_x >= 0] + [(conf >= settings.weak_threshold) & ~padding
                                                        for _, conf, padding in targets])
             onehot, mask, prob = reco_inputs(labels, valid, torch.cat([logits_b[:count_x], logits_c]),
                                              logits_c.shape[1])
-        reco = compute_reco_loss(torch.cat([rep_x, rep_c]), onehot, mask, prob, settings.strong_threshold,
-                                 settings.temp, settings.num_queries, settings.num_negatives)
-        loss = loss + settings.reco_weight * reco
+        reco_loss = compute_reco_loss(torch.cat([rep_x, rep_c]), onehot, mask, prob,
+                                      settings.strong_threshold, settings.temp, settings.num_queries,
+                                      settings.num_negatives)
+        loss = loss + settings.reco_weight * reco_loss
 
     with torch.no_grad():
         confident = ((conf_w >= tau) & ~batch.padding).sum().to(conf_w.dtype)
         mask_ratio = confident / (~batch.padding).sum().clamp(min=1)
-        terms = torch.stack([t.to(loss.dtype) for t in (sup, *unsup, reco, mask_ratio)])
+        terms = torch.stack([t.to(loss.dtype) for t in (sup, *unsup, reco_loss, mask_ratio)])
     return StepOutput(loss, terms.detach(), pred_x.detach().argmax(1), label_w)
 
 
-def method_optimizer(model: nn.Module, lr: float, lr_multi: float, weight_decay: float = 1e-4) -> torch.optim.SGD:
+def method_optimizer(model: nn.Module, lr: float, lr_multi: float,
+                     weight_decay: float = 1e-4) -> torch.optim.SGD:
     """UniMatch's SGD (momentum 0.9, weight decay on every parameter): group 0 the backbone at lr, group 1 the
     rest of the network at lr * lr_multi. model: a network with backbone_parameters() (both DeepLabv3+)."""
     backbone = list(model.backbone_parameters())

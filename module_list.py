@@ -47,7 +47,7 @@ def compute_supervised_loss(pred: Tensor, target: Tensor, reduction: bool = True
 
 
 def compute_ohem_loss(pred: Tensor, target: Tensor, thresh: float = 0.7, min_kept: int = 100_000) -> Tensor:
-    """Online hard example mining CE (UniMatch's Cityscapes loss): pred [B,C,H,W], target [B,H,W] long -> scalar.
+    """Online hard example mining CE (UniMatch's Cityscapes loss): pred [B,C,H,W], target [B,H,W] -> scalar.
 
     With at least min_kept valid pixels in the batch, only the pixels whose probability of the target class is
     <= max(thresh, the min_kept-th smallest such probability) count; with fewer, every valid pixel does. Then

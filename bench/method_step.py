@@ -2,11 +2,11 @@
 
     python bench/method_step.py --fixture tests/data/unimatch_step
 
-A fixture (format unibench-step-v1; its README.md says how it was recorded) holds the batches, CutMix boxes,
-dropout keep-masks and learning rates of a few optimiser steps, the loss terms the authors' code computed,
-statistics of every parameter and buffer after each step, and a rule for the initial weights. This rebuilds the
-weights by the rule on --backbone deeplabv3p_unimatch, runs methods.method_step (the training loop's step),
-methods.method_optimizer and methods.poly_lr on the recorded data, and prints one JSON line:
+A fixture (format unibench-step-v1; its README.md says how it was recorded) holds the batches, CutMix
+boxes, dropout keep-masks and learning rates of a few optimiser steps, the loss terms the authors' code
+computed, statistics of every parameter and buffer after each step, and a rule for the initial weights. This
+rebuilds the weights by the rule on --backbone deeplabv3p_unimatch, runs methods.method_step (the training
+loop's step), methods.method_optimizer and methods.poly_lr on the recorded data, and prints one JSON line:
   loss_rel_diff   largest |ours - theirs| / |theirs| over every loss term of every step
   state_rel_diff  largest difference over every post-step statistic (sum, l2, abs sum, and the same of the
                   step's change), each relative to its own magnitude (a sum to its abs sum)
@@ -49,7 +49,7 @@ def sha256(tensor: torch.Tensor) -> str:
 
 
 def rule_weights(keys: list, rule: dict) -> dict[str, torch.Tensor]:
-    """The initial state_dict by the fixture's weight rule (unibench-rule-v1, in its README): float32 / int64."""
+    """The initial state_dict by the fixture's weight rule (unibench-rule-v1, in its README)."""
     shapes = {name: shape for name, shape, _ in keys}
     out = {}
     for index, name in enumerate(sorted(shapes)):
@@ -75,17 +75,19 @@ def _randn(shape: list, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
-def build_network(fixture: dict) -> tuple[torch.nn.Module, bool]:
-    """UniMatch's network for the fixture's config, with the rule's weights, in float64; and whether they hash
+def build_network(fixture: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, bool]:
+    """UniMatch's network for the fixture's config, with the rule's weights, in dtype; and whether they hash
     as init_sha256 says."""
     config = fixture["config"]
     backbone = config["backbone"]
     if (not backbone.startswith("resnet") or config["replace_stride_with_dilation"] != [False, False, True]
             or list(config["dilations"]) != [6, 12, 18]):
-        raise UserError(f"--fixture: the network {backbone}, dilation {config['replace_stride_with_dilation']}, "
-                        f"ASPP {config['dilations']} is not UniMatch's DeepLabv3+ at output stride 16 with rates "
-                        f"6/12/18, the only one deeplabv3p_unimatch builds; pass a fixture of that network")
-    model = build_model("deeplabv3p_unimatch", config["nclass"], resnet_depth=int(backbone.removeprefix("resnet")))
+        raise UserError(f"--fixture: the network {backbone}, dilation "
+                        f"{config['replace_stride_with_dilation']}, ASPP {config['dilations']} is not "
+                        f"UniMatch's DeepLabv3+ at output stride 16 with rates 6/12/18, the only one "
+                        f"deeplabv3p_unimatch builds; pass a fixture of that network")
+    depth = int(backbone.removeprefix("resnet"))
+    model = build_model("deeplabv3p_unimatch", config["nclass"], resnet_depth=depth)
     ours = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()
             if not k.startswith("representation.")]
     if ours != fixture["state_dict_keys"]:
@@ -94,12 +96,14 @@ def build_network(fixture: dict) -> tuple[torch.nn.Module, bool]:
     init_match = all(sha256(weights[k]) == digest for k, digest in fixture["init_sha256"].items())
     model.load_state_dict({**model.state_dict(), **weights}, strict=True)  # every UniMatch key is replaced
     model.representation.requires_grad_(False)  # as the training loop does without ReCo
-    return model.double(), init_match
+    return model.to(dtype), init_match
 
 
 def settings_for(fixture: dict) -> methods.MethodSettings:
     """The step settings the fixture's config describes."""
     config = fixture["config"]
+    if fixture["method"] not in methods.METHODS:
+        raise UserError(f"--fixture: method {fixture['method']!r} is none of {', '.join(methods.METHODS)}")
     criterion = config["criterion"]
     if criterion["kwargs"].get("ignore_index", VOID) != VOID:
         raise UserError(f"--fixture: ignore_index {criterion['kwargs']['ignore_index']} is not {VOID}")
@@ -114,19 +118,19 @@ def settings_for(fixture: dict) -> methods.MethodSettings:
 
 
 class Tensors:
-    """The fixture's tensors of one step, images normalised in float64 as the fixture's README says."""
+    """The fixture's tensors of one step, images normalised in the fixture's dtype as its README says."""
 
-    def __init__(self, tensors: dict, step: int, normalisation: dict):
-        self.tensors, self.prefix = tensors, f"step{step}."
-        self.mean = torch.tensor(normalisation["mean"], dtype=torch.float64).view(1, 3, 1, 1)
-        self.std = torch.tensor(normalisation["std"], dtype=torch.float64).view(1, 3, 1, 1)
+    def __init__(self, tensors: dict, step: int, normalisation: dict, dtype: torch.dtype):
+        self.tensors, self.prefix, self.dtype = tensors, f"step{step}.", dtype
+        self.mean = torch.tensor(normalisation["mean"], dtype=dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(normalisation["std"], dtype=dtype).view(1, 3, 1, 1)
 
     def raw(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(self.prefix + name)
 
     def image(self, name: str) -> torch.Tensor | None:
         pixels = self.raw(name)
-        return None if pixels is None else ((pixels.to(torch.float64) / 255) - self.mean) / self.std
+        return None if pixels is None else ((pixels.to(self.dtype) / 255) - self.mean) / self.std
 
     def mask(self, name: str) -> torch.Tensor | None:
         mask = self.raw(name)
@@ -137,7 +141,8 @@ class Tensors:
         return methods.MethodBatch(
             images_x=self.image("img_x"), labels_x=labels.masked_fill(labels == VOID, IGNORE_INDEX),
             weak=self.image("img_u_w"), strong1=self.image("img_u_s1"), strong2=self.image("img_u_s2"),
-            padding=self.raw("ignore_mask") == VOID, box1=self.mask("cutmix_box1"), box2=self.mask("cutmix_box2"),
+            padding=self.raw("ignore_mask") == VOID, box1=self.mask("cutmix_box1"),
+            box2=self.mask("cutmix_box2"),
             mix_weak=self.image("img_u_w_mix"), mix_strong1=self.image("img_u_s1_mix"),
             mix_strong2=self.image("img_u_s2_mix"), mix_padding=self.raw("ignore_mask_mix") == VOID)
 
@@ -157,7 +162,7 @@ def relative(ours: float, theirs: float, scale: float) -> float:
 
 def within(ours: list[float], theirs: list[float], tol: dict) -> bool:
     """The fixture README's tolerance on one tensor's six statistics."""
-    s, l2, a, ds, dl2, da = theirs
+    _, l2, a, _, dl2, da = theirs
     limits = (tol["state_rel"] * a + tol["delta_rel"] * da, tol["state_rel"] * l2 + tol["delta_rel"] * dl2,
               tol["state_rel"] * a + tol["delta_rel"] * da, tol["delta_rel"] * da + tol["ulp_rel"] * a,
               tol["delta_rel"] * dl2 + tol["ulp_rel"] * l2, tol["delta_rel"] * da + tol["ulp_rel"] * a)
@@ -172,22 +177,27 @@ def replay(folder: Path) -> dict:
         raise UserError(f"--fixture {folder}: format {fixture.get('format')!r} is not {FORMAT}")
     tensors = torch.load(folder / "tensors.pt", weights_only=True)
     method, config, tol = fixture["method"], fixture["config"], fixture["tolerance"]
-    model, init_match = build_network(fixture)
-    net = methods.PerturbedNet(model)
+    dtype = getattr(torch, fixture["dtype"])
     settings = settings_for(fixture)
+    model, init_match = build_network(fixture, dtype)
+    net = methods.PerturbedNet(model)
     optimizer = methods.method_optimizer(model, config["lr"], config["lr_multi"])
     names = {k for k, _, _ in fixture["state_dict_keys"]}
     images_match, lr_match, pseudo_match, ok = True, True, True, True
     loss_rel, state_rel, steps = 0.0, 0.0, []
     for record in fixture["steps_recorded"]:
-        data = Tensors(tensors, record["step"], fixture["image_normalisation"])
+        data = Tensors(tensors, record["step"], fixture["image_normalisation"], dtype)
         images_match &= all(sha256(data.image(name.removeprefix(data.prefix))) == digest
-                            for name, digest in fixture["image_sha256"].items() if name.startswith(data.prefix))
+                            for name, digest in fixture["image_sha256"].items()
+                            if name.startswith(data.prefix))
         step = record["epoch"] * fixture["len_loader_u"] + record["i"]
-        methods.set_lr(optimizer, methods.poly_lr(config["lr"], step, fixture["total_iters"]), config["lr_multi"])
+        lr = methods.poly_lr(config["lr"], step, fixture["total_iters"])
+        methods.set_lr(optimizer, lr, config["lr_multi"])
         lrs = [group["lr"] for group in optimizer.param_groups]
         lr_match &= lrs == record["lr"]
         keep = [data.raw(mask["name"]) for mask in record["fp_masks"]] or None  # drawn on c1, then on c4
+        if method == "unimatch" and (keep is None or len(keep) != 2):
+            raise UserError(f"--fixture {folder}: step {record['step']} has no pair of fp keep-masks")
         before = {k: v.clone() for k, v in model.state_dict().items() if k in names}
 
         out = methods.method_step(net, data.batch(), settings, keep)
@@ -200,18 +210,20 @@ def replay(folder: Path) -> dict:
         for x, r in losses.values():
             loss_rel = max(loss_rel, relative(x, r, abs(r)))
             ok &= abs(x - r) <= tol["loss_rel"] * abs(r) + tol["loss_abs"]
-        pseudo_match &= torch.equal(out.pseudo, data.raw("mask_u_w").long())
+        if data.raw("mask_u_w") is not None:  # a debug tensor
+            pseudo_match &= torch.equal(out.pseudo, data.raw("mask_u_w").long())
         state = model.state_dict()
         for key, theirs in record["stats_after"].items():
             ours = statistics(state, before, key)
-            state_rel = max(state_rel, *(relative(x, r, theirs[c]) for x, r, c in zip(ours, theirs, SCALE_COLUMN)))
+            state_rel = max(state_rel, *(relative(x, r, theirs[column])
+                                         for x, r, column in zip(ours, theirs, SCALE_COLUMN)))
             ok &= within(ours, theirs, tol)
         steps.append({"step": step, "lr": {"ours": lrs, "theirs": record["lr"]}, "losses": losses,
                       "mask_ratio": [terms["mask_ratio"], record["mask_ratio"]]})
     return {"fixture": str(folder), "method": method, "backbone": config["backbone"],
-            "loss_rel_diff": loss_rel, "state_rel_diff": state_rel, "lr_match": lr_match, "init_match": init_match,
-            "images_match": images_match, "pseudo_match": pseudo_match, "within_tolerance": ok,
-            "seconds": round(time.perf_counter() - started, 1), "steps": steps}
+            "loss_rel_diff": loss_rel, "state_rel_diff": state_rel, "lr_match": lr_match,
+            "init_match": init_match, "images_match": images_match, "pseudo_match": pseudo_match,
+            "within_tolerance": ok, "seconds": round(time.perf_counter() - started, 1), "steps": steps}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,7 +82,8 @@ def _read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _local_state_dict(path: str | os.PathLike, family: str = "a torchvision ResNet state_dict") -> dict[str, torch.Tensor]:
+def _local_state_dict(path: str | os.PathLike,
+                      family: str = "a torchvision ResNet state_dict") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--pretrained {path}: no such file; pass 'imagenet', 'none' or the path of "
@@ -127,7 +128,7 @@ def _deep_stem(resnet: nn.Module) -> None:
     """
     def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
         layer = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, bias=False)
-        nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")  # torchvision's ResNet init
+        nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's
         return layer
 
     resnet.conv1 = nn.Sequential(conv(3, 64, 3, 2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
@@ -145,7 +146,7 @@ def block_out_channels(block: nn.Module) -> int:
 
 
 def build_deep_stem_resnet(resnet_depth: int = 101, pretrained: str = "none") -> nn.Module:
-    """UniMatch's ResNet: deep stem, layer4 dilated (output stride 16), no fc; key names as its backbone files.
+    """UniMatch's ResNet: deep stem, layer4 dilated (output stride 16), no fc; its backbone files' key names.
 
     pretrained: 'none' or the path of UniMatch's ImageNet file for this depth (resnet50.pth, resnet101.pth; fc
     keys are ignored, every other key must match). Depths 18 and 34 have no such file (random init only).
@@ -153,21 +154,22 @@ def build_deep_stem_resnet(resnet_depth: int = 101, pretrained: str = "none") ->
     _check_depth(resnet_depth)
     if pretrained == "imagenet":
         raise UserError(f"--pretrained imagenet: UniMatch's deep-stem ResNet-{resnet_depth} weights are not "
-                         f"downloadable here; download resnet{resnet_depth}.pth from UniMatch's README and pass "
-                         f"--pretrained PATH, or pass --pretrained none.")
+                         f"downloadable here; download resnet{resnet_depth}.pth from UniMatch's README and "
+                         f"pass --pretrained PATH, or pass --pretrained none.")
     resnet = getattr(torchvision.models, _RESNETS[resnet_depth][0])(weights=None)
     resnet.fc = nn.Identity()  # UniMatch's ResNet has no classifier
     _deep_stem(resnet)
-    dilate_layer(resnet.layer4, 2)  # torchvision's replace_stride_with_dilation=[F, F, T], also for BasicBlock
+    dilate_layer(resnet.layer4, 2)  # replace_stride_with_dilation=[F, F, T], which BasicBlock lacks
     if pretrained != "none":
         state = _local_state_dict(pretrained, f"{_DEEP_STEM_FAMILY} state_dict such as its resnet50.pth")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         try:
             resnet.load_state_dict(state, strict=True)
         except RuntimeError:
-            raise UserError(f"--pretrained {pretrained}: expected the keys of {_DEEP_STEM_FAMILY}-{resnet_depth}, "
-                             f"found {_describe_keys(state)}; pass UniMatch's resnet{resnet_depth}.pth, or use "
-                             f"--backbone deeplabv3p for torchvision ResNet weights.") from None
+            raise UserError(f"--pretrained {pretrained}: expected the keys of {_DEEP_STEM_FAMILY}-"
+                             f"{resnet_depth}, found {_describe_keys(state)}; pass UniMatch's "
+                             f"resnet{resnet_depth}.pth, or use --backbone deeplabv3p for torchvision ResNet "
+                             f"weights.") from None
     return resnet
 
 

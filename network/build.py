@@ -17,9 +17,11 @@ def build_model(backbone: str = "deeplabv3p", num_classes: int = 21, output_dim:
     """DeepLabv3+ (OS16), DeepLabv2 (OS8) or UniMatch's DeepLabv3+ (deep stem, OS16) on a dilated ResNet;
     model(x) -> (logits, representation)."""
     if backbone == "deeplabv3p":
-        return DeepLabv3Plus(build_resnet(resnet_depth, pretrained, dilations=(1, 2)), num_classes, output_dim)
+        resnet = build_resnet(resnet_depth, pretrained, dilations=(1, 2))
+        return DeepLabv3Plus(resnet, num_classes, output_dim)
     if backbone == "deeplabv2":
         return DeepLabv2(build_resnet(resnet_depth, pretrained, dilations=(2, 4)), num_classes, output_dim)
     if backbone == "deeplabv3p_unimatch":
-        return UniMatchDeepLabv3Plus(build_deep_stem_resnet(resnet_depth, pretrained), num_classes, output_dim)
+        resnet = build_deep_stem_resnet(resnet_depth, pretrained)
+        return UniMatchDeepLabv3Plus(resnet, num_classes, output_dim)
     raise UserError(f"--backbone {backbone!r} is not known: choose one of {', '.join(BACKBONES)}.")

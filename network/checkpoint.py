@@ -15,8 +15,8 @@ from network.build import build_model
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Model state_dict from a reference .pth, our best .pth, our resume dict (its teacher if any) or a UniMatch
-    checkpoint ({'model': ...} with DDP's 'module.' prefix)."""
+    """Model state_dict from a reference .pth, our best .pth, our resume dict (its teacher if any) or a
+    UniMatch checkpoint ({'model': ...} with DDP's 'module.' prefix)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass the path of a .pth file "
@@ -35,14 +35,15 @@ _LAYER3_BLOCKS = {("basic", 2): 18, ("basic", 6): 34, ("bottleneck", 6): 50, ("b
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
-    """Read backbone, resnet_depth, num_classes and output_dim off a model state_dict (ours, the reference's or
-    UniMatch's, whose missing representation head gets the default output_dim 256)."""
+    """Read backbone, resnet_depth, num_classes and output_dim off a model state_dict (ours, the reference's
+    or UniMatch's, whose missing representation head gets the default output_dim 256)."""
     if "classifier.conv2d_list.0.weight" in state_dict:
         backbone, classifier, representation = "deeplabv2", "classifier.conv2d_list.0.weight", "representation.0.weight"
     elif "classifier.3.weight" in state_dict:
         backbone, classifier, representation = "deeplabv3p", "classifier.3.weight", "representation.3.weight"
     elif "fuse.0.weight" in state_dict and "classifier.weight" in state_dict:
-        backbone, classifier, representation = "deeplabv3p_unimatch", "classifier.weight", "representation.3.weight"
+        backbone, classifier = "deeplabv3p_unimatch", "classifier.weight"
+        representation = "representation.3.weight"
     else:
         raise UserError("the checkpoint is not a DeepLabv3+/DeepLabv2 state_dict (no classifier.3.weight, "
                          "classifier.conv2d_list.0.weight or fuse.0.weight key); pass a file written by the "

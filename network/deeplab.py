@@ -1,8 +1,9 @@
 """DeepLabv3+ and DeepLabv2 with a ReCo representation head (reco_behaviour.md sections 4.2 and 4.3).
 
 forward(x, with_rep=False) skips the representation head (it is only needed by the ReCo loss) and returns
-(logits, None). DeepLabv3+ also splits into encode(x) -> (low, high) and decode(low, high, ...), so a method
-can perturb the features between the two (UniMatch's feature perturbation). Module names are the reference's, so its published state_dicts load strictly (checkpoint_keys_*.json).
+(logits, None). Module names are the reference's, so its published state_dicts load strictly
+(checkpoint_keys_*.json). DeepLabv3+ also splits into encode(x) -> (low, high) and decode(low, high, ...),
+so a method can perturb the features between the two (UniMatch's feature perturbation).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from network.backbone import block_out_channels
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, dilation: int = 1) -> list[nn.Module]:
+    """[conv (1x1, or 3x3 padded to keep the size), BN, ReLU], the unit both DeepLabv3+ heads are made of."""
     padding = dilation if kernel == 3 else 0
     return [nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation, bias=False),
             nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
@@ -71,7 +73,8 @@ class DeepLabv3Plus(_ResNetStem):
     def __init__(self, resnet: nn.Module, num_classes: int, output_dim: int = 256):
         super().__init__()
         self._adopt(resnet)
-        low_ch, high_ch = block_out_channels(self.resnet_layer1[-1]), block_out_channels(self.resnet_layer4[-1])
+        low_ch = block_out_channels(self.resnet_layer1[-1])
+        high_ch = block_out_channels(self.resnet_layer4[-1])
         self.ASPP = ASPP(high_ch, (6, 12, 18))
         self.project = nn.Sequential(*conv_bn_relu(low_ch, 48, 1))
         self.classifier = nn.Sequential(*conv_bn_relu(304, 256, 3), nn.Conv2d(256, num_classes, 1))

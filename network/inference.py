@@ -13,7 +13,7 @@ from helpers import UserError, full_precision
 
 
 def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """[B, C, h, w] -> [B, C, H, W] float32 (float64 kept), bilinear with align_corners=True (the reference's)."""
+    """[B, C, h, w] -> [B, C, H, W] float32 (float64 kept), bilinear, align_corners=True (the reference's)."""
     return F.interpolate(full_precision(logits), size=tuple(size), mode="bilinear", align_corners=True)
 
 

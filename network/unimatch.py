@@ -1,8 +1,8 @@
-"""UniMatch's DeepLabv3+ (unimatch_behaviour.md section 3), with its state_dict key names and order.
+"""UniMatch's DeepLabv3+ (Yang et al., CVPR 2023; LiheYoung/UniMatch), with its state_dict keys in order.
 
 A deep-stem ResNet at output stride 16 under `backbone`, ASPP `head`, `reduce` (low-level features to 48
-channels), `fuse` (two 3x3 convs), a 1x1 `classifier` with bias, and, last, ReCo's `representation` head on the
-same concatenated features as in ReCo's DeepLabv3+ (UniMatch's own files lack it). Same interface as
+channels), `fuse` (two 3x3 convs), a 1x1 `classifier` with bias, and, last, ReCo's `representation` head on
+the same concatenated features as in ReCo's DeepLabv3+ (UniMatch's own files lack it). Same interface as
 network.deeplab.DeepLabv3Plus: forward(x, with_rep) -> (logits, rep) at stride 4, encode and decode.
 """
 
@@ -17,7 +17,7 @@ from network.deeplab import conv_bn_relu
 
 
 class _Pooling(nn.Module):
-    """Image-pooling branch under UniMatch's name `gap`: average, 1x1 conv, BN, ReLU, spread back over the map."""
+    """Image-pooling branch under UniMatch's name `gap`: average, 1x1 conv, BN, ReLU, spread over the map."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
