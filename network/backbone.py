@@ -108,9 +108,12 @@ def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: t
             resnet.load_state_dict(state, strict=True)
         except RuntimeError as error:
             detail = " ".join(str(error).split())
+            deep_stem = ""
+            if "conv1.0.weight" in state:  # UniMatch's deep-stem file given to ReCo's network
+                deep_stem = "; a deep-stem file needs --backbone deeplabv3p_unimatch"
             raise UserError(f"--pretrained {source}: does not fit a torchvision ResNet-{resnet_depth} backbone "
                              f"({detail[:400]}); pass weights of the same depth as --resnet_depth "
-                             f"with torchvision key names (conv1.weight, layer1.0...).") from None
+                             f"with torchvision key names (conv1.weight, layer1.0...){deep_stem}.") from None
     for layer, dilation in zip((resnet.layer3, resnet.layer4), dilations):
         if dilation > 1:
             dilate_layer(layer, dilation)
@@ -166,10 +169,10 @@ def build_deep_stem_resnet(resnet_depth: int = 101, pretrained: str = "none") ->
         try:
             resnet.load_state_dict(state, strict=True)
         except RuntimeError:
-            raise UserError(f"--pretrained {pretrained}: expected the keys of {_DEEP_STEM_FAMILY}-"
-                             f"{resnet_depth}, found {_describe_keys(state)}; pass UniMatch's "
-                             f"resnet{resnet_depth}.pth, or use --backbone deeplabv3p for torchvision ResNet "
-                             f"weights.") from None
+            raise UserError(f"--pretrained {pretrained}: expected the keys of {_DEEP_STEM_FAMILY} at "
+                             f"depth {resnet_depth}, found {_describe_keys(state)}; pass UniMatch's "
+                             f"resnet50.pth or resnet101.pth with the matching --resnet_depth, or use "
+                             f"--backbone deeplabv3p for torchvision ResNet weights.") from None
     return resnet
 
 

@@ -318,6 +318,12 @@ def test_wrong_architecture_for_unimatch_is_one_line_naming_the_family_and_fix(t
         network.build_model("deeplabv3p_unimatch", 3, resnet_depth=18, pretrained="imagenet")
 
 
+def test_deep_stem_file_for_recos_network_points_to_the_unimatch_backbone(tmp_path):
+    torch.save(network.build_deep_stem_resnet(18).state_dict(), tmp_path / "deep.pth")
+    with pytest.raises(UserError, match="needs --backbone deeplabv3p_unimatch"):
+        network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained=str(tmp_path / "deep.pth"))
+
+
 def test_unimatch_checkpoint_loads_in_the_checkpoint_readers(tmp_path):
     """latest.pth / best.pth as UniMatch saves them: {'model': DDP state_dict ('module.'), ...}, no ReCo
     head."""
