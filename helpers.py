@@ -1,5 +1,6 @@
 """Command-line and file helpers every other module may use: user errors, the CLI runner, atomic writes,
-staged folders, stream seeds, and --device / --amp resolution. Imports no project module."""
+staged folders, stream seeds, and --device / --amp resolution (and the precision losses run in). Imports no
+project module."""
 
 from __future__ import annotations
 
@@ -176,3 +177,8 @@ def autocast_for(device: torch.device, amp: str) -> Callable[[], contextlib.Abst
     """A factory of autocast contexts for --amp off|bf16|fp16 on this device."""
     dtype = AMP_DTYPES[amp]
     return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when autocast made it half or bfloat16; float32 and float64 are kept as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

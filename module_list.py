@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers import full_precision
+
 # Ignore value inside label tensors (the reference's -1); on disk the void value is 255 (build_data.VOID).
 IGNORE_INDEX = -1
 
@@ -35,13 +37,33 @@ def _uniform_below(n: Tensor, generator: torch.Generator | None = None) -> Tenso
 def compute_supervised_loss(pred: Tensor, target: Tensor, reduction: bool = True) -> Tensor:
     """Cross-entropy of pred [B,C,H,W] (any float dtype) against target [B,H,W] long, ignoring IGNORE_INDEX.
 
-    Computed in fp32. reduction=True: mean over valid pixels (0, not NaN, when there are none);
+    Computed in fp32 (fp64 kept). reduction=True: mean over valid pixels (0, not NaN, when there are none);
     reduction=False: per-pixel values [B,H,W] with 0 on ignored pixels.
     """
-    loss = F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    loss = F.cross_entropy(full_precision(pred), target, ignore_index=IGNORE_INDEX, reduction="none")
     if not reduction:
         return loss
     return loss.sum() / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def compute_ohem_loss(pred: Tensor, target: Tensor, thresh: float = 0.7, min_kept: int = 100_000) -> Tensor:
+    """Online hard example mining CE (UniMatch's Cityscapes loss): pred [B,C,H,W], target [B,H,W] -> scalar.
+
+    With at least min_kept valid pixels in the batch, only the pixels whose probability of the target class is
+    <= max(thresh, the min_kept-th smallest such probability) count; with fewer, every valid pixel does. Then
+    the mean CE over the counted pixels, as compute_supervised_loss. No host sync.
+    """
+    pred = full_precision(pred)
+    valid = target != IGNORE_INDEX
+    with torch.no_grad():
+        prob = pred.softmax(1).gather(1, target.clamp(min=0)[:, None])[:, 0]
+        prob = prob.masked_fill(~valid, 1.0)  # ignored pixels sort last
+        threshold = torch.full((), thresh, dtype=prob.dtype, device=prob.device)
+        if min_kept > 0:
+            kth = prob.flatten().kthvalue(min(min_kept, prob.numel())).values
+            threshold = torch.maximum(threshold, kth)
+        kept = torch.where(valid.sum() < min_kept, valid, valid & (prob <= threshold))
+    return compute_supervised_loss(pred, target.masked_fill(~kept, IGNORE_INDEX))
 
 
 def compute_unsupervised_loss(pred: Tensor, target: Tensor, conf: Tensor, strong_threshold: float) -> Tensor:

@@ -1,4 +1,5 @@
-"""Torchvision ResNet with dilation in place of the last strides, and its ImageNet / local weights."""
+"""ResNet backbones and their weights: the dilated torchvision ResNet (dilation in place of the last strides) with
+torchvision's ImageNet or local weights, and UniMatch's deep-stem ResNet with its authors' ImageNet files."""
 
 from __future__ import annotations
 
@@ -81,12 +82,13 @@ def _read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _local_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _local_state_dict(path: str | os.PathLike,
+                      family: str = "a torchvision ResNet state_dict") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--pretrained {path}: no such file; pass 'imagenet', 'none' or the path of a "
-                                f"torchvision ResNet state_dict (.pth).")
-    return _read_weights(path, "pass a torchvision ResNet state_dict saved with torch.save (--pretrained PATH).")
+        raise FileNotFoundError(f"--pretrained {path}: no such file; pass 'imagenet', 'none' or the path of "
+                                f"{family} (.pth).")
+    return _read_weights(path, f"pass {family} saved with torch.save (--pretrained PATH).")
 
 
 def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: tuple[int, int] = (1, 2)) -> nn.Module:
@@ -106,10 +108,83 @@ def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: t
             resnet.load_state_dict(state, strict=True)
         except RuntimeError as error:
             detail = " ".join(str(error).split())
+            deep_stem = ""
+            if "conv1.0.weight" in state:  # UniMatch's deep-stem file given to ReCo's network
+                deep_stem = "; a deep-stem file needs --backbone deeplabv3p_unimatch"
             raise UserError(f"--pretrained {source}: does not fit a torchvision ResNet-{resnet_depth} backbone "
                              f"({detail[:400]}); pass weights of the same depth as --resnet_depth "
-                             f"with torchvision key names (conv1.weight, layer1.0...).") from None
+                             f"with torchvision key names (conv1.weight, layer1.0...){deep_stem}.") from None
     for layer, dilation in zip((resnet.layer3, resnet.layer4), dilations):
         if dilation > 1:
             dilate_layer(layer, dilation)
     return resnet
+
+
+# UniMatch's backbone files (resnet50.pth, resnet101.pth from its README) use these names for the deep stem.
+_DEEP_STEM_FAMILY = "UniMatch's deep-stem ResNet (conv1.0/.1/.3/.4/.6, bn1, layer1-4)"
+
+
+def _deep_stem(resnet: nn.Module) -> None:
+    """Replace torchvision's 7x7 stem by three 3x3 convs (64-64-128, the first strided), in place.
+
+    bn1 and layer1's first block then take 128 channels; a BasicBlock stage gets the 1x1 projection it needs.
+    """
+    def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+        layer = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, bias=False)
+        nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's
+        return layer
+
+    resnet.conv1 = nn.Sequential(conv(3, 64, 3, 2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                                 conv(64, 64, 3), nn.BatchNorm2d(64), nn.ReLU(inplace=True), conv(64, 128, 3))
+    resnet.bn1 = nn.BatchNorm2d(128)
+    first = resnet.layer1[0]
+    first.conv1 = conv(128, first.conv1.out_channels, first.conv1.kernel_size[0])
+    width = block_out_channels(first)
+    first.downsample = nn.Sequential(conv(128, width, 1), nn.BatchNorm2d(width))
+
+
+def block_out_channels(block: nn.Module) -> int:
+    """Output channels of a ResNet block (Bottleneck: bn3, BasicBlock: bn2)."""
+    return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
+
+
+def build_deep_stem_resnet(resnet_depth: int = 101, pretrained: str = "none") -> nn.Module:
+    """UniMatch's ResNet: deep stem, layer4 dilated (output stride 16), no fc; its backbone files' key names.
+
+    pretrained: 'none' or the path of UniMatch's ImageNet file for this depth (resnet50.pth, resnet101.pth; fc
+    keys are ignored, every other key must match). Depths 18 and 34 have no such file (random init only).
+    """
+    _check_depth(resnet_depth)
+    if pretrained == "imagenet":
+        raise UserError(f"--pretrained imagenet: UniMatch's deep-stem ResNet-{resnet_depth} weights are not "
+                         f"downloadable here; download resnet{resnet_depth}.pth from UniMatch's README and "
+                         f"pass --pretrained PATH, or pass --pretrained none.")
+    resnet = getattr(torchvision.models, _RESNETS[resnet_depth][0])(weights=None)
+    resnet.fc = nn.Identity()  # UniMatch's ResNet has no classifier
+    _deep_stem(resnet)
+    dilate_layer(resnet.layer4, 2)  # replace_stride_with_dilation=[F, F, T], which BasicBlock lacks
+    if pretrained != "none":
+        state = _local_state_dict(pretrained, f"{_DEEP_STEM_FAMILY} state_dict such as its resnet50.pth")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        try:
+            resnet.load_state_dict(state, strict=True)
+        except RuntimeError:
+            raise UserError(f"--pretrained {pretrained}: expected the keys of {_DEEP_STEM_FAMILY} at "
+                             f"depth {resnet_depth}, found {_describe_keys(state)}; pass UniMatch's "
+                             f"resnet50.pth or resnet101.pth with the matching --resnet_depth, or use "
+                             f"--backbone deeplabv3p for torchvision ResNet weights.") from None
+    return resnet
+
+
+def _describe_keys(state: dict[str, torch.Tensor]) -> str:
+    """The weight family a state_dict looks like, for error messages (a few of its keys otherwise)."""
+    keys = list(state)
+    if "conv1.weight" in state:
+        return f"a 7x7-stem torchvision ResNet (conv1.weight {list(state['conv1.weight'].shape)})"
+    if any(k.startswith(("resnet_", "module.resnet_")) for k in keys):
+        return "a ReCo DeepLab checkpoint (resnet_conv1 ...)"
+    if any(k.startswith(("backbone.", "module.backbone.")) for k in keys):
+        return "a whole segmentation checkpoint (backbone.*), not a backbone file"
+    if "conv1.0.weight" in state:
+        return "a deep-stem ResNet of another depth or layout"
+    return f"keys {', '.join(keys[:3]) or 'none'}"

@@ -1,5 +1,5 @@
-"""Checkpoints: read any model file (ours, the reference's published .pth, a resume last.pth) and build the
-network it describes."""
+"""Checkpoints: read any model file (ours, the reference's published .pth, a resume last.pth, UniMatch's
+latest.pth / best.pth) and build the network it describes."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from torch import nn
 
 from helpers import UserError, read_torch_file
 from network.backbone import RESNET_DEPTHS
-from network.deeplab import build_model
+from network.build import build_model
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Model state_dict from a reference .pth, our best .pth, or our resume dict (its teacher if any)."""
+    """Model state_dict from a reference .pth, our best .pth, our resume dict (its teacher if any) or a
+    UniMatch checkpoint ({'model': ...} with DDP's 'module.' prefix)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass the path of a .pth file "
@@ -34,22 +35,30 @@ _LAYER3_BLOCKS = {("basic", 2): 18, ("basic", 6): 34, ("bottleneck", 6): 50, ("b
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
-    """Read backbone, resnet_depth, num_classes and output_dim off a model state_dict (ours or the reference's)."""
+    """Read backbone, resnet_depth, num_classes and output_dim off a model state_dict (ours, the reference's
+    or UniMatch's, whose missing representation head gets the default output_dim 256)."""
     if "classifier.conv2d_list.0.weight" in state_dict:
         backbone, classifier, representation = "deeplabv2", "classifier.conv2d_list.0.weight", "representation.0.weight"
     elif "classifier.3.weight" in state_dict:
         backbone, classifier, representation = "deeplabv3p", "classifier.3.weight", "representation.3.weight"
+    elif "fuse.0.weight" in state_dict and "classifier.weight" in state_dict:
+        backbone, classifier = "deeplabv3p_unimatch", "classifier.weight"
+        representation = "representation.3.weight"
     else:
-        raise UserError("the checkpoint is not a DeepLabv3+/DeepLabv2 state_dict (no classifier.3.weight or "
-                         "classifier.conv2d_list.0.weight key); pass a file written by the training scripts.")
-    kind = "bottleneck" if "resnet_layer1.0.conv3.weight" in state_dict else "basic"
-    blocks = len({key.split(".")[1] for key in state_dict if key.startswith("resnet_layer3.")})
+        raise UserError("the checkpoint is not a DeepLabv3+/DeepLabv2 state_dict (no classifier.3.weight, "
+                         "classifier.conv2d_list.0.weight or fuse.0.weight key); pass a file written by the "
+                         "training scripts or by UniMatch.")
+    resnet = "backbone." if backbone == "deeplabv3p_unimatch" else "resnet_"
+    kind = "bottleneck" if f"{resnet}layer1.0.conv3.weight" in state_dict else "basic"
+    layer3 = f"{resnet}layer3."
+    blocks = len({key[len(layer3):].split(".")[0] for key in state_dict if key.startswith(layer3)})
     depth = _LAYER3_BLOCKS.get((kind, blocks))
     if depth is None:
         raise UserError(f"the checkpoint's ResNet ({blocks} {kind} blocks in layer3) is none of depths "
                          f"{', '.join(map(str, RESNET_DEPTHS))}.")
+    output_dim = state_dict[representation].shape[0] if representation in state_dict else 256
     return {"backbone": backbone, "resnet_depth": depth, "num_classes": state_dict[classifier].shape[0],
-            "output_dim": state_dict[representation].shape[0]}
+            "output_dim": output_dim}
 
 
 def model_from_state_dict(state_dict: dict[str, torch.Tensor], source: str = "the checkpoint",
@@ -69,6 +78,9 @@ def model_from_state_dict(state_dict: dict[str, torch.Tensor], source: str = "th
                          f"pass a checkpoint trained on this --dataset (for --dataset folder: on the classes "
                          f"of its classes.txt)")
     model = build_model(found["backbone"], found["num_classes"], found["output_dim"], found["resnet_depth"])
+    if not any(key.startswith("representation.") for key in state_dict):  # UniMatch's files: keep ours
+        state_dict = {**{k: v for k, v in model.state_dict().items() if k.startswith("representation.")},
+                      **state_dict}
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:

@@ -2,7 +2,8 @@
 
 forward(x, with_rep=False) skips the representation head (it is only needed by the ReCo loss) and returns
 (logits, None). Module names are the reference's, so its published state_dicts load strictly
-(tests/data/checkpoint_keys_*.json).
+(tests/data/checkpoint_keys_*.json). DeepLabv3+ also splits into encode(x) -> (low, high) and decode(low, high, ...),
+so a method can perturb the features between the two (UniMatch's feature perturbation).
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import UserError
-from network.backbone import build_resnet
-
-BACKBONES = ("deeplabv3p", "deeplabv2")
+from network.backbone import block_out_channels
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int, dilation: int = 1) -> list[nn.Module]:
+def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, dilation: int = 1) -> list[nn.Module]:
+    """[conv (1x1, or 3x3 padded to keep the size), BN, ReLU], the unit both DeepLabv3+ heads are made of."""
     padding = dilation if kernel == 3 else 0
     return [nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation, bias=False),
             nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
@@ -27,7 +26,7 @@ class ASPPPooling(nn.Sequential):
     """Image-pooling branch: global average, 1x1 conv, BN, ReLU, upsampled back to the input size."""
 
     def __init__(self, in_ch: int, out_ch: int):
-        super().__init__(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_ch, out_ch, 1))
+        super().__init__(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(in_ch, out_ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(super().forward(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -38,11 +37,11 @@ class ASPP(nn.Module):
 
     def __init__(self, in_ch: int, rates: tuple[int, int, int] = (6, 12, 18), out_ch: int = 256):
         super().__init__()
-        branches = [nn.Sequential(*_conv_bn_relu(in_ch, out_ch, 1))]
-        branches += [nn.Sequential(*_conv_bn_relu(in_ch, out_ch, 3, rate)) for rate in rates]
+        branches = [nn.Sequential(*conv_bn_relu(in_ch, out_ch, 1))]
+        branches += [nn.Sequential(*conv_bn_relu(in_ch, out_ch, 3, rate)) for rate in rates]
         branches.append(ASPPPooling(in_ch, out_ch))
         self.convs = nn.ModuleList(branches)
-        self.project = nn.Sequential(*_conv_bn_relu(out_ch * len(branches), out_ch, 1))
+        self.project = nn.Sequential(*conv_bn_relu(out_ch * len(branches), out_ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
@@ -57,11 +56,15 @@ class _ResNetStem(nn.Module):
         self.resnet_layer1, self.resnet_layer2 = resnet.layer1, resnet.layer2
         self.resnet_layer3, self.resnet_layer4 = resnet.layer3, resnet.layer4
 
-    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B,3,H,W] -> (layer1 output at stride 4, layer4 output)."""
         x = self.resnet_maxpool(self.resnet_relu(self.resnet_bn1(self.resnet_conv1(x))))
         low = self.resnet_layer1(x)
         return low, self.resnet_layer4(self.resnet_layer3(self.resnet_layer2(low)))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The ResNet's parameters (the rest is the head)."""
+        return [p for name, p in self.named_parameters() if name.startswith("resnet_")]
 
 
 class DeepLabv3Plus(_ResNetStem):
@@ -70,19 +73,27 @@ class DeepLabv3Plus(_ResNetStem):
     def __init__(self, resnet: nn.Module, num_classes: int, output_dim: int = 256):
         super().__init__()
         self._adopt(resnet)
-        low_ch, high_ch = _out_channels(self.resnet_layer1), _out_channels(self.resnet_layer4)
+        low_ch = block_out_channels(self.resnet_layer1[-1])
+        high_ch = block_out_channels(self.resnet_layer4[-1])
         self.ASPP = ASPP(high_ch, (6, 12, 18))
-        self.project = nn.Sequential(*_conv_bn_relu(low_ch, 48, 1))
-        self.classifier = nn.Sequential(*_conv_bn_relu(304, 256, 3), nn.Conv2d(256, num_classes, 1))
-        self.representation = nn.Sequential(*_conv_bn_relu(304, 256, 3), nn.Conv2d(256, output_dim, 1))
+        self.project = nn.Sequential(*conv_bn_relu(low_ch, 48, 1))
+        self.classifier = nn.Sequential(*conv_bn_relu(304, 256, 3), nn.Conv2d(256, num_classes, 1))
+        self.representation = nn.Sequential(*conv_bn_relu(304, 256, 3), nn.Conv2d(256, output_dim, 1))
 
     def forward(self, x: torch.Tensor, with_rep: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B,3,H,W] -> (logits [B,C,h,w], representation [B,D,h,w] or None), h = ceil(H/4) after the stem."""
-        low, high = self._features(x)
+        return self.decode(*self.encode(x), with_rep=with_rep)
+
+    def decode(self, low: torch.Tensor, high: torch.Tensor, with_rep: bool = True,
+               rep_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(layer1, layer4 features) of N images -> (logits [N,C,h,w], representation or None).
+
+        rep_rows: the representation of the first rep_rows images only (None: all).
+        """
         low = self.project(low)
         high = F.interpolate(self.ASPP(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
         features = torch.cat([low, high], dim=1)
-        return self.classifier(features), self.representation(features) if with_rep else None
+        return self.classifier(features), self.representation(features[:rep_rows]) if with_rep else None
 
 
 class DeepLabv2Classifier(nn.Module):
@@ -105,29 +116,11 @@ class DeepLabv2(_ResNetStem):
     def __init__(self, resnet: nn.Module, num_classes: int, output_dim: int = 256):
         super().__init__()
         self._adopt(resnet)
-        high_ch = _out_channels(self.resnet_layer4)
+        high_ch = block_out_channels(self.resnet_layer4[-1])
         self.classifier = DeepLabv2Classifier(high_ch, num_classes)
         self.representation = nn.Sequential(nn.Conv2d(high_ch, output_dim, 1))
 
     def forward(self, x: torch.Tensor, with_rep: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B,3,H,W] -> (logits [B,C,h,w], representation [B,D,h,w] or None) at stride 8."""
-        _, high = self._features(x)
+        _, high = self.encode(x)
         return self.classifier(high), self.representation(high) if with_rep else None
-
-
-def _out_channels(layer: nn.Sequential) -> int:
-    """Output channels of a ResNet stage (BasicBlock: 64·2^k, Bottleneck: 4× that)."""
-    block = layer[-1]
-    last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
-    return last_bn.num_features
-
-
-def build_model(backbone: str = "deeplabv3p", num_classes: int = 21, output_dim: int = 256,
-                resnet_depth: int = 101, pretrained: str = "none") -> nn.Module:
-    """DeepLabv3+ (OS16) or DeepLabv2 (OS8) on a dilated ResNet; model(x) -> (logits, representation)."""
-    if backbone == "deeplabv3p":
-        return DeepLabv3Plus(build_resnet(resnet_depth, pretrained, dilations=(1, 2)), num_classes, output_dim)
-    if backbone == "deeplabv2":
-        return DeepLabv2(build_resnet(resnet_depth, pretrained, dilations=(2, 4)), num_classes, output_dim)
-    raise UserError(f"--backbone {backbone!r} is not known: choose one of {', '.join(BACKBONES)}.")
-

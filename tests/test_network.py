@@ -215,3 +215,132 @@ def test_predict_on_a_real_model():
     assert network.predict(model, x, (65, 81), flip=True, window=(33, 49)).shape == (2, 4, 65, 81)
     assert network.predict(model, x, (30, 40), flip=True).shape == (2, 4, 30, 40)
     assert network.predict(model, x, (30, 40), window=(33, 49)).shape == (2, 4, 30, 40)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# UniMatch's DeepLabv3+ (--backbone deeplabv3p_unimatch)
+# ------------------------------------------------------------------------------------------------------------
+
+# UniMatch's own R50 state_dict keys, in order (recorded from its code with the step fixture).
+UNIMATCH_KEYS = json.loads((REFERENCE / "unimatch_step" / "fixture.json").read_text())["state_dict_keys"]
+
+
+def _unimatch_keys(model):
+    return [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()]
+
+
+def test_unimatch_keys_shapes_and_order_are_unimatchs_then_the_representation_head():
+    ours = _unimatch_keys(_meta_model("deeplabv3p_unimatch", 21, depth=50))
+    assert len(UNIMATCH_KEYS) == 386
+    assert ours[:386] == UNIMATCH_KEYS
+    assert [k for k, _, _ in ours[386:]] == [
+        "representation.0.weight", "representation.1.weight", "representation.1.bias",
+        "representation.1.running_mean", "representation.1.running_var",
+        "representation.1.num_batches_tracked", "representation.3.weight", "representation.3.bias"]
+    # parameters without the ReCo head: 40.5 M (R50) and 59.5 M (R101), as UniMatch's logs say
+    for depth, count in ((50, 40_475_957), (101, 59_468_085)):
+        model = _meta_model("deeplabv3p_unimatch", 21, depth=depth)
+        unimatch = [p for n, p in model.named_parameters() if not n.startswith("representation.")]
+        assert sum(p.numel() for p in unimatch) == count
+
+
+def test_unimatch_layout_deep_stem_and_output_stride_16():
+    model = _meta_model("deeplabv3p_unimatch", 21)
+    convs = [m for m in model.backbone.conv1 if isinstance(m, nn.Conv2d)]
+    stem = [(m.in_channels, m.out_channels, m.stride) for m in convs]
+    assert stem == [(3, 64, (2, 2)), (64, 64, (1, 1)), (64, 128, (1, 1))]
+    assert model.backbone.layer3[0].conv2.stride == (2, 2) and len(model.backbone.layer3) == 23
+    config = _conv_config(model.backbone.layer4)
+    assert config[0] == ("0.conv2", (1, 1), (1, 1), (1, 1))
+    assert all(c[1:] == ((1, 1), (2, 2), (2, 2)) for c in config[1:])
+    rates = [branch[0].dilation for branch in (model.head.b1, model.head.b2, model.head.b3)]
+    assert rates == [(6, 6), (12, 12), (18, 18)]
+    torch.manual_seed(0)
+    small = network.build_model("deeplabv3p_unimatch", 5, output_dim=8, resnet_depth=18).eval()
+    x = torch.randn(2, 3, 65, 65)
+    with torch.no_grad():
+        low, high = small.encode(x)
+        logits, rep = small(x)
+        assert (low.shape[-1], high.shape[-1]) == (17, 5)
+        assert (logits.shape, rep.shape) == ((2, 5, 17, 17), (2, 8, 17, 17))
+        torch.testing.assert_close(small.decode(low, high, with_rep=False)[0], logits, rtol=0, atol=0)
+        assert small.decode(low, high, rep_rows=1)[1].shape == (1, 8, 17, 17)
+
+
+def test_reco_deeplab_forward_is_encode_then_decode():
+    torch.manual_seed(0)
+    model = network.build_model("deeplabv3p", 4, output_dim=8, resnet_depth=18).eval()
+    x = torch.randn(2, 3, 49, 49)
+    with torch.no_grad():
+        logits, rep = model(x)
+        split = model.decode(*model.encode(x), rep_rows=1)
+    assert torch.equal(split[0], logits) and torch.equal(split[1], rep[:1])
+
+
+def _unimatch_backbone_file(path, depth=50):
+    """A backbone file as UniMatch ships it: key names without 'backbone.', an fc, no num_batches_tracked."""
+    torch.manual_seed(3)
+    state = {k.removeprefix("backbone."): torch.randn(shape) for k, shape, _ in UNIMATCH_KEYS
+             if k.startswith("backbone.") and not k.endswith("num_batches_tracked")}
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
+    torch.save(state, path)
+    return state
+
+
+def test_unimatch_backbone_file_loads_strictly(tmp_path):
+    state = _unimatch_backbone_file(tmp_path / "resnet50.pth")
+    model = network.build_model("deeplabv3p_unimatch", 21, resnet_depth=50,
+                                pretrained=str(tmp_path / "resnet50.pth"))
+    loaded = model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("fc."))
+    del state["layer4.2.bn3.running_var"]  # one key short: refused, not half loaded
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(UserError, match="deep-stem"):
+        network.build_model("deeplabv3p_unimatch", 21, resnet_depth=50,
+                            pretrained=str(tmp_path / "short.pth"))
+
+
+@pytest.mark.parametrize("source,found", [("torchvision", "7x7-stem torchvision ResNet"),
+                                          ("reco", "ReCo DeepLab checkpoint")])
+def test_wrong_architecture_for_unimatch_is_one_line_naming_the_family_and_fix(tmp_path, source, found):
+    if source == "torchvision":
+        state = torchvision.models.resnet18(weights=None).state_dict()
+    else:
+        state = network.build_model("deeplabv3p", 3, resnet_depth=18).state_dict()
+    torch.save(state, tmp_path / "weights.pth")
+    with pytest.raises(UserError) as error:
+        network.build_model("deeplabv3p_unimatch", 3, resnet_depth=18,
+                            pretrained=str(tmp_path / "weights.pth"))
+    message = str(error.value)
+    assert "\n" not in message and "weights.pth" in message and found in message
+    assert "UniMatch's deep-stem ResNet (conv1.0" in message and "--backbone deeplabv3p" in message
+    with pytest.raises(UserError, match="--pretrained imagenet.*--pretrained PATH"):
+        network.build_model("deeplabv3p_unimatch", 3, resnet_depth=18, pretrained="imagenet")
+
+
+def test_deep_stem_file_for_recos_network_points_to_the_unimatch_backbone(tmp_path):
+    torch.save(network.build_deep_stem_resnet(18).state_dict(), tmp_path / "deep.pth")
+    with pytest.raises(UserError, match="needs --backbone deeplabv3p_unimatch"):
+        network.build_model("deeplabv3p", 3, resnet_depth=18, pretrained=str(tmp_path / "deep.pth"))
+
+
+def test_unimatch_checkpoint_loads_in_the_checkpoint_readers(tmp_path):
+    """latest.pth / best.pth as UniMatch saves them: {'model': DDP state_dict ('module.'), ...}, no ReCo
+    head."""
+    torch.manual_seed(0)
+    model = network.build_model("deeplabv3p_unimatch", 4, resnet_depth=18).eval()
+    state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.startswith("representation.")}
+    torch.save({"model": state, "optimizer": {}, "epoch": 3, "previous_best": 50.0}, tmp_path / "best.pth")
+    loaded = network.load_model(tmp_path / "best.pth", num_classes=4).eval()
+    x = torch.randn(1, 3, 49, 49)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, with_rep=False)[0], model(x, with_rep=False)[0])
+    assert network.infer_config(network.load_state_dict(tmp_path / "best.pth")) == {
+        "backbone": "deeplabv3p_unimatch", "resnet_depth": 18, "num_classes": 4, "output_dim": 256}
+    meta = {k: torch.empty(shape, device="meta") for k, shape, _ in UNIMATCH_KEYS}
+    assert network.infer_config(meta)["resnet_depth"] == 50
+    del state["module.fuse.4.bias"]  # strict on every UniMatch key
+    torch.save({"model": state}, tmp_path / "short.pth")
+    expected = r"short.pth does not fit a deeplabv3p_unimatch ResNet-18.*fuse.4.bias"
+    with pytest.raises(UserError, match=expected):
+        network.load_model(tmp_path / "short.pth")

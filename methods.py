@@ -1,0 +1,245 @@
+"""One training step per semi-supervised method, as pure functions over (network, batch, settings), and the
+optimiser and learning-rate schedule those methods train with.
+
+FixMatch and UniMatch follow their authors' code (LiheYoung/UniMatch, CVPR 2023: `fixmatch.py`, `unimatch.py`)
+step for step, so that the same batches, dropout masks and weights give the same losses and updates; ReCo's
+regional contrast loss can be added on top (`MethodSettings.apply_reco`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from helpers import full_precision
+from module_list import compute_ohem_loss, compute_reco_loss, compute_supervised_loss, label_onehot
+from network import upsample
+
+METHODS = ("fixmatch", "unimatch")
+# The names of the logged terms method_step returns, in order.
+TERMS = {"fixmatch": ("sup", "unsup_s", "reco", "mask_ratio"),
+         "unimatch": ("sup", "unsup_s1", "unsup_s2", "unsup_fp", "reco", "mask_ratio")}
+CRITERIA = ("ce", "ohem")
+
+
+class MethodBatch(NamedTuple):
+    """One step's data: images [B,3,H,W] normalised, masks [B,H,W]; the *2 fields are None for FixMatch."""
+    images_x: Tensor           # labelled images
+    labels_x: Tensor           # their labels, long, module_list.IGNORE_INDEX where void (or padded)
+    weak: Tensor               # unlabelled images, weak view (geometry only)
+    strong1: Tensor            # strong view 1 of the same crops, before CutMix
+    strong2: Tensor | None     # strong view 2 (UniMatch)
+    padding: Tensor            # bool, True where the unlabelled crop is padding
+    box1: Tensor               # bool, True where strong view 1 takes the mix batch's pixels and targets
+    box2: Tensor | None        # the same for strong view 2 (UniMatch)
+    mix_weak: Tensor           # the mix batch (other unlabelled crops): weak view
+    mix_strong1: Tensor        # its strong view 1, pasted into strong1 inside box1
+    mix_strong2: Tensor | None  # its strong view 2, pasted into strong2 inside box2 (UniMatch)
+    mix_padding: Tensor        # bool, its padding
+
+
+class MethodSettings(NamedTuple):
+    """What a method step needs besides the network and the batch (UniMatch's Pascal values by default)."""
+    method: str = "unimatch"           # one of METHODS
+    conf_thresh: float = 0.95          # tau: pseudo-labels with a lower confidence are not learnt from
+    criterion: str = "ce"              # labelled loss: 'ce' (ignore void) or 'ohem' (Cityscapes)
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000       # see ohem_min_kept()
+    apply_reco: bool = False
+    reco_weight: float = 1.0
+    strong_threshold: float = 0.97     # ReCo: queries are pixels predicted below this confidence
+    weak_threshold: float = 0.7        # ReCo: pseudo-labelled pixels from this confidence on
+    temp: float = 0.5
+    num_queries: int = 256
+    num_negatives: int = 256
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around the forwards
+
+
+class StepOutput(NamedTuple):
+    """What method_step returns."""
+    loss: Tensor    # the scalar to backpropagate
+    terms: Tensor   # [len(TERMS[method])], detached
+    pred_x: Tensor  # [B,H,W] long: the labelled images' predicted classes (for a monitor)
+    pseudo: Tensor  # [B,H,W] long: the weak view's pseudo-labels
+
+
+def ohem_min_kept(batch_size: int) -> int:
+    """OHEM's min_kept for a per-process labelled batch: UniMatch keeps 200000 pixels per 2 crops per GPU."""
+    return 100_000 * batch_size
+
+
+class PerturbedNet(nn.Module):
+    """A network with encode/decode in one call, plain or with UniMatch's feature perturbation, so that DDP
+    and torch.compile see one forward; inputs are put in the weights' memory format."""
+
+    def __init__(self, model: nn.Module, layout: torch.memory_format = torch.contiguous_format):
+        super().__init__()
+        self.model, self.layout = model, layout
+
+    def forward(self, images: Tensor, rep_rows: int = 0, perturb: bool = False,
+                keep: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """images [N,3,H,W] -> (logits [N,C,h,w], perturbed logits [N,C,h,w] or None, representation of
+        the first rep_rows images or None), at the network's output stride.
+
+        perturb: decode [clean; channel-dropped] encoder features in one batch (its BN statistics mix both),
+        the low- and high-level features each with Dropout2d(0.5): a (sample, channel) is zeroed with
+        probability 0.5, the others doubled. keep: the two keep-masks (low [N,C_low], high [N,C_high], bool)
+        instead of a draw on the device.
+        """
+        low, high = self.model.encode(images.contiguous(memory_format=self.layout))
+        if not (perturb or keep is not None):
+            logits, rep = self.model.decode(low, high, rep_rows > 0, rep_rows)
+            return logits, None, rep
+        if keep is None:
+            keep = [torch.rand(f.shape[:2], device=f.device) < 0.5 for f in (low, high)]
+        low, high = (torch.cat([f, f * (k[:, :, None, None].to(f.dtype) * 2)])
+                     for f, k in zip((low, high), keep))
+        logits, rep = self.model.decode(low, high, rep_rows > 0, rep_rows)
+        count = images.shape[0]
+        return logits[:count], logits[count:], rep
+
+
+def nearest(x: Tensor, size: Sequence[int]) -> Tensor:
+    """[B, H, W] labels or masks -> [B, h, w] by nearest neighbour (the reference's ReCo resolution)."""
+    return F.interpolate(x[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(x.dtype)
+
+
+def reco_inputs(labels: Tensor, masks: Tensor, logits: Tensor,
+                num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One-hot labels, validity mask and class probabilities at the logits' resolution (compute_reco_loss)."""
+    size = logits.shape[-2:]
+    labels, masks = nearest(labels, size), nearest(masks, size)
+    prob = torch.softmax(full_precision(logits), dim=1)
+    return label_onehot(labels, num_classes), masks[:, None].float(), prob
+
+
+def _confidence_and_label(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(max softmax, argmax of the logits) over dim 1, as UniMatch takes them."""
+    return logits.softmax(1).max(1).values, logits.argmax(1)
+
+
+def _masked_ce(logits: Tensor, label: Tensor, conf: Tensor, padding: Tensor, tau: float) -> Tensor:
+    """Per-pixel CE summed over confident (>= tau) non-padded pixels, divided by the non-padded count."""
+    loss = F.cross_entropy(logits, label, reduction="none") * ((conf >= tau) & ~padding)
+    return loss.sum() / (~padding).sum().clamp(min=1)  # no pixel at all: 0 (UniMatch divides by 0)
+
+
+def _labelled_loss(logits: Tensor, labels: Tensor, settings: MethodSettings) -> Tensor:
+    if settings.criterion == "ohem":
+        return compute_ohem_loss(logits, labels, settings.ohem_thresh, settings.ohem_min_kept)
+    return compute_supervised_loss(logits, labels)
+
+
+def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
+                keep: Sequence[Tensor] | None = None) -> StepOutput:
+    """The loss of one FixMatch or UniMatch step as their authors' code computes it, plus ReCo's if asked.
+
+    net: a PerturbedNet (DDP-wrapped or not); it is left in train mode. keep: UniMatch's two dropout
+    keep-masks for the [labelled; weak] forward, [2B, C_low] and [2B, C_high] bool (None: drawn on the
+    device).
+
+    1. Mix batch, eval mode (BN running statistics), no gradient: its confidences and pseudo-labels.
+    2. CutMix: each strong view takes the mix batch's strong view of the same index inside its box.
+    3. Train mode: one forward on [labelled; weak] (UniMatch: with the perturbed copy decoded in the same
+       batch), one on the strong views together ([s1; s2] for UniMatch, s1 for FixMatch).
+    4. The weak view's detached prediction is the pseudo-label; a strong view's targets take the mix batch's
+       pseudo-label, confidence and padding inside its box.
+    5. Loss: UniMatch (sup + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2, FixMatch (sup + s) / 2; each unlabelled term
+       sums CE over confident non-padded pixels and divides by the non-padded count.
+    6. ReCo (apply_reco), + reco_weight * its loss: representations from the representation head on the clean
+       features of the labelled images (the [labelled; weak] forward, clean half) and of the strong views
+       (after CutMix); labels from the labelled ground truth (valid where not void) and from the strong views'
+       mixed pseudo-labels (valid where confidence >= weak_threshold and not padding); class probabilities
+       from the network's own detached prediction on the same images (labelled and strong); all at the
+       representation's stride by nearest neighbour.
+    """
+    if settings.method not in METHODS:
+        raise ValueError(f"method_step: unknown method {settings.method!r}; "
+                         f"choose one of {', '.join(METHODS)}")
+    unimatch = settings.method == "unimatch"
+    size = batch.weak.shape[-2:]
+    count_x = batch.images_x.shape[0]
+    views = [(batch.strong1, batch.box1, batch.mix_strong1)]
+    if unimatch:
+        views.append((batch.strong2, batch.box2, batch.mix_strong2))
+
+    net.eval()
+    with torch.no_grad():
+        with settings.autocast():
+            logits_mix = net(batch.mix_weak)[0]
+        conf_mix, label_mix = _confidence_and_label(upsample(logits_mix, size))
+    strong = torch.cat([torch.where(box[:, None], mix, image) for image, box, mix in views])
+
+    net.train()
+    reco = settings.apply_reco
+    with settings.autocast():
+        logits_b, logits_fp, rep_x = net(torch.cat([batch.images_x, batch.weak]),
+                                         rep_rows=count_x if reco else 0, perturb=unimatch, keep=keep)
+        logits_c, _, rep_c = net(strong, rep_rows=strong.shape[0] if reco else 0)
+    pred_x = upsample(logits_b[:count_x], batch.labels_x.shape[-2:])
+    with torch.no_grad():
+        conf_w, label_w = _confidence_and_label(upsample(logits_b[count_x:].detach(), size))
+    targets = [(torch.where(box, label_mix, label_w), torch.where(box, conf_mix, conf_w),
+                torch.where(box, batch.mix_padding, batch.padding)) for _, box, _ in views]
+
+    tau = settings.conf_thresh
+    sup = _labelled_loss(pred_x, batch.labels_x, settings)
+    preds = upsample(logits_c, size).chunk(len(views))
+    unsup = [_masked_ce(pred, *target, tau) for pred, target in zip(preds, targets)]
+    if unimatch:
+        fp = _masked_ce(upsample(logits_fp[count_x:], size), label_w, conf_w, batch.padding, tau)
+        loss = (sup + unsup[0] * 0.25 + unsup[1] * 0.25 + fp * 0.5) / 2.0
+        unsup.append(fp)
+    else:
+        loss = (sup + unsup[0]) / 2.0
+
+    reco_loss = loss.new_zeros(())
+    if reco:
+        with torch.no_grad():
+            labels = torch.cat([batch.labels_x] + [label for label, _, _ in targets])
+            valid = torch.cat([batch.labels_x >= 0] + [(conf >= settings.weak_threshold) & ~padding
+                                                       for _, conf, padding in targets])
+            onehot, mask, prob = reco_inputs(labels, valid, torch.cat([logits_b[:count_x], logits_c]),
+                                             logits_c.shape[1])
+        reco_loss = compute_reco_loss(torch.cat([rep_x, rep_c]), onehot, mask, prob,
+                                      settings.strong_threshold, settings.temp, settings.num_queries,
+                                      settings.num_negatives)
+        loss = loss + settings.reco_weight * reco_loss
+
+    with torch.no_grad():
+        confident = ((conf_w >= tau) & ~batch.padding).sum().to(conf_w.dtype)
+        mask_ratio = confident / (~batch.padding).sum().clamp(min=1)
+        terms = torch.stack([t.to(loss.dtype) for t in (sup, *unsup, reco_loss, mask_ratio)])
+    return StepOutput(loss, terms.detach(), pred_x.detach().argmax(1), label_w)
+
+
+def method_optimizer(model: nn.Module, lr: float, lr_multi: float,
+                     weight_decay: float = 1e-4) -> torch.optim.SGD:
+    """UniMatch's SGD (momentum 0.9, weight decay on every parameter): group 0 the backbone at lr, group 1 the
+    rest of the network at lr * lr_multi. model: a network with backbone_parameters() (both DeepLabv3+)."""
+    backbone = list(model.backbone_parameters())
+    in_backbone = {id(p) for p in backbone}
+    head = [p for p in model.parameters() if id(p) not in in_backbone]
+    return torch.optim.SGD([{"params": backbone, "lr": lr}, {"params": head, "lr": lr * lr_multi}],
+                           lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9) -> float:
+    """The learning rate of step `step` (0-based over the run) in UniMatch's poly schedule.
+
+    UniMatch sets base * (1 - i / total)^power after step i, so steps 0 and 1 both run at base_lr and step k
+    at the value for k - 1; no warm-up, no floor.
+    """
+    done = max(step - 1, 0)
+    return base_lr * max(1 - done / total_steps, 0.0) ** power
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, lr_multi: float) -> None:
+    """Put lr on method_optimizer's backbone group and lr * lr_multi on its head group."""
+    optimizer.param_groups[0]["lr"] = lr
+    optimizer.param_groups[1]["lr"] = lr * lr_multi
