@@ -251,7 +251,7 @@ def _box_stats(boxes):
     return has.numpy(), w[has].numpy(), h[has].numpy(), x[has].numpy(), y[has].numpy()
 
 
-@pytest.mark.parametrize("size", [32, 97])
+@pytest.mark.parametrize("size", [8, 32, 61])  # 8: a box one row too tall shows
 def test_boxes_follow_the_rejection_distribution(size):
     boxes = uv.cutmix_boxes(N_BOX, size, _gen(22))
     assert boxes.shape == (N_BOX, size, size) and boxes.dtype == torch.float32
