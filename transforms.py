@@ -59,28 +59,24 @@ def sample_params(batch: int, scale_range: tuple[float, float], generator: torch
         flip=u[:, 14] < _FLIP_P)
 
 
-def _axis_indices(in_len: int, scale: torch.Tensor, crop: int, offset_u: torch.Tensor | None,
+def _axis_indices(in_len: int, size: torch.Tensor, crop: int, offset: torch.Tensor | None,
                   dtype: torch.dtype = torch.float32, compact: bool = False):
-    """Source indices and weights along one axis for rescale (truncated size) -> pad at the end -> crop.
+    """Source indices and weights along one axis: resize to size [B] -> pad at the end -> crop at offset [B].
 
     Returns valid [B, crop] (inside the rescaled image, not padding), nearest [B, crop] source indices, and
     the image resize as weights, taps, index: PIL's BILINEAR filter, a triangle whose support widens by the
     shrink factor (antialiasing; plain bilinear when enlarging), centred at (i + 0.5) * in / out, its taps
     clipped to the image and normalised per output position. Padding positions take the weights of their
-    reflected (edge not repeated) position. offset_u None places the crop at offset 0.
+    reflected (edge not repeated) position. offset None places the crop at offset 0.
 
     compact False (sync-free, for GPUs): weights [B, crop, in_len], a dense matrix; taps and index None.
     compact True (reads values on the host, for CPU tensors): only the L distinct reflected positions, each
     with its K nonzero taps: weights [B, L, K] of source pixels taps [B, L, K]; index [B, crop] (or None when
     L = crop) picks each crop position's row.
     """
-    size = (in_len * scale).floor().long().clamp(min=1)[:, None]  # rescaled length [B, 1]
-    if offset_u is None:
-        offset = torch.zeros_like(size)
-    else:  # uniform over 0..padded-crop, as RandomCrop
-        span = size.clamp(min=crop) - crop + 1
-        offset = torch.minimum((offset_u[:, None] * span).floor().long(), span - 1)
-    pos = torch.arange(crop, device=scale.device)[None] + offset  # position in the padded, rescaled axis
+    size = size[:, None]  # rescaled length [B, 1]
+    offset = torch.zeros_like(size) if offset is None else offset[:, None]
+    pos = torch.arange(crop, device=size.device)[None] + offset  # position in the padded, rescaled axis
     valid = pos < size
     period = (2 * (size - 1)).clamp(min=1)  # repeated reflection when the pad exceeds the image
     folded = pos % period
@@ -91,7 +87,7 @@ def _axis_indices(in_len: int, scale: torch.Tensor, crop: int, offset_u: torch.T
     if compact:  # the reflected positions of a contiguous crop form a contiguous range: resample it once
         first, last = int(folded.min()), int(folded.max())
         if last - first + 1 < crop:
-            rows = torch.minimum(torch.arange(first, last + 1, device=scale.device)[None], size - 1)
+            rows = torch.minimum(torch.arange(first, last + 1, device=size.device)[None], size - 1)
             index = folded - first
     # the weights in float64 (small); at scale 1 each row is exactly one 1 and zeros
     ratio = in_len / size.to(torch.float64)
@@ -99,9 +95,9 @@ def _axis_indices(in_len: int, scale: torch.Tensor, crop: int, offset_u: torch.T
     support = ratio.clamp(min=1)  # the triangle's half width, in source pixels
     if compact:  # a window from the first pixel j with |j + 0.5 - centre| < support (PIL's xmin), long enough
         start = (centre - support + 0.5).floor().clamp(min=0)
-        pixels = start[..., None] + torch.arange(int(2 * support.max()) + 2, device=scale.device)
+        pixels = start[..., None] + torch.arange(int(2 * support.max()) + 2, device=size.device)
     else:  # all pixels: a dense matrix
-        pixels = torch.arange(in_len, device=scale.device, dtype=torch.float64).expand(*centre.shape, in_len)
+        pixels = torch.arange(in_len, device=size.device, dtype=torch.float64).expand(*centre.shape, in_len)
     # in place with reciprocals: broadcast divisions of float64 are slow on a CPU
     weights = (pixels + 0.5 - centre[..., None]).abs_().mul_((1 / support)[..., None]).neg_().add_(1).clamp_(min=0)
     if compact:
@@ -141,7 +137,21 @@ def _taps_resample(image, w_y, taps_y, index_y, w_x, taps_x, index_x):
 
 
 def _resample(images, labels, conf, crop_size, scale, offset_u, compact: bool | None = None):
-    """Rescale, pad (image reflect, label ignore, conf 0) and crop every sample of a batch.
+    """resize_pad_crop at per-sample scales [B] (sizes truncated), crop offsets drawn from uniforms [B, 2]."""
+    sizes = [(n * scale).floor().long().clamp(min=1) for n in images.shape[2:]]
+    offsets = None
+    if offset_u is not None:  # uniform over 0..padded-crop, as RandomCrop
+        spans = [size.clamp(min=crop) - crop + 1 for size, crop in zip(sizes, crop_size)]
+        offsets = [torch.minimum((u * span).floor().long(), span - 1)
+                   for u, span in zip(offset_u.unbind(1), spans)]
+    return resize_pad_crop(images, labels, conf, crop_size, sizes, offsets, compact)
+
+
+def resize_pad_crop(images: torch.Tensor, labels: torch.Tensor | None, conf: torch.Tensor | None,
+                    crop_size: tuple[int, int], sizes: list[torch.Tensor], offsets: list[torch.Tensor] | None,
+                    compact: bool | None = None):
+    """Resize each sample to sizes (heights [B], widths [B]), pad at the end (image reflect, label ignore,
+    conf 0) and crop crop_size at offsets (tops [B], lefts [B]; None: 0). Returns images, labels, conf.
 
     Images: separable per-sample weights, antialiased as PIL's BILINEAR resize, over the crop's rows and
     columns only: images = Wy @ x @ Wx^T with dense matrices (compact False, sync-free: GPUs), or as weighted
@@ -151,10 +161,11 @@ def _resample(images, labels, conf, crop_size, scale, offset_u, compact: bool | 
     """
     (_, _, height, width), (crop_h, crop_w) = images.shape, crop_size
     compact = images.device.type == "cpu" if compact is None else compact
-    valid_y, near_y, w_y, taps_y, index_y = _axis_indices(
-        height, scale, crop_h, None if offset_u is None else offset_u[:, 0], images.dtype, compact)
-    valid_x, near_x, w_x, taps_x, index_x = _axis_indices(
-        width, scale, crop_w, None if offset_u is None else offset_u[:, 1], images.dtype, compact)
+    top, left = (None, None) if offsets is None else offsets
+    valid_y, near_y, w_y, taps_y, index_y = _axis_indices(height, sizes[0], crop_h, top, images.dtype,
+                                                          compact)
+    valid_x, near_x, w_x, taps_x, index_x = _axis_indices(width, sizes[1], crop_w, left, images.dtype,
+                                                          compact)
     if compact:  # per sample: index_select is much faster than gather on a CPU
         no_index = [None] * images.shape[0]
         images = torch.stack([_taps_resample(*args) for args in zip(
@@ -169,15 +180,17 @@ def _resample(images, labels, conf, crop_size, scale, offset_u, compact: bool | 
             images = torch.matmul(w_y, torch.matmul(images, w_xt))
     inside = valid_y[:, :, None] & valid_x[:, None, :]
 
-    def nearest(x: torch.Tensor, fill: float) -> torch.Tensor:
+    def nearest(x: torch.Tensor | None, fill: float) -> torch.Tensor | None:
+        if x is None:
+            return None
         x = _take(_take(x[:, None], 2, near_y), 3, near_x)[:, 0]
         return torch.where(inside, x, torch.full((), fill, dtype=x.dtype, device=x.device))
 
-    return images, nearest(labels, IGNORE_INDEX), None if conf is None else nearest(conf, 0.0)
+    return images, nearest(labels, IGNORE_INDEX), nearest(conf, 0.0)
 
 
-def _gray(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] -> luma [B, 1, H, W]."""
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> luma [B, 1, H, W] (the weights of torchvision's rgb_to_grayscale)."""
     r, g, b = images.unbind(1)
     return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b)[:, None]
 
@@ -207,7 +220,7 @@ def colour_jitter(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tens
         factor = factors.gather(1, op[:, None])[:, 0]
         # brightness, contrast and saturation all blend with an anchor: black, mean grey, per-pixel grey
         blend = torch.where(apply & (op < 3), factor, neutral).view(-1, 1, 1, 1)
-        gray = _gray(images)
+        gray = luma(images)
         op4 = op.view(-1, 1, 1, 1)
         anchor = torch.where(op4 == 2, gray, torch.where(op4 == 1, gray.mean(dim=(2, 3), keepdim=True), 0.0))
         images = (blend * images + (1 - blend) * anchor).clamp(0, 1)
@@ -217,19 +230,27 @@ def colour_jitter(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tens
     return images
 
 
-def gaussian_blur(images: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur [B, C, H, W] with a per-sample Gaussian of std sigma [B] where apply [B]; others pass through exactly."""
-    height, width, r = images.shape[2], images.shape[3], _BLUR_RADIUS
-    taps = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None].to(images.dtype) ** 2))
+def separable_blur(images: torch.Tensor, apply: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Filter [B, C, H, W] along columns then rows with a per-sample normalised kernel [B, 2r + 1], edges
+    replicated, where apply [B]; others pass through exactly."""
+    height, width, r = images.shape[2], images.shape[3], kernel.shape[1] // 2
+    taps = torch.arange(-r, r + 1, device=images.device)
     # a skipped sample gets the identity kernel (1 at the centre, exact zeros elsewhere)
-    kernel = torch.where(apply[:, None], kernel / kernel.sum(dim=1, keepdim=True), (taps == 0).to(images.dtype))
+    kernel = torch.where(apply[:, None], kernel.to(images.dtype), (taps == 0).to(images.dtype))
     kernel = kernel.view(-1, 1, 1, 1, 2 * r + 1)
-    # separable: weighted sums of shifted slices (faster than a grouped conv for one sample on a CPU)
+    # weighted sums of shifted slices (faster than a grouped conv for one sample on a CPU)
     x = F.pad(images, (0, 0, r, r), mode="replicate")
     x = sum(kernel[..., i] * x[:, :, i:i + height] for i in range(2 * r + 1))
     x = F.pad(x, (r, r, 0, 0), mode="replicate")
     return sum(kernel[..., i] * x[..., i:i + width] for i in range(2 * r + 1))
+
+
+def gaussian_blur(images: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur [B, C, H, W] with a per-sample Gaussian of std sigma [B] where apply [B]; others pass through
+    exactly."""
+    taps = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None].to(images.dtype) ** 2))
+    return separable_blur(images, apply, kernel / kernel.sum(dim=1, keepdim=True))
 
 
 def random_transform(images: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None,
