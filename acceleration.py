@@ -70,22 +70,30 @@ def step_begin(mode: str) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def warm_up(calls: Sequence[tuple[nn.Module, Sequence[torch.Size], bool, bool]], device: torch.device,
+def _tensors(outputs) -> list[torch.Tensor]:
+    """The tensors in a module's outputs (a tensor, or nested lists and tuples with None)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return [t for part in outputs if part is not None for t in _tensors(part)]
+
+
+def warm_up(calls: Sequence[tuple[nn.Module, Sequence[torch.Size], dict, bool]], device: torch.device,
             autocast: Callable[[], AbstractContextManager], mode: str) -> float:
     """Compile now, on zeros of the training shapes, without changing any weight, buffer or gradient; seconds.
 
-    calls: (module, input shapes, with_rep, backward) as the training step makes them. BatchNorm statistics are
-    restored afterwards and gradients cleared, so the run's results are those of an uncompiled start.
+    calls: (module, input shapes, keyword arguments, backward) as the training step makes them. BatchNorm
+    statistics are restored afterwards and gradients cleared, so the run's results are those of an uncompiled
+    start.
     """
     started = time.perf_counter()
     for _ in range(3 if mode == "reduce-overhead" else 1):  # CUDA graphs: warm-up run, then recording
         step_begin(mode)
-        for module, shapes, with_rep, backward in calls:
+        for module, shapes, options, backward in calls:
             saved = [buffer.clone() for buffer in module.buffers()]
             with torch.set_grad_enabled(backward), autocast():
-                outputs = module(*(torch.zeros(s, device=device) for s in shapes), with_rep=with_rep)
+                outputs = module(*(torch.zeros(s, device=device) for s in shapes), **options)
             if backward:
-                torch.stack([t.float().sum() for pair in outputs for t in pair if t is not None]).sum().mul(0).backward()
+                torch.stack([t.float().sum() for t in _tensors(outputs)]).sum().mul(0).backward()
             with torch.no_grad():
                 for buffer, value in zip(module.buffers(), saved):
                     buffer.copy_(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from faults import ignore_stop_signals, kill_loader_workers_at_exit
 from helpers import DataError, stream_seed
 from module_list import IGNORE_INDEX
 from transforms import normalise, pad_to, random_transform
+from unimatch_views import labelled_crop, unlabelled_crops
 
 # Void value of label files on disk; it becomes IGNORE_INDEX in tensors.
 VOID = 255
@@ -31,6 +32,7 @@ _FOLDER_SPLITS = {"train": "train", "test": "val"}
 UNLABELLED_DIR = "unlabelled"  # images with no masks at all; their ids are 'unlabelled/<file name>'
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_SUFFIXES = (".png", ".PNG")  # tools on Windows write upper-case suffixes
+CROPS = ("reference", "unimatch_labelled", "unimatch_unlabelled")  # training items (SegmentationDataset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +98,24 @@ _SUN_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door
 _DEMO_NAMES = ("background", "stripes", "checker", "dots", "blob")
 
 
+@dataclass(frozen=True)
+class OnlineDefaults:
+    """The values FixMatch and UniMatch (--method fixmatch|unimatch) train with where a flag is left unset:
+    UniMatch's configs for Pascal and Cityscapes, Pascal-like values elsewhere. Iterations per epoch follow the
+    unlabelled images (options.online_iterations); weight decay is UniMatch's 1e-4 everywhere."""
+
+    crop: int  # the square crop's side
+    batch_size: int  # per branch (labelled, unlabelled) and process
+    lr: float  # the backbone's; the rest of the network trains at lr * lr_multi
+    lr_multi: float
+    epochs: int
+    conf_thresh: float  # tau: pseudo-labels below this confidence are not learnt from
+    criterion: str = "ce"  # the labelled loss: 'ce' or 'ohem'
+
+
+PASCAL_LIKE = OnlineDefaults(crop=321, batch_size=8, lr=0.001, lr_multi=10.0, epochs=80, conf_thresh=0.95)
+
+
 @dataclass(frozen=True, eq=False)
 class DatasetInfo:
     """Everything that differs between datasets. Sizes are (H, W); batch_size is per branch in semi mode."""
@@ -117,6 +137,7 @@ class DatasetInfo:
     iters_per_epoch: int = 200
     resnet_depth: int = 101
     pretrained: str = "imagenet"
+    online: OnlineDefaults = PASCAL_LIKE
 
     @property
     def num_classes(self) -> int:
@@ -140,7 +161,9 @@ DATASETS: dict[str, DatasetInfo] = {
         crop_size=(512, 512), eval_size=(512, 1024), scale_range=(1.0, 1.0), batch_size=2, min_classes=12,
         partial_labels=True,
         setup_hint="put leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ in dataset/ and run "
-                   "`python dataset/cityscapes_preprocess.py` (docs/datasets.md)"),
+                   "`python dataset/cityscapes_preprocess.py` (docs/datasets.md)",
+        online=OnlineDefaults(crop=801, batch_size=8, lr=0.005, lr_multi=1.0, epochs=240, conf_thresh=0.0,
+                              criterion="ohem")),
     "sun": DatasetInfo(
         name="sun", layout="sun", class_names=_SUN_NAMES, palette=_palette(_SUN_COLOURS, 0),
         label_table=_label_table({0: VOID, **{v: v - 1 for v in range(1, 38)}}, _INVALID),
@@ -153,7 +176,9 @@ DATASETS: dict[str, DatasetInfo] = {
         label_table=_identity_table(5), crop_size=(65, 65), eval_size=(97, 97), scale_range=(0.75, 1.25),
         batch_size=4, min_classes=2, partial_labels=True,
         setup_hint="generate it with `python dataset/demo_preprocess.py`",
-        epochs=8, iters_per_epoch=25, resnet_depth=18, pretrained="none"),
+        epochs=8, iters_per_epoch=25, resnet_depth=18, pretrained="none",
+        # a backbone trained from scratch learns as fast as the head: no head multiplier, a larger lr
+        online=OnlineDefaults(crop=65, batch_size=4, lr=0.01, lr_multi=1.0, epochs=8, conf_thresh=0.95)),
 }
 
 
@@ -189,7 +214,8 @@ def _folder_info(root: str | Path | None) -> DatasetInfo:
         setup_hint=f"{HELP} describes the layout of {root}; partial labels come from "
                    f"`python dataset/folder_preprocess.py --root {root}`",
         epochs=card.epochs, iters_per_epoch=card.iters_per_epoch, resnet_depth=card.resnet_depth,
-        pretrained=card.pretrained)
+        pretrained=card.pretrained,
+        online=replace(PASCAL_LIKE, crop=min(card.crop_size), batch_size=card.batch_size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,13 +560,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
     split='train': random rescale/crop (+ augmentation) to crop_size (default info.crop_size); an item index
     may be an (index, seed) pair, which makes its augmentation a pure function of the seed.
     split='test': padded to crop_size (default info.eval_size) at offset (0, 0), no randomness.
+    crops (split='train'): 'reference' as above; 'unimatch_labelled' and 'unimatch_unlabelled' are FixMatch's
+    and UniMatch's items on a square crop_size (unimatch_views.labelled_crop, unlabelled_crops: the latter
+    -> weak crop in [0, 1], its padding, label, and the mix batch's weak crop and padding).
     """
 
     def __init__(self, info: DatasetInfo, root: str | Path | None, ids: Sequence[str], split: str = "train",
                  partial: str | None = None, partial_seed: int = 0, crop_size: tuple[int, int] | None = None,
-                 scale_range: tuple[float, float] = (1.0, 1.0), augmentation: bool = False):
+                 scale_range: tuple[float, float] = (1.0, 1.0), augmentation: bool = False,
+                 crops: str = "reference"):
         _check_split(split)
         check_partial(info, partial)
+        if crops not in CROPS:
+            raise ValueError(f"crops must be one of {CROPS}, got {crops!r}")
+        self.crops = crops
         self.info, self.root, self.ids, self.split = info, data_root(info, root), list(ids), split
         self.partial, self.partial_seed = partial, partial_seed
         self.crop_size = tuple(crop_size or (info.crop_size if split == "train" else info.eval_size))
@@ -571,35 +604,58 @@ class SegmentationDataset(torch.utils.data.Dataset):
         label[label == VOID] = IGNORE_INDEX
         return torch.from_numpy(image).permute(2, 0, 1).float().div_(255), label
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         index, seed = item if isinstance(item, tuple) else (item, None)
         image, label = self.load(index)
         if self.split == "test":
             image, label = pad_to(image[None], label[None], self.crop_size)
-        else:
-            generator = None if seed is None else torch.Generator().manual_seed(seed)
-            image, label, _ = random_transform(image[None], label[None], None, self.crop_size, self.scale_range,
-                                               self.augmentation, generator)
+            return normalise(image[0]), label[0]
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        if self.crops == "unimatch_labelled":
+            return labelled_crop(image, label, self.crop_size[0], generator)
+        if self.crops == "unimatch_unlabelled":
+            return unlabelled_crops(image, label, self.crop_size[0], generator)
+        image, label, _ = random_transform(image[None], label[None], None, self.crop_size, self.scale_range,
+                                           self.augmentation, generator)
         return normalise(image[0]), label[0]
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """iters_per_epoch batches of (index, sample_seed) pairs drawn with replacement; a pure function of
-    (seed, epoch, rank), so it does not depend on the number of workers."""
+    """iters_per_epoch batches of (index, sample_seed) pairs; a pure function of (seed, epoch, rank), so it does
+    not depend on the number of workers.
 
-    def __init__(self, num_items: int, batch_size: int, iters_per_epoch: int, seed: int = 0, rank: int = 0):
+    epoch_length None: indices drawn with replacement, each rank its own. Else UniMatch's epoch: the items
+    stretched (repeated, then cut) to epoch_length, shuffled by (seed, epoch), rank r taking every world_size-th
+    from r on; more batches than that holds continue with the next shuffles.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, iters_per_epoch: int, seed: int = 0, rank: int = 0,
+                 epoch_length: int | None = None, world_size: int = 1):
         if num_items < 1:
             raise DataError("the training set is empty: check the id list / split")
         self.num_items, self.batch_size, self.iters = num_items, batch_size, iters_per_epoch
         self.seed, self.rank, self.epoch, self.start = seed, rank, 0, 0
+        self.epoch_length, self.world_size = epoch_length, world_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Draw epoch `epoch`'s batches, skipping its first `start` (already trained on before a stop)."""
         self.epoch, self.start = epoch, start
 
+    def _shuffled(self) -> torch.Tensor:
+        """[iters, batch] indices of this rank: shuffles of the stretched items, shared by every rank."""
+        shared = torch.Generator().manual_seed(stream_seed("epoch order", self.seed, self.epoch))
+        needed = self.iters * self.batch_size * self.world_size
+        order = torch.cat([torch.randperm(self.epoch_length, generator=shared)
+                           for _ in range(-(-needed // self.epoch_length))])
+        mine = order[self.rank::self.world_size][: self.iters * self.batch_size]
+        return (mine % self.num_items).view(self.iters, self.batch_size)
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(stream_seed("batches", self.seed, self.epoch, self.rank))
-        index = torch.randint(self.num_items, (self.iters, self.batch_size), generator=generator)
+        if self.epoch_length is None:
+            index = torch.randint(self.num_items, (self.iters, self.batch_size), generator=generator)
+        else:
+            index = self._shuffled()
         seeds = torch.randint(2**62, (self.iters, self.batch_size), generator=generator)
         for row_index, row_seed in zip(index[self.start:].tolist(), seeds[self.start:].tolist()):
             yield list(zip(row_index, row_seed))
@@ -639,12 +695,12 @@ class TrainLoader:
 
 
 def build_train_loader(dataset: SegmentationDataset, batch_size: int, iters_per_epoch: int, num_workers: int = 0,
-                       seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> TrainLoader:
-    """Sampling with replacement, exactly iters_per_epoch batches per epoch; each rank draws its own samples.
-
-    The rank enters the draw's seed, so world_size is not needed (kept for symmetry with build_test_loader).
+                       seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                       epoch_length: int | None = None) -> TrainLoader:
+    """Exactly iters_per_epoch batches per epoch: sampled with replacement, each rank its own (epoch_length
+    None), or UniMatch's shuffled epoch of epoch_length items shared out between the ranks (EpochBatchSampler).
     """
-    sampler = EpochBatchSampler(len(dataset), batch_size, iters_per_epoch, seed, rank)
+    sampler = EpochBatchSampler(len(dataset), batch_size, iters_per_epoch, seed, rank, epoch_length, world_size)
     return TrainLoader(dataset, sampler, num_workers, seed, pin_memory)
 
 

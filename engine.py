@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -28,35 +27,19 @@ from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
 from figures import covering_test_images, draw_figure, plot_curves
 from helpers import (RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, autocast_for, read_torch_file, run_cli, save_file,
                      write_json)
-from module_list import (EMA, ConfMatrix, PolyLR, compute_reco_loss, compute_supervised_loss,
-                         compute_unsupervised_loss, generate_unsup_data, label_onehot)
-from network import build_model, upsample
-from options import MODES, RESUME_KEYS, get_args_parser, metric_columns, resolve_args, run_folder
+from methods import (TERMS, MethodSettings, PerturbedNet, Views, method_optimizer, ohem_min_kept, poly_lr, set_lr,
+                     training_step)
+from module_list import EMA, ONLINE_METHODS, ConfMatrix, PolyLR
+from network import build_model
+from options import (MODES, RESUME_KEYS, get_args_parser, metric_columns, online_iterations, resolve_args,
+                     run_folder)
 from preparation import make_demo_dataset
 from run_record import format_summary, run_config, summarise
 from splits import get_split, load_split, write_split_dir
-from transforms import batch_transform
-
-
-class Views(nn.Module):
-    """Runs the model on each input separately (own BN statistics) inside one call, so DDP sees one forward
-    (and torch.compile one graph); inputs are put in the weights' memory format."""
-
-    def __init__(self, model: nn.Module, layout: torch.memory_format = torch.contiguous_format):
-        super().__init__()
-        self.model, self.layout = model, layout
-
-    def forward(self, *inputs: torch.Tensor, with_rep: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        return [self.model(x.contiguous(memory_format=self.layout), with_rep) for x in inputs]
-
-
-def nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """[B, H, W] labels or masks -> [B, h, w] by nearest neighbour (the reference's ReCo resolution)."""
-    return F.interpolate(x[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# One training step per mode: supervised, or mean teacher (pseudo-labels from an EMA teacher)
+# One optimisation step (the steps themselves are methods.py's), one epoch
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -65,11 +48,13 @@ class Run:
     args: argparse.Namespace
     info: DatasetInfo
     dist: Dist
+    method: str                 # the step: a key of methods.TERMS ('sup' for the supervised scripts)
+    settings: MethodSettings    # what the step needs besides networks and batch
     model: nn.Module            # the plain student (its state_dict is the reference's format)
-    student: nn.Module          # Views(model), DDP-wrapped under torchrun
-    ema: EMA | None
+    student: nn.Module          # Views(model) (PerturbedNet(model) for FixMatch, UniMatch), DDP under torchrun
+    ema: EMA | None             # the mean teacher's
     optimizer: torch.optim.Optimizer
-    scheduler: PolyLR
+    scheduler: PolyLR | None    # the reference's per-epoch schedule (None: methods.poly_lr per iteration)
     scaler: torch.amp.GradScaler
     autocast: Callable[[], AbstractContextManager]
     teacher: nn.Module | None = None  # Views(ema.model), compiled with the student; ema.model stays eager
@@ -83,74 +68,6 @@ class Run:
         return self.wall_before + time.perf_counter() - self.started
 
 
-def reco_inputs(labels: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor, num_classes: int):
-    """One-hot labels, validity mask and class probabilities at the logits' resolution for compute_reco_loss."""
-    size = logits.shape[-2:]
-    labels, masks = nearest(labels, size), nearest(masks, size)
-    return (label_onehot(labels, num_classes), masks[:, None].float(),
-            torch.softmax(logits.float(), dim=1))
-
-
-def sup_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Supervised step: CE on the (doubled) labelled batch, plus ReCo if asked. Returns (loss, logged losses)."""
-    args, device = run.args, run.dist.device
-    images, labels = (t.to(device, non_blocking=True) for t in batch)
-    with run.autocast():
-        [(logits, rep)] = run.student(images, with_rep=args.apply_reco)
-    logits_up = upsample(logits, labels.shape[-2:])
-    loss = compute_supervised_loss(logits_up, labels)
-    if args.apply_reco:
-        with torch.no_grad():
-            onehot, mask, prob = reco_inputs(labels, labels >= 0, logits, run.info.num_classes)
-        loss = loss + compute_reco_loss(rep, onehot, mask, prob, args.strong_threshold, args.temp,
-                                        args.num_queries, args.num_negatives)
-    monitors[0].update(logits_up.argmax(1), labels)
-    return loss, loss.detach()[None]
-
-
-def semi_step(run: Run, batch, monitors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-teacher step: pseudo-labels, re-crop, mix, re-augment, sup + weighted unsup (+ ReCo)."""
-    args, device, info = run.args, run.dist.device, run.info
-    (images_l, labels_l), (images_u, labels_u) = ((t.to(device, non_blocking=True) for t in b) for b in batch)
-    crop = images_u.shape[-2:]
-    with torch.no_grad():
-        with run.autocast():
-            [(teacher_logits, _)] = run.teacher(images_u, with_rep=False)
-        conf_u, pseudo_u = torch.softmax(upsample(teacher_logits, crop), dim=1).max(dim=1)
-        monitors[1].update(pseudo_u, labels_u)
-        if args.partial:  # partial ground truth overrides the teacher, with full confidence
-            known = labels_u >= 0
-            pseudo_u = torch.where(known, labels_u, pseudo_u)
-            conf_u = torch.where(known, torch.ones_like(conf_u), conf_u)
-        images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, info.scale_range, False)
-        images_u, pseudo_u, conf_u = generate_unsup_data(images_u, pseudo_u, conf_u, args.apply_aug)
-        images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, (1.0, 1.0), True)
-
-    with run.autocast():
-        (logits_l, rep_l), (logits_u, rep_u) = run.student(images_l, images_u, with_rep=args.apply_reco)
-    logits_l_up = upsample(logits_l, labels_l.shape[-2:])
-    sup = compute_supervised_loss(logits_l_up, labels_l)
-    unsup = compute_unsupervised_loss(upsample(logits_u, crop), pseudo_u, conf_u, args.strong_threshold)
-    reco = torch.zeros((), device=device)
-    if args.apply_reco:
-        with torch.no_grad():
-            if args.partial:  # the student's confident predictions complete the sparse labels
-                conf_l, pred_l = torch.softmax(logits_l_up, dim=1).max(dim=1)
-                known = labels_l >= 0
-                reco_labels_l = torch.where(known, labels_l, pred_l)
-                reco_mask_l = known | (conf_l >= 0.97)  # the reference hard-codes 0.97 here
-            else:
-                reco_labels_l, reco_mask_l = labels_l, labels_l >= 0
-            onehot, mask, prob = reco_inputs(torch.cat([reco_labels_l, pseudo_u]),
-                                             torch.cat([reco_mask_l, conf_u >= args.weak_threshold]),
-                                             torch.cat([logits_l, logits_u]), info.num_classes)
-        reco = compute_reco_loss(torch.cat([rep_l, rep_u]), onehot, mask, prob, args.strong_threshold,
-                                 args.temp, args.num_queries, args.num_negatives)
-    monitors[0].update(logits_l_up.argmax(1), labels_l)
-    loss = sup + unsup + reco
-    return loss, torch.stack([sup, unsup, reco]).detach()
-
-
 def optimisation_step(run: Run, batch: Sequence, monitors: Sequence[ConfMatrix],
                       guard: StepGuard | None = None) -> tuple[torch.Tensor, bool, bool]:
     """Loss, backward, SGD step and (semi) teacher update for one batch per loader; returns (logged losses,
@@ -158,10 +75,11 @@ def optimisation_step(run: Run, batch: Sequence, monitors: Sequence[ConfMatrix],
     step_begin(run.compile_mode)
     if guard:
         guard.before_step()
-    if run.ema is None:
-        loss, logged = sup_step(run, batch[0], monitors)
-    else:
-        loss, logged = semi_step(run, batch, monitors)
+    on_device = [[t.to(run.dist.device, non_blocking=True) for t in part] for part in batch]
+    out, truths = training_step(run.method, run.student, run.teacher, on_device, run.settings)
+    for monitor, predicted, truth in zip(monitors, (out.pred_x, out.pseudo), truths):
+        monitor.update(predicted, truth)
+    loss = out.loss
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     skip, stop = guard.decide(loss) if guard else (False, False)
@@ -170,7 +88,7 @@ def optimisation_step(run: Run, batch: Sequence, monitors: Sequence[ConfMatrix],
         run.scaler.update()
         if run.ema is not None:
             run.ema.update(run.model)
-    return logged, skip, stop
+    return out.terms, skip, stop
 
 
 def build_guard(run: Run, monitors: Sequence[ConfMatrix], stop: StopSignals) -> StepGuard:
@@ -185,19 +103,20 @@ def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, 
     """The steps of one epoch from state.iteration on; returns the epoch's row of training metrics (reduced
     over ranks), or None when a stop signal ended it early (after checkpoint(state) saved where it stopped)."""
     args = run.args
-    semi = run.ema is not None
     for loader in loaders:
         loader.set_epoch(epoch, state.iteration)  # a resumed epoch skips the batches it has trained on
     guard = build_guard(run, state.monitors, stop)
     run.student.train()
-    if semi:
+    if run.ema is not None:
         run.ema.model.train()  # the teacher's BN uses batch statistics for pseudo-labels, as the reference
     bar = tqdm(zip(*loaders), total=args.iters_per_epoch, initial=state.iteration,
                desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (run.dist.main and sys.stderr.isatty()),
                leave=False, dynamic_ncols=True)
-    lr = run.optimizer.param_groups[0]["lr"]
     for it, batch in enumerate(bar, state.iteration):
         seed_all("steps", args.seed, epoch, it, run.dist.rank)  # every step's draws are fixed: exact resume
+        if run.scheduler is None:  # a pure function of the step: nothing to save or restore
+            set_lr(run.optimizer, poly_lr(args.lr, epoch * args.iters_per_epoch + it,
+                                          args.epochs * args.iters_per_epoch), args.lr_multi)
         logged, skipped, stopping = optimisation_step(run, batch, state.monitors, guard)
         state.record(logged, skipped)
         if args.max_nonfinite and state.streak >= args.max_nonfinite:
@@ -211,9 +130,9 @@ def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, 
             bar.close()
             return None
         if (it + 1) % args.log_interval == 0 and not bar.disable:
-            names = ("sup", "unsup", "reco") if semi else ("loss",)
             means = (state.losses / max(state.applied, 1)).tolist()
-            bar.set_postfix({n: f"{v:.3f}" for n, v in zip(names, means)}, lr=f"{lr:.2e}",
+            lr = run.optimizer.param_groups[0]["lr"]
+            bar.set_postfix({n: f"{v:.3f}" for n, v in zip(TERMS[run.method], means)}, lr=f"{lr:.2e}",
                             **({"skipped": state.skipped} if state.skipped else {}))
     bar.close()
     losses = all_reduce_sum(state.losses.clone()) / (state.applied * run.dist.world_size)
@@ -230,7 +149,10 @@ def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, 
 # ---------------------------------------------------------------------------------------------
 
 def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
-    """The split and the loaders: labelled (+ unlabelled for semi) train loaders and the test loader."""
+    """The split and the loaders: labelled (+ unlabelled for semi) train loaders and the test loader.
+
+    FixMatch and UniMatch: their crops, and their epoch (one shuffled pass over the unlabelled images, the
+    labelled ones stretched to as many), which also sets --iters_per_epoch when unset."""
     root = Path(args.data_root) if args.data_root else info.default_root
     if info.name == "demo" and not (root / "train_aug.txt").is_file():
         if d.main:
@@ -254,22 +176,41 @@ def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
     common = dict(num_workers=workers, rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda")
     partial = dict(partial=args.partial, partial_seed=args.seed)
     batch = args.batch_size if semi else 2 * args.batch_size  # the reference doubles it without unlabelled data
+    online = args.method in ONLINE_METHODS
+    if online:
+        online_iterations(args, len(unlabelled), d.world_size)
+        common |= dict(epoch_length=len(unlabelled))
     loaders = [build_train_loader(
         SegmentationDataset(info, root, labelled, "train", crop_size=args.crop_size, scale_range=info.scale_range,
-                            augmentation=True, **partial),
+                            augmentation=True, crops="unimatch_labelled" if online else "reference", **partial),
         batch, args.iters_per_epoch, seed=args.seed, **common)]
     if semi:  # the unlabelled branch: plain crops at scale 1 (its labels only monitor, or are partial labels)
         loaders.append(build_train_loader(
             SegmentationDataset(info, root, unlabelled, "train", crop_size=args.crop_size, scale_range=(1.0, 1.0),
-                                augmentation=False, **partial),
+                                augmentation=False, crops="unimatch_unlabelled" if online else "reference",
+                                **partial),
             batch, args.iters_per_epoch, seed=args.seed + 1_000_003, **common))
+    common.pop("epoch_length", None)
     test_loader = build_test_loader(SegmentationDataset(info, root, list_ids(info, root, "test"), "test"),
                                     batch_size=4, **common)
     return (labelled, unlabelled), loaders, test_loader
 
 
+def step_settings(args: argparse.Namespace, info: DatasetInfo, autocast: Callable[[], AbstractContextManager],
+                  method: str) -> MethodSettings:
+    """The step's settings from the resolved flags."""
+    online = method in ONLINE_METHODS
+    return MethodSettings(
+        method=method, conf_thresh=args.conf_thresh if online else 0.0, criterion=args.criterion or "ce",
+        ohem_min_kept=ohem_min_kept(args.batch_size), apply_reco=args.apply_reco, reco_weight=args.reco_weight,
+        strong_threshold=args.strong_threshold, weak_threshold=args.weak_threshold, temp=args.temp,
+        num_queries=args.num_queries, num_negatives=args.num_negatives, apply_aug=args.apply_aug,
+        partial=bool(args.partial), scale_range=info.scale_range, autocast=autocast)
+
+
 def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
-    """Model, teacher, optimiser (SGD Nesterov, one group), staircase poly schedule, AMP scaler, DDP wrapper."""
+    """Model, teacher (mean teacher), optimiser and schedule (the reference's SGD Nesterov in one group with
+    its staircase poly; FixMatch and UniMatch: methods.method_optimizer, poly per iteration), AMP scaler, DDP."""
     torch.backends.cudnn.benchmark = True  # crops and eval sizes are fixed: let cuDNN pick the fastest kernels
     seed_all("init", args.seed)  # identical initial weights on every rank
     model = build_model(args.backbone, info.num_classes, args.output_dim, args.resnet_depth, args.pretrained)
@@ -280,9 +221,11 @@ def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
     layout = memory_format(args.channels_last, d.device)
     model.to(d.device, memory_format=layout)
     model.representation.requires_grad_(args.apply_reco)  # not run without ReCo: no parameter is left unused
-    semi = MODES[args.train_mode][0]
-    ema = EMA(model, 0.99, average_buffers=args.ema_buffers) if semi else None
-    student, teacher = Views(model, layout), Views(ema.model, layout) if ema else None
+    method = args.method if MODES[args.train_mode][0] else "sup"
+    online = method in ONLINE_METHODS
+    ema = EMA(model, 0.99, average_buffers=args.ema_buffers) if method == "meanteacher" else None
+    student = (PerturbedNet if online else Views)(model, layout)
+    teacher = Views(ema.model, layout) if ema else None
     mode, note = compile_mode(args.compile, d.device, d.world_size)
     if note and d.main:
         print(note, flush=True)
@@ -292,22 +235,36 @@ def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
     if d.world_size > 1:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
+    if online:
+        optimizer = method_optimizer(model, args.lr, args.lr_multi, args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=args.weight_decay)
     autocast = autocast_for(d.device, args.amp)
     compile_s = None
     if mode != "off":  # compile before the first epoch, so its it/s are the compiled step's
-        crop = (3, *args.crop_size)
-        calls = ([(student, [(args.batch_size, *crop)] * 2, args.apply_reco, True),
-                  (teacher, [(args.batch_size, *crop)], False, False)] if semi
-                 else [(student, [(2 * args.batch_size, *crop)], args.apply_reco, True)])
-        compile_s = warm_up(calls, d.device, autocast, mode)
+        compile_s = warm_up(warm_up_calls(args, method, student, teacher), d.device, autocast, mode)
         if d.main:
             print(f"torch.compile ({mode}): compiled in {compile_s:.1f} s", flush=True)
-    return Run(args=args, info=info, dist=d, model=model, student=student, ema=ema, optimizer=optimizer,
-               scheduler=PolyLR(optimizer, args.epochs, power=0.9, min_lr=1e-6),
+    return Run(args=args, info=info, dist=d, method=method, settings=step_settings(args, info, autocast, method),
+               model=model, student=student, ema=ema, optimizer=optimizer,
+               scheduler=None if online else PolyLR(optimizer, args.epochs, power=0.9, min_lr=1e-6),
                scaler=torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16"),
                autocast=autocast, teacher=teacher, compile_mode=mode, compile_s=compile_s)
+
+
+def warm_up_calls(args: argparse.Namespace, method: str, student: nn.Module, teacher: nn.Module | None) -> list:
+    """The forward calls of a training step (acceleration.warm_up's), with the step's shapes; FixMatch's and
+    UniMatch's eval-mode forward of the mix batch compiles in the first step."""
+    crop, batch, reco = (3, *args.crop_size), args.batch_size, args.apply_reco
+    if method == "sup":
+        return [(student, [(2 * batch, *crop)], dict(with_rep=reco), True)]
+    if method == "meanteacher":
+        return [(student, [(batch, *crop)] * 2, dict(with_rep=reco), True),
+                (teacher, [(batch, *crop)], dict(with_rep=False), False)]
+    strong = 2 * batch if method == "unimatch" else batch
+    return [(student, [(2 * batch, *crop)], dict(rep_rows=batch if reco else 0, perturb=method == "unimatch"),
+             True), (student, [(strong, *crop)], dict(rep_rows=strong if reco else 0), True)]
 
 
 def resume_config(args: argparse.Namespace) -> dict:
@@ -320,7 +277,7 @@ def save_last(run: Run, path: Path, epoch: int, best: float, metrics: np.ndarray
     """The resume checkpoint: one dict with everything needed to continue after `epoch`, or inside it at the
     position `inside` (an EpochState.state_dict()); written atomically."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+             "scheduler": run.scheduler and run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
              "epoch": epoch + 1 if inside is None else epoch,
              "best_miou": best, "metrics": torch.from_numpy(metrics), "config": resume_config(run.args),
              "wall_s": run.wall_s()}
@@ -355,7 +312,8 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None
     try:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scheduler is not None:
+            run.scheduler.load_state_dict(state["scheduler"])
         run.scaler.load_state_dict(state["scaler"])
         if run.ema is not None:
             run.ema.model.load_state_dict(state["teacher"])
@@ -440,7 +398,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
     split, loaders, test_loader = build_loaders(args, info, d)
     run = build_run(args, info, d)
     run.started = started_at  # the wall time counts the set-up too
-    columns = metric_columns(semi)
+    columns = metric_columns(semi, TERMS[run.method])
     metrics, start_epoch, best, resumed = np.zeros((args.epochs, len(columns))), 0, -1.0, None
     if args.resume:
         path = run_folder(args) / "last.pth" if args.resume in ("last", "auto") else Path(args.resume)
@@ -455,12 +413,11 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
               f"{f' x {d.world_size} processes' if d.world_size > 1 else ''}"
               f"{f', resuming at epoch {start_epoch + 1}' if start_epoch or resumed else ''}"
               f"{' after iteration %d' % resumed['iteration'] if resumed else ''}", flush=True)
-    eval_model = run.ema.model if semi else run.model
+    eval_model = run.ema.model if run.ema is not None else run.model  # FixMatch, UniMatch: the network itself
     stop.arm()  # from here on a stop signal ends the run after a step, with last.pth saved
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
-        lr = run.optimizer.param_groups[0]["lr"]
-        state = EpochState(3 if semi else 1, 2 if semi else 1, info.num_classes, d.device)
+        state = EpochState(len(TERMS[run.method]), 2 if semi else 1, info.num_classes, d.device)
         if resumed and epoch == start_epoch:
             state.load_state_dict(resumed, d.rank, d.world_size)
 
@@ -479,10 +436,12 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
                       f"Continue with: {resume_command(sys.argv[1:] if argv is None else argv, d.world_size)}",
                       flush=True)
             raise SystemExit(exit_code(stop.received or signal.SIGTERM))
+        lr = run.optimizer.param_groups[0]["lr"]  # the epoch's (FixMatch, UniMatch: its last step's)
         broadcast_buffers(eval_model)  # every rank evaluates the weights rank 0 saves (and resumes from)
         test = evaluate(eval_model, test_loader, info.num_classes, d.device, args.amp,
                         progress=d.main and sys.stderr.isatty())
-        run.scheduler.step()
+        if run.scheduler is not None:
+            run.scheduler.step()
         metrics[epoch] = row + [test["loss"], test["miou"], test["acc"]]
         is_best = test["miou"] >= best
         best = max(best, test["miou"])

@@ -117,9 +117,12 @@ def covering_test_images(dataset: str, root: str | Path | None, count: int = 4) 
 
 def curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
     """(title, columns) of each curves.png panel: every loss on its own axis (their scales differ: ReCo about 5,
-    cross-entropy below 1), then the mIoUs, then the accuracies."""
+    cross-entropy below 1), then the mIoUs, the accuracies and any ratios (FixMatch's and UniMatch's share of
+    confident pseudo-labels)."""
     losses = [(name, [name]) for name in columns if name.endswith("loss")]
-    return losses + [(kind, [name for name in columns if name.endswith(kind)]) for kind in ("miou", "acc")]
+    ratios = [name for name in columns if name.endswith("ratio")]
+    return losses + [(kind, [name for name in columns if name.endswith(kind)]) for kind in ("miou", "acc")] + \
+        ([("ratio", ratios)] if ratios else [])
 
 
 def plot_curves(metrics: np.ndarray, columns: Sequence[str], title: str, out: str | Path) -> None:

@@ -1,9 +1,9 @@
-"""One training step per semi-supervised method, as pure functions over (network, batch, settings), and the
-optimiser and learning-rate schedule those methods train with.
+"""One training step per method, as pure functions over (networks, batch, settings): supervised, the reference's
+mean teacher, FixMatch and UniMatch, each with ReCo's regional contrast loss as an add-on; and the optimiser and
+learning-rate schedule FixMatch and UniMatch train with.
 
 FixMatch and UniMatch follow their authors' code (LiheYoung/UniMatch, CVPR 2023: `fixmatch.py`, `unimatch.py`)
-step for step, so that the same batches, dropout masks and weights give the same losses and updates; ReCo's
-regional contrast loss can be added on top (`MethodSettings.apply_reco`).
+step for step, so that the same batches, dropout masks and weights give the same losses and updates.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers import full_precision
-from module_list import compute_ohem_loss, compute_reco_loss, compute_supervised_loss, label_onehot
+from module_list import (ONLINE_METHODS, compute_ohem_loss, compute_reco_loss, compute_supervised_loss,
+                         compute_unsupervised_loss, generate_unsup_data, label_onehot)
 from network import upsample
+from transforms import batch_transform
+from unimatch_views import unlabelled_views
 
-METHODS = ("fixmatch", "unimatch")
-# The names of the logged terms method_step returns, in order.
-TERMS = {"fixmatch": ("sup", "unsup_s", "reco", "mask_ratio"),
+# The names of the logged terms each step returns, in order ('sup': the supervised scripts' step).
+TERMS = {"sup": ("loss",), "meanteacher": ("sup", "unsup", "reco"),
+         "fixmatch": ("sup", "unsup_s", "reco", "mask_ratio"),
          "unimatch": ("sup", "unsup_s1", "unsup_s2", "unsup_fp", "reco", "mask_ratio")}
 CRITERIA = ("ce", "ohem")
 
@@ -44,8 +47,8 @@ class MethodBatch(NamedTuple):
 
 
 class MethodSettings(NamedTuple):
-    """What a method step needs besides the network and the batch (UniMatch's Pascal values by default)."""
-    method: str = "unimatch"           # one of METHODS
+    """What a step needs besides the networks and the batch (UniMatch's Pascal values by default)."""
+    method: str = "unimatch"           # a key of TERMS
     conf_thresh: float = 0.95          # tau: pseudo-labels with a lower confidence are not learnt from
     criterion: str = "ce"              # labelled loss: 'ce' (ignore void) or 'ohem' (Cityscapes)
     ohem_thresh: float = 0.7
@@ -57,6 +60,9 @@ class MethodSettings(NamedTuple):
     temp: float = 0.5
     num_queries: int = 256
     num_negatives: int = 256
+    apply_aug: str = "cutout"          # the mean teacher's mixing (module_list.MIX_MODES)
+    partial: bool = False              # the mean teacher on partial labels
+    scale_range: tuple[float, float] = (1.0, 1.0)  # the mean teacher's rescaling of the unlabelled batch
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around the forwards
 
 
@@ -65,12 +71,25 @@ class StepOutput(NamedTuple):
     loss: Tensor    # the scalar to backpropagate
     terms: Tensor   # [len(TERMS[method])], detached
     pred_x: Tensor  # [B,H,W] long: the labelled images' predicted classes (for a monitor)
-    pseudo: Tensor  # [B,H,W] long: the weak view's pseudo-labels
+    pseudo: Tensor | None  # [B,H,W] long: the unlabelled images' pseudo-labels (None: supervised)
 
 
 def ohem_min_kept(batch_size: int) -> int:
     """OHEM's min_kept for a per-process labelled batch: UniMatch keeps 200000 pixels per 2 crops per GPU."""
     return 100_000 * batch_size
+
+
+class Views(nn.Module):
+    """Runs the model on each input separately (own BN statistics) inside one call, so that DDP sees one
+    forward (and torch.compile one graph); inputs are put in the weights' memory format."""
+
+    def __init__(self, model: nn.Module, layout: torch.memory_format = torch.contiguous_format):
+        super().__init__()
+        self.model, self.layout = model, layout
+
+    def forward(self, *inputs: Tensor, with_rep: bool = True) -> list[tuple[Tensor, Tensor | None]]:
+        """Each input [N,3,H,W] -> (logits, representation or None) at the network's output stride."""
+        return [self.model(x.contiguous(memory_format=self.layout), with_rep) for x in inputs]
 
 
 class PerturbedNet(nn.Module):
@@ -158,9 +177,9 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
        from the network's own detached prediction on the same images (labelled and strong); all at the
        representation's stride by nearest neighbour.
     """
-    if settings.method not in METHODS:
+    if settings.method not in ONLINE_METHODS:
         raise ValueError(f"method_step: unknown method {settings.method!r}; "
-                         f"choose one of {', '.join(METHODS)}")
+                         f"choose one of {', '.join(ONLINE_METHODS)}")
     unimatch = settings.method == "unimatch"
     size = batch.weak.shape[-2:]
     count_x = batch.images_x.shape[0]
@@ -216,6 +235,91 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
         mask_ratio = confident / (~batch.padding).sum().clamp(min=1)
         terms = torch.stack([t.to(loss.dtype) for t in (sup, *unsup, reco_loss, mask_ratio)])
     return StepOutput(loss, terms.detach(), pred_x.detach().argmax(1), label_w)
+
+
+def supervised_step(net: nn.Module, images: Tensor, labels: Tensor, settings: MethodSettings) -> StepOutput:
+    """The supervised scripts' step: CE on a labelled batch (images [B,3,H,W], labels [B,H,W]), plus ReCo with
+    the labels as its classes (valid where not void). net: a Views."""
+    with settings.autocast():
+        [(logits, rep)] = net(images, with_rep=settings.apply_reco)
+    logits_up = upsample(logits, labels.shape[-2:])
+    loss = compute_supervised_loss(logits_up, labels)
+    if settings.apply_reco:
+        with torch.no_grad():
+            onehot, mask, prob = reco_inputs(labels, labels >= 0, logits, logits.shape[1])
+        loss = loss + settings.reco_weight * compute_reco_loss(
+            rep, onehot, mask, prob, settings.strong_threshold, settings.temp, settings.num_queries,
+            settings.num_negatives)
+    return StepOutput(loss, loss.detach()[None], logits_up.argmax(1), None)
+
+
+def mean_teacher_step(student: nn.Module, teacher: nn.Module, labelled: Sequence[Tensor],
+                      unlabelled: Sequence[Tensor], settings: MethodSettings) -> StepOutput:
+    """The reference's semi-supervised step: the teacher's pseudo-labels, re-cropped, mixed (apply_aug) and
+    re-augmented with their images; the loss sup + unsup + reco_weight * ReCo. student, teacher: Views;
+    labelled, unlabelled: (images [B,3,H,W], labels [B,H,W]) each (unlabelled labels: partial, or monitored)."""
+    (images_l, labels_l), (images_u, labels_u) = labelled, unlabelled
+    crop = images_u.shape[-2:]
+    with torch.no_grad():
+        with settings.autocast():
+            [(teacher_logits, _)] = teacher(images_u, with_rep=False)
+        conf_u, pseudo_u = torch.softmax(upsample(teacher_logits, crop), dim=1).max(dim=1)
+        monitored = pseudo_u
+        if settings.partial:  # partial ground truth overrides the teacher, with full confidence
+            known = labels_u >= 0
+            pseudo_u = torch.where(known, labels_u, pseudo_u)
+            conf_u = torch.where(known, torch.ones_like(conf_u), conf_u)
+        images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, settings.scale_range, False)
+        images_u, pseudo_u, conf_u = generate_unsup_data(images_u, pseudo_u, conf_u, settings.apply_aug)
+        images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, (1.0, 1.0), True)
+
+    with settings.autocast():
+        (logits_l, rep_l), (logits_u, rep_u) = student(images_l, images_u, with_rep=settings.apply_reco)
+    logits_l_up = upsample(logits_l, labels_l.shape[-2:])
+    sup = compute_supervised_loss(logits_l_up, labels_l)
+    unsup = compute_unsupervised_loss(upsample(logits_u, crop), pseudo_u, conf_u, settings.strong_threshold)
+    reco = torch.zeros((), device=sup.device)
+    if settings.apply_reco:
+        with torch.no_grad():
+            if settings.partial:  # the student's confident predictions complete the sparse labels
+                conf_l, pred_l = torch.softmax(logits_l_up, dim=1).max(dim=1)
+                known = labels_l >= 0
+                reco_labels_l = torch.where(known, labels_l, pred_l)
+                reco_mask_l = known | (conf_l >= 0.97)  # the reference hard-codes 0.97 here
+            else:
+                reco_labels_l, reco_mask_l = labels_l, labels_l >= 0
+            onehot, mask, prob = reco_inputs(torch.cat([reco_labels_l, pseudo_u]),
+                                             torch.cat([reco_mask_l, conf_u >= settings.weak_threshold]),
+                                             torch.cat([logits_l, logits_u]), logits_l.shape[1])
+        reco = compute_reco_loss(torch.cat([rep_l, rep_u]), onehot, mask, prob, settings.strong_threshold,
+                                 settings.temp, settings.num_queries, settings.num_negatives)
+    loss = sup + unsup + settings.reco_weight * reco
+    return StepOutput(loss, torch.stack([sup, unsup, reco]).detach(), logits_l_up.argmax(1), monitored)
+
+
+def online_batch(method: str, labelled: Sequence[Tensor], unlabelled: Sequence[Tensor]) -> MethodBatch:
+    """A MethodBatch from the loaders' items on the training device: labelled (images normalised, labels) and
+    unlabelled (weak crops in [0, 1], their padding, labels, the mix batch's weak crops and padding); the strong
+    views and CutMix boxes are drawn here, from the device's RNG."""
+    images_x, labels_x = labelled
+    weak, padding, _, mix_weak, mix_padding = unlabelled
+    weak, strong1, strong2, _, box1, box2 = unlabelled_views(weak, padding)
+    mix_weak, mix_strong1, mix_strong2, *_ = unlabelled_views(mix_weak, mix_padding)
+    two = method == "unimatch"  # FixMatch's loader makes the second view too, and leaves it unused
+    return MethodBatch(images_x, labels_x, weak, strong1, strong2 if two else None, padding, box1.bool(),
+                       box2.bool() if two else None, mix_weak, mix_strong1, mix_strong2 if two else None,
+                       mix_padding)
+
+
+def training_step(method: str, student: nn.Module, teacher: nn.Module | None, batch: Sequence[Sequence[Tensor]],
+                  settings: MethodSettings) -> tuple[StepOutput, list[Tensor]]:
+    """One step of a method (a key of TERMS) on the loaders' items on the device; returns its output and the
+    ground truth its predictions are monitored against (labelled, then unlabelled labels)."""
+    if method == "sup":
+        return supervised_step(student, *batch[0], settings), [batch[0][1]]
+    if method == "meanteacher":
+        return mean_teacher_step(student, teacher, batch[0], batch[1], settings), [batch[0][1], batch[1][1]]
+    return method_step(student, online_batch(method, *batch), settings), [batch[0][1], batch[1][2]]
 
 
 def method_optimizer(model: nn.Module, lr: float, lr_multi: float,

@@ -20,6 +20,10 @@ from helpers import full_precision
 IGNORE_INDEX = -1
 
 MIX_MODES = ("cutout", "cutmix", "classmix")
+# --method of the semi-supervised scripts: the reference's mean teacher, or a method without a teacher whose
+# pseudo-labels are the network's own predictions on a weak view (FixMatch, UniMatch; methods.py).
+ONLINE_METHODS = ("fixmatch", "unimatch")
+SEMI_METHODS = ("meanteacher", *ONLINE_METHODS)
 # ClassMix keeps a table of every label value per image: -1 (ignore) and classes 0..255 (labels come from 8-bit PNGs).
 _NUM_LABEL_VALUES = 257
 

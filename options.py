@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
-from build_data import FOLDER, PARTIAL_SETTINGS, check_partial, dataset_info
+from build_data import FOLDER, PARTIAL_SETTINGS, DatasetInfo, check_partial, dataset_info
 from helpers import AMP_DTYPES, UserError
-from module_list import MIX_MODES
+from module_list import MIX_MODES, ONLINE_METHODS, SEMI_METHODS
 from network import BACKBONES, RESNET_DEPTHS
+from run_record import MODE_SCRIPTS
 from splits import read_split_dir, shipped_split_dir
 
 MODES = {
@@ -26,7 +28,12 @@ MODES = {
 RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "output_dim", "apply_aug",
                "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
                "weight_decay", "num_queries", "num_negatives", "temp", "weak_threshold", "strong_threshold",
-               "amp", "split_dir", "ema_buffers")
+               "amp", "split_dir", "ema_buffers", "method", "reco_weight", "conf_thresh", "lr_multi", "criterion")
+# The reference's optimiser values (the mean teacher and the supervised scripts), and UniMatch's weight decay.
+REFERENCE_LR, REFERENCE_WEIGHT_DECAY, ONLINE_WEIGHT_DECAY = 2.5e-3, 5e-4, 1e-4
+# Flags of FixMatch and UniMatch only: unset otherwise.
+ONLINE_FLAGS = ("conf_thresh", "lr_multi", "criterion")
+CRITERIA = ("ce", "ohem")
 
 
 def get_args_parser(mode: str) -> argparse.ArgumentParser:
@@ -36,8 +43,11 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ref = p.add_argument_group("reference flags")
     ref.add_argument("--gpu", type=int, default=0, help="CUDA device index (single-process runs)")
-    ref.add_argument("--lr", type=float, default=2.5e-3)
-    ref.add_argument("--weight_decay", type=float, default=5e-4)
+    ref.add_argument("--lr", type=float, default=None,
+                     help=f"learning rate (default {REFERENCE_LR}; fixmatch/unimatch: the backbone's, from the "
+                          "dataset table)")
+    ref.add_argument("--weight_decay", type=float, default=None,
+                     help=f"default {REFERENCE_WEIGHT_DECAY} ({ONLINE_WEIGHT_DECAY} for fixmatch/unimatch)")
     ref.add_argument("--dataset", default=default_dataset,
                      help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
     ref.add_argument("--backbone", default="deeplabv3p", choices=BACKBONES)
@@ -52,12 +62,24 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     ref.add_argument("--weak_threshold", type=float, default=0.7, help="delta_w: pseudo-label mask for ReCo")
     ref.add_argument("--strong_threshold", type=float, default=0.97, help="delta_s: hard-query threshold")
     ref.add_argument("--apply_reco", action="store_true", help="add the ReCo loss")
+    ref.add_argument("--reco_weight", type=float, default=1.0, help="the ReCo loss's weight in the total loss")
     ref.add_argument("--num_negatives", type=int, default=512)
     ref.add_argument("--num_queries", type=int, default=256)
     ref.add_argument("--temp", type=float, default=0.5)
     ref.add_argument("--id", type=int, default=1, help="unused (kept for compatibility)")
     ref.add_argument("--mode", default=None, help="unused (kept for compatibility)")
     ref.add_argument("--port", type=int, default=None, help="unused (kept for compatibility)")
+
+    methods = p.add_argument_group("method (docs/methods.md)")
+    methods.add_argument("--method", default=None, choices=SEMI_METHODS,
+                         help="the semi-supervised method (default meanteacher, the reference's)"
+                         if semi else "semi-supervised scripts only")
+    methods.add_argument("--conf_thresh", type=float, default=None,
+                         help="fixmatch/unimatch: tau, the pseudo-labels' confidence threshold")
+    methods.add_argument("--lr_multi", type=float, default=None,
+                         help="fixmatch/unimatch: the head's learning rate is lr x this")
+    methods.add_argument("--criterion", default=None, choices=CRITERIA,
+                         help="fixmatch/unimatch: the labelled loss, cross-entropy or OHEM")
 
     new = p.add_argument_group("added flags (unset = the dataset table's value)")
     new.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
@@ -115,13 +137,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.partial = None
         if args.split_dir:  # the split's size is the label budget, so the run name says what was used
             args.num_labels = len(read_split_dir(args.split_dir)[0])
+    online = resolve_method(args, info)
     for flag, table_value in (("batch_size", info.batch_size), ("epochs", info.epochs),
-                              ("iters_per_epoch", info.iters_per_epoch), ("resnet_depth", info.resnet_depth),
-                              ("pretrained", info.pretrained)):
+                              ("iters_per_epoch", None if online else info.iters_per_epoch),
+                              ("resnet_depth", info.resnet_depth), ("pretrained", info.pretrained)):
         if getattr(args, flag) is None:
             setattr(args, flag, table_value)
     args.crop_size = tuple(args.crop_size or info.crop_size)
-    positive = ["batch_size", "epochs", "iters_per_epoch", "log_interval"]
+    positive = ["batch_size", "epochs", "log_interval"] + ["iters_per_epoch"] * (args.iters_per_epoch is not None)
     if args.apply_reco:
         positive += ["num_queries", "num_negatives", "output_dim"]
     for flag in positive:
@@ -134,6 +157,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--crop_size must be positive, got {args.crop_size}")
     if not partial and args.num_labels < 0:
         raise UserError(f"--num_labels must be 0 (all) or a positive count, got {args.num_labels}")
+    if args.reco_weight < 0:
+        raise UserError(f"--reco_weight must be >= 0, got {args.reco_weight}")
     if args.temp <= 0:
         raise UserError(f"--temp must be positive, got {args.temp}")
     if args.num_workers is not None and args.num_workers < 0:
@@ -143,6 +168,58 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{flag} must be >= 0 (0 turns it off), got {getattr(args, flag)}")
     args.name = run_name(args)
     return args
+
+
+def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
+    """Check --method and its flags against the script and fill the method's defaults (FixMatch and UniMatch:
+    the dataset table's OnlineDefaults); True for FixMatch and UniMatch."""
+    semi, partial, _ = MODES[args.train_mode]
+    if not semi and args.method is not None:
+        raise UserError(f"--method {args.method}: {MODE_SCRIPTS[args.train_mode]} trains on labels alone; the "
+                        f"semi-supervised methods run with train_semisup.py --method {args.method}")
+    if semi and args.method is None:
+        args.method = "meanteacher"
+    online = args.method in ONLINE_METHODS
+    if online and partial:
+        raise UserError(f"--method {args.method} with partial labels is not supported (its step takes labelled and "
+                        f"unlabelled images apart): use train_semisup.py --method {args.method} with --num_labels "
+                        "or --split, or the mean teacher here")
+    if not online:
+        given = [flag for flag in ONLINE_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise UserError(f"--{given[0]} is a flag of FixMatch and UniMatch: add --method unimatch (or fixmatch) "
+                            "to train_semisup.py, or drop it")
+        args.lr = REFERENCE_LR if args.lr is None else args.lr
+        args.weight_decay = REFERENCE_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay
+        return False
+    table = info.online
+    for flag, value in (("lr", table.lr), ("lr_multi", table.lr_multi), ("conf_thresh", table.conf_thresh),
+                        ("criterion", table.criterion), ("batch_size", table.batch_size),
+                        ("epochs", table.epochs), ("weight_decay", ONLINE_WEIGHT_DECAY)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    args.crop_size = tuple(args.crop_size or (table.crop, table.crop))
+    if args.crop_size[0] != args.crop_size[1]:
+        raise UserError(f"--crop_size {args.crop_size[0]} {args.crop_size[1]}: --method {args.method} trains on "
+                        f"square crops, as UniMatch does; pass --crop_size S S")
+    if not 0 <= args.conf_thresh <= 1:
+        raise UserError(f"--conf_thresh must be in [0, 1], got {args.conf_thresh}")
+    if args.lr_multi <= 0:
+        raise UserError(f"--lr_multi must be positive, got {args.lr_multi}")
+    return True
+
+
+def online_iterations(args: argparse.Namespace, unlabelled: int, world_size: int) -> None:
+    """FixMatch's and UniMatch's epoch, one pass over the unlabelled images (ceil(U / processes) per process,
+    in whole batches): fills --iters_per_epoch when unset. A UserError when a process gets less than a batch."""
+    per_process = -(-unlabelled // world_size)
+    if per_process < args.batch_size:
+        processes = f" over {world_size} processes" if world_size > 1 else ""
+        raise UserError(f"--method {args.method}: {unlabelled} unlabelled image(s){processes} make less than one "
+                        f"batch (--batch_size {args.batch_size}): lower --batch_size (at least 2) or "
+                        "--num_labels, or add unlabelled images")
+    if args.iters_per_epoch is None:
+        args.iters_per_epoch = per_process // args.batch_size
 
 
 def dataset_tag(dataset: str, data_root: str | None) -> str:
@@ -157,11 +234,11 @@ def dataset_tag(dataset: str, data_root: str | None) -> str:
 
 def run_name(args: argparse.Namespace) -> str:
     """The reference's file stem: {dataset}_label{N}|{partial}_{sup|semi_{aug}}[_reco]_{seed}, where a folder
-    dataset's {dataset} is dataset_tag's."""
+    dataset's {dataset} is dataset_tag's; FixMatch and UniMatch put their name in place of semi_{aug}."""
     semi = MODES[args.train_mode][0]
     dataset = dataset_tag(args.dataset, args.data_root)
     head = f"{dataset}_{args.partial}" if args.partial else f"{dataset}_label{args.num_labels}"
-    kind = f"semi_{args.apply_aug}" if semi else "sup"
+    kind = (args.method if args.method in ONLINE_METHODS else f"semi_{args.apply_aug}") if semi else "sup"
     return f"{head}_{kind}{'_reco' if args.apply_reco else ''}_{args.seed}"
 
 
@@ -170,10 +247,11 @@ def run_folder(args: argparse.Namespace) -> Path:
     return Path(args.log_dir) / args.name
 
 
-def metric_columns(semi: bool) -> tuple[str, ...]:
-    """Columns of the reference's per-epoch .npy metric array."""
+def metric_columns(semi: bool, terms: Sequence[str] = ("sup", "unsup", "reco")) -> tuple[str, ...]:
+    """Columns of the reference's per-epoch .npy metric array: a semi-supervised step's logged terms (the mean
+    teacher's by default; '<term>_loss', a ratio under its own name), then its monitors and the test metrics."""
     if semi:
-        return ("sup_loss", "unsup_loss", "reco_loss", "labelled_miou", "labelled_acc", "unlabelled_miou",
-                "unlabelled_acc", "test_loss", "test_miou", "test_acc")
+        logged = tuple(term if term.endswith("_ratio") else f"{term}_loss" for term in terms)
+        return logged + ("labelled_miou", "labelled_acc", "unlabelled_miou", "unlabelled_acc", "test_loss",
+                         "test_miou", "test_acc")
     return ("train_loss", "train_miou", "train_acc", "test_loss", "test_miou", "test_acc")
-

@@ -83,18 +83,19 @@ def labelled_crop(image: torch.Tensor, label: torch.Tensor, crop: int,
     return normalise(image), label
 
 
-def unlabelled_crops(image: torch.Tensor, crop: int, generator: torch.Generator):
-    """Two independent crops of one unlabelled image float [3, H, W] in [0, 1]: (weak, padding) for the
-    unlabelled batch, then (weak, padding) for the mix batch; weak float [3, S, S] in [0, 1], not normalised
-    (the strong views start from it on the device), padding bool [S, S]. Its label is never read.
+def unlabelled_crops(image: torch.Tensor, label: torch.Tensor, crop: int, generator: torch.Generator):
+    """Two independent crops of one unlabelled image float [3, H, W] in [0, 1] with its label long [H, W]:
+    (weak, padding, label) for the unlabelled batch, then (weak, padding) for the mix batch; weak float
+    [3, S, S] in [0, 1], not normalised (the strong views start from it on the device), padding bool [S, S],
+    label [S, S] with IGNORE_INDEX on padding (it only monitors the pseudo-labels).
 
     The authors' mix batch is a second pass over the unlabelled list in the same order, so the same images in
     crops of their own: this keeps that distribution.
     """
     height, width = image.shape[1:]
-    first, second = (apply_geometry(image, None, crop, draw_geometry(height, width, crop, generator))
+    first, second = (apply_geometry(image, label, crop, draw_geometry(height, width, crop, generator))
                      for _ in range(2))
-    return first[0], first[2], second[0], second[2]
+    return first[0], first[2], first[1], second[0], second[2]
 
 
 # --- strong views and CutMix boxes, a whole batch on the training device ---------------------

@@ -102,8 +102,9 @@ def build_network(fixture: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, b
 def settings_for(fixture: dict) -> methods.MethodSettings:
     """The step settings the fixture's config describes."""
     config = fixture["config"]
-    if fixture["method"] not in methods.METHODS:
-        raise UserError(f"--fixture: method {fixture['method']!r} is none of {', '.join(methods.METHODS)}")
+    if fixture["method"] not in methods.ONLINE_METHODS:
+        raise UserError(f"--fixture: method {fixture['method']!r} is none of "
+                        f"{', '.join(methods.ONLINE_METHODS)}")
     criterion = config["criterion"]
     if criterion["kwargs"].get("ignore_index", VOID) != VOID:
         raise UserError(f"--fixture: ignore_index {criterion['kwargs']['ignore_index']} is not {VOID}")

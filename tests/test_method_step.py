@@ -119,7 +119,7 @@ def test_perturbed_forward_decodes_clean_and_dropped_features_together():
     assert net(x)[1] is None
 
 
-@pytest.mark.parametrize("method", methods.METHODS)
+@pytest.mark.parametrize("method", methods.ONLINE_METHODS)
 def test_step_runs_with_reco_on_top_and_reco_only_adds_its_weighted_term(method):
     batch = _batch(method)
     model = _tiny()

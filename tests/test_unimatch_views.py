@@ -111,12 +111,14 @@ def test_padding_is_black_ignored_and_only_where_the_image_is_not():
 
 def test_unlabelled_crops_mark_padding_and_flip_it_with_the_image():
     image = torch.rand(3, 31, 12, generator=_gen(7)) * 0.9 + 0.1  # at most 24 wide: padded columns
+    label = torch.zeros(31, 12, dtype=torch.long)
     generator, flips = _gen(8), []
     for _ in range(60):
-        crops = uv.unlabelled_crops(image, 37, generator)
-        assert [c.shape for c in crops] == [(3, 37, 37), (37, 37)] * 2
-        assert crops[1].dtype == torch.bool and crops[3].dtype == torch.bool
-        for weak, padding in (crops[:2], crops[2:]):
+        crops = uv.unlabelled_crops(image, label, 37, generator)
+        assert [c.shape for c in crops] == [(3, 37, 37), (37, 37), (37, 37), (3, 37, 37), (37, 37)]
+        assert crops[1].dtype == torch.bool and crops[4].dtype == torch.bool
+        assert torch.equal(crops[2] == IGNORE_INDEX, crops[1])  # the label is void exactly on the padding
+        for weak, padding in (crops[:2], crops[3:]):
             assert torch.equal((weak == 0).all(dim=0), padding)  # bilinear of positive pixels stays > 0
             assert padding[:, 0].all() != padding[:, -1].all()  # padded on the right, or flipped to the left
             flips.append(bool(padding[:, 0].all()))
@@ -148,9 +150,9 @@ def test_geometry_is_a_function_of_the_generator():
     label = torch.randint(0, 4, (25, 33), generator=_gen(11))
     a, b, c = (uv.labelled_crop(image, label, 21, _gen(s)) for s in (12, 12, 13))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
-    a, b, c = (uv.unlabelled_crops(image, 21, _gen(s)) for s in (14, 14, 15))
+    a, b, c = (uv.unlabelled_crops(image, label, 21, _gen(s)) for s in (14, 14, 15))
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c[0])
-    assert not torch.equal(a[0], a[2])  # the mix crop is a draw of its own
+    assert not torch.equal(a[0], a[3])  # the mix crop is a draw of its own
 
 
 # --- strong views ------------------------------------------------------------------------------
