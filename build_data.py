@@ -29,7 +29,8 @@ _INVALID = 254
 FOLDER = "folder"
 _FOLDER_SPLITS = {"train": "train", "test": "val"}
 UNLABELLED_DIR = "unlabelled"  # images with no masks at all; their ids are 'unlabelled/<file name>'
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Image files read from a folder (any case): a folder dataset's images, predict.py's folders and globs.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 LABEL_SUFFIXES = (".png", ".PNG")  # tools on Windows write upper-case suffixes
 
 

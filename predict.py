@@ -24,15 +24,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from build_data import DATASETS, DataError, DatasetInfo, dataset_info, read_image
+from build_data import DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, dataset_info, read_image
 from figures import blend
 from helpers import (AMP_DTYPES, RUN_CONFIG, UserError, atomic_save, autocast_for, read_run_config,
                      resolve_device, run_cli)
 from network import check_window, infer_config, load_state_dict, model_from_state_dict, predict
 from transforms import normalise, pad_to
 
-# Files a folder or a glob contributes (case-insensitive); a file named on the command line is always read.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 STRIDE = 16  # the networks' coarsest feature stride (DeepLabv3+'s ASPP; DeepLabv2's 8 divides it)
 OVERLAY_SUFFIX = "_overlay"
 GLOB_CHARS = "*?["
@@ -74,6 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _is_image_name(path: Path) -> bool:
+    """A file a folder or a glob contributes (a file named on the command line is always read)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
