@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import sys
 import time
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from acceleration import compile_in_place, compile_mode, memory_format, step_begin, warm_up
 from build_data import (DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids,
-                        list_unlabelled)
+                        list_unlabelled, loader_workers)
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown
 from evaluation import evaluate
 from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
@@ -246,11 +245,7 @@ def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
     semi = MODES[args.train_mode][0]
     if semi:  # images with no masks at all (a folder dataset's unlabelled/) join the unlabelled pool
         unlabelled = [*unlabelled, *list_unlabelled(info, root)]
-    # On CUDA, 8 workers feed a 10 + 10 semi step at 321^2 (bench/dataloader.py: 4 workers 107, 8 workers
-    # 210 crops/s on a 16-core H100 machine; a loader needs 100 at a 0.10 s step); a CPU step needs the cores.
-    workers = args.num_workers
-    if workers is None:
-        workers = max(1, min(8, (os.cpu_count() or 1) // d.world_size)) if d.device.type == "cuda" else 0
+    workers = loader_workers(args.num_workers, d.device, d.world_size)
     common = dict(num_workers=workers, rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda")
     partial = dict(partial=args.partial, partial_seed=args.seed)
     batch = args.batch_size if semi else 2 * args.batch_size  # the reference doubles it without unlabelled data

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from build_data import DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, dataset_info, read_image
+from build_data import (DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, dataset_info, loader_workers,
+                        read_image)
 from figures import blend
 from helpers import (AMP_DTYPES, RUN_CONFIG, UserError, atomic_save, autocast_for, read_run_config,
                      resolve_device, run_cli)
@@ -251,8 +251,7 @@ def predict_images(args: argparse.Namespace) -> dict:
     state = load_state_dict(checkpoint)
     info = choose_dataset(args.dataset, args.data_root, checkpoint, infer_config(state)["num_classes"])
     model = model_from_state_dict(state, f"checkpoint {checkpoint}", info.num_classes).to(device).eval()
-    workers = args.num_workers if args.num_workers is not None else (
-        min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    workers = loader_workers(args.num_workers, device)
 
     start = time.perf_counter()
     sizes, skipped = read_sizes(paths)

@@ -349,6 +349,14 @@ def test_test_loader_in_order_and_sharded(tmp_path):
     assert sorted(flat) == list(range(7)) and all(shards)
 
 
+def test_loader_workers_rule(monkeypatch):
+    monkeypatch.setattr(bd.os, "cpu_count", lambda: 16)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [bd.loader_workers(None, cuda, n) for n in (1, 4, 32)] == [8, 4, 1]
+    assert bd.loader_workers(None, cpu) == 0 and bd.loader_workers(3, cpu) == 3
+    assert bd.loader_workers(0, cuda) == 0
+
+
 class _WorkerRandom(torch.utils.data.Dataset):
     """Returns draws of the worker's own torch and numpy streams (not of the per-sample seed)."""
 
