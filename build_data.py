@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 from collections.abc import Collection, Iterator, Sequence
@@ -98,6 +99,14 @@ _SUN_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door
 _DEMO_NAMES = ("background", "stripes", "checker", "dots", "blob")
 
 
+class Sampler(enum.Enum):
+    """How splits.get_split draws a label budget from a dataset's training images."""
+
+    BALANCED = "balanced"  # the reference's Pascal and Cityscapes loop: images of >= min_classes classes
+    BALANCED_RETIRING = "balanced, retiring"  # the same; a class that no image left holds stops counting
+    SUN = "sun"  # the reference's SUN loop: from the image lists of the least-seen classes, no minimum
+
+
 @dataclass(frozen=True, eq=False)
 class DatasetInfo:
     """Everything that differs between datasets. Sizes are (H, W); batch_size is per branch in semi mode."""
@@ -111,9 +120,10 @@ class DatasetInfo:
     eval_size: tuple[int, int] | None  # None: a folder dataset without val images (it cannot be evaluated)
     scale_range: tuple[float, float]
     batch_size: int
-    min_classes: int  # split sampler threshold (0: SUN's own loop)
+    min_classes: int  # classes a labelled image must hold (0: no minimum)
     partial_labels: bool
     setup_hint: str  # how a user gets the data, quoted by errors
+    sampler: Sampler = Sampler.BALANCED
     # Training defaults the engine uses for flags left unset.
     epochs: int = 200
     iters_per_epoch: int = 200
@@ -149,7 +159,7 @@ DATASETS: dict[str, DatasetInfo] = {
         crop_size=(321, 321), eval_size=(385, 513), scale_range=(0.5, 1.5), batch_size=5, min_classes=0,
         partial_labels=False,
         setup_hint="put SUNRGBD-{train,test}_images/ and sunrgbd_train_test_labels/ in dataset/sun and run "
-                   "`python dataset/sun_preprocess.py` (docs/datasets.md)"),
+                   "`python dataset/sun_preprocess.py` (docs/datasets.md)", sampler=Sampler.SUN),
     "demo": DatasetInfo(
         name="demo", layout="pascal", class_names=_DEMO_NAMES, palette=_palette(_voc_colours(5), 255),
         label_table=_identity_table(5), crop_size=(65, 65), eval_size=(97, 97), scale_range=(0.75, 1.25),
@@ -190,6 +200,7 @@ def _folder_info(root: str | Path | None) -> DatasetInfo:
         partial_labels=True,
         setup_hint=f"{HELP} describes the layout of {root}; partial labels come from "
                    f"`python dataset/folder_preprocess.py --root {root}`",
+        sampler=Sampler.BALANCED_RETIRING,  # own data may hold a rare class, which would end the split
         epochs=card.epochs, iters_per_epoch=card.iters_per_epoch, resnet_depth=card.resnet_depth,
         pretrained=card.pretrained)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from build_data import (FOLDER, REPO_ROOT, DataError, DatasetInfo, data_root, label_path, list_ids, present_classes,
+from build_data import (REPO_ROOT, DataError, DatasetInfo, Sampler, data_root, label_path, list_ids, present_classes,
                         read_label)
 from helpers import UserError, atomic_save
 
@@ -128,10 +128,10 @@ def get_split(info: DatasetInfo, root: str | os.PathLike | None, num_labels: int
             cache[i] = frozenset(present_classes(label).tolist())
         return cache[i]
 
-    if info.min_classes == 0:
+    if info.sampler is Sampler.SUN:
         return select_labelled_sun(ids, classes_of, num_labels, seed, info.num_classes)
     return select_labelled(ids, classes_of, num_labels, seed, info.num_classes, info.min_classes,
-                           retire_missing=info.layout == FOLDER)
+                           retire_missing=info.sampler is Sampler.BALANCED_RETIRING)
 
 
 def _split_text(split_ids: Sequence[str]) -> str:

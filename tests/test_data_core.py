@@ -75,6 +75,7 @@ def test_table_matches_reference(name, classes, crop, eval_size, scale, batch, m
     assert (info.batch_size, info.min_classes, info.partial_labels) == (batch, min_classes, partial)
     assert len(info.class_names) == classes and info.palette.shape == (256, 3) and info.palette.dtype == np.uint8
     assert info.default_root == bd.REPO_ROOT / "dataset" / name
+    assert info.sampler is (bd.Sampler.SUN if name == "sun" else bd.Sampler.BALANCED)
 
 
 def test_training_defaults():
