@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
-from build_data import FOLDER, PARTIAL_SETTINGS, check_partial, dataset_info
+from build_data import FOLDER, PARTIAL_SETTINGS, check_partial
 from helpers import AMP_DTYPES, UserError
+from layouts import resolve_dataset
 from module_list import MIX_MODES
 from network import BACKBONES, RESNET_DEPTHS
 from splits import read_split_dir, shipped_split_dir
@@ -100,7 +101,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check the flags and fill unset ones from the dataset table; errors name the flag and the fix."""
     semi, partial, _ = MODES[args.train_mode]
-    info = dataset_info(args.dataset, args.data_root)
+    info = resolve_dataset(args.dataset, args.data_root).info
     if args.split:
         if args.split_dir:
             raise UserError(f"--split {args.split} and --split_dir {args.split_dir} both name a split: keep one")

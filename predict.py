@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from build_data import (DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, dataset_info, loader_workers,
-                        read_image)
+from build_data import DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, loader_workers, read_image
 from figures import blend
 from helpers import (AMP_DTYPES, RUN_CONFIG, UserError, atomic_save, autocast_for, read_run_config,
                      resolve_device, run_cli)
+from layouts import resolve_dataset
 from network import check_window, infer_config, load_state_dict, model_from_state_dict, predict
 from transforms import normalise, pad_to
 
@@ -157,7 +157,7 @@ def choose_dataset(dataset: str | None, root: str | None, checkpoint: Path, num_
             raise UserError(f"run configuration {path} names no dataset: pass --dataset NAME [--data_root DIR]")
         root = root or config["args"].get("data_root")
         print(f"classes of --dataset {dataset}{f' --data_root {root}' if root else ''} (from {path})")
-    return dataset_info(dataset, root)
+    return resolve_dataset(dataset, root).info
 
 
 # ---------------------------------------------------------------------------------------------
