@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import sys
 import time
@@ -19,14 +18,15 @@ from torch import nn
 from tqdm import tqdm
 
 from acceleration import compile_in_place, compile_mode, memory_format, step_begin, warm_up
-from build_data import (DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids,
-                        list_unlabelled)
+from build_data import (DatasetFiles, DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader,
+                        loader_workers)
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown
 from evaluation import evaluate
 from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
 from figures import covering_test_images, draw_figure, plot_curves
 from helpers import (RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, autocast_for, read_torch_file, run_cli, save_file,
                      write_json)
+from layouts import resolve_dataset
 from methods import (TERMS, MethodSettings, PerturbedNet, Views, method_optimizer, ohem_min_kept, poly_lr, set_lr,
                      training_step)
 from module_list import EMA, ONLINE_METHODS, ConfMatrix, PolyLR
@@ -148,31 +148,26 @@ def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, 
 # Building a run, saving and resuming it
 # ---------------------------------------------------------------------------------------------
 
-def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
+def build_loaders(args: argparse.Namespace, data: DatasetFiles, d: Dist):
     """The split and the loaders: labelled (+ unlabelled for semi) train loaders and the test loader.
 
     FixMatch and UniMatch: their crops, and their epoch (one shuffled pass over the unlabelled images, the
     labelled ones stretched to as many), which also sets --iters_per_epoch when unset."""
-    root = Path(args.data_root) if args.data_root else info.default_root
-    if info.name == "demo" and not (root / "train_aug.txt").is_file():
+    if data.info.name == "demo" and not (data.root / "train_aug.txt").is_file():
         if d.main:
-            print(f"generating the demo dataset in {root} ...", flush=True)
-            make_demo_dataset(root)
+            print(f"generating the demo dataset in {data.root} ...", flush=True)
+            make_demo_dataset(data.root)
         barrier()
     if args.partial:
-        labelled = unlabelled = list_ids(info, root, "train")  # a missing root: a DataError saying how to get it
+        labelled = unlabelled = data.list_ids("train")  # a missing root: a DataError saying how to get it
     elif args.split_dir:
-        labelled, unlabelled = load_split(info, root, args.split_dir)
+        labelled, unlabelled = load_split(data, args.split_dir)
     else:
-        labelled, unlabelled = get_split(info, root, args.num_labels, args.seed)
+        labelled, unlabelled = get_split(data, args.num_labels, args.seed)
     semi = MODES[args.train_mode][0]
     if semi:  # images with no masks at all (a folder dataset's unlabelled/) join the unlabelled pool
-        unlabelled = [*unlabelled, *list_unlabelled(info, root)]
-    # On CUDA, 8 workers feed a 10 + 10 semi step at 321^2 (bench/dataloader.py: 4 workers 107, 8 workers
-    # 210 crops/s on a 16-core H100 machine; a loader needs 100 at a 0.10 s step); a CPU step needs the cores.
-    workers = args.num_workers
-    if workers is None:
-        workers = max(1, min(8, (os.cpu_count() or 1) // d.world_size)) if d.device.type == "cuda" else 0
+        unlabelled = [*unlabelled, *data.unlabelled_ids()]
+    workers = loader_workers(args.num_workers, d.device, d.world_size)
     common = dict(num_workers=workers, rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda")
     partial = dict(partial=args.partial, partial_seed=args.seed)
     batch = args.batch_size if semi else 2 * args.batch_size  # the reference doubles it without unlabelled data
@@ -181,17 +176,17 @@ def build_loaders(args: argparse.Namespace, info: DatasetInfo, d: Dist):
         online_iterations(args, len(unlabelled), d.world_size)
         common |= dict(epoch_length=len(unlabelled))
     loaders = [build_train_loader(
-        SegmentationDataset(info, root, labelled, "train", crop_size=args.crop_size, scale_range=info.scale_range,
+        SegmentationDataset(data, labelled, "train", crop_size=args.crop_size, scale_range=data.info.scale_range,
                             augmentation=True, crops="unimatch_labelled" if online else "reference", **partial),
         batch, args.iters_per_epoch, seed=args.seed, **common)]
     if semi:  # the unlabelled branch: plain crops at scale 1 (its labels only monitor, or are partial labels)
         loaders.append(build_train_loader(
-            SegmentationDataset(info, root, unlabelled, "train", crop_size=args.crop_size, scale_range=(1.0, 1.0),
+            SegmentationDataset(data, unlabelled, "train", crop_size=args.crop_size, scale_range=(1.0, 1.0),
                                 augmentation=False, crops="unimatch_unlabelled" if online else "reference",
                                 **partial),
             batch, args.iters_per_epoch, seed=args.seed + 1_000_003, **common))
     common.pop("epoch_length", None)
-    test_loader = build_test_loader(SegmentationDataset(info, root, list_ids(info, root, "test"), "test"),
+    test_loader = build_test_loader(SegmentationDataset(data, data.list_ids("test"), "test"),
                                     batch_size=4, **common)
     return (labelled, unlabelled), loaders, test_loader
 
@@ -376,12 +371,11 @@ class Outputs:
         self.tb.close()
 
 
-def draw_run_figure(args: argparse.Namespace, out: Outputs) -> str:
+def draw_run_figure(args: argparse.Namespace, out: Outputs, data: DatasetFiles) -> str:
     """visual.py's figure of the best weights on a few test images that cover the classes, as visual.png."""
-    index = covering_test_images(args.dataset, args.data_root, count=4)
-    return str(draw_figure(args.dataset, [out.best_path], [args.name], index=index, out=out.run_dir / "visual.png",
-                           data_root=args.data_root, backbone=args.backbone, resnet_depth=args.resnet_depth,
-                           device="cpu"))
+    index = covering_test_images(data, count=4)
+    return str(draw_figure(data, [out.best_path], [args.name], index=index, out=out.run_dir / "visual.png",
+                           backbone=args.backbone, resnet_depth=args.resnet_depth, device="cpu"))
 
 
 def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: StopSignals | None = None) -> dict:
@@ -393,9 +387,10 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
     stop = stop or StopSignals()  # never entered: a library call leaves the host process's signals alone
     d = init_distributed(args)
     args = resolve_args(args)
-    info = dataset_info(args.dataset, args.data_root)
+    data = resolve_dataset(args.dataset, args.data_root)
+    info = data.info
     semi = MODES[args.train_mode][0]
-    split, loaders, test_loader = build_loaders(args, info, d)
+    split, loaders, test_loader = build_loaders(args, data, d)
     run = build_run(args, info, d)
     run.started = started_at  # the wall time counts the set-up too
     columns = metric_columns(semi, TERMS[run.method])
@@ -459,7 +454,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
         out.close()
         result |= {"weights": str(out.best_path), "run_dir": str(out.run_dir)}
         if not args.no_visual:
-            result["figure"] = draw_run_figure(args, out)
+            result["figure"] = draw_run_figure(args, out, data)
         result["summary"] = out.write_summary(metrics, run.wall_s())
     shutdown()
     return result

@@ -13,9 +13,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from build_data import SegmentationDataset, build_test_loader, data_root, dataset_info, list_ids
+from build_data import SegmentationDataset, build_test_loader
 from evaluation import evaluate
 from helpers import AMP_DTYPES, UserError, resolve_device, run_cli, write_json
+from layouts import resolve_dataset
 from network import BACKBONES, RESNET_DEPTHS, check_window, load_model
 
 
@@ -54,16 +55,17 @@ def format_report(class_names: Sequence[str], result: dict) -> str:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Evaluate --checkpoint on --dataset's test split; prints the report and returns {miou, acc, iou_per_class}."""
-    info = dataset_info(args.dataset, args.data_root)
-    root = data_root(info, args.data_root)
+    data = resolve_dataset(args.dataset, args.data_root)
+    info = data.info
+    data.checked_root()
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch_size must be >= 1 and --num_workers >= 0")
     check_window(args.window)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, info.num_classes, args.backbone, args.resnet_depth, args.output_dim)
     model.to(device)
-    ids = list_ids(info, root, "test")
-    loader = build_test_loader(SegmentationDataset(info, root, ids, "test"), batch_size=args.batch_size,
+    ids = data.list_ids("test")
+    loader = build_test_loader(SegmentationDataset(data, ids, "test"), batch_size=args.batch_size,
                                num_workers=args.num_workers, pin_memory=device.type == "cuda")
     protocol = "sliding window {}x{}".format(*args.window) if args.window else "whole padded image"
     print(f"{args.checkpoint} on {info.name} ({len(ids)} test images, {protocol}, single scale"

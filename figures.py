@@ -15,8 +15,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from build_data import (SegmentationDataset, color_map, data_root, dataset_info, image_path, label_path,  # noqa: E402
-                        list_ids, present_classes, read_image, read_label)
+from build_data import (DatasetFiles, SegmentationDataset, color_map, present_classes,  # noqa: E402
+                        read_image, read_label)
 from helpers import UserError, atomic_save, resolve_device  # noqa: E402
 from module_list import IGNORE_INDEX  # noqa: E402
 from network import load_model, predict  # noqa: E402
@@ -30,17 +30,14 @@ def blend(photo: np.ndarray, label: np.ndarray | torch.Tensor, palette: np.ndarr
     return np.asarray(Image.blend(Image.fromarray(photo), Image.fromarray(colours), ALPHA))
 
 
-def load_sample(dataset: str, root: str | Path | None, index: int) -> tuple[str, np.ndarray, torch.Tensor,
-                                                                           torch.Tensor]:
+def load_sample(data: DatasetFiles, index: int) -> tuple[str, np.ndarray, torch.Tensor, torch.Tensor]:
     """Test image `index`: (id, photo uint8 [h,w,3] at its own size, normalised padded image [3,H,W], label [H,W])."""
-    info = dataset_info(dataset, root)
-    root = data_root(info, root)
-    ids = list_ids(info, root, "test")
+    ids = data.list_ids("test")
     if not 0 <= index < len(ids):
-        raise UserError(f"--index {index} is out of range: the {dataset} test list has {len(ids)} images "
-                        f"(0..{len(ids) - 1})")
-    image, label = SegmentationDataset(info, root, [ids[index]], "test")[0]
-    photo = read_image(info, image_path(info, root, ids[index], "test"))
+        raise UserError(f"--index {index} is out of range: the {data.info.name} test list has {len(ids)} "
+                        f"images (0..{len(ids) - 1})")
+    image, label = SegmentationDataset(data, [ids[index]], "test")[0]
+    photo = read_image(data.info, data.image_path(ids[index], "test"))
     return ids[index], photo, image, label
 
 
@@ -53,16 +50,16 @@ def segment(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, de
     return prediction.masked_fill(label == IGNORE_INDEX, IGNORE_INDEX)
 
 
-def draw_figure(dataset: str, checkpoints: Sequence[str | Path], titles: Sequence[str], index: int | Sequence[int],
-                out: str | Path, data_root: str | Path | None = None, backbone: str | None = None,
+def draw_figure(data: DatasetFiles, checkpoints: Sequence[str | Path], titles: Sequence[str],
+                index: int | Sequence[int], out: str | Path, backbone: str | None = None,
                 resnet_depth: int | None = None, device: str | torch.device = "cpu") -> Path:
     """Draw ground truth | one panel per checkpoint for test image `index` (a row per image when several indices
     are given) and save it as a PNG at `out`."""
     if len(titles) != len(checkpoints):
         raise UserError(f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each")
-    info = dataset_info(dataset, data_root)
+    info = data.info
     device = resolve_device(str(device))
-    samples = [load_sample(dataset, data_root, i) for i in ([index] if isinstance(index, int) else index)]
+    samples = [load_sample(data, i) for i in ([index] if isinstance(index, int) else index)]
     # panels are cropped back from the padded size to the image's own
     rows = [[blend(photo, label[:photo.shape[0], :photo.shape[1]], info.palette)] for _, photo, _, label in samples]
     for path in checkpoints:
@@ -84,7 +81,8 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path], titles: Sequenc
             ax.set_yticks([])
         if len(rows) > 1:
             axes[r, 0].set_ylabel(sample_id)
-    fig.suptitle(f"{dataset} {samples[0][0]}" if len(rows) == 1 else f"{dataset}: {len(rows)} test images")
+    name = info.name
+    fig.suptitle(f"{name} {samples[0][0]}" if len(rows) == 1 else f"{name}: {len(rows)} test images")
     fig.tight_layout()
     out = Path(out)
     atomic_save(lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"), out)
@@ -105,13 +103,11 @@ def covering_choice(class_sets: Sequence[Collection[int]], count: int) -> list[i
     return chosen
 
 
-def covering_test_images(dataset: str, root: str | Path | None, count: int = 4) -> list[int]:
+def covering_test_images(data: DatasetFiles, count: int = 4) -> list[int]:
     """Test-list indices of `count` images whose labels together show the most classes (covering_choice)."""
-    info = dataset_info(dataset, root)
-    root = data_root(info, root)
-    ids = tqdm(list_ids(info, root, "test"), desc="choosing the figure's images", leave=False,
+    ids = tqdm(data.list_ids("test"), desc="choosing the figure's images", leave=False,
                disable=not sys.stderr.isatty())  # every val label is read once (Pascal: 1,449)
-    class_sets = [present_classes(read_label(info, label_path(info, root, i, "test"))).tolist() for i in ids]
+    class_sets = [present_classes(read_label(data.info, data.label_path(i, "test"))).tolist() for i in ids]
     return covering_choice(class_sets, count)
 
 

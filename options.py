@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
-from build_data import FOLDER, PARTIAL_SETTINGS, DatasetInfo, check_partial, dataset_info
+from build_data import FOLDER, PARTIAL_SETTINGS, DatasetInfo, check_partial
 from helpers import AMP_DTYPES, UserError
+from layouts import resolve_dataset
 from module_list import MIX_MODES, ONLINE_METHODS, SEMI_METHODS
 from network import BACKBONES, RESNET_DEPTHS
 from run_record import MODE_SCRIPTS
@@ -122,7 +123,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check the flags and fill unset ones from the dataset table; errors name the flag and the fix."""
     semi, partial, _ = MODES[args.train_mode]
-    info = dataset_info(args.dataset, args.data_root)
+    info = resolve_dataset(args.dataset, args.data_root).info
     if args.split:
         if args.split_dir:
             raise UserError(f"--split {args.split} and --split_dir {args.split_dir} both name a split: keep one")

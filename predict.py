@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,15 +23,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from build_data import DATASETS, DataError, DatasetInfo, dataset_info, read_image
+from build_data import DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, loader_workers, read_image
 from figures import blend
 from helpers import (AMP_DTYPES, RUN_CONFIG, UserError, atomic_save, autocast_for, read_run_config,
                      resolve_device, run_cli)
+from layouts import resolve_dataset
 from network import check_window, infer_config, load_state_dict, model_from_state_dict, predict
 from transforms import normalise, pad_to
 
-# Files a folder or a glob contributes (case-insensitive); a file named on the command line is always read.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 STRIDE = 16  # the networks' coarsest feature stride (DeepLabv3+'s ASPP; DeepLabv2's 8 divides it)
 OVERLAY_SUFFIX = "_overlay"
 GLOB_CHARS = "*?["
@@ -74,6 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _is_image_name(path: Path) -> bool:
+    """A file a folder or a glob contributes (a file named on the command line is always read)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
@@ -158,7 +157,7 @@ def choose_dataset(dataset: str | None, root: str | None, checkpoint: Path, num_
             raise UserError(f"run configuration {path} names no dataset: pass --dataset NAME [--data_root DIR]")
         root = root or config["args"].get("data_root")
         print(f"classes of --dataset {dataset}{f' --data_root {root}' if root else ''} (from {path})")
-    return dataset_info(dataset, root)
+    return resolve_dataset(dataset, root).info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +251,7 @@ def predict_images(args: argparse.Namespace) -> dict:
     state = load_state_dict(checkpoint)
     info = choose_dataset(args.dataset, args.data_root, checkpoint, infer_config(state)["num_classes"])
     model = model_from_state_dict(state, f"checkpoint {checkpoint}", info.num_classes).to(device).eval()
-    workers = args.num_workers if args.num_workers is not None else (
-        min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    workers = loader_workers(args.num_workers, device)
 
     start = time.perf_counter()
     sizes, skipped = read_sizes(paths)

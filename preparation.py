@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from build_data import FOLDER, UNLABELLED_DIR, VOID, DataError, dataset_info, present_classes, read_label_values
+from build_data import DATASETS, FOLDER, UNLABELLED_DIR, VOID, DataError, present_classes, read_label_values
 from dataset_card import CLASSES_FILE, OVERRIDES_FILE
 from helpers import replace_dir, staged_dir
 
@@ -241,7 +241,7 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
 
 def _write_demo_card(root: Path) -> None:
     """classes.txt (names and colours) and dataset.json (sizes and training defaults) of the demo's table entry."""
-    demo = dataset_info("demo")
+    demo = DATASETS["demo"]
     lines = [f"{name} {' '.join(map(str, demo.palette[c]))}" for c, name in enumerate(demo.class_names)]
     (root / CLASSES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     settings = {"crop_size": list(demo.crop_size), "eval_size": list(demo.eval_size),

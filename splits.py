@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from build_data import (FOLDER, REPO_ROOT, DataError, DatasetInfo, data_root, label_path, list_ids, present_classes,
-                        read_label)
+from build_data import REPO_ROOT, DataError, DatasetFiles, Sampler, file_stamp, present_classes, read_label
 from helpers import UserError, atomic_save
+from layouts import name_record_path
 
 ClassSets = Mapping[str, Collection[int]] | Callable[[str], Collection[int]]
 SHIPPED_SPLITS = REPO_ROOT / "dataset" / "splits"  # the field's standard splits (dataset/splits/README.md)
@@ -113,25 +113,24 @@ def select_labelled_sun(ids: Sequence[str], class_sets: ClassSets, num_labels: i
     return labelled, [i for i in ids if i not in chosen]
 
 
-def get_split(info: DatasetInfo, root: str | os.PathLike | None, num_labels: int, seed: int
-              ) -> tuple[list[str], list[str]]:
+def get_split(data: DatasetFiles, num_labels: int, seed: int) -> tuple[list[str], list[str]]:
     """(labelled ids, unlabelled ids) of the training set for a label budget; 0 -> (all ids, all ids)."""
-    root = data_root(info, root)
-    ids = list_ids(info, root, "train")
+    info = data.info
+    ids = data.list_ids("train")
     if num_labels == 0:
         return list(ids), list(ids)
     cache: dict[str, frozenset[int]] = {}
 
     def classes_of(i: str) -> frozenset[int]:  # read_label rejects values outside the classes
         if i not in cache:
-            label = read_label(info, label_path(info, root, i, "train"))
+            label = read_label(info, data.label_path(i, "train"))
             cache[i] = frozenset(present_classes(label).tolist())
         return cache[i]
 
-    if info.min_classes == 0:
+    if info.sampler is Sampler.SUN:
         return select_labelled_sun(ids, classes_of, num_labels, seed, info.num_classes)
     return select_labelled(ids, classes_of, num_labels, seed, info.num_classes, info.min_classes,
-                           retire_missing=info.layout == FOLDER)
+                           retire_missing=info.sampler is Sampler.BALANCED_RETIRING)
 
 
 def _split_text(split_ids: Sequence[str]) -> str:
@@ -161,8 +160,7 @@ def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         if not file.is_file():
             raise FileNotFoundError(f"split file {file} does not exist: --split_dir must be a folder written "
                                     f"by dataset/make_splits.py (labelled.txt and unlabelled.txt)")
-        stat = file.stat()
-        stamps.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        stamps.append(file_stamp(file))
     labelled, unlabelled = _read_split_files(path.resolve(), tuple(stamps))
     if not labelled:
         raise DataError(f"split file {path / 'labelled.txt'} lists no ids; re-create it with "
@@ -204,39 +202,19 @@ def shipped_split_dir(name: str, dataset: str) -> Path:
     return SHIPPED_SPLITS / name
 
 
-def name_record_path(root: str | os.PathLike, folder: str) -> Path:
-    """Cityscapes: the record dataset/cityscapes_preprocess.py writes of the original name of every numbered image
-    of images/<folder>/ (line i: the stem of i.png, e.g. jena/jena_000078_000019)."""
-    return Path(root) / "images" / f"names_{folder}.txt"
-
-
-def cityscapes_numbers(root: str | os.PathLike) -> dict[str, str]:
-    """Original Cityscapes train name (city/city_seq_frame) -> the preprocessed image number, from the record."""
-    record = name_record_path(root, "train")
-    if not record.is_file():
-        raise DataError(
-            f"{record} not found: this preprocessed Cityscapes copy does not record which original file each "
-            f"images/train/{{i}}.png is (the reference's download numbers them in unsorted file-system order), so "
-            f"a split naming original files (city/city_seq_frame) cannot be matched to it; re-run "
-            f"`python dataset/cityscapes_preprocess.py --root {root}` on the original leftImg8bit_trainvaltest/ and "
-            f"gtFine_trainvaltest/ folders, which writes the record")
-    return {name: str(i) for i, name in enumerate(record.read_text(encoding="utf-8").split())}
-
-
-def load_split(info: DatasetInfo, root: str | os.PathLike | None, path: str | os.PathLike
-               ) -> tuple[list[str], list[str]]:
-    """(labelled, unlabelled) ids of a split folder, each checked against the training list; Cityscapes original
-    names are mapped to the preprocessed numbering through the name record."""
-    root = data_root(info, root)
+def load_split(data: DatasetFiles, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(labelled, unlabelled) ids of a split folder, each checked against the training list; original names of
+    files that the preprocessing numbered (Cityscapes) are mapped to the numbers through its name record."""
+    root = data.checked_root()
     labelled, unlabelled = read_split_dir(path)
-    if info.layout == "cityscapes" and not all(i.isdigit() for i in labelled + unlabelled):
-        numbers = cityscapes_numbers(root)
+    numbers = None if all(i.isdigit() for i in labelled + unlabelled) else data.renamed_ids()
+    if numbers is not None:
         _refuse_unknown(path, labelled, unlabelled, numbers,
                         f"images that {name_record_path(root, 'train')} does not list",
                         "the split is not of this Cityscapes train set; pass another --split / --split_dir")
         labelled, unlabelled = [numbers[i] for i in labelled], [numbers[i] for i in unlabelled]
-    _refuse_unknown(path, labelled, unlabelled, set(list_ids(info, root, "train")),
-                    f"ids that are not in the {info.name} training list of {root}",
+    _refuse_unknown(path, labelled, unlabelled, set(data.list_ids("train")),
+                    f"ids that are not in the {data.info.name} training list of {root}",
                     "the split is of another dataset or list; pass another --split / --split_dir, or another "
                     "--data_root")
     return labelled, unlabelled

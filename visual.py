@@ -18,6 +18,7 @@ import torch
 import figures
 from build_data import DataError
 from helpers import UserError, run_cli
+from layouts import resolve_dataset
 from network import BACKBONES, RESNET_DEPTHS
 
 # The reference's figure: the image it shows per dataset (an index into the val list) and the published files.
@@ -81,8 +82,8 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path] | None = None, t
     index = DEFAULT_INDEX.get(dataset, 0) if index is None else index
     out = Path(out) if out else Path("logging") / f"visual_{dataset}.png"
     try:
-        return figures.draw_figure(dataset, checkpoints, titles, index, out, data_root, backbone, resnet_depth,
-                                   device)
+        return figures.draw_figure(resolve_dataset(dataset, data_root), checkpoints, titles, index, out,
+                                   backbone, resnet_depth, device)
     except DataError as error:  # missing or broken data: also name the reference ReCo README's download
         if dataset not in PREPROCESSED_DATA:
             raise

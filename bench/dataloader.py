@@ -24,6 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_data as bd  # noqa: E402
 import transforms  # noqa: E402
+from layouts import resolve_dataset  # noqa: E402
 
 
 def make_images(root: Path, count: int) -> list[str]:
@@ -91,9 +92,10 @@ def main() -> None:
                "batch_transform_crops_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         ids = make_images(Path(tmp), args.images)
-        dataset = bd.SegmentationDataset(info, tmp, ids, "train", crop_size=info.crop_size,
+        data = resolve_dataset("pascal", tmp)
+        dataset = bd.SegmentationDataset(data, ids, "train", crop_size=info.crop_size,
                                          scale_range=info.scale_range, augmentation=True)
-        plain = bd.SegmentationDataset(info, tmp, ids, "train", crop_size=info.crop_size, scale_range=(1.0, 1.0),
+        plain = bd.SegmentationDataset(data, ids, "train", crop_size=info.crop_size, scale_range=(1.0, 1.0),
                                        augmentation=False)
         for workers in args.workers:
             results["loader_crops_per_s"][str(workers)] = round(loader_rate(dataset, workers, args.batch, args.iters), 1)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed  # noqa: E402
 import engine  # noqa: E402
-from build_data import dataset_info  # noqa: E402
+from layouts import resolve_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="folder to write into (default: a temporary folder)")
     opts = p.parse_args()
-    info = dataset_info(opts.dataset)
+    info = resolve_dataset(opts.dataset).info
     rows = []
     with tempfile.TemporaryDirectory(dir=opts.out) as folder:
         for depth in opts.depths:

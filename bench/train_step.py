@@ -32,8 +32,8 @@ import engine  # noqa: E402
 import helpers  # noqa: E402
 import options  # noqa: E402
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES  # noqa: E402
-from build_data import dataset_info  # noqa: E402
 from faults import StopSignals  # noqa: E402
+from layouts import resolve_dataset  # noqa: E402
 from module_list import ConfMatrix  # noqa: E402
 
 SIZES = {  # the reference's Pascal defaults, and a size a laptop CPU gets through in seconds
@@ -75,7 +75,7 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
     args = options.resolve_args(options.get_args_parser(mode).parse_args(
         SIZES[size] + extra + ["--amp", amp, "--pretrained", "none", "--device", device, "--compile", compile_mode,
                                "--channels_last", channels_last]))
-    info = dataset_info(args.dataset)
+    info = resolve_dataset(args.dataset).info
     torch.compiler.reset()  # each row compiles afresh (and stays under Dynamo's per-function recompile limit)
     run = engine.build_run(args, info, distributed.Dist(0, 1, torch.device(device)))
     run.student.train()

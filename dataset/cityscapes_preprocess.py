@@ -23,8 +23,8 @@ from PIL import Image  # noqa: E402
 
 import build_data  # noqa: E402
 import helpers  # noqa: E402
+import layouts  # noqa: E402
 import preparation  # noqa: E402
-import splits  # noqa: E402
 
 SIZE = (1024, 512)  # (W, H)
 IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
@@ -32,7 +32,7 @@ IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
 
 def void_label_ids() -> list[int]:
     """Label ids 0..33 that have no train id: never sampled for partial labels (as the reference)."""
-    table = build_data.dataset_info("cityscapes").label_table
+    table = build_data.DATASETS["cityscapes"].label_table
     return [i for i in range(34) if table[i] == build_data.VOID]
 
 
@@ -52,11 +52,12 @@ def list_pairs(image_dir: Path, label_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    info = build_data.dataset_info("cityscapes")
+    default_root = layouts.resolve_dataset("cityscapes").root
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, default=info.default_root.parent,
+    parser.add_argument("--src", type=Path, default=default_root.parent,
                         help="folder holding leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ (default: dataset)")
-    parser.add_argument("--root", type=Path, default=info.default_root, help="output (default: dataset/cityscapes)")
+    parser.add_argument("--root", type=Path, default=default_root,
+                        help="output (default: dataset/cityscapes)")
     parser.add_argument("--seeds", type=int, nargs="*", default=list(preparation.PARTIAL_SEEDS),
                         help="partial-label seeds (none: skip partial labels)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for resizing")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 labels.append((label, tmp / "labels" / split / f"{i}.png"))
             # Inside images/, so the record and the numbering it describes are replaced in one rename.
             names = "".join(f"{image.parent.name}/{image.name[:-len(IMAGE_SUFFIX)]}\n" for image, _ in pairs)
-            splits.name_record_path(tmp, split).write_text(names, encoding="utf-8")
+            layouts.name_record_path(tmp, split).write_text(names, encoding="utf-8")
             print(f"{split}: {len(pairs)} images")
         preparation.resize_files(images, SIZE, Image.BICUBIC, "RGB", args.workers, "images")
         preparation.resize_files(labels, SIZE, Image.NEAREST, None, args.workers, "labels")

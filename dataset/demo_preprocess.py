@@ -14,12 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build_data  # noqa: E402
 import helpers  # noqa: E402
+import layouts  # noqa: E402
 import preparation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=build_data.dataset_info("demo").default_root,
+    parser.add_argument("--root", type=Path, default=layouts.resolve_dataset("demo").root,
                         help="output folder (default: dataset/demo)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--num_train", type=int, default=240)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build_data  # noqa: E402
 import helpers  # noqa: E402
+import layouts  # noqa: E402
 import preparation  # noqa: E402
 
 
@@ -28,12 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1),
                         help="processes (one seed each; the output does not depend on it)")
     args = parser.parse_args(argv)
-    info = build_data.dataset_info(build_data.FOLDER, args.root)
-    ids = build_data.list_ids(info, args.root, "train")
-    build_data.list_ids(info, args.root, "test")
-    files = sorted(build_data.label_path(info, args.root, i, "train") for i in ids)
-    [void] = build_data.void_values(info)
-    print(f"{len(files)} labels in {files[0].parent}, {info.num_classes} classes; seeds {args.seeds}")
+    data = layouts.resolve_dataset(build_data.FOLDER, args.root)
+    ids = data.list_ids("train")
+    data.list_ids("test")
+    files = sorted(data.label_path(i, "train") for i in ids)
+    [void] = build_data.void_values(data.info)
+    print(f"{len(files)} labels in {files[0].parent}, {data.info.num_classes} classes; seeds {args.seeds}")
     preparation.write_partial_labels(files, args.root / "labels", preparation.FOLDER_PARTIAL_FORMAT, args.seeds,
                                      void_values=(void,), fill=void, progress=True, workers=args.workers)
     print(f"wrote labels/train_{{p0,p1,p5,p25}}_{{{','.join(map(str, args.seeds))}}} in {args.root}; train with "

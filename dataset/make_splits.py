@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build_data  # noqa: E402
 import helpers  # noqa: E402
+import layouts  # noqa: E402
 import splits  # noqa: E402
 
 
@@ -27,9 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="folder to write the two lists into")
     args = parser.parse_args(argv)
-    info = build_data.dataset_info(args.dataset, args.root)
-    root = args.root if args.root is not None else info.default_root
-    labelled, unlabelled = splits.get_split(info, root, args.num_labels, args.seed)
+    data = layouts.resolve_dataset(args.dataset, args.root)
+    labelled, unlabelled = splits.get_split(data, args.num_labels, args.seed)
     splits.write_split_dir(args.out, labelled, unlabelled)
     print(f"{len(labelled)} labelled and {len(unlabelled)} unlabelled ids written to {args.out}")
 

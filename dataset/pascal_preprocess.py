@@ -16,13 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import build_data  # noqa: E402
 import helpers  # noqa: E402
+import layouts  # noqa: E402
 import preparation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    info = build_data.dataset_info("pascal")
+    data = layouts.resolve_dataset("pascal")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=info.default_root,
+    parser.add_argument("--root", type=Path, default=data.root,
                         help="folder holding SegmentationClassAug/ (default: dataset/pascal)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(preparation.PARTIAL_SEEDS))
     parser.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1),
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = args.root / "SegmentationClassAug"
     files = sorted(labels.glob("*.png"))
     if not files:
-        raise build_data.DataError(f"no label PNGs in {labels}: {info.setup_hint}")
+        raise build_data.DataError(f"no label PNGs in {labels}: {data.info.setup_hint}")
     print(f"{len(files)} labels in {labels}; seeds {args.seeds}")
     preparation.write_partial_labels(files, args.root, "SegmentationClassAug_{partial}_{seed}", args.seeds,
                                     progress=True, workers=args.workers)

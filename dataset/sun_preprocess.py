@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 
 import build_data  # noqa: E402
 import helpers  # noqa: E402
+import layouts  # noqa: E402
 import preparation  # noqa: E402
 
 SIZE = (512, 384)  # (W, H)
@@ -45,10 +46,10 @@ def indexed_files(folder: Path, suffix: str) -> dict[int, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    info = build_data.dataset_info("sun")
+    default_root = layouts.resolve_dataset("sun").root
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, required=True, help="folder with the original SUN RGB-D downloads")
-    parser.add_argument("--root", type=Path, default=info.default_root, help="output (default: dataset/sun)")
+    parser.add_argument("--root", type=Path, default=default_root, help="output (default: dataset/sun)")
     parser.add_argument("--test_idx", type=Path, default=None,
                         help="test subset list (default: SRC/test_idx.txt, else the shipped dataset/sun/test_idx.txt)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for resizing")

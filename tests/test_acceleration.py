@@ -11,7 +11,7 @@ import engine
 import evaluation
 import network
 import options
-from build_data import dataset_info
+from build_data import DATASETS
 from module_list import ConfMatrix
 
 TINY = ["--dataset", "pascal", "--resnet_depth", "18", "--pretrained", "none", "--batch_size", "2",
@@ -20,7 +20,7 @@ TINY = ["--dataset", "pascal", "--resnet_depth", "18", "--pretrained", "none", "
 
 def make_run(mode: str, *extra: str) -> engine.Run:
     args = options.resolve_args(options.get_args_parser(mode).parse_args(TINY + ["--device", "cpu", *extra]))
-    return engine.build_run(args, dataset_info(args.dataset), distributed.Dist(0, 1, torch.device("cpu")))
+    return engine.build_run(args, DATASETS[args.dataset], distributed.Dist(0, 1, torch.device("cpu")))
 
 
 def batches(semi: bool) -> list:

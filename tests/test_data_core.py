@@ -10,6 +10,7 @@ from PIL import Image
 
 import build_data as bd
 import transforms as tf
+from layouts import PascalFiles, resolve_dataset
 from module_list import IGNORE_INDEX
 
 RNG = np.random.default_rng(0)
@@ -70,11 +71,13 @@ def make_sun(root: Path, train_ids=(5051, 9, 120), test_ids=(8, 30), size=(18, 2
     ("demo", 5, (65, 65), (97, 97), (0.75, 1.25), 4, 2, True),
 ])
 def test_table_matches_reference(name, classes, crop, eval_size, scale, batch, min_classes, partial):
-    info = bd.dataset_info(name)
+    data = resolve_dataset(name)
+    info = data.info
     assert (info.num_classes, info.crop_size, info.eval_size, info.scale_range) == (classes, crop, eval_size, scale)
     assert (info.batch_size, info.min_classes, info.partial_labels) == (batch, min_classes, partial)
     assert len(info.class_names) == classes and info.palette.shape == (256, 3) and info.palette.dtype == np.uint8
-    assert info.default_root == bd.REPO_ROOT / "dataset" / name
+    assert data.root == bd.REPO_ROOT / "dataset" / name
+    assert info.sampler is (bd.Sampler.SUN if name == "sun" else bd.Sampler.BALANCED)
 
 
 def test_training_defaults():
@@ -87,7 +90,7 @@ def test_training_defaults():
 
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(bd.DataError, match="pascal, cityscapes, sun, demo"):
-        bd.dataset_info("voc")
+        resolve_dataset("voc")
 
 
 def test_palettes():
@@ -177,53 +180,53 @@ def test_rgb_label_is_an_error(tmp_path):
 
 
 def test_list_ids_pascal_and_shipped_fallback(tmp_path):
-    info = bd.DATASETS["pascal"]
-    root = make_pascal(tmp_path / "voc")
-    assert bd.list_ids(info, root, "train") == ["a", "b", "c", "d"]
-    assert bd.list_ids(info, root, "test") == ["a", "b"]
+    data = resolve_dataset("pascal", make_pascal(tmp_path / "voc"))
+    assert data.list_ids("train") == ["a", "b", "c", "d"]
+    assert data.list_ids("test") == ["a", "b"]
     (tmp_path / "bare").mkdir()
-    train, val = bd.list_ids(info, tmp_path / "bare", "train"), bd.list_ids(info, tmp_path / "bare", "test")
+    bare = resolve_dataset("pascal", tmp_path / "bare")
+    train, val = bare.list_ids("train"), bare.list_ids("test")
     assert (len(train), len(val)) == (10582, 1449) and val[961] == "2010_000426" and not set(train) & set(val)
 
 
 def test_list_ids_cityscapes_numeric_order(tmp_path):
-    root = make_cityscapes(tmp_path, n_train=12, n_val=2, size=(4, 4))
-    assert bd.list_ids(bd.DATASETS["cityscapes"], root, "train") == [str(i) for i in range(12)]
-    assert bd.list_ids(bd.DATASETS["cityscapes"], root, "test") == ["0", "1"]
+    data = resolve_dataset("cityscapes", make_cityscapes(tmp_path, n_train=12, n_val=2, size=(4, 4)))
+    assert data.list_ids("train") == [str(i) for i in range(12)]
+    assert data.list_ids("test") == ["0", "1"]
 
 
 def test_list_ids_sun(tmp_path):
-    info = bd.DATASETS["sun"]
     root = make_sun(tmp_path / "sun", size=(4, 4))
-    assert bd.list_ids(info, root, "train") == ["9", "120", "5051"]
-    assert bd.list_ids(info, root, "test") == ["8", "30"]
+    data = resolve_dataset("sun", root)
+    assert data.list_ids("train") == ["9", "120", "5051"]
+    assert data.list_ids("test") == ["8", "30"]
     (root / "test_idx.txt").unlink()
-    shipped = bd.list_ids(info, root, "test")
+    shipped = data.list_ids("test")
     assert len(shipped) == len(set(shipped)) == 475 and max(map(int, shipped)) <= 5050
 
 
 def test_label_paths_with_partial_labels(tmp_path):
-    pascal, city, sun = (bd.DATASETS[n] for n in ("pascal", "cityscapes", "sun"))
-    assert bd.label_path(pascal, tmp_path, "x", "train", "p5", 2) == tmp_path / "SegmentationClassAug_p5_2" / "x.png"
-    assert bd.label_path(pascal, tmp_path, "x", "test") == tmp_path / "SegmentationClassAug" / "x.png"
-    assert bd.label_path(city, tmp_path, "3", "train", "p0", 1) == tmp_path / "labels" / "train_p0_1" / "3.png"
-    assert bd.label_path(city, tmp_path, "3", "test") == tmp_path / "labels" / "val" / "3.png"
-    assert bd.label_path(sun, tmp_path, "12", "train") == tmp_path / "sunrgbd_train_test_labels" / "img-000012.png"
-    assert bd.image_path(sun, tmp_path, "12", "test") == tmp_path / "SUNRGBD-test_images" / "img-000012.jpg"
+    pascal, city, sun = (resolve_dataset(n, tmp_path) for n in ("pascal", "cityscapes", "sun"))
+    assert pascal.label_path("x", "train", "p5", 2) == tmp_path / "SegmentationClassAug_p5_2" / "x.png"
+    assert pascal.label_path("x", "test") == tmp_path / "SegmentationClassAug" / "x.png"
+    assert city.label_path("3", "train", "p0", 1) == tmp_path / "labels" / "train_p0_1" / "3.png"
+    assert city.label_path("3", "test") == tmp_path / "labels" / "val" / "3.png"
+    assert sun.label_path("12", "train") == tmp_path / "sunrgbd_train_test_labels" / "img-000012.png"
+    assert sun.image_path("12", "test") == tmp_path / "SUNRGBD-test_images" / "img-000012.jpg"
     with pytest.raises(bd.DataError, match="sun has no partial labels"):
-        bd.label_path(sun, tmp_path, "12", "train", "p1")
+        sun.label_path("12", "train", "p1")
     with pytest.raises(bd.DataError, match="--partial 'p2'"):
-        bd.label_path(pascal, tmp_path, "x", "train", "p2")
+        pascal.label_path("x", "train", "p2")
+    with pytest.raises(ValueError, match="train split only"):
+        city.label_path("3", "test", "p0")
 
 
 # --- dataset ----------------------------------------------------------------------------------
 
 
 def test_train_items_are_cropped_and_reproducible(tmp_path):
-    info = bd.DATASETS["pascal"]
-    root = make_pascal(tmp_path)
-    ds = bd.SegmentationDataset(info, root, ["a", "b"], "train", crop_size=(33, 35), scale_range=(0.5, 1.5),
-                                augmentation=True)
+    ds = bd.SegmentationDataset(resolve_dataset("pascal", make_pascal(tmp_path)), ["a", "b"], "train",
+                                crop_size=(33, 35), scale_range=(0.5, 1.5), augmentation=True)
     image, label = ds[(1, 7)]
     assert image.shape == (3, 33, 35) and image.dtype == torch.float32
     assert label.shape == (33, 35) and label.dtype == torch.long
@@ -236,7 +239,7 @@ def test_train_items_are_cropped_and_reproducible(tmp_path):
 def test_test_items_pad_to_eval_size_at_origin(tmp_path):
     info = dataclasses.replace(bd.DATASETS["pascal"], eval_size=(25, 30))
     root = make_pascal(tmp_path, size=(20, 24))
-    ds = bd.SegmentationDataset(info, root, ["a"], "test")
+    ds = bd.SegmentationDataset(PascalFiles(info, root), ["a"], "test")
     image, label = ds[0]
     raw_image, raw_label = ds.load(0)
     assert image.shape == (3, 25, 30) and label.shape == (25, 30)
@@ -250,43 +253,46 @@ def test_test_items_pad_to_eval_size_at_origin(tmp_path):
 
 def test_cityscapes_and_sun_items(tmp_path):
     info = bd.DATASETS["cityscapes"]
-    city = bd.SegmentationDataset(info, make_cityscapes(tmp_path / "c", 2, 1), ["0"], "test", crop_size=(16, 32))
+    city = bd.SegmentationDataset(resolve_dataset("cityscapes", make_cityscapes(tmp_path / "c", 2, 1)), ["0"],
+                                  "test", crop_size=(16, 32))
     _, label = city[0]
     raw = np.asarray(Image.open(tmp_path / "c" / "labels" / "val" / "0.png"))
     expected = torch.from_numpy(info.label_table[raw]).long()
     assert torch.equal(label, torch.where(expected == bd.VOID, IGNORE_INDEX, expected))
-    sun = bd.SegmentationDataset(bd.DATASETS["sun"], make_sun(tmp_path / "s"), ["9"], "train", crop_size=(10, 10))
+    sun = bd.SegmentationDataset(resolve_dataset("sun", make_sun(tmp_path / "s")), ["9"], "train",
+                                 crop_size=(10, 10))
     image, label = sun[(0, 1)]
     assert image.shape == (3, 10, 10) and set(label.unique().tolist()) <= set(range(37)) | {IGNORE_INDEX}
 
 
 def test_partial_labels_are_read(tmp_path):
-    info = bd.DATASETS["pascal"]
     root = make_pascal(tmp_path)
+    data = resolve_dataset("pascal", root)
     partial = np.full((20, 24), bd.VOID)
     partial[5, 6] = 3
     (root / "SegmentationClassAug_p0_1").mkdir()
     _write_label(root / "SegmentationClassAug_p0_1" / "a.png", partial)
-    ds = bd.SegmentationDataset(info, root, ["a"], "train", partial="p0", partial_seed=1)
+    ds = bd.SegmentationDataset(data, ["a"], "train", partial="p0", partial_seed=1)
     assert ds.load(0)[1].eq(3).sum() == 1 and ds.load(0)[1].ne(IGNORE_INDEX).sum() == 1
     with pytest.raises(bd.DataError, match="SegmentationClassAug_p5_0.*not found"):
-        bd.SegmentationDataset(info, root, ["a"], "train", partial="p5")
+        bd.SegmentationDataset(data, ["a"], "train", partial="p5")
     with pytest.raises(bd.DataError, match="sun has no partial labels"):
-        bd.SegmentationDataset(bd.DATASETS["sun"], make_sun(tmp_path / "s"), ["9"], partial="p1")
+        bd.SegmentationDataset(resolve_dataset("sun", make_sun(tmp_path / "s")), ["9"], partial="p1")
 
 
 def test_bad_data_errors(tmp_path):
-    info = bd.DATASETS["pascal"]
+    nowhere = resolve_dataset("pascal", tmp_path / "nowhere")
     with pytest.raises(bd.DataError, match="nowhere.*not found.*pascal_preprocess.*--dataset demo"):
-        bd.SegmentationDataset(info, tmp_path / "nowhere", ["a"])
+        bd.SegmentationDataset(nowhere, ["a"])
     with pytest.raises(bd.DataError, match="nowhere"):
-        bd.list_ids(info, tmp_path / "nowhere", "train")
+        nowhere.list_ids("train")
     nolists = dataclasses.replace(bd.DATASETS["demo"], name="no-such-dataset")
     (tmp_path / "empty").mkdir()
     with pytest.raises(bd.DataError, match="train_aug.txt not found"):
-        bd.list_ids(nolists, tmp_path / "empty", "train")
-    root = make_pascal(tmp_path / "voc", ids=("a", "b", "c", "d"))
-    ds = bd.SegmentationDataset(info, root, ["a", "b", "c", "d", "zz"], "train", crop_size=(9, 9))
+        PascalFiles(nolists, tmp_path / "empty").list_ids("train")
+    data = resolve_dataset("pascal", make_pascal(tmp_path / "voc", ids=("a", "b", "c", "d")))
+    root = data.root
+    ds = bd.SegmentationDataset(data, ["a", "b", "c", "d", "zz"], "train", crop_size=(9, 9))
     with pytest.raises(bd.DataError, match=r"JPEGImages/zz.jpg is missing"):
         ds[4]
     (root / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -299,7 +305,7 @@ def test_bad_data_errors(tmp_path):
     with pytest.raises(bd.DataError, match=r"d.png holds values \[40\]"):
         ds[3]
     with pytest.raises(ValueError, match="split"):
-        bd.SegmentationDataset(info, root, ["a"], "val")
+        bd.SegmentationDataset(data, ["a"], "val")
 
 
 # --- loaders ----------------------------------------------------------------------------------
@@ -312,7 +318,7 @@ def _batches(loader, epoch):
 
 def test_train_loader_sampling(tmp_path):
     root = make_pascal(tmp_path, ids=tuple("abcdef"))
-    ds = bd.SegmentationDataset(bd.DATASETS["pascal"], root, list("abcdef"), crop_size=(11, 13),
+    ds = bd.SegmentationDataset(resolve_dataset("pascal", root), list("abcdef"), crop_size=(11, 13),
                                 scale_range=(0.5, 1.5), augmentation=True)
     loader = bd.build_train_loader(ds, batch_size=3, iters_per_epoch=4, seed=5)
     epoch0 = _batches(loader, 0)
@@ -340,13 +346,21 @@ def test_sampler_draws_with_replacement_and_covers_items():
 def test_test_loader_in_order_and_sharded(tmp_path):
     ids = [f"i{k}" for k in range(7)]
     info = dataclasses.replace(bd.DATASETS["pascal"], eval_size=(20, 24))
-    ds = bd.SegmentationDataset(info, make_pascal(tmp_path, ids=tuple(ids)), ids, "test")
+    ds = bd.SegmentationDataset(PascalFiles(info, make_pascal(tmp_path, ids=tuple(ids))), ids, "test")
     batches = list(bd.build_test_loader(ds))
     assert [len(y) for _, y in batches] == [4, 3]
     assert torch.equal(batches[0][1][1], ds[1][1])
     shards = [list(bd.build_test_loader(ds, 4, rank=r, world_size=3).sampler) for r in range(3)]
     flat = [i for shard in shards for i in shard]
     assert sorted(flat) == list(range(7)) and all(shards)
+
+
+def test_loader_workers_rule(monkeypatch):
+    monkeypatch.setattr(bd.os, "cpu_count", lambda: 16)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [bd.loader_workers(None, cuda, n) for n in (1, 4, 32)] == [8, 4, 1]
+    assert bd.loader_workers(None, cpu) == 0 and bd.loader_workers(3, cpu) == 3
+    assert bd.loader_workers(0, cuda) == 0
 
 
 class _WorkerRandom(torch.utils.data.Dataset):

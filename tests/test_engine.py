@@ -12,6 +12,7 @@ import engine
 import helpers
 import network
 import options
+from layouts import resolve_dataset
 
 
 def parse(mode, *argv):
@@ -143,8 +144,8 @@ def test_resumed_outputs_keep_every_finished_epoch_in_tensorboard(tmp_path):
 
 
 def test_a_data_error_in_a_loader_worker_is_one_line(demo_root, capsys):
-    info = build_data.dataset_info("demo")
-    dataset = build_data.SegmentationDataset(info, demo_root, ["no_such_image"], "train", crop_size=(17, 17))
+    dataset = build_data.SegmentationDataset(resolve_dataset("demo", demo_root), ["no_such_image"], "train",
+                                             crop_size=(17, 17))
     loader = build_data.build_train_loader(dataset, 1, 1, num_workers=1)
     with pytest.raises(SystemExit) as exit_info:
         helpers.run_cli(lambda argv: [batch for batch in loader])

@@ -284,9 +284,10 @@ def test_a_sigterm_to_the_whole_job_spares_the_loader_workers_and_the_run_stops_
 
 KEPT_LOADER = """\
 import sys
-from build_data import SegmentationDataset, build_test_loader, build_train_loader, dataset_info, list_ids
-info, root = dataset_info("demo"), sys.argv[1]
-train, test = (SegmentationDataset(info, root, list_ids(info, root, split), split) for split in ("train", "test"))
+from build_data import SegmentationDataset, build_test_loader, build_train_loader
+from layouts import resolve_dataset
+data = resolve_dataset("demo", sys.argv[1])
+train, test = (SegmentationDataset(data, data.list_ids(split), split) for split in ("train", "test"))
 kept = [iter(build_train_loader(train, 2, 3, num_workers=2)), iter(build_test_loader(test, num_workers=2))]
 next(kept[0]), next(kept[1])
 kept.append(kept)  # a reference cycle: the loaders live until the interpreter ends

@@ -13,12 +13,14 @@ from PIL import Image
 import build_data
 import engine
 import evaluate
+import layouts
 import network
 import preparation
 import visual
 from build_data import DataError
 from dataset_card import read_card
 from helpers import run_cli
+from layouts import resolve_dataset
 from module_list import IGNORE_INDEX
 from options import dataset_tag, metric_columns
 from splits import get_split, select_labelled
@@ -105,14 +107,14 @@ def train_argv(root: Path, tmp_path: Path, *extra) -> list[str]:
 def test_card_names_colours_overrides_and_defaults(tmp_path):
     root = make_folder(tmp_path / "d", 3, val=3, card={"void": 200, "scale_range": [0.8, 1.2], "eval_size": [50, 60]})
     (root / "classes.txt").write_text("back ground 0 0 0\nroad sign 10 20 30\ncar 255 0 5\n\n")
-    info = build_data.dataset_info("folder", root)
+    info = resolve_dataset("folder", root).info
     assert info.class_names == ("back ground", "road sign", "car") and info.num_classes == 3
     assert info.palette[:3].tolist() == [[0, 0, 0], [10, 20, 30], [255, 0, 5]]
     assert info.eval_size == (50, 60) and info.scale_range == (0.8, 1.2) and info.min_classes == 2
     assert info.label_table[[0, 2, 200, 255]].tolist() == [0, 2, build_data.VOID, 254]  # 255 is not void here
     assert (info.crop_size, info.batch_size, info.resnet_depth) == ((321, 321), 10, 101)  # the silent defaults
     (root / "dataset.json").unlink()
-    info = build_data.dataset_info("folder", root)
+    info = resolve_dataset("folder", root).info
     assert info.eval_size == (45, 41)  # the largest val image (H, W) when dataset.json is silent
     assert info.palette[:3].tolist() == [[0, 0, 0], [10, 20, 30], [255, 0, 5]]
     assert read_card(root).min_classes == 2 and read_card(root).void == 255
@@ -130,9 +132,31 @@ def test_card_files_from_windows_editors_read_as_written(tmp_path):
 
 
 def test_two_classes_default_to_voc_colours_and_min_classes_two(tmp_path):
-    info = build_data.dataset_info("folder", make_folder(tmp_path / "d", 2))
-    assert info.palette[:2].tolist() == build_data.dataset_info("pascal").palette[:2].tolist()
+    info = resolve_dataset("folder", make_folder(tmp_path / "d", 2)).info
+    assert info.palette[:2].tolist() == build_data.DATASETS["pascal"].palette[:2].tolist()
     assert info.min_classes == 2 and info.num_classes == 2
+
+
+def test_the_card_and_the_image_headers_are_read_once_until_a_file_changes(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "d", 3, train=4, val=3)  # no eval_size in dataset.json: the val headers
+    cards, opened = [], []
+    monkeypatch.setattr(layouts, "read_card", lambda folder: cards.append(folder) or read_card(folder))
+    open_image = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a: opened.append(Path(path)) or open_image(path, *a))
+    for _ in range(3):  # as a run: its options, its loaders and its end-of-run figure
+        data = resolve_dataset("folder", root)
+        data.list_ids("test")
+    val = sorted((root / "images/val").iterdir())
+    assert data.info.eval_size == (45, 41) and len(cards) == 1 and [opened.count(p) for p in val] == [1, 1, 1]
+    # a rewritten card and a replaced image are read again, once
+    (root / "classes.txt").write_text("a\nb\nc\nd\n")
+    write_image(val[0], "RGB", 50, 60, np.random.default_rng(0))
+    write_label(root / "labels/val" / f"{val[0].stem}.png", np.ones((50, 60), np.uint8), False)
+    for _ in range(2):
+        data = resolve_dataset("folder", root)
+        data.list_ids("test")
+    assert data.info.num_classes == 4 and data.info.eval_size == (50, 60) and len(cards) == 2
+    assert [opened.count(p) for p in val] == [2, 1, 1]
 
 
 # --- one line for every bad input, before any training ---
@@ -227,7 +251,7 @@ def test_an_image_too_large_to_decode_is_named_with_the_fix(tmp_path, capsys, mo
 
 def test_folder_without_data_root_says_so(capsys):
     with pytest.raises(DataError, match="--dataset folder needs --data_root DIR"):
-        build_data.dataset_info("folder", None)
+        resolve_dataset("folder", None)
     err = cli_error(capsys, evaluate.main, ["--dataset", "folder", "--checkpoint", "x.pth"])
     assert "needs --data_root" in err
 
@@ -247,25 +271,25 @@ def test_file_names_as_users_write_them(tmp_path, run_script):
     (root / "images/train/__MACOSX").mkdir()  # what a zip made on a Mac unpacks: no images, only ._ files
     (root / "images/train/__MACOSX/._IMG 0001.JPG").write_bytes(b"\0\5\x16\7")
     (root / "images/val/._val_0.jpg").write_bytes(b"\0\5\x16\7")  # and ._ files beside the images
-    info = build_data.dataset_info("folder", root)
-    ids = build_data.list_ids(info, root, "train")
+    data = resolve_dataset("folder", root)
+    ids = data.list_ids("train")
     assert ids == sorted(renames.values())
     code, out, err = run_script("folder_preprocess.py", "--root", root, "--seeds", "0", "--workers", "1")
     assert code == 0, err
     for partial in (None, "p1"):
-        dataset = build_data.SegmentationDataset(info, root, ids, "train", partial=partial, crop_size=(33, 33))
+        dataset = build_data.SegmentationDataset(data, ids, "train", partial=partial, crop_size=(33, 33))
         for i, image_id in enumerate(ids):
-            path = build_data.label_path(info, root, image_id, "train", partial, 0)
+            path = data.label_path(image_id, "train", partial, 0)
             assert path.is_file() and path.stem == Path(image_id).stem
             assert dataset[i][1].shape == (33, 33)
 
 
 def test_a_class_no_training_label_holds_is_named(tmp_path, capsys):
     root = make_folder(tmp_path / "d", 7, train=2)  # the two labels hold classes 0, 1 and 2
-    info = build_data.dataset_info("folder", root)
-    build_data.list_ids(info, root, "test")  # a val set may lack classes
+    data = resolve_dataset("folder", root)
+    data.list_ids("test")  # a val set may lack classes
     assert "warning" not in capsys.readouterr().err
-    build_data.list_ids(info, root, "train")
+    data.list_ids("train")
     err = capsys.readouterr().err
     assert err.startswith(f"warning: no label in {root / 'labels/train'} holds class 3 ('class 3'), 4 ('class 4'), "
                           f"5 ('class 5'), 6 ('class 6') of classes.txt: the network cannot learn them")
@@ -288,28 +312,29 @@ def test_folder_runs_are_named_by_their_folder_and_builtin_names_stay(tmp_path, 
 
 def test_every_image_mode_reads_as_rgb_and_16_bit_is_scaled(tmp_path):
     root = make_folder(tmp_path / "d", 3, train=6)
-    info = build_data.dataset_info("folder", root)
-    ids = build_data.list_ids(info, root, "train")
+    data = resolve_dataset("folder", root)
+    info = data.info
+    ids = data.list_ids("train")
     assert ids == sorted(p.name for p in (root / "images/train").iterdir())
     for i in ids:
-        image = build_data.read_image(info, build_data.image_path(info, root, i, "train"))
+        image = build_data.read_image(info, data.image_path(i, "train"))
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     wide = build_data.read_image(info, root / "images/train/train_4.png")  # I;16: v * 257 -> v
     raw = np.asarray(Image.open(root / "images/train/train_4.png"))
     assert raw.dtype == np.uint16 and np.array_equal(wide[..., 1], raw // 257) and wide.max() > 200
     # palette and grayscale labels read as their stored indices
-    label = build_data.read_label(info, build_data.label_path(info, root, "train_1.png", "train"))
+    label = build_data.read_label(info, data.label_path("train_1.png", "train"))
     assert set(np.unique(label)) == {1, 2, build_data.VOID}
 
 
 def test_grey_masks_saved_with_colour_or_alpha_channels_read_as_their_values(tmp_path):
     root = make_folder(tmp_path / "d", 3, train=4)
-    info = build_data.dataset_info("folder", root)
+    data = resolve_dataset("folder", root)
     stored = {}
     for path, mode in zip(sorted((root / "labels/train").iterdir()), ("RGB", "RGBA", "LA", "L")):
         stored[path] = np.asarray(Image.open(path))  # what a tool exporting the same mask in another mode keeps
         Image.fromarray(stored[path], "L").convert(mode).save(path)
-    build_data.list_ids(info, root, "train")
+    data.list_ids("train")
     for path, values in stored.items():
         np.testing.assert_array_equal(build_data.read_label_values(path, ""), values)
     binary = np.zeros((5, 7), np.uint8)
@@ -320,20 +345,20 @@ def test_grey_masks_saved_with_colour_or_alpha_channels_read_as_their_values(tmp
 
 def test_images_without_masks_yield_all_ignore_and_join_the_semi_pool(tmp_path, capsys):
     root = make_folder(tmp_path / "d", 3, train=4, unlabelled=3)
-    info = build_data.dataset_info("folder", root)
-    extra = build_data.list_unlabelled(info, root)
+    data = resolve_dataset("folder", root)
+    extra = data.unlabelled_ids()
     assert extra == [f"unlabelled/extra_{i}.png" for i in range(3)]
-    dataset = build_data.SegmentationDataset(info, root, extra, "train", crop_size=(33, 33))
+    dataset = build_data.SegmentationDataset(data, extra, "train", crop_size=(33, 33))
     image, label = dataset[0]
     assert image.shape == (3, 33, 33) and bool((label == IGNORE_INDEX).all())
-    assert build_data.list_unlabelled(build_data.dataset_info("demo"), root) == []  # folder datasets only
+    assert resolve_dataset("demo", root).unlabelled_ids() == []  # folder datasets only
     argv = train_argv(root, tmp_path, "--num_labels", "2")
     args = engine.resolve_args(engine.get_args_parser("semi").parse_args(argv))
     d = engine.init_distributed(args)
-    (labelled, unlabelled), _, _ = engine.build_loaders(args, info, d)
+    (labelled, unlabelled), _, _ = engine.build_loaders(args, data, d)
     assert len(labelled) == 2 and unlabelled[-3:] == extra and len(unlabelled) == 2 + 3
     args.train_mode = "sup"
-    (_, unlabelled), _, _ = engine.build_loaders(args, info, d)
+    (_, unlabelled), _, _ = engine.build_loaders(args, data, d)
     assert not set(extra) & set(unlabelled)  # a supervised run has no unlabelled branch
 
 
@@ -341,8 +366,7 @@ def test_monitors_of_an_unlabelled_pool_without_masks_read_n_a_not_zero(tmp_path
     root = make_folder(tmp_path / "d", 3, train=4, unlabelled=3)
     split = tmp_path / "split"  # every labelled image labelled: the unlabelled pool is the images without masks
     split.mkdir()
-    (split / "labelled.txt").write_text("\n".join(build_data.list_ids(build_data.dataset_info("folder", root), root,
-                                                                      "train")))
+    (split / "labelled.txt").write_text("\n".join(resolve_dataset("folder", root).list_ids("train")))
     (split / "unlabelled.txt").write_text("")
     engine.main("semi", train_argv(root, tmp_path, "--split_dir", str(split), "--no_visual"))
     assert "| unlabelled_miou n/a | unlabelled_acc n/a ||" in capsys.readouterr().out
@@ -358,15 +382,15 @@ def test_monitors_of_an_unlabelled_pool_without_masks_read_n_a_not_zero(tmp_path
 @pytest.mark.parametrize("num_classes", [2, 7])
 def test_sampler_balances_the_cards_classes_and_ends_with_a_message(num_classes, tmp_path):
     root = make_folder(tmp_path / "d", num_classes, train=8)
-    info = build_data.dataset_info("folder", root)
-    labelled, unlabelled = get_split(info, root, 8, seed=0)
-    assert sorted(labelled) == build_data.list_ids(info, root, "train") and unlabelled == []
+    data = resolve_dataset("folder", root)
+    labelled, unlabelled = get_split(data, 8, seed=0)
+    assert sorted(labelled) == data.list_ids("train") and unlabelled == []
     # with only one class an image cannot count towards min_classes 2: the budget cannot be met
     for i in range(0, 8, 2):
         write_label(root / f"labels/train/train_{i}.png", np.zeros(SIZES[i % 4], np.uint8), False)
     with pytest.raises(DataError, match="cannot pick 5 labelled images: no remaining image has >= 2 classes"):
-        get_split(info, root, 5, seed=0)
-    assert len(get_split(info, root, 4, seed=0)[0]) == 4
+        get_split(data, 5, seed=0)
+    assert len(get_split(data, 4, seed=0)[0]) == 4
 
 
 def test_rare_classes_retire_instead_of_ending_the_split():
@@ -426,13 +450,18 @@ def test_two_classes_semi_reco_then_evaluate_and_visual(tmp_path, capsys):
     assert "predicts 2 classes but the dataset has 3" in err and "classes.txt" in err
 
 
-def test_seven_classes_sup_with_a_split_dir_and_amp(tmp_path, capsys, run_script):
+def test_seven_classes_sup_with_a_split_dir_and_amp(tmp_path, capsys, run_script, monkeypatch):
     root = make_folder(tmp_path / "d", 7, train=8, val=2, colours=True)
     code, out, err = run_script("make_splits.py", "--dataset", "folder", "--root", root, "--num_labels", "4",
                                 "--out", tmp_path / "split")
     assert code == 0, err
+    cards = []
+    monkeypatch.setattr(layouts, "read_card", lambda folder: cards.append(folder) or read_card(folder))
+    headers = build_data._header_size.cache_info().misses
     engine.main("sup", train_argv(root, tmp_path, "--split_dir", str(tmp_path / "split"), "--amp", "bf16",
                                   "--apply_reco", *RECO))
+    # make_splits.py read the card and every header: the run (options, loaders, figure) reads none again
+    assert cards == [] and build_data._header_size.cache_info().misses == headers
     run = tmp_path / f"log/{dataset_tag('folder', root)}_label4_sup_reco_0"
     assert (run / "split/labelled.txt").read_text() == (tmp_path / "split/labelled.txt").read_text()
     assert (run / "visual.png").stat().st_size > 1000  # the figure uses the card's colours
@@ -465,8 +494,8 @@ def test_demo_in_the_folder_layout_holds_the_demo_data(tmp_path, run_script):
             assert label.read_bytes() == (pascal / "SegmentationClassAug" / label.name).read_bytes()
     assert (tmp_path / "f/labels/train_p1_0/train_00000.png").read_bytes() == \
         (pascal / "SegmentationClassAug_p1_0/train_00000.png").read_bytes()
-    info = build_data.dataset_info("folder", tmp_path / "f")
-    demo = build_data.dataset_info("demo")
+    data = resolve_dataset("folder", tmp_path / "f")
+    info, demo = data.info, build_data.DATASETS["demo"]
     assert info.class_names == demo.class_names and np.array_equal(info.palette[:5], demo.palette[:5])
     assert (info.crop_size, info.eval_size, info.epochs, info.resnet_depth) == ((65, 65), (97, 97), 8, 18)
-    assert len(build_data.list_unlabelled(info, tmp_path / "f")) == 2
+    assert len(data.unlabelled_ids()) == 2

@@ -57,7 +57,8 @@ def test_no_import_circles_and_none_hidden_in_functions():
     ("visual", {"engine", "options"}),
     ("evaluate", {"engine", "options"}),
     ("study", {"engine", "options", "network"}),
-    ("build_data", {"engine", "network", "splits", "preparation"}),
+    ("build_data", {"engine", "network", "splits", "preparation", "layouts"}),
+    ("layouts", {"engine", "network", "splits", "preparation", "options"}),
     ("dataset_card", {"build_data", "engine", "network", "module_list", "options"}),
 ])
 def test_importing_a_module_does_not_import_what_it_must_not(module, forbidden):

@@ -71,7 +71,7 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 def expected_mask(model, path, flip=False, window=None) -> np.ndarray:
     """The model's own prediction: the image reflect-padded to 16k + 1 px, network.predict, argmax, cut back."""
-    photo = build_data.read_image(build_data.dataset_info("demo"), path)
+    photo = build_data.read_image(build_data.DATASETS["demo"], path)
     height, width = photo.shape[:2]
     image = torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 255
     pad_h, pad_w = (-(height - 1)) % 16, (-(width - 1)) % 16
@@ -93,7 +93,7 @@ def test_masks_are_the_models_prediction_and_unreadable_images_are_skipped(input
     assert [line for line in lines if line.startswith(f"skipped {inputs / 'trunc.png'}: ")] != []
     assert "wrote 5 masks and overlays" in stdout
     model = tiny_model()
-    palette = build_data.dataset_info("demo").palette
+    palette = build_data.DATASETS["demo"].palette
     classes = set()
     for name, (_, height, width) in IMAGES.items():
         stem = name.split(".")[0]

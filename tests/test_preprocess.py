@@ -12,6 +12,7 @@ from PIL import Image
 
 import build_data
 import preparation
+from layouts import resolve_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,8 +175,7 @@ def test_sun_preprocess(tmp_path, run_script):
             == np.array(label.resize((512, 384), Image.NEAREST))).all()
     assert (root / "test_idx.txt").read_text() == "2\n4\n"
     # Training reads it: 5 train ids in numeric order, 2 test ids.
-    info = build_data.dataset_info("sun")
-    assert build_data.list_ids(info, root, "train") == ["1", "3", "5051", "5052", "5053"]
+    assert resolve_dataset("sun", root).list_ids("train") == ["1", "3", "5051", "5052", "5053"]
     # Re-run: same result; the input is never touched.
     first = digest(root)
     assert run_script("sun_preprocess.py", "--src", src, "--root", root, "--workers", 1)[0] == 0

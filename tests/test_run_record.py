@@ -12,13 +12,13 @@ import torch
 import torchvision
 from PIL import Image
 
-import build_data
 import engine
 import figures
 import options
 import preparation
 import run_record
 import splits
+from layouts import resolve_dataset
 
 TINY = ["--dataset", "demo", "--batch_size", "2", "--crop_size", "33", "33", "--iters_per_epoch", "1",
         "--epochs", "1", "--num_labels", "4"]
@@ -99,7 +99,7 @@ def test_covering_test_images_read_the_val_labels(small_demo):
     ids = (small_demo / "val.txt").read_text().split()
     class_sets = [set(np.unique(np.array(Image.open(small_demo / "SegmentationClassAug" / f"{i}.png"))).tolist())
                   - {255} for i in ids]
-    chosen = figures.covering_test_images("demo", small_demo, count=4)
+    chosen = figures.covering_test_images(resolve_dataset("demo", small_demo), count=4)
     assert chosen == figures.covering_choice(class_sets, 4) and len(set(chosen)) == 4
     assert set().union(*(class_sets[i] for i in chosen)) == set().union(*class_sets) == {0, 1, 2, 3, 4}
 
@@ -134,7 +134,7 @@ def test_a_split_folder_is_read_once_per_run_and_again_once_it_changes(small_dem
     args = options.resolve_args(options.get_args_parser("sup").parse_args(
         ["--dataset", "demo", "--data_root", str(small_demo), "--split_dir", str(split)]))  # the budget, the name
     assert args.num_labels == 2
-    assert splits.load_split(build_data.dataset_info("demo"), small_demo, args.split_dir) == (ids[:2], ids[2:])
+    assert splits.load_split(resolve_dataset("demo", small_demo), args.split_dir) == (ids[:2], ids[2:])
     assert reads.count("labelled.txt") == reads.count("unlabelled.txt") == 1
     splits.write_split_dir(split, ids[:3], ids[3:])  # rewritten: read again
     assert splits.read_split_dir(split) == (ids[:3], ids[3:])

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import build_data
 import splits
 from build_data import DataError
+from layouts import resolve_dataset
 from splits import select_labelled, select_labelled_sun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,13 +218,13 @@ def demo_class_sets(root):
 
 
 def test_get_split_on_demo(demo_root):
-    info = build_data.dataset_info("demo")
+    data = resolve_dataset("demo", demo_root)
     ids = (demo_root / "train_aug.txt").read_text().split()
     sets = demo_class_sets(demo_root)
     for seed in (0, 1):
-        expected = naive_pascal(ids, sets, 20, seed, info.num_classes, info.min_classes)
-        assert splits.get_split(info, demo_root, 20, seed) == expected
-    assert splits.get_split(info, demo_root, 0, 0) == (ids, ids)
+        expected = naive_pascal(ids, sets, 20, seed, data.info.num_classes, data.info.min_classes)
+        assert splits.get_split(data, 20, seed) == expected
+    assert splits.get_split(data, 0, 0) == (ids, ids)
 
 
 def test_make_splits_script(demo_root, tmp_path, run_script):
@@ -233,14 +233,12 @@ def test_make_splits_script(demo_root, tmp_path, run_script):
     code, stdout, err = run_script("make_splits.py", *args)
     assert code == 0, err
     assert stdout.startswith("12 labelled and 228 unlabelled ids written to")
-    info = build_data.dataset_info("demo")
-    assert splits.read_split_dir(out) == splits.get_split(info, demo_root, 12, 2)
+    assert splits.read_split_dir(out) == splits.get_split(resolve_dataset("demo", demo_root), 12, 2)
     code, _, err = run_script("make_splits.py", *args[:4], "--num_labels", 100000, "--out", out)
     assert code == 2 and err.startswith("error: cannot pick 100000")
 
 
 def test_get_split_cityscapes_numeric_order_and_train_ids(tmp_path):
-    info = build_data.dataset_info("cityscapes")
     rng = np.random.default_rng(3)
     label_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
     (tmp_path / "images" / "train").mkdir(parents=True)
@@ -256,11 +254,10 @@ def test_get_split_cityscapes_numeric_order_and_train_ids(tmp_path):
     ids = [str(i) for i in range(14)]
     for seed in range(4):
         expected = naive_pascal(ids, sets, 3, seed, 19, 12)
-        assert splits.get_split(info, tmp_path, 3, seed) == expected
+        assert splits.get_split(resolve_dataset("cityscapes", tmp_path), 3, seed) == expected
 
 
 def test_get_split_sun_uses_its_own_loop(tmp_path):
-    info = build_data.dataset_info("sun")
     rng = np.random.default_rng(4)
     (tmp_path / "SUNRGBD-train_images").mkdir()
     (tmp_path / "sunrgbd_train_test_labels").mkdir()
@@ -270,6 +267,6 @@ def test_get_split_sun_uses_its_own_loop(tmp_path):
         Image.fromarray(raw).save(tmp_path / "sunrgbd_train_test_labels" / f"img-{k:06d}.png")
         (tmp_path / "SUNRGBD-train_images" / f"img-{k:06d}.jpg").write_bytes(b"")
         sets[str(k)] = {int(v) - 1 for v in np.unique(raw) if v > 0}
-    ids = sorted(sets, key=int)
+    ids, data = sorted(sets, key=int), resolve_dataset("sun", tmp_path)
     for seed in range(4):
-        assert splits.get_split(info, tmp_path, 4, seed) == naive_sun(ids, sets, 4, seed, 37)
+        assert splits.get_split(data, 4, seed) == naive_sun(ids, sets, 4, seed, 37)

@@ -12,6 +12,7 @@ import engine
 import options
 import splits
 from distributed import Dist
+from layouts import resolve_dataset
 from test_preprocess import make_cityscapes_src
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,14 +51,14 @@ def test_split_flag_on_a_fake_pascal_root(tmp_path):
     args = resolve("semi", "--dataset", "pascal", "--data_root", root, "--split", "pascal/92")
     assert args.split_dir == str(REPO / "dataset/splits/pascal/92")
     assert (args.num_labels, args.name) == (92, "pascal_label92_semi_cutout_0")
-    labelled, unlabelled = splits.load_split(build_data.dataset_info("pascal"), root, args.split_dir)
+    labelled, unlabelled = splits.load_split(resolve_dataset("pascal", root), args.split_dir)
     assert labelled == (REPO / "dataset/splits/pascal/92/labelled.txt").read_text().split()
     assert len(unlabelled) == len(ids) - 92
     # an id the dataset's training list lacks: one line naming the split file and the id
     (root / "train_aug.txt").write_text("\n".join(i for i in ids if i != labelled[5]) + "\n")
     with pytest.raises(build_data.DataError, match=f"pascal/92/labelled.txt lists 1 ids that are not in the "
                                                     f"pascal training list of .*first: {labelled[5]}"):
-        splits.load_split(build_data.dataset_info("pascal"), root, args.split_dir)
+        splits.load_split(resolve_dataset("pascal", root), args.split_dir)
 
 
 @pytest.mark.parametrize("mode, argv, words", [
@@ -94,16 +95,16 @@ def test_cityscapes_names_are_recorded_and_map_a_split(tmp_path, run_script, mon
     monkeypatch.setattr(splits, "SHIPPED_SPLITS", shipped)
     args = resolve("semi", "--dataset", "cityscapes", "--data_root", root, "--split", "cityscapes/tiny",
                    "--batch_size", 2, "--num_workers", 0)
-    info = build_data.dataset_info("cityscapes")
-    (labelled, unlabelled), _, _ = engine.build_loaders(args, info, Dist(0, 1, torch.device("cpu")))
+    data = resolve_dataset("cityscapes", root)
+    (labelled, unlabelled), _, _ = engine.build_loaders(args, data, Dist(0, 1, torch.device("cpu")))
     assert (labelled, unlabelled) == (["2", "0"], ["1", "3"])
     # numbered ids pass as they are (a split written by a run or make_splits.py)
     splits.write_split_dir(tmp_path / "numbered", ["3"], ["0", "1", "2"])
-    assert splits.load_split(info, root, tmp_path / "numbered") == (["3"], ["0", "1", "2"])
+    assert splits.load_split(data, tmp_path / "numbered") == (["3"], ["0", "1", "2"])
     # the real 1/30 split names images this tiny train set lacks
     with pytest.raises(build_data.DataError, match=r"1_30/labelled.txt lists 100 images that .*names_train.txt "
                                                    r"does not list \(first: weimar/weimar_000085_000019\)"):
-        splits.load_split(info, root, REPO / "dataset/splits/cityscapes/1_30")
+        splits.load_split(data, REPO / "dataset/splits/cityscapes/1_30")
 
 
 def test_cityscapes_copy_without_the_record_says_why(tmp_path, run_script, capsys):

@@ -14,13 +14,14 @@ import figures
 import helpers
 import network
 import visual
+from layouts import resolve_dataset
 from test_evaluate import NUM_CLASSES, constant_checkpoint, make_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_blend_is_70_percent_colour_and_ignore_uses_row_255():
-    palette = build_data.dataset_info("pascal").palette
+    palette = build_data.DATASETS["pascal"].palette
     photo = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
     label = np.array([[0, 1, 15, -1, 255, 20, 2]] * 6)
     expected = 0.3 * photo + 0.7 * palette[np.where(label < 0, 255, label)].astype(float)
@@ -52,7 +53,7 @@ def test_draw_figure_writes_a_png_cropped_to_the_image(tmp_path):
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > 300
     # the panels themselves: cropped back to 33x80, ground truth colours where labelled
-    _, photo, image, label = figures.load_sample("demo", root, 1)
+    _, photo, image, label = figures.load_sample(resolve_dataset("demo", root), 1)
     assert photo.shape == (33, 80, 3) and label.shape == (97, 97)
     assert (label[:33, 20:80] == 4).all() and (label[:33, :20] == -1).all() and (label[33:] == -1).all()
 
@@ -85,7 +86,7 @@ def test_missing_own_checkpoint_and_bad_index(tmp_path, capsys):
             helpers.run_cli(visual.main, ["--dataset", "demo", "--data_root", str(root), *extra])
         assert stop.value.code == 2
         assert expected in capsys.readouterr().err
-    assert NUM_CLASSES == build_data.dataset_info("demo").num_classes
+    assert NUM_CLASSES == build_data.DATASETS["demo"].num_classes
 
 
 def test_reference_figure_defaults_pascal_entry_961_and_published_names(tmp_path, monkeypatch):
@@ -105,5 +106,5 @@ def test_reference_figure_defaults_pascal_entry_961_and_published_names(tmp_path
     assert visual.main(["--dataset", "pascal", "--data_root", str(root), "--weights_dir", str(weights)]) == [
         Path("logging/visual_pascal.png")]
     assert (tmp_path / "logging" / "visual_pascal.png").is_file()
-    _, photo, _, label = figures.load_sample("pascal", root, 961)
+    _, photo, _, label = figures.load_sample(resolve_dataset("pascal", root), 961)
     assert photo.shape == (30, 40, 3) and label.shape == (513, 513) and (label[:30, :40] == 15).all()
