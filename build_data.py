@@ -8,7 +8,7 @@ import enum
 import functools
 import os
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,20 +102,23 @@ _DEMO_NAMES = ("background", "stripes", "checker", "dots", "blob")
 
 @dataclass(frozen=True)
 class OnlineDefaults:
-    """The values FixMatch and UniMatch (--method fixmatch|unimatch) train with where a flag is left unset:
-    UniMatch's configs for Pascal and Cityscapes, Pascal-like values elsewhere. Iterations per epoch follow the
-    unlabelled images (options.online_iterations); weight decay is UniMatch's 1e-4 everywhere."""
+    """The values FixMatch and UniMatch (--method fixmatch|unimatch) train with where a flag of the same name is
+    left unset: UniMatch's configs for Pascal and Cityscapes, Pascal-like values elsewhere. Their iterations per
+    epoch follow the unlabelled images (options.online_iterations)."""
 
-    crop: int  # the square crop's side
+    crop_size: tuple[int, int]  # square
     batch_size: int  # per branch (labelled, unlabelled) and process
     lr: float  # the backbone's; the rest of the network trains at lr * lr_multi
     lr_multi: float
     epochs: int
     conf_thresh: float  # tau: pseudo-labels below this confidence are not learnt from
     criterion: str = "ce"  # the labelled loss: 'ce' or 'ohem'
+    weight_decay: float = 1e-4
 
 
-PASCAL_LIKE = OnlineDefaults(crop=321, batch_size=8, lr=0.001, lr_multi=10.0, epochs=80, conf_thresh=0.95)
+# The flags whose defaults follow --method (the mean teacher's are the reference's).
+ONLINE_DEFAULTED = (*(f.name for f in fields(OnlineDefaults)), "iters_per_epoch")
+PASCAL_LIKE = OnlineDefaults(crop_size=(321, 321), batch_size=8, lr=0.001, lr_multi=10.0, epochs=80, conf_thresh=0.95)
 
 
 class Sampler(enum.Enum):
@@ -170,7 +173,7 @@ DATASETS: dict[str, DatasetInfo] = {
         partial_labels=True,
         setup_hint="put leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ in dataset/ and run "
                    "`python dataset/cityscapes_preprocess.py` (docs/datasets.md)",
-        online=OnlineDefaults(crop=801, batch_size=8, lr=0.005, lr_multi=1.0, epochs=240, conf_thresh=0.0,
+        online=OnlineDefaults(crop_size=(801, 801), batch_size=8, lr=0.005, lr_multi=1.0, epochs=240, conf_thresh=0.0,
                               criterion="ohem")),
     "sun": DatasetInfo(
         name="sun", layout="sun", class_names=_SUN_NAMES, palette=_palette(_SUN_COLOURS, 0),
@@ -186,7 +189,7 @@ DATASETS: dict[str, DatasetInfo] = {
         setup_hint="generate it with `python dataset/demo_preprocess.py`",
         epochs=8, iters_per_epoch=25, resnet_depth=18, pretrained="none",
         # a backbone trained from scratch learns as fast as the head: no head multiplier, a larger lr
-        online=OnlineDefaults(crop=65, batch_size=4, lr=0.01, lr_multi=1.0, epochs=8, conf_thresh=0.95)),
+        online=OnlineDefaults(crop_size=(65, 65), batch_size=4, lr=0.01, lr_multi=1.0, epochs=8, conf_thresh=0.95)),
 }
 
 
@@ -206,7 +209,7 @@ def folder_entry(card: DatasetCard, eval_size: tuple[int, int] | None, root: Pat
                   f"or relabel those pixels ({HELP})",
         epochs=card.epochs, iters_per_epoch=card.iters_per_epoch, resnet_depth=card.resnet_depth,
         pretrained=card.pretrained,
-        online=replace(PASCAL_LIKE, crop=min(card.crop_size), batch_size=card.batch_size))
+        online=replace(PASCAL_LIKE, crop_size=(min(card.crop_size),) * 2, batch_size=card.batch_size))
 
 
 # ---------------------------------------------------------------------------------------------

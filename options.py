@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import re
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
@@ -30,8 +31,8 @@ RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "
                "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
                "weight_decay", "num_queries", "num_negatives", "temp", "weak_threshold", "strong_threshold",
                "amp", "split_dir", "ema_buffers", "method", "reco_weight", "conf_thresh", "lr_multi", "criterion")
-# The reference's optimiser values (the mean teacher and the supervised scripts), and UniMatch's weight decay.
-REFERENCE_LR, REFERENCE_WEIGHT_DECAY, ONLINE_WEIGHT_DECAY = 2.5e-3, 5e-4, 1e-4
+# The reference's optimiser values (the mean teacher and the supervised scripts).
+REFERENCE_LR, REFERENCE_WEIGHT_DECAY = 2.5e-3, 5e-4
 # Flags of FixMatch and UniMatch only: unset otherwise.
 ONLINE_FLAGS = ("conf_thresh", "lr_multi", "criterion")
 CRITERIA = ("ce", "ohem")
@@ -48,7 +49,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
                      help=f"learning rate (default {REFERENCE_LR}; fixmatch/unimatch: the backbone's, from the "
                           "dataset table)")
     ref.add_argument("--weight_decay", type=float, default=None,
-                     help=f"default {REFERENCE_WEIGHT_DECAY} ({ONLINE_WEIGHT_DECAY} for fixmatch/unimatch)")
+                     help=f"default {REFERENCE_WEIGHT_DECAY} (fixmatch/unimatch: the dataset table's)")
     ref.add_argument("--dataset", default=default_dataset,
                      help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
     ref.add_argument("--backbone", default="deeplabv3p", choices=BACKBONES)
@@ -194,12 +195,10 @@ def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
         args.weight_decay = REFERENCE_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay
         return False
     table = info.online
-    for flag, value in (("lr", table.lr), ("lr_multi", table.lr_multi), ("conf_thresh", table.conf_thresh),
-                        ("criterion", table.criterion), ("batch_size", table.batch_size),
-                        ("epochs", table.epochs), ("weight_decay", ONLINE_WEIGHT_DECAY)):
+    for flag in (f.name for f in fields(table)):
         if getattr(args, flag) is None:
-            setattr(args, flag, value)
-    args.crop_size = tuple(args.crop_size or (table.crop, table.crop))
+            setattr(args, flag, getattr(table, flag))
+    args.crop_size = tuple(args.crop_size)
     if args.crop_size[0] != args.crop_size[1]:
         raise UserError(f"--crop_size {args.crop_size[0]} {args.crop_size[1]}: --method {args.method} trains on "
                         f"square crops, as UniMatch does; pass --crop_size S S")

@@ -32,31 +32,41 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from build_data import PARTIAL_SETTINGS  # noqa: E402
+from build_data import ONLINE_DEFAULTED, PARTIAL_SETTINGS  # noqa: E402
 from faults import STOP_SIGNALS, exit_code  # noqa: E402
 from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, run_cli, write_json  # noqa: E402
-from module_list import MIX_MODES  # noqa: E402
+from module_list import MIX_MODES, ONLINE_METHODS  # noqa: E402
 from run_record import MODE_SCRIPTS  # noqa: E402
 from splits import read_split_dir, shipped_splits  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
-METHOD_BASES = ("sup", *MIX_MODES)
+# sup, the mean teacher by its mixing, then FixMatch and UniMatch (train_semisup.py --method)
+METHOD_BASES = ("sup", *MIX_MODES, *ONLINE_METHODS)
 # Flags the study sets for each cell: they may not be among the extra training flags.
 CELL_FLAGS = ("--seed", "--num_labels", "--partial", "--split_dir", "--split", "--apply_aug", "--apply_reco",
-              "--log_dir", "--weights_dir", "--resume")
+              "--method", "--log_dir", "--weights_dir", "--resume")
 # Training flags naming a file or folder: made absolute, so that a cell's command line runs from any folder.
 PATH_FLAGS = ("--data_root", "--pretrained")
 # Run arguments that are the grid's axes (they differ between cells by design) ...
-GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "name", "train_mode"}
+GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "method", "name",
+             "train_mode"}
 # ... and those that say where or how a run was kept, not what was trained.
 NOT_COMPARED = {"data_root", "log_dir", "weights_dir", "resume", "log_interval", "no_visual", "num_workers", "gpu",
                 "device", "id", "mode", "port", "save_every"}
 # The reference's run name (options.run_name), read back when a run folder has no config.json.
 RUN_NAME = re.compile(r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
-                      r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
-# The reference ReCo README's published checkpoints: val mIoU (%) of their best weights, one budget a dataset.
-PAPER = {"pascal": ("60", {"sup": 36.06, "classmix": 53.71, "classmix+reco": 57.12}),
-         "cityscapes": ("20", {"sup": 38.10, "classmix": 45.13, "classmix+reco": 50.14})}
+                      r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r")|(?P<online>" + "|".join(ONLINE_METHODS)
+                      + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
+# Published val mIoU (%) per dataset (--paper): each source with its (method, budget) numbers.
+_RECO = "the reference ReCo README's published checkpoints (one run each)"
+_UNIMATCH = ("UniMatch's README (Yang et al., CVPR 2023; DeepLabv3+ ResNet-101, crop 321, the classic splits; "
+             "its supervised baseline in the sup row)")
+PAPER = {"pascal": {_RECO: {("sup", "60"): 36.06, ("classmix", "60"): 53.71, ("classmix+reco", "60"): 57.12},
+                    _UNIMATCH: {**{("unimatch", f"pascal/{n}"): v for n, v in
+                                   zip((92, 183, 366, 732, 1464), (75.2, 77.2, 78.8, 79.9, 81.2))},
+                                **{("sup", f"pascal/{n}"): v for n, v in
+                                   zip((92, 183, 366, 732, 1464), (45.1, 55.3, 64.8, 69.7, 73.5))}}},
+         "cityscapes": {_RECO: {("sup", "20"): 38.10, ("classmix", "20"): 45.13, ("classmix+reco", "20"): 50.14}}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +83,7 @@ def parse_method(method: str) -> tuple[str, bool]:
     base, plus, reco = method.partition("+")
     if base not in METHOD_BASES or (plus and reco != "reco"):
         raise UserError(f"--methods: unknown method {method!r}; use {', '.join(METHOD_BASES)}, each optionally "
-                        "with +reco (e.g. classmix+reco)")
+                        "with +reco (e.g. classmix+reco, unimatch+reco)")
     return base, bool(plus)
 
 
@@ -90,8 +100,9 @@ class Cell:
         """The training script's command line of this cell (outputs inside the cell's folder)."""
         base, reco = parse_method(self.method)
         script = REPO / script_of(base != "sup", partial)
-        return [sys.executable, str(script), *self.budget_flags, "--seed", str(self.seed),
-                *(["--apply_aug", base] if base != "sup" else []), *(["--apply_reco"] if reco else []),
+        method = ["--method", base] if base in ONLINE_METHODS else ["--apply_aug", base] if base != "sup" else []
+        return [sys.executable, str(script), *self.budget_flags, "--seed", str(self.seed), *method,
+                *(["--apply_reco"] if reco else []),
                 "--log_dir", str(self.folder / "log"), "--weights_dir", str(self.folder / "weights"), *extra,
                 *(["--resume"] if resume else [])]
 
@@ -166,8 +177,10 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cel
             raise UserError(f"{token.split('=')[0]} is set by the study for each cell; drop it from the training "
                             "flags after --")
     methods = list(dict.fromkeys(args.methods))
-    for m in methods:
-        parse_method(m)
+    online = [m for m in methods if parse_method(m)[0] in ONLINE_METHODS]
+    if partial and online:
+        raise UserError(f"--methods {online[0]}: FixMatch and UniMatch do not train on partial labels; give label "
+                        "budgets (--num_labels, --splits or --split_dirs) or drop it")
     budgets = budgets_of(args)
     dataset = flag_values(extra).get("--dataset")
     for name in args.splits or []:  # else every cell would stop on it
@@ -372,9 +385,11 @@ class RunLog:
     finished: bool
 
 
-def method_name(semi: bool, aug: str | None, reco: bool) -> str:
-    """The study's method name of a run: sup, cutout, cutmix or classmix, with +reco."""
-    return (aug if semi else "sup") + ("+reco" if reco else "")
+def method_name(semi: bool, aug: str | None, reco: bool, method: str | None = None) -> str:
+    """The study's method name of a run: sup, cutout, cutmix or classmix (the mean teacher's mixing), fixmatch or
+    unimatch, with +reco."""
+    base = method if method in ONLINE_METHODS else aug if semi else "sup"
+    return base + ("+reco" if reco else "")
 
 
 def read_log(npy: Path) -> tuple[np.ndarray, bool]:
@@ -404,7 +419,7 @@ def run_from_config(path: Path) -> tuple[RunLog, Path] | None:
     budget = args.get("partial") or args.get("split") or (str(labels) if labels else "all")
     dataset = str(args.get("dataset")) + (f" {args.get('data_root')}" if args.get("dataset") == "folder" else "")
     run = RunLog(run_dir, method_name(config["mode"].startswith("semi"), args.get("apply_aug"),
-                                      bool(args.get("apply_reco"))),
+                                      bool(args.get("apply_reco")), args.get("method")),
                  budget, labels, int(args["seed"]), compared, dataset, miou, finished)
     return run, npy
 
@@ -416,7 +431,8 @@ def run_from_name(npy: Path) -> RunLog | None:
         return None
     labels = match["labels"]
     miou, finished = read_log(npy)
-    return RunLog(npy, method_name(match["aug"] is not None, match["aug"], bool(match["reco"])),
+    semi = match["aug"] is not None or match["online"] is not None
+    return RunLog(npy, method_name(semi, match["aug"], bool(match["reco"]), match["online"]),
                   match["partial"] or (labels if labels != "0" else "all"), int(labels or 0), int(match["seed"]), None,
                   match["dataset"], miou, finished)
 
@@ -448,10 +464,12 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
         configs = [r.config for r in runs]
     differ = []
     for key in sorted({k for c in configs for k in c}):
-        values: dict[str, list[RunLog]] = defaultdict(list)
+        # a flag whose default follows --method need agree only between FixMatch and UniMatch runs, or the others
+        kinds: dict[bool, dict[str, list[RunLog]]] = defaultdict(lambda: defaultdict(list))
         for run, config in zip(runs, configs):
-            values[json.dumps(config.get(key))].append(run)
-        if len(values) > 1:
+            online = key in ONLINE_DEFAULTED and parse_method(run.method)[0] in ONLINE_METHODS
+            kinds[online][json.dumps(config.get(key))].append(run)
+        for values in (v for v in kinds.values() if len(v) > 1):
             differ.append(f"{key if ' ' in key else '--' + key} " + " vs ".join(
                 f"{'unset' if v == 'null' else v} ({len(rs)} run{'s' if len(rs) > 1 else ''}, e.g. {rs[0].source})"
                 for v, rs in values.items()))
@@ -467,10 +485,10 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
                             f"{', '.join(str(r.source) for r in same)}; pass only one of them")
 
 
-def budget_columns(stats: dict, paper: dict) -> list[str]:
+def budget_columns(stats: dict) -> list[str]:
     """Columns left to right: labelled-image budgets by size (splits of one size by name), then all labels, then
     partial settings p0 < p1 < p5 < p25."""
-    sizes = {b: int(b) for _, b in paper} | {b: s.labels for (_, b), s in stats.items()}
+    sizes = {b: s.labels for (_, b), s in stats.items()}  # the published numbers are at the runs' budgets
 
     def order(budget: str) -> tuple[int, int, str]:
         if budget == "all":
@@ -526,29 +544,33 @@ def cell_text(mean: float, std: float, n: int) -> str:
     return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} (1)"
 
 
-def paper_numbers(paper: str | None, runs: Sequence[RunLog]) -> dict[tuple[str, str], float]:
-    """(method, budget) -> the reference ReCo README's published mIoU (%) for --paper, checked on the runs."""
+def paper_numbers(paper: str | None, runs: Sequence[RunLog]) -> tuple[dict[tuple[str, str], float], list[str]]:
+    """({(method, budget): published mIoU (%)} at the runs' budgets, their sources) for --paper, checked on the
+    runs."""
     if paper is None:
-        return {}
+        return {}, []
     datasets = sorted({r.dataset for r in runs})
     if datasets != [paper]:
         raise UserError(f"--paper {paper}: these runs are on {', '.join(datasets)}; the published numbers are "
                         f"for {paper}: drop --paper or report {paper} runs")
-    budget, numbers = PAPER[paper]
-    return {(method, budget): value for method, value in numbers.items()}
+    budgets = {r.budget for r in runs}
+    shown = {source: {key: value for key, value in numbers.items() if key[1] in budgets}
+             for source, numbers in PAPER[paper].items()}
+    return {k: v for numbers in shown.values() for k, v in numbers.items()}, [s for s, n in shown.items() if n]
 
 
 def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequence[RunLog],
-             folders: Sequence[Path]) -> str:
+             folders: Sequence[Path], sources: Sequence[str] = ()) -> str:
     """report.md: the shared configuration, then best and final val mIoU tables (rows methods, columns budgets)."""
     methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
-    budgets = budget_columns(stats, paper)
+    budgets = budget_columns(stats)
     kind = budget_kind(budgets)
     lines = [f"# Study report: {', '.join(sorted({r.dataset for r in runs}))}", "",
              f"{len(runs)} finished runs from {', '.join(str(f) for f in folders)}."]
     if runs[0].config is not None:
-        shared = " ".join(flag_text(k, v) for k, v in sorted(runs[0].config.items())
-                          if " " not in k and k != "world_size" and v not in (None, False))
+        shared = " ".join(flag_text(k, v) for k, v in sorted(runs[0].config.items())  # FixMatch, UniMatch and
+                          if " " not in k and k != "world_size" and v not in (None, False)  # the others may
+                          and all(r.config.get(k) == v for r in runs))  # differ in ONLINE_DEFAULTED
         lines += ["", f"Shared by every run (world size {runs[0].config['world_size']}, "
                   f"split folder {'yes' if runs[0].config['split folder'] else 'no'}):", "", f"`{shared}`"]
     else:
@@ -568,7 +590,7 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
     lines += ["", "Best: the highest val mIoU over a run's epochs; final: its last epoch's. std: the sample "
               "standard deviation over seeds (n - 1); the number in brackets is the number of seeds."]
     if paper:
-        lines.append("Rows marked (paper): the reference ReCo README's published checkpoints (one run each).")
+        lines.append(f"Rows marked (paper): {'; '.join(sources)}.")
     every_seed = {seed for s in stats.values() for seed in s.seeds}
     lacking = [f"{method} at {budget} lacks {' '.join(map(str, sorted(every_seed - set(s.seeds))))}"
                for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]),
@@ -587,7 +609,7 @@ def csv_text(stats: dict, paper: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["source", "method", "budget", "n", "best_mean", "best_std", "final_mean", "final_std", "seeds"])
-    budgets = budget_columns(stats, paper)
+    budgets = budget_columns(stats)
     for (method, budget), s in sorted(stats.items(), key=lambda kv: (method_order(kv[0][0]), budgets.index(kv[0][1]))):
         numbers = [f"{v:.4f}" if v == v else "" for v in (*s.best, *s.final)]  # v != v: NaN, the std of one seed
         writer.writerow(["ours", method, budget, len(s.seeds), *numbers, " ".join(map(str, s.seeds))])
@@ -599,7 +621,7 @@ def csv_text(stats: dict, paper: dict) -> str:
 def plot(stats: dict, paper: dict, out: Path) -> None:
     """report.png: best val mIoU (mean ± std over seeds) against the label budget, one line per method."""
     methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
-    budgets = budget_columns(stats, paper)
+    budgets = budget_columns(stats)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, method in enumerate(methods):
         colour = f"C{i}"
@@ -632,10 +654,10 @@ def report(args: argparse.Namespace) -> None:
                         f"a log folder {{run}}.npy); {len(found)} unfinished")
     check_comparable(runs)
     stats = summarise(runs)
-    paper = paper_numbers(args.paper, runs)
+    paper, sources = paper_numbers(args.paper, runs)
     out = Path(args.out or folders[0])
     left_out = [r for r in found if not r.finished]
-    atomic_save(lambda tmp: tmp.write_text(markdown(stats, paper, runs, left_out, folders), encoding="utf-8"),
+    atomic_save(lambda tmp: tmp.write_text(markdown(stats, paper, runs, left_out, folders, sources), encoding="utf-8"),
                 out / "report.md")
     atomic_save(lambda tmp: tmp.write_text(csv_text(stats, paper), encoding="utf-8"), out / "report.csv")
     plot(stats, paper, out / "report.png")
@@ -664,14 +686,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     budgets.add_argument("--splits", nargs="+", help="shipped splits by name, e.g. pascal/92 (the scripts' --split)")
     budgets.add_argument("--partial", nargs="+", help="partial-label settings (p0 p1 p5 p25)")
     run.add_argument("--methods", nargs="+", required=True,
-                     help="sup, cutout, cutmix, classmix, each optionally +reco (e.g. classmix+reco)")
+                     help="sup, cutout, cutmix, classmix (the mean teacher's mixing), fixmatch, unimatch, each "
+                          "optionally +reco (e.g. classmix+reco, unimatch+reco)")
     run.add_argument("--gpus", nargs="+", help="run one cell per GPU at a time (CUDA_VISIBLE_DEVICES of each)")
     run.add_argument("--print", dest="print_only", action="store_true",
                      help="print the command line of each cell still to run, one a line, and run nothing")
     rep = sub.add_parser("report", help="report.md, report.csv and report.png of a study or of run folders")
     rep.add_argument("folders", nargs="+", help="a study folder, or any folders holding runs (searched recursively)")
     rep.add_argument("--out", help="where the report goes (default: the first folder)")
-    rep.add_argument("--paper", choices=sorted(PAPER), help="add the reference ReCo README's published mIoU")
+    rep.add_argument("--paper", choices=sorted(PAPER),
+                     help="add the published mIoU at the runs' budgets: the reference ReCo README's, and UniMatch's "
+                          "on Pascal's classic splits (--splits pascal/92 ...)")
     return p
 
 

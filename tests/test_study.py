@@ -123,11 +123,13 @@ def test_a_grid_is_killed_once_fails_once_resumes_and_reports_its_logs(small_dem
 
 def fake_run(log_dir: Path, mode: str, seed: int, miou: list[float], num_labels: int = 60, aug: str = "classmix",
              reco: bool = False, dataset: str = "demo", config: bool = True, epochs: int | None = None,
-             **flags) -> Path:
+             method: str = "meanteacher", **flags) -> Path:
     """A run as the engine leaves it: {log_dir}/{name}.npy (val mIoU column filled) and {name}/config.json."""
     semi = mode.startswith("semi")
-    name = f"{dataset}_label{num_labels}_{'semi_' + aug if semi else 'sup'}{'_reco' if reco else ''}_{seed}"
-    metrics = np.zeros((epochs or len(miou), 10 if semi else 6))
+    kind = (method if method != "meanteacher" else "semi_" + aug) if semi else "sup"
+    name = f"{dataset}_label{num_labels}_{kind}{'_reco' if reco else ''}_{seed}"
+    columns = {"meanteacher": 10, "fixmatch": 11, "unimatch": 13}[method] if semi else 6
+    metrics = np.zeros((epochs or len(miou), columns))
     metrics[: len(miou), -2], metrics[: len(miou), -3] = miou, 1.0
     log_dir.mkdir(parents=True, exist_ok=True)
     np.save(log_dir / f"{name}.npy", metrics)
@@ -135,7 +137,7 @@ def fake_run(log_dir: Path, mode: str, seed: int, miou: list[float], num_labels:
         args = {"dataset": dataset, "num_labels": num_labels, "partial": None, "seed": seed, "apply_aug": aug,
                 "apply_reco": reco, "name": name, "lr": 0.0025, "epochs": epochs or len(miou), "backbone": "deeplabv3p",
                 "data_root": str(log_dir / f"data{seed}"), "log_dir": str(log_dir), "split_dir": None,
-                "train_mode": mode} | flags
+                "train_mode": mode, "method": method if semi else None} | flags
         (log_dir / name).mkdir()
         (log_dir / name / "config.json").write_text(json.dumps({
             "args": args, "split_digest": "0" * 64, "torch": "2", "torchvision": "0", "device": "cpu",
@@ -211,6 +213,8 @@ def test_report_adds_the_published_numbers_of_the_reference_readme(tmp_path):
     (["--num_labels", "60", "--methods", "sup", "--", "--log_dir=x"], "--log_dir is set by the study"),
     (["--split_dirs", "nowhere", "--methods", "sup"], "--split_dirs: nowhere has no labelled.txt"),
     (["--num_labels", "60", "60", "--methods", "sup"], "repeat a name"),
+    (["--partial", "p0", "--methods", "unimatch"], "--methods unimatch: FixMatch and UniMatch do not train on partial"),
+    (["--num_labels", "60", "--methods", "unimatch", "--", "--method", "fixmatch"], "--method is set by the study"),
 ])
 def test_run_refuses_a_bad_grid(argv, message, tmp_path):
     with pytest.raises(UserError, match=message.replace("+", r"\+")):
@@ -407,3 +411,32 @@ def test_every_label_is_the_column_all_in_the_study_as_in_the_report(tmp_path, c
     fake_run(tmp_path / "cells" / "sup" / "all" / "seed0" / "log", "sup", 0, [0.3, 0.4], num_labels=0)
     study.main(["report", str(tmp_path)])
     assert [r["budget"] for r in csv.DictReader((tmp_path / "report.csv").open())] == ["all"]
+
+
+def test_fixmatch_and_unimatch_cells_pass_their_method_and_are_named_by_it(tmp_path, capsys):
+    study.main(["run", "--out", str(tmp_path), "--num_labels", "60", "--methods", "classmix", "fixmatch",
+                "unimatch+reco", "--seeds", "0", "--print"])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(Path(a[1]).name, a[a.index("--method") + 1] if "--method" in a else None, "--apply_aug" in a,
+             "--apply_reco" in a, Path(a[a.index("--log_dir") + 1]).parent.parent.parent.name) for a in lines] == [
+        ("train_semisup.py", None, True, False, "classmix"), ("train_semisup.py", "fixmatch", False, False, "fixmatch"),
+        ("train_semisup.py", "unimatch", False, True, "unimatch+reco")]
+
+
+def test_report_takes_each_methods_own_defaults_and_adds_unimatchs_published_numbers(tmp_path):
+    pascal = dict(dataset="pascal", num_labels=92, split="pascal/92")
+    for seed in (0, 1):
+        fake_run(tmp_path / "a", "semi", seed, [0.6, 0.7], **pascal)
+        fake_run(tmp_path / "a", "semi", seed, [0.7, 0.74 + seed / 100], method="unimatch", reco=seed == 1,
+                 lr=0.001, lr_multi=10.0, batch_size=8, **pascal)
+        fake_run(tmp_path / "a", "sup", seed, [0.4, 0.45], **pascal)
+    study.main(["report", str(tmp_path / "a"), "--paper", "pascal"])  # lr, batch differ by method: one study
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "| unimatch | 74.00 (1) |" in md and "| unimatch+reco | 75.00 (1) |" in md and "--lr" not in md
+    assert "| unimatch (paper) | 75.20 (paper) |" in md and "| sup (paper) | 45.10 (paper) |" in md
+    assert "UniMatch's README" in md and "classmix (paper)" not in md  # ReCo's numbers are at 60 labels
+    fake_run(tmp_path / "b", "semi", 2, [0.7, 0.7], method="unimatch", lr=0.01, lr_multi=10.0, batch_size=8, **pascal)
+    with pytest.raises(UserError, match=r"--lr 0.001 \(2 runs.* vs 0.01 \(1 run"):  # but UniMatch's must agree
+        study.main(["report", str(tmp_path / "a"), str(tmp_path / "b")])
+    fake_run(tmp_path / "c", "semi", 0, [0.5, 0.6], method="fixmatch", reco=True, config=False)
+    assert study.run_from_name(tmp_path / "c" / "demo_label60_fixmatch_reco_0.npy").method == "fixmatch+reco"
