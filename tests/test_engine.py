@@ -10,6 +10,7 @@ import build_data
 import distributed
 import engine
 import helpers
+import methods
 import network
 import options
 from layouts import resolve_dataset
@@ -25,12 +26,55 @@ def parse(mode, *argv):
 def test_reference_defaults(mode, dataset, has):
     args = parse(mode)
     assert args.dataset == dataset
-    assert (args.lr, args.weight_decay, args.seed, args.backbone, args.output_dim) == (2.5e-3, 5e-4, 0, "deeplabv3p", 256)
+    resolved = options.resolve_args(parse(mode))  # the reference's optimiser values are resolved (--method)
+    assert (resolved.lr, resolved.weight_decay, resolved.reco_weight) == (2.5e-3, 5e-4, 1.0)
+    assert (args.seed, args.backbone, args.output_dim) == (0, "deeplabv3p", 256)
     assert (args.num_queries, args.num_negatives, args.temp) == (256, 512, 0.5)
     assert (args.weak_threshold, args.strong_threshold, args.apply_aug, args.apply_reco) == (0.7, 0.97, "cutout", False)
     assert getattr(args, has) == (15 if has == "num_labels" else "p0")
     # the unused reference flags are still accepted
     parse(mode, "--mode", "x", "--port", "1", "--gpu", "0", "--id", "3")
+
+
+@pytest.mark.parametrize("dataset, expected", [
+    ("pascal", ((321, 321), 8, 0.001, 10.0, 80, 0.95, "ce", 1e-4)),
+    ("cityscapes", ((801, 801), 8, 0.005, 1.0, 240, 0.0, "ohem", 1e-4)),
+    ("sun", ((321, 321), 8, 0.001, 10.0, 80, 0.95, "ce", 1e-4)),
+    ("demo", ((65, 65), 4, 0.01, 1.0, 8, 0.95, "ce", 1e-4)),
+])
+def test_fixmatch_and_unimatch_take_the_tables_defaults_and_flags_override_them(dataset, expected):
+    flags = ("crop_size", "batch_size", "lr", "lr_multi", "epochs", "conf_thresh", "criterion", "weight_decay")
+    for method in ("fixmatch", "unimatch"):
+        args = options.resolve_args(parse("semi", "--dataset", dataset, "--method", method))
+        assert tuple(getattr(args, f) for f in flags) == expected and args.iters_per_epoch is None
+        assert args.name == f"{dataset}_label15_{method}_0"
+    args = options.resolve_args(parse("semi", "--dataset", "pascal", "--method", "unimatch", "--lr", "0.002",
+                                      "--lr_multi", "1", "--conf_thresh", "0", "--criterion", "ohem", "--epochs", "3",
+                                      "--weight_decay", "5e-4", "--crop_size", "97", "97", "--apply_reco"))
+    assert tuple(getattr(args, f) for f in flags) == ((97, 97), 8, 0.002, 1.0, 3, 0.0, "ohem", 5e-4)
+    assert args.name == "pascal_label15_unimatch_reco_0"
+    mean_teacher = options.resolve_args(parse("semi", "--dataset", "pascal"))
+    assert (mean_teacher.method, mean_teacher.lr, mean_teacher.weight_decay, mean_teacher.reco_weight) == (
+        "meanteacher", 2.5e-3, 5e-4, 1.0)
+    assert (mean_teacher.lr_multi, mean_teacher.conf_thresh, mean_teacher.criterion) == (None, None, None)
+    assert options.resolve_args(parse("sup", "--dataset", "pascal")).method is None
+
+
+def test_fixmatch_and_unimatch_epochs_are_one_pass_over_the_unlabelled_images():
+    args = options.resolve_args(parse("semi", "--dataset", "pascal", "--method", "unimatch"))
+    options.online_iterations(args, 10490, 4)  # UniMatch's 92 labels on 4 GPUs, batch 2: 1311 per epoch
+    assert args.iters_per_epoch == 327  # here batch 8 per process: ceil(10490 / 4) // 8
+    args.iters_per_epoch = None
+    options.online_iterations(args, 17, 1)
+    assert args.iters_per_epoch == 2
+    args.iters_per_epoch = 5  # given: kept
+    options.online_iterations(args, 17, 1)
+    assert args.iters_per_epoch == 5
+    with pytest.raises(helpers.UserError, match=r"--method unimatch: 7 unlabelled image\(s\) make less than one "
+                                                r"batch \(--batch_size 8\): lower --batch_size"):
+        options.online_iterations(args, 7, 1)
+    with pytest.raises(helpers.UserError, match="13 unlabelled image.s. over 2 processes make less than one batch"):
+        options.online_iterations(args, 13, 2)
 
 
 def test_table_fills_unset_flags():
@@ -62,6 +106,16 @@ def test_reference_file_names(mode, argv, name):
     ("sup", ["--num_labels", "-3"], "--num_labels"),
     ("sup", ["--dataset", "imagenet"], "imagenet"),
     ("sup", ["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    ("sup", ["--method", "unimatch"], "--method unimatch: train_sup.py trains on labels alone; the semi-supervised "
+     "methods run with train_semisup.py --method unimatch"),
+    ("sup_partial", ["--method", "meanteacher"], "--method meanteacher: train_sup_partial.py trains on labels alone"),
+    ("semi_partial", ["--method", "fixmatch"], "--method fixmatch with partial labels is not supported"),
+    ("semi", ["--method", "unimatch", "--crop_size", "321", "513"], "--crop_size 321 513: --method unimatch trains "
+     "on square crops, as UniMatch does; pass --crop_size S S"),
+    ("semi", ["--conf_thresh", "0.9"], "--conf_thresh is a flag of FixMatch and UniMatch: add --method unimatch"),
+    ("sup", ["--lr_multi", "10"], "--lr_multi is a flag of FixMatch and UniMatch"),
+    ("semi", ["--method", "fixmatch", "--conf_thresh", "1.5"], "--conf_thresh must be in [0, 1], got 1.5"),
+    ("semi", ["--reco_weight", "-1"], "--reco_weight must be >= 0"),
 ])
 def test_bad_flags_name_the_flag(mode, argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -81,10 +135,10 @@ def test_unknown_choices_are_refused_by_the_parser(flag, value, capsys):
 
 def test_nearest_keeps_label_values_and_dtype():
     labels = torch.randint(-1, 5, (2, 12, 12))
-    small = engine.nearest(labels, (6, 6))
+    small = methods.nearest(labels, (6, 6))
     assert small.dtype == labels.dtype and torch.equal(small, labels[:, ::2, ::2])
     mask = labels >= 0
-    assert torch.equal(engine.nearest(mask, (6, 6)), mask[:, ::2, ::2])
+    assert torch.equal(methods.nearest(mask, (6, 6)), mask[:, ::2, ::2])
 
 
 def test_seed_all_is_a_pure_function_of_its_keys():

@@ -17,6 +17,7 @@ import torch
 import engine
 import faults
 import helpers
+import methods
 import preparation
 from build_data import EpochBatchSampler
 
@@ -41,9 +42,18 @@ def last(out, name):
 
 
 def assert_same_run(a, b):
-    for key in ("model", "teacher"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for key in ("model", "teacher", "optimizer"):
+        assert (key in a) == (key in b) and (key not in a or equal(a[key], b[key])), key
     assert torch.equal(a["metrics"], b["metrics"])
+
+
+def equal(a, b) -> bool:
+    """Nested dicts and lists of tensors and plain values, equal to the bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 def every_step(monkeypatch, action):
@@ -58,9 +68,11 @@ def every_step(monkeypatch, action):
     monkeypatch.setattr(engine, "optimisation_step", step)
 
 
-def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(small_demo, tmp_path, monkeypatch, capsys):
-    common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco"]
-    name = "demo_label6_semi_cutmix_reco_0"
+@pytest.mark.parametrize("method, name", [("meanteacher", "demo_label6_semi_cutmix_reco_0"),
+                                          ("unimatch", "demo_label6_unimatch_reco_0")])
+def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(method, name, small_demo, tmp_path,
+                                                                      monkeypatch, capsys):
+    common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco", "--method", method]
     engine.main("semi", argv_for(small_demo, tmp_path / "a", *common))
     every_step(monkeypatch, lambda n, run: time.sleep(2) if n == 1 else n == 2 and os.kill(os.getpid(), signal.SIGTERM))
     argv = argv_for(small_demo, tmp_path / "b", *common)
@@ -92,11 +104,10 @@ def test_nonfinite_losses_skip_the_update_and_stop_after_a_streak(small_demo, tm
         states.append({k: v.clone() for k, v in run.model.state_dict().items()})
         poisoned[0] = n != 2
 
-    def sup_step(run, batch, monitors, original=engine.sup_step):
-        images, labels = batch
-        return original(run, (images * np.nan if poisoned[0] else images, labels), monitors)
+    def supervised_step(net, images, labels, settings, original=methods.supervised_step):
+        return original(net, images * np.nan if poisoned[0] else images, labels, settings)
 
-    monkeypatch.setattr(engine, "sup_step", sup_step)
+    monkeypatch.setattr(methods, "supervised_step", supervised_step)
     every_step(monkeypatch, record)
     with pytest.raises(SystemExit) as stopped:
         engine.main("sup", argv_for(small_demo, tmp_path, "--epochs", "2", "--iters_per_epoch", "2",

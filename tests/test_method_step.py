@@ -175,3 +175,43 @@ def test_unimatch_loss_by_hand_on_a_tiny_network():
     torch.testing.assert_close(out.terms[:4], torch.stack(expected).detach())
     total = (expected[0] + 0.25 * expected[1] + 0.25 * expected[2] + 0.5 * fp) / 2
     torch.testing.assert_close(out.loss, total)
+
+
+# --- the mean teacher, moved here from the engine ------------------------------------------------
+
+# (partial labels, ReCo, mixing) -> logged (sup, unsup, reco), loss and the summed |gradient| of every parameter,
+# as the engine's step computed them before it moved to methods.py (and as train_semisup.py has since the start)
+MEAN_TEACHER_BEFORE = {
+    (False, True, "classmix"): ([1.6487838, 0.3095918, 3.0588298], 5.0172052, 77896.03),
+    (True, True, "cutmix"): ([1.6487838, 1.3439375, 3.0388525], 6.0315738, 93488.3922),
+    (False, False, "cutout"): ([1.6487838, 0.4645739, 0.0], 2.1133578, 76972.8586),
+}
+
+
+@pytest.mark.parametrize("partial, reco, aug", list(MEAN_TEACHER_BEFORE))
+def test_mean_teacher_step_computes_what_it_did_and_weighs_reco(partial, reco, aug):
+    def step(reco_weight: float):
+        torch.manual_seed(0)
+        model = network.build_model("deeplabv3p", 5, output_dim=16, resnet_depth=18)
+        teacher = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(3)
+        images = torch.randn(4, 3, 33, 33, generator=g)
+        labels = torch.randint(-1, 5, (4, 1, 5, 5), generator=g).float()
+        labels = F.interpolate(labels, size=(33, 33), mode="nearest")[:, 0].long()
+        settings = methods.MethodSettings(
+            method="meanteacher", apply_reco=reco, reco_weight=reco_weight, strong_threshold=0.3, num_queries=16,
+            num_negatives=32, apply_aug=aug, partial=partial, scale_range=(0.75, 1.25))
+        torch.manual_seed(1)
+        out = methods.mean_teacher_step(methods.Views(model), methods.Views(teacher), (images[:2], labels[:2]),
+                                        (images[2:], labels[2:]), settings)
+        out.loss.backward()
+        return out, sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None)
+
+    out, grad = step(1.0)
+    terms, loss, grad_before = MEAN_TEACHER_BEFORE[(partial, reco, aug)]
+    assert out.terms.tolist() == pytest.approx(terms, rel=1e-4, abs=1e-6)
+    assert out.loss.item() == pytest.approx(loss, rel=1e-4) and grad == pytest.approx(grad_before, rel=1e-3)
+    assert out.loss.item() == pytest.approx(sum(terms), rel=1e-6)  # weight 1: the plain sum
+    doubled, _ = step(2.0)
+    assert torch.equal(doubled.terms, out.terms)  # the logged ReCo term is unweighted
+    assert doubled.loss.item() == pytest.approx(out.loss.item() + terms[2], rel=1e-6)
