@@ -1,4 +1,5 @@
-"""Seconds per training iteration and peak memory of sup, semisup and semisup + ReCo steps, compiled or not.
+"""Seconds per training iteration and peak memory of sup, semisup (the mean teacher), FixMatch and UniMatch
+steps, with and without ReCo, compiled or not; the semi-supervised steps at one batch and crop.
 
 Runs the engine's own optimisation step on synthetic batches (so data loading is not measured):
     python bench/train_step.py                       # CPU, small size, eager vs torch.compile
@@ -34,15 +35,17 @@ import options  # noqa: E402
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES  # noqa: E402
 from faults import StopSignals  # noqa: E402
 from layouts import resolve_dataset  # noqa: E402
-from module_list import ConfMatrix  # noqa: E402
+from module_list import ONLINE_METHODS, ConfMatrix  # noqa: E402
 
 SIZES = {  # the reference's Pascal defaults, and a size a laptop CPU gets through in seconds
-    "pascal": ["--dataset", "pascal", "--resnet_depth", "101"],
+    "pascal": ["--dataset", "pascal", "--resnet_depth", "101", "--batch_size", "10", "--crop_size", "321", "321"],
     "small": ["--dataset", "pascal", "--resnet_depth", "18", "--batch_size", "2", "--crop_size", "97", "97"],
     "crop161": ["--dataset", "pascal", "--resnet_depth", "101", "--batch_size", "2", "--crop_size", "161", "161"],
 }
 MODES = {"sup": ("sup", []), "semisup": ("semi", ["--apply_aug", "classmix"]),
-         "semisup+reco": ("semi", ["--apply_aug", "classmix", "--apply_reco"])}
+         "semisup+reco": ("semi", ["--apply_aug", "classmix", "--apply_reco"]),
+         "fixmatch": ("semi", ["--method", "fixmatch"]), "unimatch": ("semi", ["--method", "unimatch"]),
+         "unimatch+reco": ("semi", ["--method", "unimatch", "--apply_reco"])}
 
 
 def synthetic_batch(batch: int, crop, num_classes: int, device, generator):
@@ -53,6 +56,18 @@ def synthetic_batch(batch: int, crop, num_classes: int, device, generator):
     labels = torch.nn.functional.interpolate(blocks, size=(h, w), mode="nearest")[:, 0].long()
     labels[:, :, : w // 20] = -1  # a void strip
     return images, labels.to(device)
+
+
+def synthetic_unlabelled(batch: int, crop, device, generator):
+    """FixMatch's and UniMatch's unlabelled item as the loader gives it: weak crops in [0, 1] with a padded
+    strip, their padding and labels (monitor only), and the mix batch's weak crops and padding."""
+    h, w = crop
+    weak, mix = (torch.rand(batch, 3, h, w, generator=generator) for _ in range(2))
+    padding = torch.zeros(batch, h, w, dtype=torch.bool)
+    padding[:, :, -(w // 10):] = True
+    labels = torch.full((batch, h, w), -1, dtype=torch.long)
+    return [t.to(device) for t in (weak.masked_fill(padding[:, None], 0), padding, labels,
+                                   mix.masked_fill(padding[:, None], 0), padding)]
 
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
@@ -83,6 +98,9 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
     per_loader = args.batch_size if mode == "semi" else 2 * args.batch_size
     batch = [synthetic_batch(per_loader, args.crop_size, info.num_classes, device, g)
              for _ in range(2 if mode == "semi" else 1)]
+    online = run.method in ONLINE_METHODS
+    if online:
+        batch[1] = synthetic_unlabelled(per_loader, args.crop_size, device, g)
     monitors = [ConfMatrix(info.num_classes, torch.device(device)) for _ in range(2)]
     cuda = device.startswith("cuda")
     guard = engine.build_guard(run, monitors, StopSignals()) if guarded else None
@@ -134,7 +152,7 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
               "compile_s": None if run.compile_s is None else round(run.compile_s, 1),
               "first_losses": [round(v, 5) for v in first],
               "device_name": torch.cuda.get_device_name() if cuda else "cpu",
-              "batch": f"{per_loader}" + (f"+{per_loader}" if mode == "semi" else ""),
+              "batch": f"{per_loader}" + (f"+{per_loader}" if mode == "semi" else "") + (f"+{per_loader}" * online),
               "crop": list(args.crop_size), "resnet_depth": args.resnet_depth, "s_per_iter": round(seconds, 4),
               "cpu_s_per_iter": round(cpu_seconds, 4), "threads": torch.get_num_threads(),
               "peak_gib": round((torch.cuda.max_memory_allocated() if cuda else
