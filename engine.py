@@ -174,18 +174,17 @@ def build_loaders(args: argparse.Namespace, data: DatasetFiles, d: Dist):
     online = args.method in ONLINE_METHODS
     if online:
         online_iterations(args, len(unlabelled), d.world_size)
-        common |= dict(epoch_length=len(unlabelled))
+    epoch = dict(epoch_length=len(unlabelled)) if online else {}
     loaders = [build_train_loader(
         SegmentationDataset(data, labelled, "train", crop_size=args.crop_size, scale_range=data.info.scale_range,
                             augmentation=True, crops="unimatch_labelled" if online else "reference", **partial),
-        batch, args.iters_per_epoch, seed=args.seed, **common)]
+        batch, args.iters_per_epoch, seed=args.seed, **epoch, **common)]
     if semi:  # the unlabelled branch: plain crops at scale 1 (its labels only monitor, or are partial labels)
         loaders.append(build_train_loader(
             SegmentationDataset(data, unlabelled, "train", crop_size=args.crop_size, scale_range=(1.0, 1.0),
                                 augmentation=False, crops="unimatch_unlabelled" if online else "reference",
                                 **partial),
-            batch, args.iters_per_epoch, seed=args.seed + 1_000_003, **common))
-    common.pop("epoch_length", None)
+            batch, args.iters_per_epoch, seed=args.seed + 1_000_003, **epoch, **common))
     test_loader = build_test_loader(SegmentationDataset(data, data.list_ids("test"), "test"),
                                     batch_size=4, **common)
     return (labelled, unlabelled), loaders, test_loader

@@ -332,6 +332,21 @@ def test_train_loader_sampling(tmp_path):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch0, _batches(workers, 0)))
 
 
+def test_unimatch_items_are_square_crops_of_the_seeded_geometry(tmp_path):
+    root = make_pascal(tmp_path, ids=tuple("abc"))
+    data = resolve_dataset("pascal", root)
+    labelled = bd.SegmentationDataset(data, list("abc"), crop_size=(17, 17), crops="unimatch_labelled")
+    image, label = labelled[(0, 7)]
+    assert image.shape == (3, 17, 17) and label.shape == (17, 17)
+    assert all(torch.equal(a, b) for a, b in zip(labelled[(0, 7)], (image, label)))
+    unlabelled = bd.SegmentationDataset(data, list("abc"), crop_size=(17, 17), crops="unimatch_unlabelled")
+    weak, padding, label, mix, mix_padding = unlabelled[(1, 7)]
+    assert weak.shape == mix.shape == (3, 17, 17) and padding.dtype == mix_padding.dtype == torch.bool
+    assert 0 <= weak.min() and weak.max() <= 1 and torch.equal(label[padding], torch.full_like(label[padding], -1))
+    with pytest.raises(ValueError, match="crops must be one of"):
+        bd.SegmentationDataset(data, list("abc"), crops="unimatch")
+
+
 def test_sampler_draws_with_replacement_and_covers_items():
     sampler = bd.EpochBatchSampler(num_items=5, batch_size=4, iters_per_epoch=500, seed=0)
     indices = np.array([[i for i, _ in batch] for batch in sampler])
@@ -341,6 +356,25 @@ def test_sampler_draws_with_replacement_and_covers_items():
     assert counts.min() > 300 and counts.max() < 500  # uniform: 400 expected each
     assert any(len(set(row)) < 4 for row in indices.tolist())  # with replacement
     assert len(set(seeds)) == len(seeds)
+
+
+def test_unimatchs_epoch_stretches_the_items_and_shares_one_shuffle_between_ranks():
+    def indices(sampler, epoch=0, start=0):
+        sampler.set_epoch(epoch, start)
+        return [i for batch in sampler for i, _ in batch]
+
+    # 3 labelled images stretched to 10 unlabelled: each appears 3 or 4 times in an epoch, in a shuffled order
+    one = indices(bd.EpochBatchSampler(3, 2, 5, seed=1, epoch_length=10))
+    assert sorted(np.bincount(one, minlength=3).tolist()) == [3, 3, 4] and one != sorted(one)
+    assert one != indices(bd.EpochBatchSampler(3, 2, 5, seed=1, epoch_length=10), epoch=1)
+    # an unlabelled pass over 10 images on 2 ranks: disjoint halves of one shuffle, 2 batches of 2 each
+    ranks = [indices(bd.EpochBatchSampler(10, 2, 2, seed=1, rank=r, world_size=2, epoch_length=10)) for r in (0, 1)]
+    assert len(set(ranks[0] + ranks[1])) == 8 and not set(ranks[0]) & set(ranks[1])
+    # more batches than an epoch holds: the next shuffles follow; a resumed epoch skips exactly what it drew
+    long = bd.EpochBatchSampler(4, 2, 5, seed=2, epoch_length=4)
+    drawn = indices(long)
+    assert sorted(drawn[:4]) == sorted(drawn[4:8]) == [0, 1, 2, 3]
+    assert indices(long, start=3) == drawn[6:]
 
 
 def test_test_loader_in_order_and_sharded(tmp_path):
