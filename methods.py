@@ -115,12 +115,18 @@ class PerturbedNet(nn.Module):
             logits, rep = self.model.decode(low, high, rep_rows > 0, rep_rows)
             return logits, None, rep
         if keep is None:
-            keep = [torch.rand(f.shape[:2], device=f.device) < 0.5 for f in (low, high)]
+            keep = _keep_masks(low, high)
         low, high = (torch.cat([f, f * (k[:, :, None, None].to(f.dtype) * 2)])
                      for f, k in zip((low, high), keep))
         logits, rep = self.model.decode(low, high, rep_rows > 0, rep_rows)
         count = images.shape[0]
         return logits[:count], logits[count:], rep
+
+
+@torch.compiler.disable  # eager draws: the same masks compiled or not (acceleration changes no result)
+def _keep_masks(*features: Tensor) -> list[Tensor]:
+    """Dropout2d(0.5)'s keep-masks, [N, C] bool for each feature map [N, C, H, W]."""
+    return [torch.rand(f.shape[:2], device=f.device) < 0.5 for f in features]
 
 
 def nearest(x: Tensor, size: Sequence[int]) -> Tensor:

@@ -61,6 +61,27 @@ def test_compiled_semi_reco_step_matches_eager(monkeypatch, capsys):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow
+def test_compiled_unimatch_reco_step_matches_eager(monkeypatch, capsys):
+    monkeypatch.setattr(acceleration, "compile_options", lambda mode: {"backend": "aot_eager", "dynamic": False})
+    eager = make_run("semi", "--method", "unimatch", "--apply_reco", "--compile", "off")
+    compiled = make_run("semi", "--method", "unimatch", "--apply_reco", "--compile", "default")
+    assert "compiled in" in capsys.readouterr().out
+    g = torch.Generator().manual_seed(1)
+    weak, mix = torch.rand(2, 3, 33, 33, generator=g), torch.rand(2, 3, 33, 33, generator=g)
+    padding = torch.zeros(2, 33, 33, dtype=torch.bool)
+    padding[:, :, 30:] = True
+    batch = [batches(True)[0], (weak, padding, torch.full((2, 33, 33), -1), mix, padding)]
+
+    def steps_of(run):
+        torch.manual_seed(0)
+        monitors = [ConfMatrix(21, torch.device("cpu")) for _ in range(2)]
+        return [engine.optimisation_step(run, batch, monitors)[0] for _ in range(2)]
+
+    for got, want in zip(steps_of(compiled), steps_of(eager)):  # dropout masks and views: the same draws
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_representation_head_runs_only_for_reco():
     calls = []
     for mode, reco in (("sup", True), ("semi", False)):  # semi without ReCo: neither the students nor the teacher
