@@ -102,9 +102,9 @@ _DEMO_NAMES = ("background", "stripes", "checker", "dots", "blob")
 
 @dataclass(frozen=True)
 class OnlineDefaults:
-    """The values FixMatch and UniMatch (--method fixmatch|unimatch) train with where a flag of the same name is
-    left unset: UniMatch's configs for Pascal and Cityscapes, Pascal-like values elsewhere. Their iterations per
-    epoch follow the unlabelled images (options.online_iterations)."""
+    """The values FixMatch and UniMatch (--method fixmatch|unimatch) train with where a flag of the same name
+    is left unset: UniMatch's configs for Pascal and Cityscapes, Pascal-like values elsewhere. Their
+    iterations per epoch follow the unlabelled images (options.online_iterations)."""
 
     crop_size: tuple[int, int]  # square
     batch_size: int  # per branch (labelled, unlabelled) and process
@@ -118,7 +118,8 @@ class OnlineDefaults:
 
 # The flags whose defaults follow --method (the mean teacher's are the reference's).
 ONLINE_DEFAULTED = (*(f.name for f in fields(OnlineDefaults)), "iters_per_epoch")
-PASCAL_LIKE = OnlineDefaults(crop_size=(321, 321), batch_size=8, lr=0.001, lr_multi=10.0, epochs=80, conf_thresh=0.95)
+PASCAL_LIKE = OnlineDefaults(crop_size=(321, 321), batch_size=8, lr=0.001, lr_multi=10.0, epochs=80,
+                             conf_thresh=0.95)
 
 
 class Sampler(enum.Enum):
@@ -173,8 +174,8 @@ DATASETS: dict[str, DatasetInfo] = {
         partial_labels=True,
         setup_hint="put leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ in dataset/ and run "
                    "`python dataset/cityscapes_preprocess.py` (docs/datasets.md)",
-        online=OnlineDefaults(crop_size=(801, 801), batch_size=8, lr=0.005, lr_multi=1.0, epochs=240, conf_thresh=0.0,
-                              criterion="ohem")),
+        online=OnlineDefaults(crop_size=(801, 801), batch_size=8, lr=0.005, lr_multi=1.0, epochs=240,
+                              conf_thresh=0.0, criterion="ohem")),
     "sun": DatasetInfo(
         name="sun", layout="sun", class_names=_SUN_NAMES, palette=_palette(_SUN_COLOURS, 0),
         label_table=_label_table({0: VOID, **{v: v - 1 for v in range(1, 38)}}, _INVALID),
@@ -189,7 +190,8 @@ DATASETS: dict[str, DatasetInfo] = {
         setup_hint="generate it with `python dataset/demo_preprocess.py`",
         epochs=8, iters_per_epoch=25, resnet_depth=18, pretrained="none",
         # a backbone trained from scratch learns as fast as the head: no head multiplier, a larger lr
-        online=OnlineDefaults(crop_size=(65, 65), batch_size=4, lr=0.01, lr_multi=1.0, epochs=8, conf_thresh=0.95)),
+        online=OnlineDefaults(crop_size=(65, 65), batch_size=4, lr=0.01, lr_multi=1.0, epochs=8,
+                              conf_thresh=0.95)),
 }
 
 
@@ -472,12 +474,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """iters_per_epoch batches of (index, sample_seed) pairs; a pure function of (seed, epoch, rank), so it does
-    not depend on the number of workers.
+    """iters_per_epoch batches of (index, sample_seed) pairs; a pure function of (seed, epoch, rank), so it
+    does not depend on the number of workers.
 
     epoch_length None: indices drawn with replacement, each rank its own. Else UniMatch's epoch: the items
-    stretched (repeated, then cut) to epoch_length, shuffled by (seed, epoch), rank r taking every world_size-th
-    from r on; more batches than that holds continue with the next shuffles.
+    stretched (repeated, then cut) to epoch_length, shuffled by (seed, epoch), rank r taking every
+    world_size-th from r on; more batches than that holds continue with the next shuffles.
     """
 
     def __init__(self, num_items: int, batch_size: int, iters_per_epoch: int, seed: int = 0, rank: int = 0,
@@ -558,9 +560,10 @@ def build_train_loader(dataset: SegmentationDataset, batch_size: int, iters_per_
                        seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
                        epoch_length: int | None = None) -> TrainLoader:
     """Exactly iters_per_epoch batches per epoch: sampled with replacement, each rank its own (epoch_length
-    None), or UniMatch's shuffled epoch of epoch_length items shared out between the ranks (EpochBatchSampler).
-    """
-    sampler = EpochBatchSampler(len(dataset), batch_size, iters_per_epoch, seed, rank, epoch_length, world_size)
+    None), or UniMatch's shuffled epoch of epoch_length items shared out between the ranks
+    (EpochBatchSampler)."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, iters_per_epoch, seed, rank, epoch_length,
+                                world_size)
     return TrainLoader(dataset, sampler, num_workers, seed, pin_memory)
 
 

@@ -27,8 +27,8 @@ from figures import covering_test_images, draw_figure, plot_curves
 from helpers import (RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, autocast_for, read_torch_file, run_cli, save_file,
                      write_json)
 from layouts import resolve_dataset
-from methods import (TERMS, MethodSettings, PerturbedNet, Views, method_optimizer, ohem_min_kept, poly_lr, set_lr,
-                     training_step)
+from methods import (TERMS, MethodSettings, PerturbedNet, Views, method_optimizer, ohem_min_kept, poly_lr,
+                     set_lr, training_step)
 from module_list import EMA, ONLINE_METHODS, ConfMatrix, PolyLR
 from network import build_model
 from options import (MODES, RESUME_KEYS, get_args_parser, metric_columns, online_iterations, resolve_args,
@@ -51,7 +51,7 @@ class Run:
     method: str                 # the step: a key of methods.TERMS ('sup' for the supervised scripts)
     settings: MethodSettings    # what the step needs besides networks and batch
     model: nn.Module            # the plain student (its state_dict is the reference's format)
-    student: nn.Module          # Views(model) (PerturbedNet(model) for FixMatch, UniMatch), DDP under torchrun
+    student: nn.Module          # Views(model) (FixMatch, UniMatch: PerturbedNet(model)), DDP under torchrun
     ema: EMA | None             # the mean teacher's
     optimizer: torch.optim.Optimizer
     scheduler: PolyLR | None    # the reference's per-epoch schedule (None: methods.poly_lr per iteration)
@@ -176,8 +176,9 @@ def build_loaders(args: argparse.Namespace, data: DatasetFiles, d: Dist):
         online_iterations(args, len(unlabelled), d.world_size)
     epoch = dict(epoch_length=len(unlabelled)) if online else {}
     loaders = [build_train_loader(
-        SegmentationDataset(data, labelled, "train", crop_size=args.crop_size, scale_range=data.info.scale_range,
-                            augmentation=True, crops="unimatch_labelled" if online else "reference", **partial),
+        SegmentationDataset(data, labelled, "train", crop_size=args.crop_size,
+                            scale_range=data.info.scale_range, augmentation=True,
+                            crops="unimatch_labelled" if online else "reference", **partial),
         batch, args.iters_per_epoch, seed=args.seed, **epoch, **common)]
     if semi:  # the unlabelled branch: plain crops at scale 1 (its labels only monitor, or are partial labels)
         loaders.append(build_train_loader(
@@ -196,15 +197,17 @@ def step_settings(args: argparse.Namespace, info: DatasetInfo, autocast: Callabl
     online = method in ONLINE_METHODS
     return MethodSettings(
         method=method, conf_thresh=args.conf_thresh if online else 0.0, criterion=args.criterion or "ce",
-        ohem_min_kept=ohem_min_kept(args.batch_size), apply_reco=args.apply_reco, reco_weight=args.reco_weight,
-        strong_threshold=args.strong_threshold, weak_threshold=args.weak_threshold, temp=args.temp,
-        num_queries=args.num_queries, num_negatives=args.num_negatives, apply_aug=args.apply_aug,
-        partial=bool(args.partial), scale_range=info.scale_range, autocast=autocast)
+        ohem_min_kept=ohem_min_kept(args.batch_size), apply_reco=args.apply_reco,
+        reco_weight=args.reco_weight, strong_threshold=args.strong_threshold,
+        weak_threshold=args.weak_threshold, temp=args.temp, num_queries=args.num_queries,
+        num_negatives=args.num_negatives, apply_aug=args.apply_aug, partial=bool(args.partial),
+        scale_range=info.scale_range, autocast=autocast)
 
 
 def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
     """Model, teacher (mean teacher), optimiser and schedule (the reference's SGD Nesterov in one group with
-    its staircase poly; FixMatch and UniMatch: methods.method_optimizer, poly per iteration), AMP scaler, DDP."""
+    its staircase poly; FixMatch and UniMatch: methods.method_optimizer, poly per iteration), AMP scaler,
+    DDP."""
     torch.backends.cudnn.benchmark = True  # crops and eval sizes are fixed: let cuDNN pick the fastest kernels
     seed_all("init", args.seed)  # identical initial weights on every rank
     model = build_model(args.backbone, info.num_classes, args.output_dim, args.resnet_depth, args.pretrained)
@@ -240,14 +243,16 @@ def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
         compile_s = warm_up(warm_up_calls(args, method, student, teacher), d.device, autocast, mode)
         if d.main:
             print(f"torch.compile ({mode}): compiled in {compile_s:.1f} s", flush=True)
-    return Run(args=args, info=info, dist=d, method=method, settings=step_settings(args, info, autocast, method),
-               model=model, student=student, ema=ema, optimizer=optimizer,
+    return Run(args=args, info=info, dist=d, method=method,
+               settings=step_settings(args, info, autocast, method), model=model, student=student, ema=ema,
+               optimizer=optimizer,
                scheduler=None if online else PolyLR(optimizer, args.epochs, power=0.9, min_lr=1e-6),
                scaler=torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16"),
                autocast=autocast, teacher=teacher, compile_mode=mode, compile_s=compile_s)
 
 
-def warm_up_calls(args: argparse.Namespace, method: str, student: nn.Module, teacher: nn.Module | None) -> list:
+def warm_up_calls(args: argparse.Namespace, method: str, student: nn.Module,
+                  teacher: nn.Module | None) -> list:
     """The forward calls of a training step (acceleration.warm_up's), with the step's shapes; FixMatch's and
     UniMatch's eval-mode forward of the mix batch compiles in the first step."""
     crop, batch, reco = (3, *args.crop_size), args.batch_size, args.apply_reco

@@ -117,8 +117,8 @@ def curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
     confident pseudo-labels)."""
     losses = [(name, [name]) for name in columns if name.endswith("loss")]
     ratios = [name for name in columns if name.endswith("ratio")]
-    return losses + [(kind, [name for name in columns if name.endswith(kind)]) for kind in ("miou", "acc")] + \
-        ([("ratio", ratios)] if ratios else [])
+    scores = [(kind, [name for name in columns if name.endswith(kind)]) for kind in ("miou", "acc")]
+    return losses + scores + ([("ratio", ratios)] if ratios else [])
 
 
 def plot_curves(metrics: np.ndarray, columns: Sequence[str], title: str, out: str | Path) -> None:

@@ -1,9 +1,10 @@
-"""One training step per method, as pure functions over (networks, batch, settings): supervised, the reference's
-mean teacher, FixMatch and UniMatch, each with ReCo's regional contrast loss as an add-on; and the optimiser and
-learning-rate schedule FixMatch and UniMatch train with.
+"""One training step per method, as pure functions over (networks, batch, settings): supervised, the
+reference's mean teacher, FixMatch and UniMatch, each with ReCo's regional contrast loss as an add-on; and the
+optimiser and learning-rate schedule FixMatch and UniMatch train with.
 
-FixMatch and UniMatch follow their authors' code (LiheYoung/UniMatch, CVPR 2023: `fixmatch.py`, `unimatch.py`)
-step for step, so that the same batches, dropout masks and weights give the same losses and updates.
+FixMatch and UniMatch follow their authors' code (LiheYoung/UniMatch, CVPR 2023: `fixmatch.py`,
+`unimatch.py`) step for step, so that the same batches, dropout masks and weights give the same losses and
+updates.
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ def mean_teacher_step(student: nn.Module, teacher: nn.Module, labelled: Sequence
                       unlabelled: Sequence[Tensor], settings: MethodSettings) -> StepOutput:
     """The reference's semi-supervised step: the teacher's pseudo-labels, re-cropped, mixed (apply_aug) and
     re-augmented with their images; the loss sup + unsup + reco_weight * ReCo. student, teacher: Views;
-    labelled, unlabelled: (images [B,3,H,W], labels [B,H,W]) each (unlabelled labels: partial, or monitored)."""
+    labelled, unlabelled: (images [B,3,H,W], labels [B,H,W]) each (unlabelled labels: partial, or
+    monitored)."""
     (images_l, labels_l), (images_u, labels_u) = labelled, unlabelled
     crop = images_u.shape[-2:]
     with torch.no_grad():
@@ -275,7 +277,8 @@ def mean_teacher_step(student: nn.Module, teacher: nn.Module, labelled: Sequence
             known = labels_u >= 0
             pseudo_u = torch.where(known, labels_u, pseudo_u)
             conf_u = torch.where(known, torch.ones_like(conf_u), conf_u)
-        images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, settings.scale_range, False)
+        images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, settings.scale_range,
+                                                     False)
         images_u, pseudo_u, conf_u = generate_unsup_data(images_u, pseudo_u, conf_u, settings.apply_aug)
         images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, (1.0, 1.0), True)
 
@@ -304,9 +307,9 @@ def mean_teacher_step(student: nn.Module, teacher: nn.Module, labelled: Sequence
 
 
 def online_batch(method: str, labelled: Sequence[Tensor], unlabelled: Sequence[Tensor]) -> MethodBatch:
-    """A MethodBatch from the loaders' items on the training device: labelled (images normalised, labels) and
-    unlabelled (weak crops in [0, 1], their padding, labels, the mix batch's weak crops and padding); the strong
-    views and CutMix boxes are drawn here, from the device's RNG."""
+    """A MethodBatch from the loaders' items on the training device: labelled (images normalised, labels)
+    and unlabelled (weak crops in [0, 1], their padding, labels, the mix batch's weak crops and padding); the
+    strong views and CutMix boxes are drawn here, from the device's RNG."""
     images_x, labels_x = labelled
     weak, padding, _, mix_weak, mix_padding = unlabelled
     weak, strong1, strong2, _, box1, box2 = unlabelled_views(weak, padding)
@@ -317,7 +320,8 @@ def online_batch(method: str, labelled: Sequence[Tensor], unlabelled: Sequence[T
                        mix_padding)
 
 
-def training_step(method: str, student: nn.Module, teacher: nn.Module | None, batch: Sequence[Sequence[Tensor]],
+def training_step(method: str, student: nn.Module, teacher: nn.Module | None,
+                  batch: Sequence[Sequence[Tensor]],
                   settings: MethodSettings) -> tuple[StepOutput, list[Tensor]]:
     """One step of a method (a key of TERMS) on the loaders' items on the device; returns its output and the
     ground truth its predictions are monitored against (labelled, then unlabelled labels)."""

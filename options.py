@@ -30,7 +30,8 @@ MODES = {
 RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "output_dim", "apply_aug",
                "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
                "weight_decay", "num_queries", "num_negatives", "temp", "weak_threshold", "strong_threshold",
-               "amp", "split_dir", "ema_buffers", "method", "reco_weight", "conf_thresh", "lr_multi", "criterion")
+               "amp", "split_dir", "ema_buffers", "method", "reco_weight", "conf_thresh", "lr_multi",
+               "criterion")
 # The reference's optimiser values (the mean teacher and the supervised scripts).
 REFERENCE_LR, REFERENCE_WEIGHT_DECAY = 2.5e-3, 5e-4
 # Flags of FixMatch and UniMatch only: unset otherwise.
@@ -46,8 +47,8 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     ref = p.add_argument_group("reference flags")
     ref.add_argument("--gpu", type=int, default=0, help="CUDA device index (single-process runs)")
     ref.add_argument("--lr", type=float, default=None,
-                     help=f"learning rate (default {REFERENCE_LR}; fixmatch/unimatch: the backbone's, from the "
-                          "dataset table)")
+                     help=f"learning rate (default {REFERENCE_LR}; fixmatch/unimatch: the backbone's, from "
+                          "the dataset table)")
     ref.add_argument("--weight_decay", type=float, default=None,
                      help=f"default {REFERENCE_WEIGHT_DECAY} (fixmatch/unimatch: the dataset table's)")
     ref.add_argument("--dataset", default=default_dataset,
@@ -64,7 +65,6 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     ref.add_argument("--weak_threshold", type=float, default=0.7, help="delta_w: pseudo-label mask for ReCo")
     ref.add_argument("--strong_threshold", type=float, default=0.97, help="delta_s: hard-query threshold")
     ref.add_argument("--apply_reco", action="store_true", help="add the ReCo loss")
-    ref.add_argument("--reco_weight", type=float, default=1.0, help="the ReCo loss's weight in the total loss")
     ref.add_argument("--num_negatives", type=int, default=512)
     ref.add_argument("--num_queries", type=int, default=256)
     ref.add_argument("--temp", type=float, default=0.5)
@@ -76,6 +76,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     methods.add_argument("--method", default=None, choices=SEMI_METHODS,
                          help="the semi-supervised method (default meanteacher, the reference's)"
                          if semi else "semi-supervised scripts only")
+    methods.add_argument("--reco_weight", type=float, default=1.0, help="the ReCo loss's weight in the total")
     methods.add_argument("--conf_thresh", type=float, default=None,
                          help="fixmatch/unimatch: tau, the pseudo-labels' confidence threshold")
     methods.add_argument("--lr_multi", type=float, default=None,
@@ -146,7 +147,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, flag) is None:
             setattr(args, flag, table_value)
     args.crop_size = tuple(args.crop_size or info.crop_size)
-    positive = ["batch_size", "epochs", "log_interval"] + ["iters_per_epoch"] * (args.iters_per_epoch is not None)
+    positive = ["batch_size", "epochs", "log_interval"]
+    positive += ["iters_per_epoch"] * (args.iters_per_epoch is not None)  # FixMatch, UniMatch: set later
     if args.apply_reco:
         positive += ["num_queries", "num_negatives", "output_dim"]
     for flag in positive:
@@ -177,20 +179,20 @@ def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
     the dataset table's OnlineDefaults); True for FixMatch and UniMatch."""
     semi, partial, _ = MODES[args.train_mode]
     if not semi and args.method is not None:
-        raise UserError(f"--method {args.method}: {MODE_SCRIPTS[args.train_mode]} trains on labels alone; the "
-                        f"semi-supervised methods run with train_semisup.py --method {args.method}")
+        raise UserError(f"--method {args.method}: {MODE_SCRIPTS[args.train_mode]} trains on labels alone; "
+                        f"the semi-supervised methods run with train_semisup.py --method {args.method}")
     if semi and args.method is None:
         args.method = "meanteacher"
     online = args.method in ONLINE_METHODS
     if online and partial:
-        raise UserError(f"--method {args.method} with partial labels is not supported (its step takes labelled and "
-                        f"unlabelled images apart): use train_semisup.py --method {args.method} with --num_labels "
-                        "or --split, or the mean teacher here")
+        raise UserError(f"--method {args.method} with partial labels is not supported (its step takes "
+                        f"labelled and unlabelled images apart): use train_semisup.py --method {args.method} "
+                        "with --num_labels or --split, or the mean teacher here")
     if not online:
         given = [flag for flag in ONLINE_FLAGS if getattr(args, flag) is not None]
         if given:
-            raise UserError(f"--{given[0]} is a flag of FixMatch and UniMatch: add --method unimatch (or fixmatch) "
-                            "to train_semisup.py, or drop it")
+            raise UserError(f"--{given[0]} is a flag of FixMatch and UniMatch: add --method unimatch (or "
+                            "fixmatch) to train_semisup.py, or drop it")
         args.lr = REFERENCE_LR if args.lr is None else args.lr
         args.weight_decay = REFERENCE_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay
         return False
@@ -200,8 +202,8 @@ def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
             setattr(args, flag, getattr(table, flag))
     args.crop_size = tuple(args.crop_size)
     if args.crop_size[0] != args.crop_size[1]:
-        raise UserError(f"--crop_size {args.crop_size[0]} {args.crop_size[1]}: --method {args.method} trains on "
-                        f"square crops, as UniMatch does; pass --crop_size S S")
+        raise UserError(f"--crop_size {args.crop_size[0]} {args.crop_size[1]}: --method {args.method} trains "
+                        f"on square crops, as UniMatch does; pass --crop_size S S")
     if not 0 <= args.conf_thresh <= 1:
         raise UserError(f"--conf_thresh must be in [0, 1], got {args.conf_thresh}")
     if args.lr_multi <= 0:
@@ -211,12 +213,13 @@ def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
 
 def online_iterations(args: argparse.Namespace, unlabelled: int, world_size: int) -> None:
     """FixMatch's and UniMatch's epoch, one pass over the unlabelled images (ceil(U / processes) per process,
-    in whole batches): fills --iters_per_epoch when unset. A UserError when a process gets less than a batch."""
+    in whole batches): fills --iters_per_epoch when unset. A UserError when a process gets less than a
+    batch."""
     per_process = -(-unlabelled // world_size)
     if per_process < args.batch_size:
         processes = f" over {world_size} processes" if world_size > 1 else ""
-        raise UserError(f"--method {args.method}: {unlabelled} unlabelled image(s){processes} make less than one "
-                        f"batch (--batch_size {args.batch_size}): lower --batch_size (at least 2) or "
+        raise UserError(f"--method {args.method}: {unlabelled} unlabelled image(s){processes} make less than "
+                        f"one batch (--batch_size {args.batch_size}): lower --batch_size (at least 2) or "
                         "--num_labels, or add unlabelled images")
     if args.iters_per_epoch is None:
         args.iters_per_epoch = per_process // args.batch_size
@@ -249,7 +252,8 @@ def run_folder(args: argparse.Namespace) -> Path:
 
 def metric_columns(semi: bool, terms: Sequence[str] = ("sup", "unsup", "reco")) -> tuple[str, ...]:
     """Columns of the reference's per-epoch .npy metric array: a semi-supervised step's logged terms (the mean
-    teacher's by default; '<term>_loss', a ratio under its own name), then its monitors and the test metrics."""
+    teacher's by default; '<term>_loss', a ratio under its own name), then its monitors and the test
+    metrics."""
     if semi:
         logged = tuple(term if term.endswith("_ratio") else f"{term}_loss" for term in terms)
         return logged + ("labelled_miou", "labelled_acc", "unlabelled_miou", "unlabelled_acc", "test_loss",

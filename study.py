@@ -48,25 +48,26 @@ CELL_FLAGS = ("--seed", "--num_labels", "--partial", "--split_dir", "--split", "
 # Training flags naming a file or folder: made absolute, so that a cell's command line runs from any folder.
 PATH_FLAGS = ("--data_root", "--pretrained")
 # Run arguments that are the grid's axes (they differ between cells by design) ...
-GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "method", "name",
-             "train_mode"}
+GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "method",
+             "name", "train_mode"}
 # ... and those that say where or how a run was kept, not what was trained.
 NOT_COMPARED = {"data_root", "log_dir", "weights_dir", "resume", "log_interval", "no_visual", "num_workers", "gpu",
                 "device", "id", "mode", "port", "save_every"}
 # The reference's run name (options.run_name), read back when a run folder has no config.json.
 RUN_NAME = re.compile(r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
-                      r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r")|(?P<online>" + "|".join(ONLINE_METHODS)
-                      + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
+                      r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r")|(?P<online>"
+                      + "|".join(ONLINE_METHODS) + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
 # Published val mIoU (%) per dataset (--paper): each source with its (method, budget) numbers.
 _RECO = "the reference ReCo README's published checkpoints (one run each)"
-_UNIMATCH = ("UniMatch's README (Yang et al., CVPR 2023; DeepLabv3+ ResNet-101, crop 321, the classic splits; "
-             "its supervised baseline in the sup row)")
+_UNIMATCH = ("UniMatch's README (Yang et al., CVPR 2023; DeepLabv3+ ResNet-101, crop 321, the classic "
+             "splits; its supervised baseline in the sup row)")
 PAPER = {"pascal": {_RECO: {("sup", "60"): 36.06, ("classmix", "60"): 53.71, ("classmix+reco", "60"): 57.12},
                     _UNIMATCH: {**{("unimatch", f"pascal/{n}"): v for n, v in
                                    zip((92, 183, 366, 732, 1464), (75.2, 77.2, 78.8, 79.9, 81.2))},
                                 **{("sup", f"pascal/{n}"): v for n, v in
                                    zip((92, 183, 366, 732, 1464), (45.1, 55.3, 64.8, 69.7, 73.5))}}},
-         "cityscapes": {_RECO: {("sup", "20"): 38.10, ("classmix", "20"): 45.13, ("classmix+reco", "20"): 50.14}}}
+         "cityscapes": {_RECO: {("sup", "20"): 38.10, ("classmix", "20"): 45.13,
+                                ("classmix+reco", "20"): 50.14}}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +101,8 @@ class Cell:
         """The training script's command line of this cell (outputs inside the cell's folder)."""
         base, reco = parse_method(self.method)
         script = REPO / script_of(base != "sup", partial)
-        method = ["--method", base] if base in ONLINE_METHODS else ["--apply_aug", base] if base != "sup" else []
+        method = (["--method", base] if base in ONLINE_METHODS else ["--apply_aug", base] if base != "sup"
+                  else [])
         return [sys.executable, str(script), *self.budget_flags, "--seed", str(self.seed), *method,
                 *(["--apply_reco"] if reco else []),
                 "--log_dir", str(self.folder / "log"), "--weights_dir", str(self.folder / "weights"), *extra,
@@ -179,8 +181,8 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cel
     methods = list(dict.fromkeys(args.methods))
     online = [m for m in methods if parse_method(m)[0] in ONLINE_METHODS]
     if partial and online:
-        raise UserError(f"--methods {online[0]}: FixMatch and UniMatch do not train on partial labels; give label "
-                        "budgets (--num_labels, --splits or --split_dirs) or drop it")
+        raise UserError(f"--methods {online[0]}: FixMatch and UniMatch do not train on partial labels; give "
+                        "label budgets (--num_labels, --splits or --split_dirs) or drop it")
     budgets = budgets_of(args)
     dataset = flag_values(extra).get("--dataset")
     for name in args.splits or []:  # else every cell would stop on it
@@ -386,8 +388,8 @@ class RunLog:
 
 
 def method_name(semi: bool, aug: str | None, reco: bool, method: str | None = None) -> str:
-    """The study's method name of a run: sup, cutout, cutmix or classmix (the mean teacher's mixing), fixmatch or
-    unimatch, with +reco."""
+    """The study's method name of a run: sup, cutout, cutmix or classmix (the mean teacher's mixing),
+    fixmatch or unimatch, with +reco."""
     base = method if method in ONLINE_METHODS else aug if semi else "sup"
     return base + ("+reco" if reco else "")
 
@@ -464,7 +466,7 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
         configs = [r.config for r in runs]
     differ = []
     for key in sorted({k for c in configs for k in c}):
-        # a flag whose default follows --method need agree only between FixMatch and UniMatch runs, or the others
+        # a flag whose default follows --method need agree only among FixMatch and UniMatch runs, or the rest
         kinds: dict[bool, dict[str, list[RunLog]]] = defaultdict(lambda: defaultdict(list))
         for run, config in zip(runs, configs):
             online = key in ONLINE_DEFAULTED and parse_method(run.method)[0] in ONLINE_METHODS
@@ -544,9 +546,10 @@ def cell_text(mean: float, std: float, n: int) -> str:
     return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} (1)"
 
 
-def paper_numbers(paper: str | None, runs: Sequence[RunLog]) -> tuple[dict[tuple[str, str], float], list[str]]:
-    """({(method, budget): published mIoU (%)} at the runs' budgets, their sources) for --paper, checked on the
-    runs."""
+def paper_numbers(paper: str | None,
+                  runs: Sequence[RunLog]) -> tuple[dict[tuple[str, str], float], list[str]]:
+    """({(method, budget): published mIoU (%)} at the runs' budgets, their sources) for --paper, checked on
+    the runs."""
     if paper is None:
         return {}, []
     datasets = sorted({r.dataset for r in runs})
@@ -556,7 +559,8 @@ def paper_numbers(paper: str | None, runs: Sequence[RunLog]) -> tuple[dict[tuple
     budgets = {r.budget for r in runs}
     shown = {source: {key: value for key, value in numbers.items() if key[1] in budgets}
              for source, numbers in PAPER[paper].items()}
-    return {k: v for numbers in shown.values() for k, v in numbers.items()}, [s for s, n in shown.items() if n]
+    numbers = {key: value for found in shown.values() for key, value in found.items()}
+    return numbers, [source for source, found in shown.items() if found]
 
 
 def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequence[RunLog],
@@ -657,8 +661,8 @@ def report(args: argparse.Namespace) -> None:
     paper, sources = paper_numbers(args.paper, runs)
     out = Path(args.out or folders[0])
     left_out = [r for r in found if not r.finished]
-    atomic_save(lambda tmp: tmp.write_text(markdown(stats, paper, runs, left_out, folders, sources), encoding="utf-8"),
-                out / "report.md")
+    text = markdown(stats, paper, runs, left_out, folders, sources)
+    atomic_save(lambda tmp: tmp.write_text(text, encoding="utf-8"), out / "report.md")
     atomic_save(lambda tmp: tmp.write_text(csv_text(stats, paper), encoding="utf-8"), out / "report.csv")
     plot(stats, paper, out / "report.png")
     unfinished = f", {len(left_out)} unfinished left out" if left_out else ""
@@ -686,8 +690,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     budgets.add_argument("--splits", nargs="+", help="shipped splits by name, e.g. pascal/92 (the scripts' --split)")
     budgets.add_argument("--partial", nargs="+", help="partial-label settings (p0 p1 p5 p25)")
     run.add_argument("--methods", nargs="+", required=True,
-                     help="sup, cutout, cutmix, classmix (the mean teacher's mixing), fixmatch, unimatch, each "
-                          "optionally +reco (e.g. classmix+reco, unimatch+reco)")
+                     help="sup, cutout, cutmix, classmix (the mean teacher's mixing), fixmatch, unimatch, "
+                          "each optionally +reco (e.g. classmix+reco, unimatch+reco)")
     run.add_argument("--gpus", nargs="+", help="run one cell per GPU at a time (CUDA_VISIBLE_DEVICES of each)")
     run.add_argument("--print", dest="print_only", action="store_true",
                      help="print the command line of each cell still to run, one a line, and run nothing")
@@ -695,8 +699,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     rep.add_argument("folders", nargs="+", help="a study folder, or any folders holding runs (searched recursively)")
     rep.add_argument("--out", help="where the report goes (default: the first folder)")
     rep.add_argument("--paper", choices=sorted(PAPER),
-                     help="add the published mIoU at the runs' budgets: the reference ReCo README's, and UniMatch's "
-                          "on Pascal's classic splits (--splits pascal/92 ...)")
+                     help="add the published mIoU at the runs' budgets: the reference ReCo README's, and "
+                          "UniMatch's on Pascal's classic splits (--splits pascal/92 ...)")
     return p
 
 

@@ -38,7 +38,8 @@ from layouts import resolve_dataset  # noqa: E402
 from module_list import ONLINE_METHODS, ConfMatrix  # noqa: E402
 
 SIZES = {  # the reference's Pascal defaults, and a size a laptop CPU gets through in seconds
-    "pascal": ["--dataset", "pascal", "--resnet_depth", "101", "--batch_size", "10", "--crop_size", "321", "321"],
+    "pascal": ["--dataset", "pascal", "--resnet_depth", "101", "--batch_size", "10", "--crop_size", "321",
+               "321"],
     "small": ["--dataset", "pascal", "--resnet_depth", "18", "--batch_size", "2", "--crop_size", "97", "97"],
     "crop161": ["--dataset", "pascal", "--resnet_depth", "101", "--batch_size", "2", "--crop_size", "161", "161"],
 }
@@ -152,7 +153,7 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
               "compile_s": None if run.compile_s is None else round(run.compile_s, 1),
               "first_losses": [round(v, 5) for v in first],
               "device_name": torch.cuda.get_device_name() if cuda else "cpu",
-              "batch": f"{per_loader}" + (f"+{per_loader}" if mode == "semi" else "") + (f"+{per_loader}" * online),
+              "batch": f"{per_loader}" + f"+{per_loader}" * (mode == "semi") + f"+{per_loader}" * online,
               "crop": list(args.crop_size), "resnet_depth": args.resnet_depth, "s_per_iter": round(seconds, 4),
               "cpu_s_per_iter": round(cpu_seconds, 4), "threads": torch.get_num_threads(),
               "peak_gib": round((torch.cuda.max_memory_allocated() if cuda else

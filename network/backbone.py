@@ -1,5 +1,6 @@
-"""ResNet backbones and their weights: the dilated torchvision ResNet (dilation in place of the last strides) with
-torchvision's ImageNet or local weights, and UniMatch's deep-stem ResNet with its authors' ImageNet files."""
+"""ResNet backbones and their weights: the dilated torchvision ResNet (dilation in place of the last strides)
+with torchvision's ImageNet or local weights, and UniMatch's deep-stem ResNet with its authors' ImageNet
+files."""
 
 from __future__ import annotations
 

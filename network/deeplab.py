@@ -2,8 +2,9 @@
 
 forward(x, with_rep=False) skips the representation head (it is only needed by the ReCo loss) and returns
 (logits, None). Module names are the reference's, so its published state_dicts load strictly
-(tests/data/checkpoint_keys_*.json). DeepLabv3+ also splits into encode(x) -> (low, high) and decode(low, high, ...),
-so a method can perturb the features between the two (UniMatch's feature perturbation).
+(tests/data/checkpoint_keys_*.json). DeepLabv3+ also splits into encode(x) -> (low, high) and
+decode(low, high, ...), so a method can perturb the features between the two (UniMatch's feature
+perturbation).
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def test_compiled_semi_reco_step_matches_eager(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_compiled_unimatch_reco_step_matches_eager(monkeypatch, capsys):
-    monkeypatch.setattr(acceleration, "compile_options", lambda mode: {"backend": "aot_eager", "dynamic": False})
+    aot_eager = {"backend": "aot_eager", "dynamic": False}  # as above: Dynamo's capture, AOTAutograd's graphs
+    monkeypatch.setattr(acceleration, "compile_options", lambda mode: aot_eager)
     eager = make_run("semi", "--method", "unimatch", "--apply_reco", "--compile", "off")
     compiled = make_run("semi", "--method", "unimatch", "--apply_reco", "--compile", "default")
     assert "compiled in" in capsys.readouterr().out

@@ -43,14 +43,16 @@ def test_reference_defaults(mode, dataset, has):
     ("demo", ((65, 65), 4, 0.01, 1.0, 8, 0.95, "ce", 1e-4)),
 ])
 def test_fixmatch_and_unimatch_take_the_tables_defaults_and_flags_override_them(dataset, expected):
-    flags = ("crop_size", "batch_size", "lr", "lr_multi", "epochs", "conf_thresh", "criterion", "weight_decay")
+    flags = ("crop_size", "batch_size", "lr", "lr_multi", "epochs", "conf_thresh", "criterion",
+             "weight_decay")
     for method in ("fixmatch", "unimatch"):
         args = options.resolve_args(parse("semi", "--dataset", dataset, "--method", method))
         assert tuple(getattr(args, f) for f in flags) == expected and args.iters_per_epoch is None
         assert args.name == f"{dataset}_label15_{method}_0"
     args = options.resolve_args(parse("semi", "--dataset", "pascal", "--method", "unimatch", "--lr", "0.002",
-                                      "--lr_multi", "1", "--conf_thresh", "0", "--criterion", "ohem", "--epochs", "3",
-                                      "--weight_decay", "5e-4", "--crop_size", "97", "97", "--apply_reco"))
+                                      "--lr_multi", "1", "--conf_thresh", "0", "--criterion", "ohem",
+                                      "--epochs", "3", "--weight_decay", "5e-4", "--crop_size", "97", "97",
+                                      "--apply_reco"))
     assert tuple(getattr(args, f) for f in flags) == ((97, 97), 8, 0.002, 1.0, 3, 0.0, "ohem", 5e-4)
     assert args.name == "pascal_label15_unimatch_reco_0"
     mean_teacher = options.resolve_args(parse("semi", "--dataset", "pascal"))
@@ -70,10 +72,10 @@ def test_fixmatch_and_unimatch_epochs_are_one_pass_over_the_unlabelled_images():
     args.iters_per_epoch = 5  # given: kept
     options.online_iterations(args, 17, 1)
     assert args.iters_per_epoch == 5
-    with pytest.raises(helpers.UserError, match=r"--method unimatch: 7 unlabelled image\(s\) make less than one "
-                                                r"batch \(--batch_size 8\): lower --batch_size"):
+    with pytest.raises(helpers.UserError, match=r"--method unimatch: 7 unlabelled image\(s\) make less than "
+                                                r"one batch \(--batch_size 8\): lower --batch_size"):
         options.online_iterations(args, 7, 1)
-    with pytest.raises(helpers.UserError, match="13 unlabelled image.s. over 2 processes make less than one batch"):
+    with pytest.raises(helpers.UserError, match="13 unlabelled image.s. over 2 processes make less than one"):
         options.online_iterations(args, 13, 2)
 
 
@@ -106,13 +108,13 @@ def test_reference_file_names(mode, argv, name):
     ("sup", ["--num_labels", "-3"], "--num_labels"),
     ("sup", ["--dataset", "imagenet"], "imagenet"),
     ("sup", ["--device", "gpu0"], "--device 'gpu0' is not a device"),
-    ("sup", ["--method", "unimatch"], "--method unimatch: train_sup.py trains on labels alone; the semi-supervised "
-     "methods run with train_semisup.py --method unimatch"),
-    ("sup_partial", ["--method", "meanteacher"], "--method meanteacher: train_sup_partial.py trains on labels alone"),
+    ("sup", ["--method", "unimatch"], "--method unimatch: train_sup.py trains on labels alone; the "
+     "semi-supervised methods run with train_semisup.py --method unimatch"),
+    ("sup_partial", ["--method", "meanteacher"], "--method meanteacher: train_sup_partial.py trains on"),
     ("semi_partial", ["--method", "fixmatch"], "--method fixmatch with partial labels is not supported"),
-    ("semi", ["--method", "unimatch", "--crop_size", "321", "513"], "--crop_size 321 513: --method unimatch trains "
-     "on square crops, as UniMatch does; pass --crop_size S S"),
-    ("semi", ["--conf_thresh", "0.9"], "--conf_thresh is a flag of FixMatch and UniMatch: add --method unimatch"),
+    ("semi", ["--method", "unimatch", "--crop_size", "321", "513"], "--crop_size 321 513: --method unimatch "
+     "trains on square crops, as UniMatch does; pass --crop_size S S"),
+    ("semi", ["--conf_thresh", "0.9"], "--conf_thresh is a flag of FixMatch and UniMatch: add --method"),
     ("sup", ["--lr_multi", "10"], "--lr_multi is a flag of FixMatch and UniMatch"),
     ("semi", ["--method", "fixmatch", "--conf_thresh", "1.5"], "--conf_thresh must be in [0, 1], got 1.5"),
     ("semi", ["--reco_weight", "-1"], "--reco_weight must be >= 0"),

@@ -72,7 +72,8 @@ def every_step(monkeypatch, action):
                                           ("unimatch", "demo_label6_unimatch_reco_0")])
 def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(method, name, small_demo, tmp_path,
                                                                       monkeypatch, capsys):
-    common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco", "--method", method]
+    common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco", "--method",
+              method]
     engine.main("semi", argv_for(small_demo, tmp_path / "a", *common))
     every_step(monkeypatch, lambda n, run: time.sleep(2) if n == 1 else n == 2 and os.kill(os.getpid(), signal.SIGTERM))
     argv = argv_for(small_demo, tmp_path / "b", *common)

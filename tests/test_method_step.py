@@ -179,8 +179,8 @@ def test_unimatch_loss_by_hand_on_a_tiny_network():
 
 # --- the mean teacher, moved here from the engine ------------------------------------------------
 
-# (partial labels, ReCo, mixing) -> logged (sup, unsup, reco), loss and the summed |gradient| of every parameter,
-# as the engine's step computed them before it moved to methods.py (and as train_semisup.py has since the start)
+# (partial labels, ReCo, mixing) -> logged (sup, unsup, reco), loss and the summed |gradient| of every
+# parameter, as the engine's step computed them before it moved to methods.py
 MEAN_TEACHER_BEFORE = {
     (False, True, "classmix"): ([1.6487838, 0.3095918, 3.0588298], 5.0172052, 77896.03),
     (True, True, "cutmix"): ([1.6487838, 1.3439375, 3.0388525], 6.0315738, 93488.3922),
@@ -199,11 +199,11 @@ def test_mean_teacher_step_computes_what_it_did_and_weighs_reco(partial, reco, a
         labels = torch.randint(-1, 5, (4, 1, 5, 5), generator=g).float()
         labels = F.interpolate(labels, size=(33, 33), mode="nearest")[:, 0].long()
         settings = methods.MethodSettings(
-            method="meanteacher", apply_reco=reco, reco_weight=reco_weight, strong_threshold=0.3, num_queries=16,
-            num_negatives=32, apply_aug=aug, partial=partial, scale_range=(0.75, 1.25))
+            method="meanteacher", apply_reco=reco, reco_weight=reco_weight, strong_threshold=0.3,
+            num_queries=16, num_negatives=32, apply_aug=aug, partial=partial, scale_range=(0.75, 1.25))
         torch.manual_seed(1)
-        out = methods.mean_teacher_step(methods.Views(model), methods.Views(teacher), (images[:2], labels[:2]),
-                                        (images[2:], labels[2:]), settings)
+        out = methods.mean_teacher_step(methods.Views(model), methods.Views(teacher),
+                                        (images[:2], labels[:2]), (images[2:], labels[2:]), settings)
         out.loss.backward()
         return out, sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None)
 

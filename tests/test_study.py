@@ -213,8 +213,8 @@ def test_report_adds_the_published_numbers_of_the_reference_readme(tmp_path):
     (["--num_labels", "60", "--methods", "sup", "--", "--log_dir=x"], "--log_dir is set by the study"),
     (["--split_dirs", "nowhere", "--methods", "sup"], "--split_dirs: nowhere has no labelled.txt"),
     (["--num_labels", "60", "60", "--methods", "sup"], "repeat a name"),
-    (["--partial", "p0", "--methods", "unimatch"], "--methods unimatch: FixMatch and UniMatch do not train on partial"),
-    (["--num_labels", "60", "--methods", "unimatch", "--", "--method", "fixmatch"], "--method is set by the study"),
+    (["--partial", "p0", "--methods", "unimatch"], "--methods unimatch: FixMatch and UniMatch do not train"),
+    (["--num_labels", "60", "--methods", "unimatch", "--", "--method", "fixmatch"], "--method is set by the"),
 ])
 def test_run_refuses_a_bad_grid(argv, message, tmp_path):
     with pytest.raises(UserError, match=message.replace("+", r"\+")):
@@ -418,9 +418,10 @@ def test_fixmatch_and_unimatch_cells_pass_their_method_and_are_named_by_it(tmp_p
                 "unimatch+reco", "--seeds", "0", "--print"])
     lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     assert [(Path(a[1]).name, a[a.index("--method") + 1] if "--method" in a else None, "--apply_aug" in a,
-             "--apply_reco" in a, Path(a[a.index("--log_dir") + 1]).parent.parent.parent.name) for a in lines] == [
-        ("train_semisup.py", None, True, False, "classmix"), ("train_semisup.py", "fixmatch", False, False, "fixmatch"),
-        ("train_semisup.py", "unimatch", False, True, "unimatch+reco")]
+             "--apply_reco" in a, Path(a[a.index("--log_dir") + 1]).parent.parent.parent.name)
+            for a in lines] == [("train_semisup.py", None, True, False, "classmix"),
+                                ("train_semisup.py", "fixmatch", False, False, "fixmatch"),
+                                ("train_semisup.py", "unimatch", False, True, "unimatch+reco")]
 
 
 def test_report_takes_each_methods_own_defaults_and_adds_unimatchs_published_numbers(tmp_path):
@@ -435,8 +436,9 @@ def test_report_takes_each_methods_own_defaults_and_adds_unimatchs_published_num
     assert "| unimatch | 74.00 (1) |" in md and "| unimatch+reco | 75.00 (1) |" in md and "--lr" not in md
     assert "| unimatch (paper) | 75.20 (paper) |" in md and "| sup (paper) | 45.10 (paper) |" in md
     assert "UniMatch's README" in md and "classmix (paper)" not in md  # ReCo's numbers are at 60 labels
-    fake_run(tmp_path / "b", "semi", 2, [0.7, 0.7], method="unimatch", lr=0.01, lr_multi=10.0, batch_size=8, **pascal)
-    with pytest.raises(UserError, match=r"--lr 0.001 \(2 runs.* vs 0.01 \(1 run"):  # but UniMatch's must agree
+    fake_run(tmp_path / "b", "semi", 2, [0.7, 0.7], method="unimatch", lr=0.01, lr_multi=10.0, batch_size=8,
+             **pascal)
+    with pytest.raises(UserError, match=r"--lr 0.001 \(2 runs.* vs 0.01 \(1 run"):  # UniMatch's must agree
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "b")])
     fake_run(tmp_path / "c", "semi", 0, [0.5, 0.6], method="fixmatch", reco=True, config=False)
     assert study.run_from_name(tmp_path / "c" / "demo_label60_fixmatch_reco_0.npy").method == "fixmatch+reco"

@@ -33,7 +33,8 @@ def tiny_args(demo_root, tmp_path, *extra):
     ("sup_partial", ["--partial", "p1"], "demo_p1_sup_0", 6),
     ("semi_partial", ["--partial", "p0", "--apply_aug", "cutmix", "--apply_reco"], "demo_p0_semi_cutmix_reco_0", 10),
     ("semi", ["--num_labels", "6", "--method", "fixmatch"], "demo_label6_fixmatch_0", 11),
-    ("semi", ["--num_labels", "6", "--method", "unimatch", "--apply_reco"], "demo_label6_unimatch_reco_0", 13),
+    ("semi", ["--num_labels", "6", "--method", "unimatch", "--apply_reco"], "demo_label6_unimatch_reco_0",
+     13),
 ])
 def test_each_script_trains_and_leaves_its_outputs(mode, extra, name, columns, demo_root, tmp_path, capsys):
     engine.main(mode, tiny_args(demo_root, tmp_path, "--epochs", "2", "--no_visual", *extra))
@@ -104,7 +105,7 @@ def test_split_dir_sets_the_budget_and_the_run_name(demo_root, tmp_path):
             ["--dataset", "demo", "--split_dir", str(tmp_path / "split")]))
 
 
-def test_unimatch_records_its_resolved_defaults_and_refuses_too_few_unlabelled_images(demo_root, tmp_path, capsys):
+def test_unimatch_records_its_defaults_and_refuses_too_few_unlabelled_images(demo_root, tmp_path, capsys):
     ids = (demo_root / "train_aug.txt").read_text().split()
     write_split_dir(tmp_path / "split", ids[:4], ids[4:7])
     argv = tiny_args(demo_root, tmp_path, "--split_dir", str(tmp_path / "split"), "--method", "unimatch")
@@ -112,7 +113,8 @@ def test_unimatch_records_its_resolved_defaults_and_refuses_too_few_unlabelled_i
     del argv[at:at + 2]  # unset: one pass over the 3 unlabelled images
     engine.main("semi", [*argv, "--epochs", "1", "--no_visual"])
     config = json.loads((tmp_path / "log" / "demo_label4_unimatch_0" / "config.json").read_text())["args"]
-    assert (config["iters_per_epoch"], config["lr"], config["lr_multi"], config["weight_decay"]) == (1, 0.01, 1.0, 1e-4)
+    assert (config["iters_per_epoch"], config["lr"], config["lr_multi"], config["weight_decay"]) == (
+        1, 0.01, 1.0, 1e-4)
     assert (config["method"], config["conf_thresh"], config["criterion"], config["reco_weight"]) == (
         "unimatch", 0.95, "ce", 1.0)
     capsys.readouterr()
@@ -120,7 +122,8 @@ def test_unimatch_records_its_resolved_defaults_and_refuses_too_few_unlabelled_i
         engine.main("semi", [*argv, "--batch_size", "4"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("error: --method unimatch: 3 unlabelled image(s) make less than one batch (--batch_size 4)")
+    assert err.startswith("error: --method unimatch: 3 unlabelled image(s) make less than one batch "
+                          "(--batch_size 4)")
 
 
 def test_num_labels_larger_than_the_pool_is_refused(demo_root, tmp_path, capsys):
