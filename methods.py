@@ -68,7 +68,7 @@ class MethodSettings(NamedTuple):
 
 
 class StepOutput(NamedTuple):
-    """What method_step returns."""
+    """What a step returns."""
     loss: Tensor    # the scalar to backpropagate
     terms: Tensor   # [len(TERMS[method])], detached
     pred_x: Tensor  # [B,H,W] long: the labelled images' predicted classes (for a monitor)

@@ -14,6 +14,7 @@ from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
 from build_data import FOLDER, PARTIAL_SETTINGS, DatasetInfo, check_partial
 from helpers import AMP_DTYPES, UserError
 from layouts import resolve_dataset
+from methods import CRITERIA
 from module_list import MIX_MODES, ONLINE_METHODS, SEMI_METHODS
 from network import BACKBONES, RESNET_DEPTHS
 from run_record import MODE_SCRIPTS
@@ -36,7 +37,6 @@ RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "
 REFERENCE_LR, REFERENCE_WEIGHT_DECAY = 2.5e-3, 5e-4
 # Flags of FixMatch and UniMatch only: unset otherwise.
 ONLINE_FLAGS = ("conf_thresh", "lr_multi", "criterion")
-CRITERIA = ("ce", "ohem")
 
 
 def get_args_parser(mode: str) -> argparse.ArgumentParser:
