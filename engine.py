@@ -298,9 +298,11 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"--resume: {path} is not a resume checkpoint (last.pth) of this project")
     ours = resume_config(run.args)
-    differ = [k for k in ours if state["config"].get(k) != ours[k]]
+    # written before --method and --reco_weight existed: the reference's method, ReCo at weight 1
+    theirs = {"method": "meanteacher" if run.ema is not None else None, "reco_weight": 1.0} | state["config"]
+    differ = [k for k in ours if theirs.get(k) != ours[k]]
     if differ:
-        detail = ", ".join(f"--{k} {state['config'].get(k)} (now {ours[k]})" for k in differ)
+        detail = ", ".join(f"--{k} {theirs.get(k)} (now {ours[k]})" for k in differ)
         raise UserError(f"--resume: {path} was written by another configuration: {detail}; "
                         "use the same flags or another --log_dir")
     needed = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_miou", "metrics"}

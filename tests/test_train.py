@@ -84,6 +84,16 @@ def test_resume_refuses_another_teacher_rule(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         engine.main("semi", argv + ["--resume", "--ema_buffers"])
     assert "--ema_buffers False (now True)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        engine.main("semi", argv + ["--resume", str(tmp_path / "log/demo_label4_semi_cutout_0/last.pth"),
+                                    "--method", "fixmatch"])
+    assert "--method meanteacher (now fixmatch)" in capsys.readouterr().err
+    last = tmp_path / "log/demo_label4_semi_cutout_0/last.pth"  # as written before --method and --reco_weight
+    state = torch.load(last, weights_only=True)
+    state["config"] = {k: v for k, v in state["config"].items() if k not in ("method", "reco_weight")}
+    torch.save(state, last)
+    engine.main("semi", argv + ["--resume"])
+    assert "resuming at epoch 2" in capsys.readouterr().out
 
 
 def test_an_output_folder_that_is_a_file_is_one_line(demo_root, tmp_path, capsys):
