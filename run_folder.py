@@ -249,6 +249,7 @@ class RunWriter:
         return summary
 
     def close(self) -> None:
+        """Flush and close the TensorBoard event file."""
         self.tb.close()
 
 
