@@ -24,18 +24,16 @@ from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_d
 from evaluation import evaluate
 from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
 from figures import covering_test_images, draw_figure, plot_curves
-from helpers import (RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, autocast_for, read_torch_file, run_cli, save_file,
-                     write_json)
+from helpers import UserError, autocast_for, read_torch_file, run_cli, save_file
 from layouts import resolve_dataset
 from methods import (TERMS, MethodSettings, PerturbedNet, Views, method_optimizer, ohem_min_kept, poly_lr,
                      set_lr, training_step)
 from module_list import EMA, ONLINE_METHODS, ConfMatrix, PolyLR
 from network import build_model
-from options import (MODES, RESUME_KEYS, get_args_parser, metric_columns, online_iterations, resolve_args,
-                     run_folder)
+from options import MODES, RESUME_KEYS, get_args_parser, online_iterations, resolve_args
 from preparation import make_demo_dataset
-from run_record import format_summary, run_config, summarise
-from splits import get_split, load_split, write_split_dir
+from run_folder import LAST, RunFiles, RunWriter, metric_columns
+from splits import get_split, load_split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +120,7 @@ def train_one_epoch(run: Run, loaders: Sequence, epoch: int, state: EpochState, 
         if args.max_nonfinite and state.streak >= args.max_nonfinite:
             raise UserError(f"the loss was non-finite in {state.streak} consecutive steps (epoch {epoch + 1}, "
                             f"iteration {it + 1}; --max_nonfinite {args.max_nonfinite}); those steps were skipped "
-                            f"and {run_folder(args) / 'last.pth'} keeps the last saved state: lower --lr, check "
+                            f"and {RunFiles.of(args).last} keeps the last saved state: lower --lr, check "
                             "the data, or use --amp off")
         if stopping or (args.save_every and (it + 1) % args.save_every == 0 and it + 1 < args.iters_per_epoch):
             checkpoint(state)
@@ -164,7 +162,7 @@ def build_loaders(args: argparse.Namespace, data: DatasetFiles, d: Dist):
         labelled, unlabelled = load_split(data, args.split_dir)
     else:
         labelled, unlabelled = get_split(data, args.num_labels, args.seed)
-    semi = MODES[args.train_mode][0]
+    semi = MODES[args.train_mode].semi
     if semi:  # images with no masks at all (a folder dataset's unlabelled/) join the unlabelled pool
         unlabelled = [*unlabelled, *data.unlabelled_ids()]
     workers = loader_workers(args.num_workers, d.device, d.world_size)
@@ -218,7 +216,7 @@ def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
     layout = memory_format(args.channels_last, d.device)
     model.to(d.device, memory_format=layout)
     model.representation.requires_grad_(args.apply_reco)  # not run without ReCo: no parameter is left unused
-    method = args.method if MODES[args.train_mode][0] else "sup"
+    method = args.method if MODES[args.train_mode].semi else "sup"
     online = method in ONLINE_METHODS
     ema = EMA(model, 0.99, average_buffers=args.ema_buffers) if method == "meanteacher" else None
     student = (PerturbedNet if online else Views)(model, layout)
@@ -292,11 +290,11 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None
     that epoch's steps done so far or None to start it)."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume: nothing to resume, {path} does not exist; "
-                                "run without --resume to start, or pass the path of a last.pth")
-    state = read_torch_file(path, "--resume:", "pass a last.pth written by this project, or run without --resume",
-                        run.dist.device)
+                                f"run without --resume to start, or pass the path of a {LAST}")
+    fix = f"pass a {LAST} written by this project, or run without --resume"
+    state = read_torch_file(path, "--resume:", fix, run.dist.device)
     if not isinstance(state, dict) or "config" not in state:
-        raise UserError(f"--resume: {path} is not a resume checkpoint (last.pth) of this project")
+        raise UserError(f"--resume: {path} is not a resume checkpoint ({LAST}) of this project")
     ours = resume_config(run.args)
     # written before --method and --reco_weight existed: the reference's method, ReCo at weight 1
     theirs = {"method": "meanteacher" if run.ema is not None else None, "reco_weight": 1.0} | state["config"]
@@ -308,7 +306,7 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None
     needed = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_miou", "metrics"}
     missing = sorted(needed - state.keys() | ({"teacher", "ema_step"} - state.keys() if run.ema else set()))
     if missing:
-        raise UserError(f"--resume: {path} lacks {', '.join(missing)}, so it is not a complete last.pth; "
+        raise UserError(f"--resume: {path} lacks {', '.join(missing)}, so it is not a complete {LAST}; "
                         "pass another file, or run without --resume")
     try:
         run.model.load_state_dict(state["model"])
@@ -322,65 +320,15 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None
         run.wall_before = float(state.get("wall_s", 0.0))  # absent from checkpoints of older versions
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--resume: {path} does not fit this run ({cause}); pass a last.pth written with the "
+        raise UserError(f"--resume: {path} does not fit this run ({cause}); pass a {LAST} written with the "
                         "same flags, or run without --resume") from None
     return state["epoch"], state["best_miou"], state["metrics"].cpu().numpy(), state.get("epoch_state")
 
 
-class Outputs:
-    """Rank 0's files: best weights, the reference's .npy array, and a run folder (last.pth, CSV, TensorBoard,
-    curves PNG, the split used)."""
-
-    def __init__(self, args: argparse.Namespace, columns: Sequence[str], start_epoch: int):
-        self.args, self.columns = args, tuple(columns)
-        self.best_path = Path(args.weights_dir) / f"{args.name}.pth"
-        self.npy_path = Path(args.log_dir) / f"{args.name}.npy"
-        self.run_dir = run_folder(args)
-        self.last_path = self.run_dir / "last.pth"
-        for folder in (self.best_path.parent, self.run_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter  # rank 0 only, and only once outputs exist
-
-        # epoch e is logged at step e + 1: a resumed run rewrites steps from start_epoch + 1 on
-        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_epoch + 1)
-
-    def write_split(self, labelled: Sequence[str], unlabelled: Sequence[str]) -> None:
-        write_split_dir(self.run_dir / "split", labelled, unlabelled)
-
-    def write_config(self, labelled: Sequence[str], unlabelled: Sequence[str], d: Dist) -> None:
-        """config.json: the resolved flags, split digest, versions, device and world size."""
-        write_json(self.run_dir / RUN_CONFIG, run_config(self.args, labelled, unlabelled, d.device, d.world_size))
-
-    def write_summary(self, metrics: np.ndarray, wall_s: float) -> dict:
-        """summary.json of the finished run, also printed; returns it."""
-        figures = [f for f in (self.run_dir / "curves.png", self.run_dir / "visual.png") if f.is_file()]
-        summary = summarise(metrics, self.columns, wall_s, self.best_path, self.npy_path, self.run_dir, figures)
-        write_json(self.run_dir / RUN_SUMMARY, summary)
-        print(format_summary(self.args.name, summary), flush=True)
-        return summary
-
-    def write_epoch(self, epoch: int, lr: float, metrics: np.ndarray, model: nn.Module, is_best: bool) -> None:
-        """Everything that changes after an epoch, each file replaced atomically."""
-        if is_best:
-            save_file(lambda file: torch.save(model.state_dict(), file), self.best_path)
-        save_file(lambda file: np.save(file, metrics), self.npy_path)
-        rows = [",".join(("epoch",) + self.columns)]
-        rows += [",".join([str(e + 1)] + [f"{v:.6g}" for v in metrics[e]]) for e in range(epoch + 1)]
-        atomic_save(lambda tmp: tmp.write_text("\n".join(rows) + "\n", encoding="utf-8"), self.run_dir / "metrics.csv")
-        for name, value in zip(self.columns, metrics[epoch]):
-            self.tb.add_scalar(name, value, epoch + 1)
-        self.tb.add_scalar("lr", lr, epoch + 1)
-        self.tb.flush()
-        plot_curves(metrics[: epoch + 1], self.columns, self.args.name, self.run_dir / "curves.png")
-
-    def close(self) -> None:
-        self.tb.close()
-
-
-def draw_run_figure(args: argparse.Namespace, out: Outputs, data: DatasetFiles) -> str:
+def draw_run_figure(args: argparse.Namespace, out: RunWriter, data: DatasetFiles) -> str:
     """visual.py's figure of the best weights on a few test images that cover the classes, as visual.png."""
     index = covering_test_images(data, count=4)
-    return str(draw_figure(data, [out.best_path], [args.name], index=index, out=out.run_dir / "visual.png",
+    return str(draw_figure(data, [out.files.weights], [args.name], index=index, out=out.files.visual,
                            backbone=args.backbone, resnet_depth=args.resnet_depth, device="cpu"))
 
 
@@ -395,20 +343,19 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
     args = resolve_args(args)
     data = resolve_dataset(args.dataset, args.data_root)
     info = data.info
-    semi = MODES[args.train_mode][0]
+    semi = MODES[args.train_mode].semi
     split, loaders, test_loader = build_loaders(args, data, d)
     run = build_run(args, info, d)
     run.started = started_at  # the wall time counts the set-up too
     columns = metric_columns(semi, TERMS[run.method])
     metrics, start_epoch, best, resumed = np.zeros((args.epochs, len(columns))), 0, -1.0, None
     if args.resume:
-        path = run_folder(args) / "last.pth" if args.resume in ("last", "auto") else Path(args.resume)
+        path = RunFiles.of(args).last if args.resume in ("last", "auto") else Path(args.resume)
         if args.resume != "auto" or path.is_file():  # auto: a first launch starts, a restart continues
             start_epoch, best, metrics, resumed = load_last(run, path)
-    out = Outputs(args, columns, start_epoch) if d.main else None
+    out = RunWriter(args, columns, start_epoch) if d.main else None
     if out:
-        out.write_split(*split)
-        out.write_config(*split, d)
+        out.write_start(*split, d.device, d.world_size)
         print(f"{args.name}: {len(split[0])} labelled / {len(split[1])} unlabelled images, "
               f"{args.epochs} epochs x {args.iters_per_epoch} iterations, device {d.device}"
               f"{f' x {d.world_size} processes' if d.world_size > 1 else ''}"
@@ -425,7 +372,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
         def checkpoint(inside: EpochState) -> None:
             position = inside.state_dict()  # every rank takes part: it gathers every rank's sums
             if out:
-                save_last(run, out.last_path, epoch, best, metrics, position)
+                save_last(run, out.files.last, epoch, best, metrics, position)
 
         row = train_one_epoch(run, loaders, epoch, state, stop, checkpoint)
         if row is None:  # stopped by a signal, and last.pth holds the step it stopped after
@@ -433,7 +380,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
             if out:
                 out.close()
                 print(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} in epoch {epoch + 1} "
-                      f"after iteration {state.iteration}/{args.iters_per_epoch}; {out.last_path} is saved. "
+                      f"after iteration {state.iteration}/{args.iters_per_epoch}; {out.files.last} is saved. "
                       f"Continue with: {resume_command(sys.argv[1:] if argv is None else argv, d.world_size)}",
                       flush=True)
             raise SystemExit(exit_code(stop.received or signal.SIGTERM))
@@ -448,7 +395,8 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
         best = max(best, test["miou"])
         if out:
             out.write_epoch(epoch, lr, metrics, eval_model, is_best)
-            save_last(run, out.last_path, epoch, best, metrics)
+            plot_curves(metrics[: epoch + 1], columns, args.name, out.files.curves)
+            save_last(run, out.files.last, epoch, best, metrics)
             train_part = " | ".join(f"{n} {v:.4f}" if not math.isnan(v) else f"{n} n/a"
                                     for n, v in zip(columns[:-3], row))
             print(f"EPOCH {epoch + 1:4d} ITER {(epoch + 1) * args.iters_per_epoch:6d} | {train_part} || "
@@ -458,7 +406,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
     result = {"best_miou": best, "weights": None, "run_dir": None}
     if out:
         out.close()
-        result |= {"weights": str(out.best_path), "run_dir": str(out.run_dir)}
+        result |= {"weights": str(out.files.weights), "run_dir": str(out.files.folder)}
         if not args.no_visual:
             result["figure"] = draw_run_figure(args, out, data)
         result["summary"] = out.write_summary(metrics, run.wall_s())

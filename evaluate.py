@@ -18,15 +18,19 @@ from evaluation import evaluate
 from helpers import AMP_DTYPES, UserError, resolve_device, run_cli, write_json
 from layouts import resolve_dataset
 from network import BACKBONES, RESNET_DEPTHS, check_window, load_model
+from run_folder import CONFIG, LAST, checkpoint_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint: per-class IoU, mIoU and pixel accuracy.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", required=True,
-                   help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
+    p.add_argument("--dataset", default=None,
+                   help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root); default: "
+                        f"read from the run's {CONFIG} beside the checkpoint or in "
+                        "logging/<checkpoint name>/")
     p.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
-    p.add_argument("--checkpoint", required=True, help="a .pth state_dict (ours, the reference's, or our last.pth)")
+    p.add_argument("--checkpoint", required=True,
+                   help=f"a .pth state_dict (ours, the reference's, or our {LAST})")
     p.add_argument("--backbone", default=None, choices=BACKBONES, help="default: read from the checkpoint")
     p.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS,
                    help="default: read from the checkpoint")
@@ -55,7 +59,11 @@ def format_report(class_names: Sequence[str], result: dict) -> str:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Evaluate --checkpoint on --dataset's test split; prints the report and returns {miou, acc, iou_per_class}."""
-    data = resolve_dataset(args.dataset, args.data_root)
+    dataset, root, config = checkpoint_dataset(args.dataset, args.data_root, Path(args.checkpoint))
+    if config:
+        said = f"--dataset {dataset}" + (f" --data_root {root}" if root else "")
+        print(f"{said} (from {config})", flush=True)
+    data = resolve_dataset(dataset, root)
     info = data.info
     data.checked_root()
     if args.batch_size < 1 or args.num_workers < 0:

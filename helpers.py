@@ -19,9 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RUN_CONFIG = "config.json"  # a run folder's resolved configuration ({"args": {...}, ...}), written at its start
-RUN_SUMMARY = "summary.json"  # ... and its outcome, written at its end
-
 # --amp: the autocast dtype of each mode (None: full precision)
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -143,21 +140,6 @@ def write_json(path: str | os.PathLike, content: object, indent: int = 2) -> Non
     """Write `content` as indented JSON, atomically."""
     text = json.dumps(content, indent=indent) + "\n"
     atomic_save(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
-
-
-def read_run_config(folder: str | os.PathLike) -> dict | None:
-    """The run configuration `folder`/config.json as a dict, None if there is none; UserError if unreadable."""
-    path = Path(folder) / RUN_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"run configuration {path} cannot be read ({error}); delete it or restore it") from None
-    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
-        raise UserError(f"run configuration {path} has no 'args' record; it was not written by this project's "
-                        f"training scripts: delete it or restore it")
-    return config
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -1,32 +1,34 @@
 """The flags of each training mode: the reference's names and defaults plus ours, their checks and resolution
-against the dataset table, and the run's name and folder."""
+against the dataset table."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import re
-from collections.abc import Sequence
 from dataclasses import fields
-from pathlib import Path
+from typing import NamedTuple
 
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
-from build_data import FOLDER, PARTIAL_SETTINGS, DatasetInfo, check_partial
+from build_data import PARTIAL_SETTINGS, DatasetInfo, check_partial
 from helpers import AMP_DTYPES, UserError
 from layouts import resolve_dataset
 from methods import CRITERIA
 from module_list import MIX_MODES, ONLINE_METHODS, SEMI_METHODS
 from network import BACKBONES, RESNET_DEPTHS
-from run_record import MODE_SCRIPTS
+from run_folder import LAST, MODE_SCRIPTS, run_name
 from splits import read_split_dir, shipped_split_dir
 
-MODES = {
-    # name: (semi-supervised, partial labels, the reference's default --dataset)
-    "sup": (False, False, "cityscapes"),
-    "semi": (True, False, "cityscapes"),
-    "sup_partial": (False, True, "cityscapes"),
-    "semi_partial": (True, True, "pascal"),
-}
+
+class Mode(NamedTuple):
+    """What a training script trains."""
+    semi: bool  # semi-supervised (a teacher and unlabelled batches) or supervised
+    partial: bool  # partial labels (--partial) or a label budget (--num_labels)
+    default_dataset: str  # the reference's default --dataset
+
+
+MODES = {"sup": Mode(semi=False, partial=False, default_dataset="cityscapes"),
+         "semi": Mode(semi=True, partial=False, default_dataset="cityscapes"),
+         "sup_partial": Mode(semi=False, partial=True, default_dataset="cityscapes"),
+         "semi_partial": Mode(semi=True, partial=True, default_dataset="pascal")}
 # Flags whose values must match for --resume to continue a run.
 RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "output_dim", "apply_aug",
                "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
@@ -41,7 +43,7 @@ ONLINE_FLAGS = ("conf_thresh", "lr_multi", "criterion")
 
 def get_args_parser(mode: str) -> argparse.ArgumentParser:
     """The flags of one training script: the reference's names and defaults, plus ours."""
-    semi, partial, default_dataset = MODES[mode]
+    semi, partial = MODES[mode].semi, MODES[mode].partial
     p = argparse.ArgumentParser(description=f"ReCo training ({mode.replace('_', ', ')} labels)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ref = p.add_argument_group("reference flags")
@@ -51,7 +53,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
                           "the dataset table)")
     ref.add_argument("--weight_decay", type=float, default=None,
                      help=f"default {REFERENCE_WEIGHT_DECAY} (fixmatch/unimatch: the dataset table's)")
-    ref.add_argument("--dataset", default=default_dataset,
+    ref.add_argument("--dataset", default=MODES[mode].default_dataset,
                      help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
     ref.add_argument("--backbone", default="deeplabv3p", choices=BACKBONES)
     ref.add_argument("--seed", type=int, default=0, help="fixes the labelled split (and the partial-label set)")
@@ -107,15 +109,16 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     new.add_argument("--split", default=None, metavar="NAME",
                      help="a shipped standard split, e.g. pascal/92 or cityscapes/1_30 (dataset/splits/)")
     new.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                     help="continue from the run folder's last.pth (or the given file); 'auto': continue if "
-                          "last.pth exists, else start (one command line for the first launch and every restart)")
+                     help=f"continue from the run folder's {LAST} (or the given file); 'auto': continue if "
+                          f"{LAST} exists, else start (one command line for the first launch and every "
+                          "restart)")
     new.add_argument("--weights_dir", default="model_weights")
     new.add_argument("--log_dir", default="logging")
     new.add_argument("--log_interval", type=int, default=10, help="iterations between progress-bar updates")
     new.add_argument("--no_visual", action="store_true", help="skip the visual.py figure at the end")
     long_runs = p.add_argument_group("long runs (faults.py)")
     long_runs.add_argument("--save_every", type=int, default=0,
-                           help="also write last.pth every N iterations (0: at the end of each epoch only)")
+                           help=f"also write {LAST} every N iterations (0: at the end of each epoch only)")
     long_runs.add_argument("--max_nonfinite", type=int, default=10,
                            help="stop after this many consecutive steps skipped for a non-finite loss (0: never)")
     p.set_defaults(train_mode=mode)
@@ -124,7 +127,7 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check the flags and fill unset ones from the dataset table; errors name the flag and the fix."""
-    semi, partial, _ = MODES[args.train_mode]
+    semi, partial = MODES[args.train_mode].semi, MODES[args.train_mode].partial
     info = resolve_dataset(args.dataset, args.data_root).info
     if args.split:
         if args.split_dir:
@@ -170,14 +173,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("save_every", "max_nonfinite"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0 (0 turns it off), got {getattr(args, flag)}")
-    args.name = run_name(args)
+    args.name = run_name(args, semi)
     return args
 
 
 def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
     """Check --method and its flags against the script and fill the method's defaults (FixMatch and UniMatch:
     the dataset table's OnlineDefaults); True for FixMatch and UniMatch."""
-    semi, partial, _ = MODES[args.train_mode]
+    semi, partial = MODES[args.train_mode].semi, MODES[args.train_mode].partial
     if not semi and args.method is not None:
         raise UserError(f"--method {args.method}: {MODE_SCRIPTS[args.train_mode]} trains on labels alone; "
                         f"the semi-supervised methods run with train_semisup.py --method {args.method}")
@@ -224,38 +227,3 @@ def online_iterations(args: argparse.Namespace, unlabelled: int, world_size: int
     if args.iters_per_epoch is None:
         args.iters_per_epoch = per_process // args.batch_size
 
-
-def dataset_tag(dataset: str, data_root: str | None) -> str:
-    """The dataset in a run name: a built-in's name, or a folder dataset's folder name (in letters, digits, '.'
-    and '-') and 6 hex digits of its absolute path: two folders, even of one name, never share a run folder."""
-    if dataset != FOLDER:
-        return dataset
-    path = Path(data_root).resolve()
-    name = re.sub(r"[^\w.-]+|_", "-", path.name).strip("-.") or "data"  # '_' separates the name's parts
-    return f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
-
-
-def run_name(args: argparse.Namespace) -> str:
-    """The reference's file stem: {dataset}_label{N}|{partial}_{sup|semi_{aug}}[_reco]_{seed}, where a folder
-    dataset's {dataset} is dataset_tag's; FixMatch and UniMatch put their name in place of semi_{aug}."""
-    semi = MODES[args.train_mode][0]
-    dataset = dataset_tag(args.dataset, args.data_root)
-    head = f"{dataset}_{args.partial}" if args.partial else f"{dataset}_label{args.num_labels}"
-    kind = (args.method if args.method in ONLINE_METHODS else f"semi_{args.apply_aug}") if semi else "sup"
-    return f"{head}_{kind}{'_reco' if args.apply_reco else ''}_{args.seed}"
-
-
-def run_folder(args: argparse.Namespace) -> Path:
-    """The run's folder of its own outputs (last.pth, CSV, TensorBoard, figures, split)."""
-    return Path(args.log_dir) / args.name
-
-
-def metric_columns(semi: bool, terms: Sequence[str] = ("sup", "unsup", "reco")) -> tuple[str, ...]:
-    """Columns of the reference's per-epoch .npy metric array: a semi-supervised step's logged terms (the mean
-    teacher's by default; '<term>_loss', a ratio under its own name), then its monitors and the test
-    metrics."""
-    if semi:
-        logged = tuple(term if term.endswith("_ratio") else f"{term}_loss" for term in terms)
-        return logged + ("labelled_miou", "labelled_acc", "unlabelled_miou", "unlabelled_acc", "test_loss",
-                         "test_miou", "test_acc")
-    return ("train_loss", "train_miou", "train_acc", "test_loss", "test_miou", "test_acc")

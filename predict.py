@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from build_data import DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, loader_workers, read_image
 from figures import blend
-from helpers import (AMP_DTYPES, RUN_CONFIG, UserError, atomic_save, autocast_for, read_run_config,
-                     resolve_device, run_cli)
+from helpers import AMP_DTYPES, UserError, atomic_save, autocast_for, resolve_device, run_cli
 from layouts import resolve_dataset
 from network import check_window, infer_config, load_state_dict, model_from_state_dict, predict
+from run_folder import CONFIG, LAST, checkpoint_dataset
 from transforms import normalise, pad_to
 
 STRIDE = 16  # the networks' coarsest feature stride (DeepLabv3+'s ASPP; DeepLabv2's 8 divides it)
@@ -42,7 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Predict a class-id mask for every input image: OUTPUT/<stem>.png, a palette PNG at the "
                     "image's size (and OUTPUT/<stem>_overlay.png with --overlay).")
     p.add_argument("--checkpoint", required=True,
-                   help="a .pth: our best weights (model_weights/), a run's last.pth, or the reference's published file")
+                   help=f"a .pth: our best weights (model_weights/), a run's {LAST}, or the reference's "
+                        "published file")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
                    help="image files, folders (the images directly inside, sorted by name; not subfolders) and "
                         "quoted glob patterns ('photos/**/*.jpg' recurses)")
@@ -51,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "be, or be inside, a folder an input image comes from")
     p.add_argument("--dataset", default=None,
                    help="the dataset the checkpoint was trained on (classes and palette); default: read from the "
-                        f"run's {RUN_CONFIG} beside the checkpoint or in logging/<checkpoint name>/")
+                        f"run's {CONFIG} beside the checkpoint or in logging/<checkpoint name>/")
     p.add_argument("--data_root", default=None,
                    help="that dataset's folder (needed by datasets described by their folder)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png, the mask over the photo")
@@ -129,34 +130,13 @@ def check_outputs(images: Sequence[Path], folders: Sequence[Path], output: Path,
                                 f"predict them into separate --output folders")
 
 
-def find_run_config(checkpoint: Path) -> tuple[Path, dict] | None:
-    """(config.json path, config) of the run a checkpoint came from: beside it (a last.pth), or in the run folder
-    logging/<stem>/ from here or beside the checkpoint's folder (model_weights/ and logging/ are siblings)."""
-    candidates = [checkpoint.parent, Path("logging") / checkpoint.stem,
-                  checkpoint.parent.parent / "logging" / checkpoint.stem]
-    for folder in candidates:
-        config = read_run_config(folder)
-        if config is not None:
-            return folder / RUN_CONFIG, config
-    return None
-
-
 def choose_dataset(dataset: str | None, root: str | None, checkpoint: Path, num_classes: int) -> DatasetInfo:
     """The dataset entry of --dataset/--data_root, else of the checkpoint's run configuration."""
-    if dataset is None:
-        found = find_run_config(checkpoint)
-        if found is None:
-            same = [name for name, info in DATASETS.items() if info.num_classes == num_classes]
-            raise UserError(f"no run configuration ({RUN_CONFIG}) found for checkpoint {checkpoint} (beside it or "
-                            f"in logging/{checkpoint.stem}/): pass --dataset NAME [--data_root DIR], the dataset it "
-                            f"was trained on (it predicts {num_classes} classes"
-                            f"{'; built-in datasets with as many: ' + ', '.join(same) if same else ''})")
-        path, config = found
-        dataset = config["args"].get("dataset")
-        if not isinstance(dataset, str):
-            raise UserError(f"run configuration {path} names no dataset: pass --dataset NAME [--data_root DIR]")
-        root = root or config["args"].get("data_root")
-        print(f"classes of --dataset {dataset}{f' --data_root {root}' if root else ''} (from {path})")
+    same = ", ".join(name for name, info in DATASETS.items() if info.num_classes == num_classes)
+    hint = f" (it predicts {num_classes} classes{'; built-in datasets with as many: ' if same else ''}{same})"
+    dataset, root, config = checkpoint_dataset(dataset, root, checkpoint, hint)
+    if config:
+        print(f"classes of --dataset {dataset}{f' --data_root {root}' if root else ''} (from {config})")
     return resolve_dataset(dataset, root).info
 
 

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import queue
-import re
 import shlex
 import signal
 import subprocess
@@ -34,9 +33,9 @@ from tqdm import tqdm  # noqa: E402
 
 from build_data import ONLINE_DEFAULTED, PARTIAL_SETTINGS  # noqa: E402
 from faults import STOP_SIGNALS, exit_code  # noqa: E402
-from helpers import RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, run_cli, write_json  # noqa: E402
+from helpers import UserError, atomic_save, run_cli, write_json  # noqa: E402
 from module_list import MIX_MODES, ONLINE_METHODS  # noqa: E402
-from run_record import MODE_SCRIPTS  # noqa: E402
+from run_folder import CONFIG, LAST, LOG_SUFFIX, MODE_SCRIPTS, RunFiles, RunRecord, find_runs  # noqa: E402
 from splits import read_split_dir, shipped_splits  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -46,17 +45,13 @@ METHOD_BASES = ("sup", *MIX_MODES, *ONLINE_METHODS)
 CELL_FLAGS = ("--seed", "--num_labels", "--partial", "--split_dir", "--split", "--apply_aug", "--apply_reco",
               "--method", "--log_dir", "--weights_dir", "--resume")
 # Training flags naming a file or folder: made absolute, so that a cell's command line runs from any folder.
-PATH_FLAGS = ("--data_root", "--pretrained")
+CELL_PATH_FLAGS = ("--data_root", "--pretrained")
 # Run arguments that are the grid's axes (they differ between cells by design) ...
 GRID_AXES = {"seed", "num_labels", "partial", "split_dir", "split", "apply_aug", "apply_reco", "method",
              "name", "train_mode"}
 # ... and those that say where or how a run was kept, not what was trained.
 NOT_COMPARED = {"data_root", "log_dir", "weights_dir", "resume", "log_interval", "no_visual", "num_workers", "gpu",
                 "device", "id", "mode", "port", "save_every"}
-# The reference's run name (options.run_name), read back when a run folder has no config.json.
-RUN_NAME = re.compile(r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
-                      r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r")|(?P<online>"
-                      + "|".join(ONLINE_METHODS) + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
 # Published val mIoU (%) per dataset (--paper): each source with its (method, budget) numbers.
 _RECO = "the reference ReCo README's published checkpoints (one run each)"
 _UNIMATCH = ("UniMatch's README (Yang et al., CVPR 2023; DeepLabv3+ ResNet-101, crop 321, the classic "
@@ -101,10 +96,9 @@ class Cell:
         """The training script's command line of this cell (outputs inside the cell's folder)."""
         base, reco = parse_method(self.method)
         script = REPO / script_of(base != "sup", partial)
-        method = (["--method", base] if base in ONLINE_METHODS else ["--apply_aug", base] if base != "sup"
-                  else [])
-        return [sys.executable, str(script), *self.budget_flags, "--seed", str(self.seed), *method,
-                *(["--apply_reco"] if reco else []),
+        return [sys.executable, str(script), *self.budget_flags, "--seed", str(self.seed),
+                *(["--method", base] if base in ONLINE_METHODS else ["--apply_aug", base] if base != "sup"
+                  else []), *(["--apply_reco"] if reco else []),
                 "--log_dir", str(self.folder / "log"), "--weights_dir", str(self.folder / "weights"), *extra,
                 *(["--resume"] if resume else [])]
 
@@ -123,18 +117,10 @@ class Cell:
         run_dir = self.run_dir()
         if run_dir is None:
             return "new"
-        if (run_dir / RUN_SUMMARY).is_file() or epochs_filled(run_dir.parent / f"{run_dir.name}.npy")[1]:
+        files = RunFiles(run_dir)
+        if files.finished():
             return "done"
-        return "interrupted" if (run_dir / "last.pth").is_file() else "new"
-
-
-def epochs_filled(npy: Path) -> tuple[np.ndarray, bool]:
-    """(the .npy log's filled rows, whether every epoch is filled); rows are written zero and filled per epoch."""
-    if not npy.is_file():
-        return np.zeros((0, 0)), False
-    metrics = np.load(npy)
-    filled = int(np.flatnonzero(np.abs(metrics).sum(axis=1))[-1]) + 1 if metrics.any() else 0
-    return metrics[:filled], len(metrics) > 0 and filled == len(metrics)
+        return "interrupted" if files.last.is_file() else "new"
 
 
 def budgets_of(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
@@ -208,15 +194,16 @@ def flag_values(tokens: Sequence[str]) -> dict[str, tuple[str, ...]]:
 
 
 def absolute_paths(extra: Sequence[str]) -> list[str]:
-    """The training flags with the paths of PATH_FLAGS made absolute (--pretrained only where it names a file that
-    exists, not imagenet or none); '--flag=value' becomes two tokens there."""
+    """The training flags with the paths of CELL_PATH_FLAGS made absolute (--pretrained only where it names a
+    file that exists, not imagenet or none); '--flag=value' becomes two tokens there."""
     tokens: list[str] = []
     for token in extra:
         name, equals, value = token.partition("=")
-        tokens += [name, value] if equals and name in PATH_FLAGS else [token]
+        tokens += [name, value] if equals and name in CELL_PATH_FLAGS else [token]
     for i in range(1, len(tokens)):
         flag, value = tokens[i - 1], tokens[i]
-        if flag in PATH_FLAGS and not value.startswith("--") and (flag == "--data_root" or Path(value).exists()):
+        if flag in CELL_PATH_FLAGS and not value.startswith("--") and (flag == "--data_root"
+                                                                       or Path(value).exists()):
             tokens[i] = str(Path(value).resolve())
     return tokens
 
@@ -350,9 +337,10 @@ def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
                        [[c.method, c.budget, str(c.seed), result[c], str(c.folder.relative_to(out))] for c in cells]))
     if processes.stopped_by is not None:
         stopped = sum(r.startswith("stopped") for r in result.values())
-        print(f"stopped by {signal.Signals(processes.stopped_by).name}: {stopped} running cell(s) saved last.pth "
-              f"and stopped, {sum(r == 'not started' for r in result.values())} not started; run the same command "
-              "again to resume them and run the rest", file=sys.stderr)
+        not_started = sum(r == "not started" for r in result.values())
+        print(f"stopped by {signal.Signals(processes.stopped_by).name}: {stopped} running cell(s) saved "
+              f"{LAST} and stopped, {not_started} not started; run the same command again to resume them and "
+              "run the rest", file=sys.stderr)
         raise SystemExit(exit_code(processes.stopped_by))
     failed = [c for c in cells if not result[c].endswith("done") and not result[c].startswith("skipped")]
     if failed:
@@ -394,68 +382,25 @@ def method_name(semi: bool, aug: str | None, reco: bool, method: str | None = No
     return base + ("+reco" if reco else "")
 
 
-def read_log(npy: Path) -> tuple[np.ndarray, bool]:
-    """(val mIoU of each filled epoch, finished?); the val mIoU is the second-to-last column in both layouts."""
-    metrics, finished = epochs_filled(npy)
-    return (metrics[:, -2] if len(metrics) else np.zeros(0)), finished
-
-
-def run_from_config(path: Path) -> tuple[RunLog, Path] | None:
-    """The run of a run folder's config.json and its .npy log (None: not a run configuration of this project)."""
-    config = json.loads(path.read_text(encoding="utf-8"))  # tolerant: a foreign config.json in the folders is not a run
-    if not isinstance(config, dict) or not isinstance(config.get("args"), dict) or "mode" not in config:
-        return None
-    args, run_dir = config["args"], path.parent
-    summary = run_dir / RUN_SUMMARY
-    npy = Path(json.loads(summary.read_text(encoding="utf-8"))["npy"]) if summary.is_file() else None
-    if npy is None or not npy.is_file():  # the folder may have moved: the log lies beside it, as training wrote it
-        npy = run_dir.parent / f"{args['name']}.npy"
-    compared = {k: v for k, v in args.items() if k not in GRID_AXES | NOT_COMPARED}
-    compared["world_size"] = config.get("world_size", 1)
-    compared["split folder"] = bool(args.get("split_dir") or args.get("split"))  # a shipped split vs the sampler
-    if args.get("dataset") == "folder":  # the folder is what names the dataset
-        compared["data_root"] = args.get("data_root")
-    miou, finished = read_log(npy)
+def run_log(record: RunRecord) -> RunLog:
+    """A run as the report counts it: its grid cell, the flags it is compared by, its val mIoU per epoch."""
+    args = record.args
+    miou, finished = record.val_miou()
     labels = int(args.get("num_labels") or 0)
     # a shipped split by its name: the field has splits of one size drawn twice (pascal/1_16, pascal/u2pl_1_16)
     budget = args.get("partial") or args.get("split") or (str(labels) if labels else "all")
-    dataset = str(args.get("dataset")) + (f" {args.get('data_root')}" if args.get("dataset") == "folder" else "")
-    run = RunLog(run_dir, method_name(config["mode"].startswith("semi"), args.get("apply_aug"),
-                                      bool(args.get("apply_reco")), args.get("method")),
-                 budget, labels, int(args["seed"]), compared, dataset, miou, finished)
-    return run, npy
-
-
-def run_from_name(npy: Path) -> RunLog | None:
-    """A run known only by its .npy log, read from the reference's file name (None: another kind of .npy)."""
-    match = RUN_NAME.fullmatch(npy.stem)
-    if not match:
-        return None
-    labels = match["labels"]
-    miou, finished = read_log(npy)
-    semi = match["aug"] is not None or match["online"] is not None
-    return RunLog(npy, method_name(semi, match["aug"], bool(match["reco"]), match["online"]),
-                  match["partial"] or (labels if labels != "0" else "all"), int(labels or 0), int(match["seed"]), None,
-                  match["dataset"], miou, finished)
-
-
-def find_runs(folders: Sequence[Path]) -> list[RunLog]:
-    """Every run under the folders: run folders by their config.json, other runs by their .npy log's name."""
-    runs: dict[Path, RunLog] = {}
-    logs_of_configs: set[Path] = set()
-    for folder in folders:
-        if not folder.is_dir():
-            raise UserError(f"{folder} is not a folder; pass a study folder or run folders")
-        for path in sorted(folder.rglob(RUN_CONFIG)):
-            found = run_from_config(path)
-            if found:
-                runs[found[0].source.resolve()] = found[0]
-                logs_of_configs.add(found[1].resolve())
-    for folder in folders:
-        for npy in sorted(folder.rglob("*.npy")):
-            if npy.resolve() not in logs_of_configs and (run := run_from_name(npy)):
-                runs[npy.resolve()] = run
-    return list(runs.values())
+    own_data = args.get("dataset") == "folder"  # the folder is what names the dataset
+    compared = None
+    if record.world_size is not None:  # read from its config.json
+        compared = {k: v for k, v in args.items() if k not in GRID_AXES | NOT_COMPARED}
+        compared["world_size"] = record.world_size
+        # a shipped split vs the sampler
+        compared["split folder"] = bool(args.get("split_dir") or args.get("split"))
+        if own_data:
+            compared["data_root"] = args.get("data_root")
+    dataset = str(args.get("dataset")) + (f" {args.get('data_root')}" if own_data else "")
+    method = method_name(record.semi, args.get("apply_aug"), bool(args.get("apply_reco")), args.get("method"))
+    return RunLog(record.source, method, budget, labels, int(args["seed"]), compared, dataset, miou, finished)
 
 
 def check_comparable(runs: Sequence[RunLog]) -> None:
@@ -525,7 +470,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
-def summarise(runs: Sequence[RunLog]) -> dict[tuple[str, str], Stat]:
+def cell_stats(runs: Sequence[RunLog]) -> dict[tuple[str, str], Stat]:
     """(method, budget) -> Stat over the finished runs' seeds."""
     groups: dict[tuple[str, str], list[RunLog]] = defaultdict(list)
     for run in runs:
@@ -578,7 +523,7 @@ def markdown(stats: dict, paper: dict, runs: Sequence[RunLog], left_out: Sequenc
         lines += ["", f"Shared by every run (world size {runs[0].config['world_size']}, "
                   f"split folder {'yes' if runs[0].config['split folder'] else 'no'}):", "", f"`{shared}`"]
     else:
-        lines += ["", "Some runs have no config.json: they were grouped by their file names only."]
+        lines += ["", f"Some runs have no {CONFIG}: they were grouped by their file names only."]
     for title, field in (("Best", "best"), ("Final", "final")):
         lines += ["", f"## {title} val mIoU (%), mean ± std (seeds), columns: {kind}", "",
                   "| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
@@ -651,13 +596,13 @@ def plot(stats: dict, paper: dict, out: Path) -> None:
 def report(args: argparse.Namespace) -> None:
     """study.py report: report.md, report.csv and report.png of the runs in the folders."""
     folders = [Path(f) for f in args.folders]
-    found = find_runs(folders)
+    found = [run_log(record) for record in find_runs(folders)]
     runs = [r for r in found if r.finished]
     if not runs:
-        raise UserError(f"no finished run in {', '.join(map(str, folders))} (a run folder holds config.json, or "
-                        f"a log folder {{run}}.npy); {len(found)} unfinished")
+        raise UserError(f"no finished run in {', '.join(map(str, folders))} (a run folder holds {CONFIG}, or "
+                        f"a log folder {{run}}{LOG_SUFFIX}); {len(found)} unfinished")
     check_comparable(runs)
-    stats = summarise(runs)
+    stats = cell_stats(runs)
     paper, sources = paper_numbers(args.paper, runs)
     out = Path(args.out or folders[0])
     left_out = [r for r in found if not r.finished]

@@ -13,6 +13,7 @@ import helpers
 import methods
 import network
 import options
+import run_folder
 from layouts import resolve_dataset
 
 
@@ -185,13 +186,13 @@ def test_resumed_outputs_keep_every_finished_epoch_in_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = argparse.Namespace(weights_dir=str(tmp_path / "w"), log_dir=str(tmp_path / "log"), name="run")
-    columns = options.metric_columns(False)
+    columns = run_folder.metric_columns(False)
     metrics, model = np.random.default_rng(0).random((3, len(columns))), torch.nn.Linear(1, 1)
-    out = engine.Outputs(args, columns, start_epoch=0)
+    out = run_folder.RunWriter(args, columns, start_epoch=0)
     for epoch in range(2):
         out.write_epoch(epoch, 0.1, metrics, model, is_best=True)
     out.close()
-    out = engine.Outputs(args, columns, start_epoch=2)  # resumed after two finished epochs
+    out = run_folder.RunWriter(args, columns, start_epoch=2)  # resumed after two finished epochs
     out.write_epoch(2, 0.1, metrics, model, is_best=False)
     out.close()
     events = EventAccumulator(str(tmp_path / "log" / "run" / "tensorboard"))

@@ -94,3 +94,18 @@ def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys):
             helpers.run_cli(evaluate.main, ["--dataset", "demo", "--data_root", str(root), *extra])
         assert stop.value.code == 2
         assert expected in capsys.readouterr().err
+
+
+def test_the_dataset_comes_from_the_checkpoints_run_folder(tmp_path, capsys):
+    root = make_data(tmp_path / "data", [np.full((20, 30), 3, np.uint8)])
+    run_dir = tmp_path / "logging" / "demo_label4_sup_0"
+    run_dir.mkdir(parents=True)
+    constant_checkpoint(tmp_path / "three.pth", 3)
+    weights = torch.load(tmp_path / "three.pth", weights_only=True)
+    torch.save({"model": weights, "epoch": 1}, run_dir / "last.pth")
+    with pytest.raises(SystemExit) as stop:  # no config.json (a run from before it existed): pass --dataset
+        helpers.run_cli(evaluate.main, ["--checkpoint", str(run_dir / "last.pth")])
+    assert stop.value.code == 2 and "pass --dataset NAME [--data_root DIR]" in capsys.readouterr().err
+    (run_dir / "config.json").write_text(json.dumps({"args": {"dataset": "demo", "data_root": str(root)}}))
+    assert evaluate.main(["--checkpoint", str(run_dir / "last.pth")])["miou"] == 1.0
+    assert f"--dataset demo --data_root {root} (from {run_dir / 'config.json'})" in capsys.readouterr().out

@@ -94,7 +94,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(method, na
     resumed_s = time.perf_counter() - resumed_at
     assert "resuming at epoch 1 after iteration 2" in capsys.readouterr().out
     assert_same_run(last(tmp_path / "a", name), last(tmp_path / "b", name))
-    summary = json.loads((tmp_path / "b" / "log" / name / helpers.RUN_SUMMARY).read_text())
+    summary = json.loads((tmp_path / "b" / "log" / name / "summary.json").read_text())
     assert summary["wall_s"] >= stopped_after["wall_s"] + resumed_s - 0.1  # both invocations count
 
 

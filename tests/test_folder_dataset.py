@@ -22,7 +22,7 @@ from dataset_card import read_card
 from helpers import run_cli
 from layouts import resolve_dataset
 from module_list import IGNORE_INDEX
-from options import dataset_tag, metric_columns
+from run_folder import dataset_tag, metric_columns
 from splits import get_split, select_labelled
 
 SIZES = [(37, 41), (45, 33), (40, 40), (33, 51)]  # (H, W): odd and mixed

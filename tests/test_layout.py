@@ -1,7 +1,8 @@
-"""The layout's rules (docs/layout.md): dependencies one way, no circles, no hidden imports; user errors vs
-bugs; one random stream per consumer."""
+"""The layout's rules (docs/layout.md): dependencies one way, no circles, no hidden imports; one module names
+a run's files; user errors vs bugs; one random stream per consumer."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ def test_no_import_circles_and_none_hidden_in_functions():
     ("visual", {"engine", "options"}),
     ("evaluate", {"engine", "options"}),
     ("study", {"engine", "options", "network"}),
+    ("run_folder", {"engine", "options", "network", "figures"}),
     ("build_data", {"engine", "network", "splits", "preparation", "layouts"}),
     ("layouts", {"engine", "network", "splits", "preparation", "options"}),
     ("dataset_card", {"build_data", "engine", "network", "module_list", "options"}),
@@ -65,6 +67,36 @@ def test_importing_a_module_does_not_import_what_it_must_not(module, forbidden):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"importing {module} imports {out.strip()}"
+
+
+# The files of a run (run_folder.py's docstring): no other module spells their names.
+RUN_FILES = ("config.json", "summary.json", "last.pth", "metrics.csv", ".npy", "curves.png", "visual.png",
+             "tensorboard")
+SPLIT_FOLDER = re.compile(r"(?<![\w.-])split/|/split(?![\w.-])")  # the split/ folder, not the word or a flag
+
+
+def _run_file_names(path: Path) -> list[str]:
+    """'file:line: text' of each string in the file's code (not its docstrings) that names a run's file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    documented = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    paths = {id(side) for node in ast.walk(tree) if isinstance(node, ast.BinOp)  # `folder / "split"`
+             and isinstance(node.op, ast.Div) for side in (node.left, node.right)}
+    return [f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in documented
+            and (any(name in node.value for name in RUN_FILES) or SPLIT_FOLDER.search(node.value)
+                 or (node.value == "split" and id(node) in paths))]
+
+
+def test_only_the_run_folder_module_names_a_runs_files():
+    """The engine writes a run's files and the tools read them through run_folder.py, alone to name them."""
+    sources = [p for p in REPO.rglob("*.py") if p.name != "run_folder.py"
+               and not any(part.startswith(".") or part in ("tests", "site-packages")
+                           for part in p.relative_to(REPO).parts)]
+    assert len(sources) > 20 and REPO / "engine.py" in sources
+    assert [hit for path in sorted(sources) for hit in _run_file_names(path)] == []
+    assert _run_file_names(REPO / "run_folder.py")  # the test sees the names where they are
 
 
 def _exit_of(main) -> tuple[int, str]:

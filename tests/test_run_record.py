@@ -1,5 +1,6 @@
 """What a run tells its user: config.json at the start, summary.json and a printed summary at the end, a
-visual.png over val images that cover the classes, and curves.png with a readable scale per loss."""
+visual.png over val images that cover the classes, and curves.png with a readable scale per loss; its
+name, and reading a run back (run_folder.py) with and without config.json."""
 
 import hashlib
 import json
@@ -16,8 +17,9 @@ import engine
 import figures
 import options
 import preparation
-import run_record
+import run_folder
 import splits
+from helpers import UserError
 from layouts import resolve_dataset
 
 TINY = ["--dataset", "demo", "--batch_size", "2", "--crop_size", "33", "33", "--iters_per_epoch", "1",
@@ -57,7 +59,8 @@ def test_a_run_records_its_config_and_ends_with_a_summary(small_demo, tmp_path, 
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS
-    miou = np.load(tmp_path / "log" / "demo_label4_sup_0.npy")[:, options.metric_columns(False).index("test_miou")]
+    npy = tmp_path / "log" / "demo_label4_sup_0.npy"
+    miou = np.load(npy)[:, run_folder.metric_columns(False).index("test_miou")]
     assert (summary["best_miou"], summary["best_epoch"], summary["final_miou"], summary["final_epoch"],
             summary["epochs"]) == (miou[0], 1, miou[0], 1, 1)
     assert summary["weights"] == str((tmp_path / "w" / "demo_label4_sup_0.pth").resolve())
@@ -75,13 +78,25 @@ def test_a_run_records_its_config_and_ends_with_a_summary(small_demo, tmp_path, 
     width, height = Image.open(run_dir / "visual.png").size
     assert height > 1.5 * width
 
+    # read back from its config.json, then as a run made before config.json existed: from its .npy log's name
+    record, = run_folder.find_runs([tmp_path])
+    assert (record.source, record.semi, record.world_size) == (run_dir, False, 1)
+    assert record.args == config["args"] and record.val_miou()[1] and list(record.val_miou()[0]) == [miou[0]]
+    (run_dir / "config.json").unlink()
+    (run_dir / "summary.json").unlink()
+    record, = run_folder.find_runs([tmp_path])
+    assert (record.source, record.semi, record.world_size) == (npy, False, None)
+    assert record.args == {"dataset": "demo", "num_labels": 4, "partial": None, "apply_aug": None,
+                           "method": None, "apply_reco": False, "seed": 0}
+    assert list(record.val_miou()[0]) == [miou[0]] and run_folder.RunFiles(run_dir).finished()
+
 
 def test_summary_points_at_the_saved_epoch():
-    columns = options.metric_columns(True)
+    columns = run_folder.metric_columns(True)
     metrics = np.zeros((4, len(columns)))
     metrics[:, columns.index("test_miou")] = [0.2, 0.5, 0.5, 0.4]
     metrics[:, columns.index("labelled_miou")] = [0.9, 0.1, 0.1, 0.1]
-    summary = run_record.summarise(metrics, columns, 61.24, *[Path("x")] * 3, [])
+    summary = run_folder.summarise(metrics, columns, 61.24, run_folder.RunFiles(Path("x"), Path("x.pth")), [])
     # the engine saves the weights on ties (>=): the last epoch reaching the best
     assert (summary["best_miou"], summary["best_epoch"]) == (0.5, 3)
     assert (summary["final_miou"], summary["final_epoch"], summary["epochs"], summary["wall_s"]) == (0.4, 4, 4, 61.2)
@@ -105,12 +120,12 @@ def test_covering_test_images_read_the_val_labels(small_demo):
 
 
 def test_curves_give_each_loss_its_own_panel(tmp_path):
-    semi = options.metric_columns(True)
+    semi = run_folder.metric_columns(True)
     assert figures.curve_panels(semi) == [
         ("sup_loss", ["sup_loss"]), ("unsup_loss", ["unsup_loss"]), ("reco_loss", ["reco_loss"]),
         ("test_loss", ["test_loss"]), ("miou", ["labelled_miou", "unlabelled_miou", "test_miou"]),
         ("acc", ["labelled_acc", "unlabelled_acc", "test_acc"])]
-    assert [title for title, _ in figures.curve_panels(options.metric_columns(False))] == [
+    assert [title for title, _ in figures.curve_panels(run_folder.metric_columns(False))] == [
         "train_loss", "test_loss", "miou", "acc"]
     metrics = np.random.default_rng(0).uniform(0, 1, (3, len(semi)))
     metrics[:, semi.index("reco_loss")] += 5
@@ -119,9 +134,44 @@ def test_curves_give_each_loss_its_own_panel(tmp_path):
 
 
 def test_each_mode_has_its_script_and_that_script_runs_the_mode():
-    assert set(run_record.MODE_SCRIPTS) == set(options.MODES)
-    for mode, script in run_record.MODE_SCRIPTS.items():  # the one table study.py and config.json use
-        assert f'engine.main("{mode}")' in (Path(run_record.__file__).parent / script).read_text()
+    assert set(run_folder.MODE_SCRIPTS) == set(options.MODES)
+    for mode, script in run_folder.MODE_SCRIPTS.items():  # the one table study.py and config.json use
+        assert f'engine.main("{mode}")' in (Path(run_folder.__file__).parent / script).read_text()
+
+
+@pytest.mark.parametrize("mode, argv", [
+    ("sup", ["--num_labels", "60"]), ("sup", ["--num_labels", "0", "--apply_reco", "--seed", "12"]),
+    ("semi", ["--dataset", "pascal", "--apply_aug", "classmix", "--apply_reco", "--seed", "2"]),
+    ("sup_partial", ["--partial", "p25"]), ("semi_partial", ["--apply_aug", "cutmix", "--partial", "p1"]),
+    ("semi", ["--dataset", "folder", "--data_root", "my_data.v2/leaves_2024", "--apply_aug", "cutout"]),
+    ("semi", ["--method", "unimatch", "--apply_reco"]), ("semi", ["--method", "fixmatch", "--seed", "3"]),
+])
+def test_a_run_name_reads_back_as_the_flags_it_was_made_of(mode, argv):
+    args = options.get_args_parser(mode).parse_args(argv)
+    args.num_labels, args.partial = getattr(args, "num_labels", 0), getattr(args, "partial", None)
+    semi, online = options.MODES[mode].semi, args.method in ("fixmatch", "unimatch")
+    name = run_folder.run_name(args, semi)
+    flags, read_semi = run_folder.flags_of_name(name)
+    assert read_semi == semi and flags == {
+        "dataset": run_folder.dataset_tag(args.dataset, args.data_root), "num_labels": args.num_labels,
+        "partial": args.partial, "apply_aug": args.apply_aug if semi and not online else None,
+        "method": args.method if online else None, "apply_reco": args.apply_reco, "seed": args.seed}
+    assert run_folder.flags_of_name(name + "_x") is None and run_folder.flags_of_name("other") is None
+
+
+def test_a_run_folder_reads_back_what_the_engine_wrote_and_refuses_an_unreadable_record(tmp_path):
+    files = run_folder.RunFiles(tmp_path / "log" / "run")
+    assert not files.finished() and run_folder.read_config(files.folder) is None
+    files.folder.mkdir(parents=True)
+    np.save(files.npy, np.array([[0.5, 0.25], [0.0, 0.0]]))  # one epoch of two written
+    assert not files.finished() and run_folder.read_metrics(files.npy)[0].tolist() == [[0.5, 0.25]]
+    files.summary.write_text("{}")
+    assert files.finished()
+    files.config.write_text('{"name": "another tool\'s"}')  # not a training run's: not a run
+    assert run_folder.read_config(files.folder) is None and run_folder.find_runs([tmp_path]) == []
+    files.config.write_text('{"args": ')
+    with pytest.raises(UserError, match=r"run configuration .*config.json cannot be read"):
+        run_folder.read_config(files.folder)
 
 
 def test_a_split_folder_is_read_once_per_run_and_again_once_it_changes(small_demo, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import preparation
+import run_folder
 import study
 from helpers import UserError
 
@@ -441,4 +442,5 @@ def test_report_takes_each_methods_own_defaults_and_adds_unimatchs_published_num
     with pytest.raises(UserError, match=r"--lr 0.001 \(2 runs.* vs 0.01 \(1 run"):  # UniMatch's must agree
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "b")])
     fake_run(tmp_path / "c", "semi", 0, [0.5, 0.6], method="fixmatch", reco=True, config=False)
-    assert study.run_from_name(tmp_path / "c" / "demo_label60_fixmatch_reco_0.npy").method == "fixmatch+reco"
+    record = run_folder.record_of_log(tmp_path / "c" / "demo_label60_fixmatch_reco_0.npy")
+    assert study.run_log(record).method == "fixmatch+reco"

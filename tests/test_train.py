@@ -68,6 +68,10 @@ def test_resume_refuses_nothing_and_foreign_runs(demo_root, tmp_path, capsys):
         engine.main("sup", argv + ["--resume"])
     assert "nothing to resume" in capsys.readouterr().err
     engine.main("sup", argv)
+    (tmp_path / "log" / "demo_label4_sup_0" / "config.json").unlink()  # as made before config.json existed
+    engine.main("sup", argv + ["--resume"])  # resumes after its last epoch: straight to its summary
+    assert "resuming at epoch 2" in capsys.readouterr().out
+    assert (tmp_path / "log" / "demo_label4_sup_0" / "config.json").is_file()
     with pytest.raises(SystemExit):
         engine.main("sup", argv + ["--resume", "--lr", "0.1"])
     assert "--lr 0.0025 (now 0.1)" in capsys.readouterr().err
