@@ -22,9 +22,9 @@ from acceleration import compile_in_place, compile_mode, memory_format, step_beg
 from build_data import (DatasetFiles, DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader,
                         loader_workers)
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown
-from evaluation import evaluate
+from eval_loop import evaluate
 from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
-from figures import covering_test_images, draw_figure, plot_curves
+from figures import covering_test_images, draw_comparison, plot_curves
 from helpers import (RUN_CONFIG, RUN_SUMMARY, UserError, atomic_save, autocast_for, read_torch_file, run_cli, save_file,
                      write_json)
 from layouts import resolve_dataset
@@ -416,7 +416,7 @@ class Outputs:
 def draw_run_figure(args: argparse.Namespace, out: Outputs, data: DatasetFiles) -> str:
     """visual.py's figure of the best weights on a few test images that cover the classes, as visual.png."""
     index = covering_test_images(data, count=4)
-    return str(draw_figure(data, [out.best_path], [args.name], index=index, out=out.run_dir / "visual.png",
+    return str(draw_comparison(data, [out.best_path], [args.name], index=index, out=out.run_dir / "visual.png",
                            backbone=args.backbone, resnet_depth=args.resnet_depth, device="cpu"))
 
 
