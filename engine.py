@@ -21,9 +21,9 @@ from acceleration import compile_in_place, compile_mode, memory_format, step_beg
 from build_data import (DatasetFiles, DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader,
                         loader_workers)
 from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown
-from evaluation import evaluate
+from eval_loop import evaluate
 from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
-from figures import covering_test_images, draw_figure, plot_curves
+from figures import covering_test_images, draw_comparison, plot_curves
 from helpers import UserError, autocast_for, read_torch_file, run_cli, save_file
 from layouts import resolve_dataset
 from methods import (TERMS, MethodSettings, PerturbedNet, Views, method_optimizer, ohem_min_kept, poly_lr,
@@ -328,7 +328,7 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None
 def draw_run_figure(args: argparse.Namespace, out: RunWriter, data: DatasetFiles) -> str:
     """visual.py's figure of the best weights on a few test images that cover the classes, as visual.png."""
     index = covering_test_images(data, count=4)
-    return str(draw_figure(data, [out.files.weights], [args.name], index=index, out=out.files.visual,
+    return str(draw_comparison(data, [out.files.weights], [args.name], index=index, out=out.files.visual,
                            backbone=args.backbone, resnet_depth=args.resnet_depth, device="cpu"))
 
 

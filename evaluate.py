@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from build_data import SegmentationDataset, build_test_loader
-from evaluation import evaluate
+from eval_loop import evaluate
 from helpers import AMP_DTYPES, UserError, resolve_device, run_cli, write_json
 from layouts import resolve_dataset
 from network import BACKBONES, RESNET_DEPTHS, check_window, load_model

@@ -50,7 +50,7 @@ def segment(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, de
     return prediction.masked_fill(label == IGNORE_INDEX, IGNORE_INDEX)
 
 
-def draw_figure(data: DatasetFiles, checkpoints: Sequence[str | Path], titles: Sequence[str],
+def draw_comparison(data: DatasetFiles, checkpoints: Sequence[str | Path], titles: Sequence[str],
                 index: int | Sequence[int], out: str | Path, backbone: str | None = None,
                 resnet_depth: int | None = None, device: str | torch.device = "cpu") -> Path:
     """Draw ground truth | one panel per checkpoint for test image `index` (a row per image when several indices

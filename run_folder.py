@@ -134,7 +134,7 @@ class RunFiles:
 
     @property
     def visual(self) -> Path:
-        """The best weights' predictions on val images (figures.draw_figure), drawn at the end."""
+        """The best weights' predictions on val images (figures.draw_comparison), drawn at the end."""
         return self.folder / "visual.png"
 
     @property

@@ -67,7 +67,7 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path] | None = None, t
                 index: int | None = None, data_root: str | Path | None = None, out: str | Path | None = None,
                 weights_dir: str | Path = "model_weights", backbone: str | None = None,
                 resnet_depth: int | None = None, device: str | torch.device = "cpu") -> Path:
-    """figures.draw_figure with the reference's defaults; returns the PNG's path.
+    """figures.draw_comparison with the reference's defaults; returns the PNG's path.
 
     checkpoints default to the reference's published files (pascal, cityscapes); index defaults to the
     reference's image (cityscapes 61, pascal 961, else 0); out defaults to logging/visual_{dataset}.png.
@@ -82,7 +82,7 @@ def draw_figure(dataset: str, checkpoints: Sequence[str | Path] | None = None, t
     index = DEFAULT_INDEX.get(dataset, 0) if index is None else index
     out = Path(out) if out else Path("logging") / f"visual_{dataset}.png"
     try:
-        return figures.draw_figure(resolve_dataset(dataset, data_root), checkpoints, titles, index, out,
+        return figures.draw_comparison(resolve_dataset(dataset, data_root), checkpoints, titles, index, out,
                                    backbone, resnet_depth, device)
     except DataError as error:  # missing or broken data: also name the reference ReCo README's download
         if dataset not in PREPROCESSED_DATA:

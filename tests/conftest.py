@@ -4,12 +4,18 @@ import functools
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import build_data
 import helpers
+import network
 import preparation
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CLASSES = build_data.DATASETS["demo"].num_classes
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +49,77 @@ def run_entry(main, args, capsys) -> tuple[int, str, str]:
         code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo dataset small enough for several training runs in one test: 40 train and 4 val images of 48 px,
+    partial labels of seed 0; generated once per session, treat as read-only."""
+    return preparation.make_demo_dataset(tmp_path_factory.mktemp("small") / "demo", num_train=40, num_val=4,
+                                         size=48, partial_seeds=(0,))
+
+
+def write_pascal_layout(root: Path, labels) -> Path:
+    """Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, val.txt (label arrays uint8 [H,W])."""
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClassAug").mkdir()
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}" for i in range(len(labels))]
+    for image_id, label in zip(ids, labels):
+        photo = rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8)
+        Image.fromarray(photo).save(root / "JPEGImages" / f"{image_id}.jpg")
+        Image.fromarray(label).save(root / "SegmentationClassAug" / f"{image_id}.png")
+    (root / "val.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def write_constant_checkpoint(path: Path, winner: int, backbone: str = "deeplabv3p") -> Path:
+    """A ResNet-18 checkpoint with the demo's classes whose logits favour class `winner` at every pixel."""
+    torch.manual_seed(0)
+    model = network.build_model(backbone, DEMO_CLASSES, output_dim=8, resnet_depth=18)
+    last = model.classifier[3] if backbone == "deeplabv3p" else model.classifier.conv2d_list[0]
+    convs = [last] if backbone == "deeplabv3p" else list(model.classifier.conv2d_list)
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.zero_()
+            conv.bias.zero_()
+        last.bias[winner] = 10.0
+    torch.save(model.state_dict(), path)
+    return path
+
+def write_cityscapes_source(src: Path) -> dict:
+    """Two train cities created out of sorted order, two images each; one val city. Solid-colour images."""
+    rng = np.random.default_rng(0)
+    made = {}
+    for split, cities in (("train", ["zurich", "aachen"]), ("val", ["lindau"])):
+        for city in cities:
+            img_dir = src / "leftImg8bit_trainvaltest" / "leftImg8bit" / split / city
+            lab_dir = src / "gtFine_trainvaltest" / "gtFine" / split / city
+            img_dir.mkdir(parents=True)
+            lab_dir.mkdir(parents=True)
+            for frame in (19, 3):
+                stem = f"{city}_000000_{frame:06d}"
+                colour = rng.integers(0, 256, size=3, dtype=np.uint8)
+                Image.fromarray(np.broadcast_to(colour, (32, 64, 3)).copy()).save(img_dir / f"{stem}_leftImg8bit.png")
+                label = rng.choice([0, 1, 7, 8, 11, 21, 26], size=(32, 64)).astype(np.uint8)
+                Image.fromarray(label).save(lab_dir / f"{stem}_gtFine_labelIds.png")
+                made.setdefault(split, {})[(city, frame)] = (colour, label)
+    return made
+
+
+@pytest.fixture
+def pascal_layout():
+    """write_pascal_layout(root, labels) -> root: a tiny Pascal-layout val set with the given label arrays."""
+    return write_pascal_layout
+
+
+@pytest.fixture
+def constant_checkpoint():
+    """write_constant_checkpoint(path, winner, backbone='deeplabv3p') -> path."""
+    return write_constant_checkpoint
+
+
+@pytest.fixture
+def cityscapes_source():
+    """write_cityscapes_source(src) -> {split: {(city, frame): (colour, label)}}: a raw Cityscapes tree."""
+    return write_cityscapes_source

@@ -8,7 +8,7 @@ import torch
 import acceleration
 import distributed
 import engine
-import evaluation
+import eval_loop
 import network
 import options
 from build_data import DATASETS
@@ -99,7 +99,7 @@ def test_representation_head_runs_only_for_reco():
     x = torch.randn(2, 3, 33, 33)
     logits = network.predict(model, x, (33, 33))
     loader = [(x, torch.randint(0, 3, (2, 33, 33)))]
-    evaluation.evaluate(model, loader, 3, torch.device("cpu"))
+    eval_loop.evaluate(model, loader, 3, torch.device("cpu"))
     assert "eval" not in calls
     with torch.no_grad():
         full, rep = model(x)

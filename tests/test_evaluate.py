@@ -6,50 +6,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import helpers
 import evaluate
 import network
 
-NUM_CLASSES = 5  # the 'demo' dataset entry: Pascal layout, 5 classes, eval size 97x97
 
 
-def make_data(root, labels):
-    """Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, val.txt (label arrays uint8 [H,W])."""
-    (root / "JPEGImages").mkdir(parents=True)
-    (root / "SegmentationClassAug").mkdir()
-    rng = np.random.default_rng(0)
-    ids = [f"img{i}" for i in range(len(labels))]
-    for image_id, label in zip(ids, labels):
-        photo = rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8)
-        Image.fromarray(photo).save(root / "JPEGImages" / f"{image_id}.jpg")
-        Image.fromarray(label).save(root / "SegmentationClassAug" / f"{image_id}.png")
-    (root / "val.txt").write_text("\n".join(ids) + "\n")
-    return root
 
-
-def constant_checkpoint(path, winner, backbone="deeplabv3p"):
-    """A ResNet-18 checkpoint whose logits favour class `winner` at every pixel."""
-    torch.manual_seed(0)
-    model = network.build_model(backbone, NUM_CLASSES, output_dim=8, resnet_depth=18)
-    last = model.classifier[3] if backbone == "deeplabv3p" else model.classifier.conv2d_list[0]
-    convs = [last] if backbone == "deeplabv3p" else list(model.classifier.conv2d_list)
-    with torch.no_grad():
-        for conv in convs:
-            conv.weight.zero_()
-            conv.bias.zero_()
-        last.bias[winner] = 10.0
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def test_prediction_equal_to_ground_truth_gives_miou_one(tmp_path):
+def test_prediction_equal_to_ground_truth_gives_miou_one(tmp_path, pascal_layout, constant_checkpoint):
     # every labelled pixel is class 2, the rest void: a model predicting 2 everywhere is perfect,
     # and the classes absent from both ground truth and prediction do not make the mean NaN
     labels = [np.where(np.arange(40 * 50).reshape(40, 50) % 7 == 0, 255, 2).astype(np.uint8),
               np.full((97, 60), 2, np.uint8)]
-    root = make_data(tmp_path / "data", labels)
+    root = pascal_layout(tmp_path / "data", labels)
     checkpoint = constant_checkpoint(tmp_path / "two.pth", 2)
     out = tmp_path / "result.json"
     base = ["--dataset", "demo", "--data_root", str(root), "--checkpoint", str(checkpoint), "--device", "cpu"]
@@ -62,10 +32,10 @@ def test_prediction_equal_to_ground_truth_gives_miou_one(tmp_path):
         assert evaluate.main(base + extra)["miou"] == 1.0
 
 
-def test_hand_computed_confusion_matrix(tmp_path, capsys):
+def test_hand_computed_confusion_matrix(tmp_path, capsys, pascal_layout, constant_checkpoint):
     rng = np.random.default_rng(3)
     labels = [rng.choice(np.array([0, 1, 3, 255], np.uint8), size=shape) for shape in ((30, 41), (97, 97), (64, 20))]
-    root = make_data(tmp_path / "data", labels)
+    root = pascal_layout(tmp_path / "data", labels)
     checkpoint = constant_checkpoint(tmp_path / "one.pth", 1, backbone="deeplabv2")
     result = evaluate.main(["--dataset", "demo", "--data_root", str(root), "--checkpoint", str(checkpoint),
                             "--batch_size", "2"])
@@ -81,8 +51,8 @@ def test_hand_computed_confusion_matrix(tmp_path, capsys):
     assert "stripes" in report and "mIoU" in report and f"{100 * result['miou']:.2f}" in report
 
 
-def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys):
-    root = make_data(tmp_path / "data", [np.zeros((20, 20), np.uint8)])
+def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys, pascal_layout, constant_checkpoint):
+    root = pascal_layout(tmp_path / "data", [np.zeros((20, 20), np.uint8)])
     wrong_classes = tmp_path / "pascal21.pth"
     torch.save(network.build_model("deeplabv3p", 21, output_dim=8, resnet_depth=18).state_dict(), wrong_classes)
     constant_checkpoint(tmp_path / "ok.pth", 0)

@@ -18,17 +18,10 @@ import engine
 import faults
 import helpers
 import methods
-import preparation
 from build_data import EpochBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    """A demo dataset with few, small images: evaluation after each epoch stays cheap."""
-    return preparation.make_demo_dataset(tmp_path_factory.mktemp("small") / "demo", num_train=24, num_val=4,
-                                         size=48, partial_seeds=())
 
 
 def argv_for(root, out, *extra):

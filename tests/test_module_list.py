@@ -194,13 +194,13 @@ def test_unsup_data_unknown_mode_and_generator():
 # EMA, PolyLR
 # ----------------------------------------------------------------------------------------------------------------
 
-def tiny_model():
+def conv_bn_pair():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
 
 
 def test_ema_decay_schedule_and_buffers():
-    student = tiny_model()
+    student = conv_bn_pair()
     ema = ml.EMA(student, alpha=0.5)
     with torch.no_grad():
         for p in student.parameters():
@@ -226,7 +226,7 @@ def test_ema_decay_schedule_and_buffers():
 
 
 def test_ema_average_buffers_and_state_dict():
-    student = tiny_model()
+    student = conv_bn_pair()
     ema = ml.EMA(student, alpha=0.9, average_buffers=True)
     ema.step = 5
     student[1].running_mean.fill_(1.0)
@@ -235,7 +235,7 @@ def test_ema_average_buffers_and_state_dict():
     decay = 1 - 1 / 6
     torch.testing.assert_close(ema.model[1].running_mean, torch.full((4,), 1 - decay))
     assert ema.model[1].num_batches_tracked.item() == 7
-    other = ml.EMA(tiny_model(), alpha=0.9)
+    other = ml.EMA(conv_bn_pair(), alpha=0.9)
     other.load_state_dict(ema.state_dict())
     assert other.step == 6 and torch.equal(other.model[1].running_mean, ema.model[1].running_mean)
 

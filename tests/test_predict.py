@@ -20,7 +20,7 @@ IMAGES = {"a.jpg": ("RGB", 40, 57), "b.png": ("L", 33, 33), "c.png": ("RGBA", 50
           "e.png": ("I;16", 20, 33)}
 
 
-def tiny_model(seed: int = 0) -> torch.nn.Module:
+def spread_deeplab(seed: int = 0) -> torch.nn.Module:
     """A random ResNet-18 DeepLabv3+ whose class biases are spread, so its masks hold several classes."""
     torch.manual_seed(seed)
     model = network.build_model("deeplabv3p", NUM_CLASSES, output_dim=16, resnet_depth=18).eval()
@@ -60,7 +60,7 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.save(tiny_model().state_dict(), path)
+    torch.save(spread_deeplab().state_dict(), path)
     return path
 
 
@@ -92,7 +92,7 @@ def test_masks_are_the_models_prediction_and_unreadable_images_are_skipped(input
     assert [line for line in lines if line.startswith(f"skipped {inputs / 'bad.jpg'}: ")] != []
     assert [line for line in lines if line.startswith(f"skipped {inputs / 'trunc.png'}: ")] != []
     assert "wrote 5 masks and overlays" in stdout
-    model = tiny_model()
+    model = spread_deeplab()
     palette = build_data.DATASETS["demo"].palette
     classes = set()
     for name, (_, height, width) in IMAGES.items():
@@ -114,7 +114,7 @@ def test_flip_and_window_go_through_network_predict(inputs, checkpoint, tmp_path
     code, _, err = run(["--checkpoint", checkpoint, "--input", str(inputs / "[e]*.png"), "--output", out,
                         "--dataset", "demo", "--flip", "--window", 17, 33, "--num_workers", 1], capsys)
     assert code == 0, err
-    model = tiny_model()
+    model = spread_deeplab()
     mask = np.asarray(Image.open(out / "e.png"))
     np.testing.assert_array_equal(mask, expected_mask(model, inputs / "e.png", flip=True, window=(17, 33)))
     assert not np.array_equal(mask, expected_mask(model, inputs / "e.png"))  # the flags changed something
@@ -127,8 +127,8 @@ def test_classes_come_from_the_run_folder_and_a_last_pth_gives_its_teacher(input
     (run_dir / "config.json").write_text(json.dumps({"args": {"dataset": "demo", "data_root": None}}))
     (tmp_path / "model_weights").mkdir()
     best = tmp_path / "model_weights" / "demo_run.pth"
-    torch.save(tiny_model(1).state_dict(), best)
-    torch.save({"model": tiny_model(2).state_dict(), "teacher": tiny_model(3).state_dict(), "epoch": 1},
+    torch.save(spread_deeplab(1).state_dict(), best)
+    torch.save({"model": spread_deeplab(2).state_dict(), "teacher": spread_deeplab(3).state_dict(), "epoch": 1},
                run_dir / "last.pth")
     for path, seed in ((best, 1), (run_dir / "last.pth", 3)):
         out = tmp_path / f"out_{path.stem}"
@@ -136,7 +136,7 @@ def test_classes_come_from_the_run_folder_and_a_last_pth_gives_its_teacher(input
         assert code == 0, err
         assert f"from {run_dir / 'config.json'}" in stdout
         np.testing.assert_array_equal(np.asarray(Image.open(out / "b.png")),
-                                      expected_mask(tiny_model(seed), inputs / "b.png"))
+                                      expected_mask(spread_deeplab(seed), inputs / "b.png"))
 
 
 def test_a_checkpoint_without_run_folder_needs_dataset_and_its_class_count(inputs, checkpoint, tmp_path, capsys):

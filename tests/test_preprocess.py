@@ -68,29 +68,10 @@ def test_demo_script_is_deterministic(tmp_path, run_script):
 
 # --- Cityscapes ---
 
-def make_cityscapes_src(src):
-    """Two train cities created out of sorted order, two images each; one val city. Solid-colour images."""
-    rng = np.random.default_rng(0)
-    made = {}
-    for split, cities in (("train", ["zurich", "aachen"]), ("val", ["lindau"])):
-        for city in cities:
-            img_dir = src / "leftImg8bit_trainvaltest" / "leftImg8bit" / split / city
-            lab_dir = src / "gtFine_trainvaltest" / "gtFine" / split / city
-            img_dir.mkdir(parents=True)
-            lab_dir.mkdir(parents=True)
-            for frame in (19, 3):
-                stem = f"{city}_000000_{frame:06d}"
-                colour = rng.integers(0, 256, size=3, dtype=np.uint8)
-                Image.fromarray(np.broadcast_to(colour, (32, 64, 3)).copy()).save(img_dir / f"{stem}_leftImg8bit.png")
-                label = rng.choice([0, 1, 7, 8, 11, 21, 26], size=(32, 64)).astype(np.uint8)
-                Image.fromarray(label).save(lab_dir / f"{stem}_gtFine_labelIds.png")
-                made.setdefault(split, {})[(city, frame)] = (colour, label)
-    return made
 
-
-def test_cityscapes_preprocess(tmp_path, run_script):
+def test_cityscapes_preprocess(tmp_path, run_script, cityscapes_source):
     src, root = tmp_path / "src", tmp_path / "out" / "cityscapes"
-    made = make_cityscapes_src(src)
+    made = cityscapes_source(src)
     before = digest(src)
     args = ["--src", src, "--root", root, "--seeds", 0, "--workers", 1]
     code, _, err = run_script("cityscapes_preprocess.py", *args)
@@ -127,9 +108,9 @@ def test_cityscapes_preprocess(tmp_path, run_script):
     assert sorted(p.name for p in root.iterdir()) == ["images", "labels"]
 
 
-def test_cityscapes_missing_label_is_a_clear_error(tmp_path, run_script):
+def test_cityscapes_missing_label_is_a_clear_error(tmp_path, run_script, cityscapes_source):
     src = tmp_path / "src"
-    make_cityscapes_src(src)
+    cityscapes_source(src)
     next((src / "gtFine_trainvaltest" / "gtFine" / "val" / "lindau").glob("*.png")).unlink()
     code, _, err = run_script("cityscapes_preprocess.py", "--src", src, "--root", tmp_path / "out", "--seeds",
                               "--workers", 1)

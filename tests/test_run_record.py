@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -16,7 +15,6 @@ from PIL import Image
 import engine
 import figures
 import options
-import preparation
 import run_folder
 import splits
 from helpers import UserError
@@ -28,12 +26,6 @@ CONFIG_KEYS = {"args", "split_digest", "torch", "torchvision", "device", "world_
 SUMMARY_KEYS = {"best_miou", "best_epoch", "final_miou", "final_epoch", "epochs", "wall_s", "weights", "npy",
                 "run_dir", "figures"}
 
-
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    """A demo dataset of 12 train and 6 val images (evaluation dominates a tiny run's time)."""
-    return preparation.make_demo_dataset(tmp_path_factory.mktemp("small") / "demo", num_train=12, num_val=6,
-                                         partial_seeds=())
 
 
 def test_a_run_records_its_config_and_ends_with_a_summary(small_demo, tmp_path, capsys):

@@ -13,7 +13,6 @@ import options
 import splits
 from distributed import Dist
 from layouts import resolve_dataset
-from test_preprocess import make_cityscapes_src
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["cityscapes/1_30", "cityscapes/1_16", "cityscapes/1_8", "cityscapes/1_4", "cityscapes/1_2",
@@ -78,9 +77,9 @@ def test_split_flag_errors_are_one_line(mode, argv, words, capsys):
         assert all(name in err for name in SHIPPED)
 
 
-def test_cityscapes_names_are_recorded_and_map_a_split(tmp_path, run_script, monkeypatch):
+def test_cityscapes_names_are_recorded_and_map_a_split(tmp_path, run_script, monkeypatch, cityscapes_source):
     src, root = tmp_path / "src", tmp_path / "cityscapes"
-    make_cityscapes_src(src)
+    cityscapes_source(src)
     code, _, err = run_script("cityscapes_preprocess.py", "--src", src, "--root", root, "--seeds", "--workers", 1)
     assert code == 0, err
     train_names = ["aachen/aachen_000000_000003", "aachen/aachen_000000_000019", "zurich/zurich_000000_000003",
@@ -107,9 +106,9 @@ def test_cityscapes_names_are_recorded_and_map_a_split(tmp_path, run_script, mon
         splits.load_split(data, REPO / "dataset/splits/cityscapes/1_30")
 
 
-def test_cityscapes_copy_without_the_record_says_why(tmp_path, run_script, capsys):
+def test_cityscapes_copy_without_the_record_says_why(tmp_path, run_script, capsys, cityscapes_source):
     src, root = tmp_path / "src", tmp_path / "cityscapes"
-    make_cityscapes_src(src)
+    cityscapes_source(src)
     assert run_script("cityscapes_preprocess.py", "--src", src, "--root", root, "--seeds", "--workers", 1)[0] == 0
     (root / "images/names_train.txt").unlink()  # as the reference's download: numbered, no record
     with pytest.raises(SystemExit) as exit_info:

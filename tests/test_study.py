@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import preparation
 import run_folder
 import study
 from helpers import UserError
@@ -24,12 +23,6 @@ from helpers import UserError
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["--seeds", "0", "1", "--num_labels", "4", "8", "--methods", "sup", "classmix"]
 
-
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory) -> Path:
-    """A demo dataset small enough for eight runs in a test: 40 train and 4 val images of 48 px."""
-    return preparation.make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", num_train=40, num_val=4, size=48,
-                                         partial_seeds=(0,))
 
 
 def training_flags(root: Path) -> list[str]:

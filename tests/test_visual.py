@@ -15,7 +15,6 @@ import helpers
 import network
 import visual
 from layouts import resolve_dataset
-from test_evaluate import NUM_CLASSES, constant_checkpoint, make_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,7 @@ def test_blend_is_70_percent_colour_and_ignore_uses_row_255():
     np.testing.assert_allclose(figures.blend(photo, label, palette).astype(float), expected, atol=1)
 
 
-def test_segment_copies_the_ignore_mask(tmp_path):
+def test_segment_copies_the_ignore_mask(tmp_path, constant_checkpoint):
     checkpoint = constant_checkpoint(tmp_path / "three.pth", 3)
     model = network_from(checkpoint)
     label = torch.full((40, 44), 1)
@@ -42,10 +41,10 @@ def network_from(path):
     return network.load_model(path)
 
 
-def test_draw_figure_writes_a_png_cropped_to_the_image(tmp_path):
+def test_draw_figure_writes_a_png_cropped_to_the_image(tmp_path, pascal_layout, constant_checkpoint):
     labels = [np.zeros((50, 70), np.uint8), np.full((33, 80), 4, np.uint8)]
     labels[1][:, :20] = 255
-    root = make_data(tmp_path / "data", labels)
+    root = pascal_layout(tmp_path / "data", labels)
     checkpoints = [constant_checkpoint(tmp_path / "a.pth", 1), constant_checkpoint(tmp_path / "b.pth", 4)]
     out = visual.draw_figure("demo", checkpoints, titles=["A", "B"], index=1, data_root=root,
                              out=tmp_path / "fig" / "v.png")
@@ -58,8 +57,8 @@ def test_draw_figure_writes_a_png_cropped_to_the_image(tmp_path):
     assert (label[:33, 20:80] == 4).all() and (label[:33, :20] == -1).all() and (label[33:] == -1).all()
 
 
-def test_main_with_checkpoints_and_default_out_pattern(tmp_path):
-    root = make_data(tmp_path / "data", [np.ones((40, 40), np.uint8)])
+def test_main_with_checkpoints_and_default_out_pattern(tmp_path, pascal_layout, constant_checkpoint):
+    root = pascal_layout(tmp_path / "data", [np.ones((40, 40), np.uint8)])
     checkpoint = constant_checkpoint(tmp_path / "c.pth", 1)
     written = visual.main(["--dataset", "demo", "--data_root", str(root), "--checkpoints", str(checkpoint),
                            "--out", str(tmp_path / "visual_{dataset}.png")])
@@ -75,8 +74,8 @@ def test_missing_published_checkpoint_names_file_and_download(tmp_path):
     assert done.stderr.count("\n") == 1
 
 
-def test_missing_own_checkpoint_and_bad_index(tmp_path, capsys):
-    root = make_data(tmp_path / "data", [np.ones((40, 40), np.uint8)])
+def test_missing_own_checkpoint_and_bad_index(tmp_path, capsys, pascal_layout, constant_checkpoint):
+    root = pascal_layout(tmp_path / "data", [np.ones((40, 40), np.uint8)])
     checkpoint = constant_checkpoint(tmp_path / "c.pth", 1)
     cases = [(["--checkpoints", str(tmp_path / "nope.pth")], "nope.pth"),
              (["--checkpoints", str(checkpoint), "--index", "5"], "--index 5"),
@@ -86,14 +85,13 @@ def test_missing_own_checkpoint_and_bad_index(tmp_path, capsys):
             helpers.run_cli(visual.main, ["--dataset", "demo", "--data_root", str(root), *extra])
         assert stop.value.code == 2
         assert expected in capsys.readouterr().err
-    assert NUM_CLASSES == build_data.DATASETS["demo"].num_classes
 
 
-def test_reference_figure_defaults_pascal_entry_961_and_published_names(tmp_path, monkeypatch):
+def test_reference_figure_defaults_pascal_entry_961_and_published_names(tmp_path, monkeypatch, pascal_layout):
     """No --checkpoints: the three published file names in --weights_dir and val entry 961, as the reference."""
     root = tmp_path / "pascal"
     ids = [f"id{i:04d}" for i in range(1000)]
-    make_data(root, [np.full((30, 40), 15, np.uint8)])  # writes img0; rename it to entry 961's id
+    pascal_layout(root, [np.full((30, 40), 15, np.uint8)])  # writes img0; rename it to entry 961's id
     (root / "JPEGImages" / "img0.jpg").rename(root / "JPEGImages" / f"{ids[961]}.jpg")
     (root / "SegmentationClassAug" / "img0.png").rename(root / "SegmentationClassAug" / f"{ids[961]}.png")
     (root / "val.txt").write_text("\n".join(ids))
