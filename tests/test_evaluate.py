@@ -12,8 +12,6 @@ import evaluate
 import network
 
 
-
-
 def test_prediction_equal_to_ground_truth_gives_miou_one(tmp_path, pascal_layout, constant_checkpoint):
     # every labelled pixel is class 2, the rest void: a model predicting 2 everywhere is perfect,
     # and the classes absent from both ground truth and prediction do not make the mean NaN
@@ -66,8 +64,8 @@ def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys, pascal_layout,
         assert expected in capsys.readouterr().err
 
 
-def test_the_dataset_comes_from_the_checkpoints_run_folder(tmp_path, capsys):
-    root = make_data(tmp_path / "data", [np.full((20, 30), 3, np.uint8)])
+def test_the_dataset_comes_from_the_checkpoints_run_folder(tmp_path, capsys, pascal_layout, constant_checkpoint):
+    root = pascal_layout(tmp_path / "data", [np.full((20, 30), 3, np.uint8)])
     run_dir = tmp_path / "logging" / "demo_label4_sup_0"
     run_dir.mkdir(parents=True)
     constant_checkpoint(tmp_path / "three.pth", 3)
