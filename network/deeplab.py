@@ -7,11 +7,11 @@ forward(x, with_rep=False) skips the representation head (it is only needed by t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from helpers import UserError
 from network.backbone import build_resnet
+from network.resize import global_average, resize_bilinear
 
 BACKBONES = ("deeplabv3p", "deeplabv2")
 
@@ -29,7 +29,11 @@ class ASPPPooling(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_ch, out_ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(super().forward(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        pool, *layers = self
+        y = global_average(x, pool)
+        for layer in layers:
+            y = layer(y)
+        return resize_bilinear(y, x.shape[-2:], align_corners=False)
 
 
 class ASPP(nn.Module):
@@ -79,7 +83,7 @@ class DeepLabv3Plus(_ResNetStem):
         """[B,3,H,W] -> (logits [B,C,h,w], representation [B,D,h,w] or None), h = ceil(H/4) after the stem."""
         low, high = self._features(x)
         low = self.project(low)
-        high = F.interpolate(self.ASPP(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        high = resize_bilinear(self.ASPP(high), low.shape[-2:], align_corners=True)
         features = torch.cat([low, high], dim=1)
         return self.classifier(features), self.representation(features) if with_rep else None
 
