@@ -1,4 +1,5 @@
-"""Processes: torchrun's environment, collectives that are no-ops in a single process, and seeding."""
+"""Processes: torchrun's environment, collectives that are no-ops in a single process, seeding and
+deterministic kernels."""
 
 from __future__ import annotations
 
@@ -84,3 +85,12 @@ def seed_all(stream: str, *keys: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def use_deterministic(on: bool) -> None:
+    """--deterministic on or off for this process (call it before CUDA starts): deterministic kernels only. Without
+    it, CUDA kernels that add with atomics (convolution backward, index_add, ...) make GPU runs differ run to run."""
+    if on:  # cuBLAS reads it when it creates its first handle: a fixed workspace keeps its sums in one order
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)  # an op without a deterministic kernel raises, naming itself
+    torch.backends.cudnn.deterministic = on  # engine.build_run also turns cuDNN's autotuning off

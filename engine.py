@@ -20,7 +20,8 @@ from tqdm import tqdm
 from acceleration import compile_in_place, compile_mode, memory_format, step_begin, warm_up
 from build_data import (DatasetFiles, DatasetInfo, SegmentationDataset, build_test_loader, build_train_loader,
                         loader_workers)
-from distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown
+from distributed import (Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, seed_all, shutdown,
+                         use_deterministic)
 from eval_loop import evaluate
 from faults import EpochState, StepGuard, StopSignals, exit_code, resume_command
 from figures import covering_test_images, draw_comparison, plot_curves
@@ -206,7 +207,8 @@ def build_run(args: argparse.Namespace, info: DatasetInfo, d: Dist) -> Run:
     """Model, teacher (mean teacher), optimiser and schedule (the reference's SGD Nesterov in one group with
     its staircase poly; FixMatch and UniMatch: methods.method_optimizer, poly per iteration), AMP scaler,
     DDP."""
-    torch.backends.cudnn.benchmark = True  # crops and eval sizes are fixed: let cuDNN pick the fastest kernels
+    # crops and eval sizes are fixed: let cuDNN pick the fastest kernels, unless runs must repeat to the bit
+    torch.backends.cudnn.benchmark = not args.deterministic
     seed_all("init", args.seed)  # identical initial weights on every rank
     model = build_model(args.backbone, info.num_classes, args.output_dim, args.resnet_depth, args.pretrained)
     if args.sync_bn and d.world_size > 1:
@@ -339,6 +341,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
     command that continues (from `argv`, default sys.argv[1:]), and SystemExit carries faults.exit_code."""
     started_at = time.perf_counter()
     stop = stop or StopSignals()  # never entered: a library call leaves the host process's signals alone
+    use_deterministic(args.deterministic)  # before CUDA starts
     d = init_distributed(args)
     args = resolve_args(args)
     data = resolve_dataset(args.dataset, args.data_root)

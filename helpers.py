@@ -33,6 +33,8 @@ class DataError(UserError):
 
 # The OS's file errors are user errors too: a missing input, an output path that is a file, no permission.
 _FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# torch's error for an operation without a deterministic kernel on its device, under --deterministic
+_NOT_DETERMINISTIC = " does not have a deterministic implementation"
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
@@ -48,6 +50,14 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
             raise
         print(f"error: {error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:
+        if _NOT_DETERMINISTIC not in str(err):
+            raise
+        operation = str(err).partition(_NOT_DETERMINISTIC)[0].split()[-1]
+        print(f"error: --deterministic: {operation} has no deterministic kernel on this device in torch "
+              f"{torch.__version__}; run without --deterministic (GPU reruns then differ)",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -267,7 +267,9 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
             queries, negatives = _reco_draws(valid, hard, class_probs, anchors, num_queries, num_negatives,
                                              generator)
 
-        qn = F.normalize(feats[queries], dim=2)  # [A,Q,D], the only part of the graph
+        # index_select, not feats[queries]: the CPU backward of advanced indexing accumulates repeated rows
+        # with atomic adds across threads (an order that follows the scheduler), index_select's in index order.
+        qn = F.normalize(feats.index_select(0, queries.view(-1)).view(*queries.shape, dim), dim=2)  # [A,Q,D]
         num_anchors = anchors.shape[0]
         positive = (qn * protos[anchors][:, None, :]).sum(2, keepdim=True)  # [A,Q,1]
         negative = _SampledDot.apply(qn.reshape(-1, dim), keys, negatives.view(-1, num_negatives))

@@ -104,6 +104,8 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     new.add_argument("--channels_last", default="auto", choices=LAYOUT_CHOICES,
                      help="channels-last memory format for the convolutions (auto: on for CUDA, off on CPU)")
     new.add_argument("--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
+    new.add_argument("--deterministic", action="store_true",
+                     help="GPU reruns repeat to the bit: deterministic kernels only (slower); CPU runs do without it")
     new.add_argument("--ema_buffers", action="store_true", help="the teacher also averages BN buffers")
     new.add_argument("--split_dir", default=None, help="use labelled.txt/unlabelled.txt from this folder")
     new.add_argument("--split", default=None, metavar="NAME",

@@ -168,14 +168,15 @@ def _json_value(value: object) -> object:
 def run_config(args: argparse.Namespace, labelled: Sequence[str], unlabelled: Sequence[str],
                device: torch.device | str, world_size: int) -> dict:
     """config.json: every resolved flag, the split's digest, torch/torchvision versions, device, world size,
-    mode and script."""
+    mode and script, CPU threads and whether deterministic kernels were enforced (docs/reproducibility.md)."""
     flags = {name: _json_value(value) for name, value in sorted(vars(args).items())}
     for name in PATH_FLAGS:
         if flags.get(name) is not None:
             flags[name] = str(Path(flags[name]).resolve())
     return {"args": flags, "split_digest": split_digest(labelled, unlabelled), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "device": str(device), "world_size": world_size,
-            "mode": args.train_mode, "script": MODE_SCRIPTS[args.train_mode]}
+            "mode": args.train_mode, "script": MODE_SCRIPTS[args.train_mode], "threads": torch.get_num_threads(),
+            "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
 def summarise(metrics: np.ndarray, columns: Sequence[str], wall_s: float, files: RunFiles,

@@ -12,6 +12,8 @@ The step is the training loop's, with its guard (one host read per step of the n
 which --sync_check lists; --guard off on leaves it out, for its cost side by side).
 --kernels (CUDA) profiles one step: host launch calls, kernels run and the summed duration of the device's
 work (GPU busy time; the step's s/iter over it says how much the host makes the device wait).
+--deterministic times the step with the training flag of that name (deterministic kernels only); its cost is
+the s/iter of a run with it over one without.
 """
 
 import argparse
@@ -86,11 +88,11 @@ def device_work(prof) -> tuple[int, int, float]:
 
 
 def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool, profile: bool,
-          compile_mode: str, channels_last: str, kernels: bool, guarded: bool) -> dict:
+          compile_mode: str, channels_last: str, kernels: bool, guarded: bool, deterministic: bool = False) -> dict:
     mode, extra = MODES[name]
     args = options.resolve_args(options.get_args_parser(mode).parse_args(
         SIZES[size] + extra + ["--amp", amp, "--pretrained", "none", "--device", device, "--compile", compile_mode,
-                               "--channels_last", channels_last]))
+                               "--channels_last", channels_last] + ["--deterministic"] * deterministic))
     info = resolve_dataset(args.dataset).info
     torch.compiler.reset()  # each row compiles afresh (and stays under Dynamo's per-function recompile limit)
     run = engine.build_run(args, info, distributed.Dist(0, 1, torch.device(device)))
@@ -147,7 +149,7 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
         if cuda:
             work = device_work(prof)
     result = {"config": name, "size": size, "amp": amp, "device": device, "compile": run.compile_mode,
-              "guard": guarded,
+              "guard": guarded, "deterministic": deterministic,
               "channels_last": next(run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
               and not next(run.model.parameters()).is_contiguous(),
               "compile_s": None if run.compile_s is None else round(run.compile_s, 1),
@@ -184,7 +186,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (1 makes the process's CPU seconds a fair measure on a shared machine)")
     p.add_argument("--kernels", action="store_true", help="kernels launched and GPU busy time of one step (CUDA)")
+    p.add_argument("--deterministic", action="store_true", help="the training flag: deterministic kernels only")
     args = p.parse_args()
+    distributed.use_deterministic(args.deterministic)  # before CUDA starts, as the training scripts do
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -194,7 +198,7 @@ def main() -> None:
                 for mode in args.compile:
                     for guarded in args.guard:
                         row = bench(name, args.size, amp, args.device, args.steps, args.sync_check, args.profile,
-                                    mode, layout, args.kernels, guarded == "on")
+                                    mode, layout, args.kernels, guarded == "on", args.deterministic)
                         print(json.dumps(row), flush=True)
                         rows.append(row)
     print(f"\n{'config':14} {'amp':5} {'compile':15} {'guard':5} {'NHWC':5} {'batch':7} {'crop':9} {'s/iter':>8} {'CPU s':>7} {'peak GiB':>9}"

@@ -10,10 +10,10 @@ perturbation).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from network.backbone import block_out_channels
+from network.resize import pooled_branch, resize_bilinear
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, dilation: int = 1) -> list[nn.Module]:
@@ -30,7 +30,7 @@ class ASPPPooling(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(in_ch, out_ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(super().forward(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return pooled_branch(x, self, align_corners=False)
 
 
 class ASPP(nn.Module):
@@ -92,7 +92,7 @@ class DeepLabv3Plus(_ResNetStem):
         rep_rows: the representation of the first rep_rows images only (None: all).
         """
         low = self.project(low)
-        high = F.interpolate(self.ASPP(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        high = resize_bilinear(self.ASPP(high), low.shape[-2:], align_corners=True)
         features = torch.cat([low, high], dim=1)
         return self.classifier(features), self.representation(features[:rep_rows]) if with_rep else None
 

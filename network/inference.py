@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import UserError, full_precision
+from network.resize import resize_bilinear
 
 
 def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """[B, C, h, w] -> [B, C, H, W] float32 (float64 kept), bilinear, align_corners=True (the reference's)."""
-    return F.interpolate(full_precision(logits), size=tuple(size), mode="bilinear", align_corners=True)
+    """[B, C, h, w] -> [B, C, H, W] float32 (float64 kept), bilinear with align_corners=True (the reference's)."""
+    return resize_bilinear(full_precision(logits), size, align_corners=True)
 
 
 def check_window(window: Sequence[int] | None) -> None:

@@ -9,11 +9,11 @@ network.deeplab.DeepLabv3Plus: forward(x, with_rep) -> (logits, rep) at stride 4
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from network.backbone import block_out_channels
 from network.deeplab import conv_bn_relu
+from network.resize import pooled_branch, resize_bilinear
 
 
 class _Pooling(nn.Module):
@@ -24,7 +24,7 @@ class _Pooling(nn.Module):
         self.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(in_ch, out_ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.gap(x), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return pooled_branch(x, self.gap, align_corners=True)
 
 
 class _ASPP(nn.Module):
@@ -69,7 +69,7 @@ class UniMatchDeepLabv3Plus(nn.Module):
 
         rep_rows: the representation of the first rep_rows images only (None: all).
         """
-        high = F.interpolate(self.head(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        high = resize_bilinear(self.head(high), low.shape[-2:], align_corners=True)
         features = torch.cat([self.reduce(low), high], dim=1)
         logits = self.classifier(self.fuse(features))
         return logits, self.representation(features[:rep_rows]) if with_rep else None

@@ -66,7 +66,7 @@ def every_step(monkeypatch, action):
 def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(method, name, small_demo, tmp_path,
                                                                       monkeypatch, capsys):
     common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco", "--method",
-              method]
+              method, "--num_queries", "256", "--output_dim", "128"]  # ReCo's backward large enough to use every thread
     engine.main("semi", argv_for(small_demo, tmp_path / "a", *common))
     every_step(monkeypatch, lambda n, run: time.sleep(2) if n == 1 else n == 2 and os.kill(os.getpid(), signal.SIGTERM))
     argv = argv_for(small_demo, tmp_path / "b", *common)
@@ -218,7 +218,7 @@ engine.main("semi", sys.argv[3:])
 def test_torchrun_restarts_after_a_rank_dies_and_ends_as_an_uninterrupted_run(small_demo, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(KILLER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     common = ["--epochs", "2", "--iters_per_epoch", "3", "--save_every", "2", "--resume", "auto"]
     outputs = []
     for out, die_at in ((tmp_path / "a", 0), (tmp_path / "b", 6)):  # before step 6: epoch 2 was saved after iteration 2
@@ -236,7 +236,7 @@ def test_torchrun_restarts_after_a_rank_dies_and_ends_as_an_uninterrupted_run(sm
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_last_pth_saved(small_demo, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               str(REPO / "train_semisup.py"), *argv_for(small_demo, tmp_path, "--epochs", "2",
                                                                          "--iters_per_epoch", "40")],
@@ -278,7 +278,7 @@ engine.main("semi", sys.argv[1:])
 def test_a_sigterm_to_the_whole_job_spares_the_loader_workers_and_the_run_stops_after_its_step(small_demo, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(JOB_SIGNAL)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, str(probe), *argv_for(small_demo, tmp_path, "--epochs", "3",
                                                                  "--iters_per_epoch", "2", "--num_workers", "2")],
                           cwd=REPO, env=env, text=True, capture_output=True, timeout=300, start_new_session=True)
@@ -302,7 +302,7 @@ kept.append(kept)  # a reference cycle: the loaders live until the interpreter e
 def test_a_process_ends_while_a_cycle_still_holds_its_loaders(small_demo, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(KEPT_LOADER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, str(probe), str(small_demo)], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=120)  # workers ignore SIGTERM: without the exit hook, forever
     assert done.returncode == 0 and not done.stderr, done.stderr

@@ -23,7 +23,8 @@ from layouts import resolve_dataset
 
 TINY = ["--dataset", "demo", "--batch_size", "2", "--crop_size", "33", "33", "--iters_per_epoch", "1",
         "--epochs", "1", "--num_labels", "4"]
-CONFIG_KEYS = {"args", "split_digest", "torch", "torchvision", "device", "world_size", "mode", "script"}
+CONFIG_KEYS = {"args", "split_digest", "torch", "torchvision", "device", "world_size", "mode", "script", "threads",
+               "deterministic"}
 SUMMARY_KEYS = {"best_miou", "best_epoch", "final_miou", "final_epoch", "epochs", "wall_s", "weights", "npy",
                 "run_dir", "figures"}
 
