@@ -238,8 +238,8 @@ def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: 
             (y0, x0), direction = rng.uniform(0, 1, size=2), rng.uniform(0, np.pi)
             across = np.abs(-np.sin(direction) * (xx - x0) + np.cos(direction) * (yy - y0)) * size
             along = np.abs(np.cos(direction) * (xx - x0) + np.sin(direction) * (yy - y0))
-            image = np.where(((across < rng.uniform(0.5, 1.5)) & (along < rng.uniform(0.1, 0.4)))[..., None],
-                             rng.uniform(20, 235, size=3), image)
+            line = (across < rng.uniform(0.5, 1.5)) & (along < rng.uniform(0.1, 0.4))
+            image[line] = rng.uniform(20, 235, size=3)
     label = np.zeros((size, size), np.uint8)
     instances = np.zeros((size, size), np.int32)
     for index, cls in enumerate(rng.integers(1, len(class_names), size=rng.integers(2, 5)), start=1):
@@ -253,7 +253,7 @@ def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: 
         pv = -np.sin(pattern_rot) * xx * size + np.cos(pattern_rot) * yy * size
         second = _texture_mask(texture, pu, pv, 7.5 * scale * rng.uniform(0.9, 1.1), rng)
         first, other = (np.array(c) + rng.uniform(-25, 25, size=3) for c in _DEMO_COLOURS[class_names[cls]])
-        image = np.where(region[..., None], np.where(second[..., None], other, first), image)
+        image[region] = np.where(second[region][:, None], other, first)
         label[region] = cls
         instances[region] = index
     if site.occlusion == "bars":  # plain bars in front of the objects: background where they cover
@@ -261,7 +261,7 @@ def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: 
             (y0, x0), direction = rng.uniform(0.1, 0.9, size=2), rng.uniform(0, np.pi)
             across = np.abs(-np.sin(direction) * (xx - x0) + np.cos(direction) * (yy - y0))
             bar = across < rng.uniform(0.04, 0.08)
-            image = np.where(bar[..., None], rng.uniform(60, 200, size=3), image)
+            image[bar] = rng.uniform(60, 200, size=3)
             label[bar] = 0
             instances[bar] = 0
     # VOC-like void band: 2 px outside every visible object part (objects also border each other).
@@ -304,7 +304,7 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
         raise DataError(f"{root} exists and is not a demo dataset made by this project; pass another "
                         f"root folder or delete this one")
     pascal = layout == "pascal"
-    class_names = dataset_info("demo").class_names
+    class_names = DATASETS["demo"].class_names
     records: dict[str, dict[str, str]] = {}
     with staged_dir(root.parent, root.name) as tmp:
         ids = {"train_aug": [f"train_{i:05d}" for i in range(num_train)],

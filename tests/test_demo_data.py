@@ -11,6 +11,7 @@ import build_data
 import options
 import preparation
 import splits
+from layouts import resolve_dataset
 
 
 def digest(root):
@@ -35,14 +36,14 @@ def test_the_generator_is_deterministic_per_seed(tmp_path):
 
 
 def test_the_labelled_split_covers_fewer_conditions_than_the_unlabelled_pool(demo_root):
-    info = build_data.dataset_info("demo")
+    data = resolve_dataset("demo", demo_root)
     site_of = {i: record["site"] for i, record in records(demo_root).items()}
     every_site = {site.site for site in preparation.DEMO_SITES}
     val = (demo_root / "val.txt").read_text().split()
     assert {site_of[i] for i in val} == every_site  # validation covers every condition
     budget = options.get_args_parser("semi").get_default("num_labels")  # what the training scripts use
     for seed in range(5):
-        labelled, unlabelled = splits.get_split(info, demo_root, budget, seed)
+        labelled, unlabelled = splits.get_split(data, budget, seed)
         covered = {site_of[i] for i in labelled}
         assert {site_of[i] for i in unlabelled} == every_site
         assert len(covered) < len(every_site)
