@@ -103,12 +103,11 @@ def write_partial_labels(label_files: Sequence[Path], dest: Path, folder_format:
             future.result()
 
 
-# --- the synthetic demo dataset (Pascal layout; classes: a shape with a texture, under nuisance conditions) ---
+# --- the synthetic demo dataset (Pascal layout: textured shapes under nuisance conditions, docs/demo.md) ---
 
-# The conditions an image is taken under, one named "site" per combination of nuisance levels (docs/demo.md):
-# light, colour cast, blur, sensor noise, object scale, background clutter, occluding bars. Images cycle
-# through the sites, so a split of n images holds every site n // 16 or n // 16 + 1 times.
 class _Site(NamedTuple):
+    """Where a demo image is taken: one combination of the seven nuisance factors' levels."""
+
     site: str
     light: str  # even, dim, bright, shadow (a strong light gradient), flat (low contrast)
     cast: str  # neutral, warm, cool, green, grey
@@ -119,6 +118,8 @@ class _Site(NamedTuple):
     occlusion: str  # none, bars
 
 
+# The 16 sites. Image k of a split is taken at site k mod 16, so every split holds each site about equally
+# often, while 15 labelled images (the default budget) always miss one at least.
 DEMO_SITES = tuple(_Site(*row.split()) for row in (
     "studio     even   neutral sharp clean  normal none  none",
     "dusk       dim    warm    sharp grainy normal none  none",
@@ -142,8 +143,8 @@ _SCALES = {"far": 0.7, "normal": 1.0, "near": 1.35}
 _CASTS = {"neutral": (1.0, 1.0, 1.0), "warm": (1.25, 1.0, 0.7), "cool": (0.75, 0.95, 1.3),
           "green": (0.8, 1.25, 0.8)}
 _GREY = np.array([0.299, 0.587, 0.114], np.float32)
-# Per class: the texture's two colours (RGB), jittered per object. Colour is the quickest cue to learn, and the
-# one that casts, grey film and dim light take away; the shape and texture stay.
+# Per class: the texture's two colours (RGB), jittered per object. Colour is the quickest cue to learn and
+# the one that casts, grey film and dim light take away; shape and texture stay.
 _DEMO_COLOURS = {
     "striped_disc": ((205, 45, 40), (250, 175, 150)),     # red
     "checked_square": ((40, 80, 205), (205, 215, 250)),   # blue
@@ -177,10 +178,11 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.n
     if shape == "square":
         return np.maximum(np.abs(u), np.abs(v)) <= radius * 0.85
     if shape == "triangle":  # equilateral, circumradius `radius`: three half-planes
-        return np.all([np.cos(a) * u + np.sin(a) * v <= radius / 2 for a in (0, 2 * np.pi / 3, 4 * np.pi / 3)],
-                      axis=0)
+        sides = [np.cos(a) * u + np.sin(a) * v <= radius / 2 for a in (0, 2 * np.pi / 3, 4 * np.pi / 3)]
+        return np.all(sides, axis=0)
     if shape == "cross":
-        return (np.maximum(np.abs(u), np.abs(v)) <= radius) & (np.minimum(np.abs(u), np.abs(v)) <= radius * 0.35)
+        short, long = np.minimum(np.abs(u), np.abs(v)), np.maximum(np.abs(u), np.abs(v))
+        return (long <= radius) & (short <= radius * 0.35)
     if shape == "star":  # five rounded points
         return dist <= radius * (0.65 + 0.35 * np.cos(5 * theta))
     if shape == "ring":
@@ -207,8 +209,9 @@ def _texture_mask(texture: str, u: np.ndarray, v: np.ndarray, period: float, rng
     raise ValueError(f"unknown demo texture {texture!r}")
 
 
-def _light(image: np.ndarray, light: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """The scene [H, W, 3] (0..255) under the site's light."""
+def _light(image: np.ndarray, light: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
+           ) -> np.ndarray:
+    """The scene [H, W, 3] (0..255) under the site's light; yy, xx [H, W] are pixel coordinates in 0..1."""
     if light == "dim":
         return image * rng.uniform(0.6, 0.7)
     if light == "bright":
@@ -222,11 +225,10 @@ def _light(image: np.ndarray, light: str, rng: np.random.Generator, yy: np.ndarr
     return image
 
 
-def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: Sequence[str]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic image uint8 [size, size, 3] and its label uint8 [size, size] (class ids, VOID borders) under
-    the conditions of `site`; class c > 0 is named '<texture>_<shape>' in class_names."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+def _demo_scene(rng: np.random.Generator, size: int, site: _Site, class_names: Sequence[str], yy: np.ndarray,
+                xx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scene before the camera: image float [H, W, 3] (0..255), label uint8 [H, W] (class c > 0 is named
+    '<texture>_<shape>'), instances int32 [H, W] (0: background, k: the k-th object's visible pixels)."""
     scale = _SCALES[site.scale] * rng.uniform(0.9, 1.1)
     # Background: a smooth gradient between two dull colours.
     angle = rng.uniform(0, 2 * np.pi)
@@ -264,21 +266,33 @@ def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: 
             image[bar] = rng.uniform(60, 200, size=3)
             label[bar] = 0
             instances[bar] = 0
-    # VOC-like void band: 2 px outside every visible object part (objects also border each other).
-    void = np.zeros((size, size), bool)
-    for index in np.unique(instances[instances > 0]):
-        obj = instances == index
-        void |= _dilate(obj, 2) & ~obj
-    label[void] = VOID
-    # The camera: light, colour cast, focus, sensor noise.
+    return image, label, instances
+
+
+def _demo_camera(rng: np.random.Generator, image: np.ndarray, site: _Site, yy: np.ndarray, xx: np.ndarray
+                 ) -> np.ndarray:
+    """The scene float [H, W, 3] as the site's camera records it (light, cast, focus, noise): uint8."""
     image = _light(image, site.light, rng, yy, xx)
     grey = site.cast == "grey"
     image = image @ np.outer(_GREY, np.ones(3, np.float32)) if grey else image * np.array(_CASTS[site.cast])
     if site.blur == "soft":
         image = ndimage.gaussian_filter(image, sigma=(*[rng.uniform(1.0, 1.4)] * 2, 0))
     noise_sigma = rng.uniform(8, 12) if site.noise == "grainy" else 4.0
-    noise = rng.normal(0, noise_sigma, size=(size, size, 1) if grey else image.shape)  # grey film grain
-    return np.clip(image + noise, 0, 255).round().astype(np.uint8), label
+    noise = rng.normal(0, noise_sigma, size=(*image.shape[:2], 1) if grey else image.shape)  # grey film grain
+    return np.clip(image + noise, 0, 255).round().astype(np.uint8)
+
+
+def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: Sequence[str]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic image uint8 [size, size, 3] taken at `site` and its label uint8 [size, size] (class ids,
+    VOID borders)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    image, label, instances = _demo_scene(rng, size, site, class_names, yy, xx)
+    # VOC-like void band: 2 px outside every visible object part (objects also border each other).
+    for index in np.unique(instances[instances > 0]):
+        obj = instances == index
+        label[_dilate(obj, 2) & ~obj] = VOID
+    return _demo_camera(rng, image, site, yy, xx), label
 
 
 _DEMO_MARKER = "DEMO_DATASET"  # file that marks a folder as a generated demo dataset
