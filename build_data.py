@@ -96,7 +96,7 @@ _SUN_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door
               "floor mat", "clothes", "ceiling", "books", "fridge", "tv", "paper", "towel", "shower curtain", "box",
               "whiteboard", "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag")
 # The demo's classes, each a texture on a shape: '<texture>_<shape>' (the generator draws them by these names).
-_DEMO_NAMES = ("background", "striped_disc", "checked_square", "dotted_triangle", "gridded_cross", "waved_star",
+_DEMO_NAMES = ("background", "striped_disc", "checked_square", "dotted_triangle", "plain_cross", "ringed_star",
                "speckled_ring")
 
 

@@ -139,9 +139,9 @@ DEMO_SITES = tuple(_Site(*row.split()) for row in (
     "beach      bright warm    soft  clean  near   lines none",
 ))
 DEMO_CONDITIONS = "conditions.json"  # per-image records of the generator's conditions, beside the data
-_SCALES = {"far": 0.7, "normal": 1.0, "near": 1.35}
-_CASTS = {"neutral": (1.0, 1.0, 1.0), "warm": (1.25, 1.0, 0.7), "cool": (0.75, 0.95, 1.3),
-          "green": (0.8, 1.25, 0.8)}
+_SCALES = {"far": 0.8, "normal": 1.0, "near": 1.25}
+_CASTS = {"neutral": (1.0, 1.0, 1.0), "warm": (1.2, 1.0, 0.8), "cool": (0.8, 0.95, 1.2),
+          "green": (0.85, 1.2, 0.85)}
 _GREY = np.array([0.299, 0.587, 0.114], np.float32)
 # Per class: the texture's two colours (RGB), jittered per object. Colour is the quickest cue to learn and
 # the one that casts, grey film and dim light take away; shape and texture stay.
@@ -149,8 +149,8 @@ _DEMO_COLOURS = {
     "striped_disc": ((205, 45, 40), (250, 175, 150)),     # red
     "checked_square": ((40, 80, 205), (205, 215, 250)),   # blue
     "dotted_triangle": ((40, 140, 50), (205, 240, 120)),  # green
-    "gridded_cross": ((235, 165, 30), (115, 65, 10)),     # orange
-    "waved_star": ((140, 60, 185), (230, 180, 240)),      # purple
+    "plain_cross": ((235, 165, 30), (115, 65, 10)),       # orange
+    "ringed_star": ((140, 60, 185), (230, 180, 240)),     # purple
     "speckled_ring": ((20, 150, 160), (10, 60, 70)),      # teal
 }
 
@@ -182,27 +182,28 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.n
         return np.all(sides, axis=0)
     if shape == "cross":
         short, long = np.minimum(np.abs(u), np.abs(v)), np.maximum(np.abs(u), np.abs(v))
-        return (long <= radius) & (short <= radius * 0.35)
+        return (long <= radius) & (short <= radius * 0.4)
     if shape == "star":  # five rounded points
-        return dist <= radius * (0.65 + 0.35 * np.cos(5 * theta))
+        return dist <= radius * (0.7 + 0.3 * np.cos(5 * theta))
     if shape == "ring":
         return (dist <= radius) & (dist >= radius * 0.55)
     raise ValueError(f"unknown demo shape {shape!r}")
 
 
 def _texture_mask(texture: str, u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator
-                  ) -> np.ndarray:
-    """Pixels of the texture's second colour, in pattern coordinates (u, v) [H, W]."""
+                  ) -> np.ndarray | None:
+    """Pixels of the texture's second colour, in pattern coordinates (u, v) [H, W] centred on the object
+    (None: a smooth shading instead)."""
     if texture == "striped":
         return np.sin(2 * np.pi * u / period) > 0
-    if texture == "waved":  # stripes that meander
-        return np.sin(2 * np.pi * (u + 0.4 * period * np.sin(2 * np.pi * v / (2.5 * period))) / period) > 0
+    if texture == "ringed":  # concentric rings around the object's centre
+        return np.sin(2 * np.pi * np.hypot(u, v) / period) > 0
     if texture == "checked":
         return (np.floor(u / (period / 2)) + np.floor(v / (period / 2))) % 2 == 1
     if texture == "dotted":
         return np.hypot(u % period - period / 2, v % period - period / 2) < period / 4
-    if texture == "gridded":  # thin lines both ways
-        return np.minimum(u % period, v % period) < period / 4
+    if texture == "plain":  # no pattern: smooth shading from one colour at the centre to the other at the rim
+        return None
     if texture == "speckled":  # random cells of half a period
         cells = rng.random((64, 64)) < 0.5
         return cells[(u // (period / 2)).astype(int) % 64, (v // (period / 2)).astype(int) % 64]
@@ -213,15 +214,15 @@ def _light(image: np.ndarray, light: str, rng: np.random.Generator, yy: np.ndarr
            ) -> np.ndarray:
     """The scene [H, W, 3] (0..255) under the site's light; yy, xx [H, W] are pixel coordinates in 0..1."""
     if light == "dim":
-        return image * rng.uniform(0.6, 0.7)
+        return image * rng.uniform(0.7, 0.8)
     if light == "bright":
         return image * rng.uniform(1.4, 1.6) + 20
     if light == "flat":  # low contrast, as through haze
-        return 150 + (image - 150) * rng.uniform(0.55, 0.65)
+        return 150 + (image - 150) * rng.uniform(0.65, 0.75)
     if light == "shadow":
         angle = rng.uniform(0, 2 * np.pi)
         ramp = np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)  # -0.71..0.71
-        return image * np.clip(0.75 + 0.8 * ramp, 0.25, 1.3)[..., None]
+        return image * np.clip(0.8 + 0.6 * ramp, 0.4, 1.25)[..., None]
     return image
 
 
@@ -236,7 +237,7 @@ def _demo_scene(rng: np.random.Generator, size: int, site: _Site, class_names: S
     c0, c1 = rng.uniform(70, 170, size=(2, 3))
     image = c0 + (c1 - c0) * ramp[..., None]
     if site.clutter == "lines":  # thin lines and specks of any colour, all background
-        for _ in range(rng.integers(8, 15)):
+        for _ in range(rng.integers(5, 10)):
             (y0, x0), direction = rng.uniform(0, 1, size=2), rng.uniform(0, np.pi)
             across = np.abs(-np.sin(direction) * (xx - x0) + np.cos(direction) * (yy - y0)) * size
             along = np.abs(np.cos(direction) * (xx - x0) + np.sin(direction) * (yy - y0))
@@ -250,19 +251,24 @@ def _demo_scene(rng: np.random.Generator, size: int, site: _Site, class_names: S
         rot, pattern_rot = rng.uniform(0, 2 * np.pi, size=2)
         u = (np.cos(rot) * (xx - cx) + np.sin(rot) * (yy - cy)) * size
         v = (-np.sin(rot) * (xx - cx) + np.cos(rot) * (yy - cy)) * size
-        region = _shape_mask(shape, u, v, size * scale * rng.uniform(0.15, 0.24))
-        pu = np.cos(pattern_rot) * xx * size + np.sin(pattern_rot) * yy * size
-        pv = -np.sin(pattern_rot) * xx * size + np.cos(pattern_rot) * yy * size
+        radius = size * scale * rng.uniform(0.18, 0.28)
+        region = _shape_mask(shape, u, v, radius)
+        turn = pattern_rot - rot  # the pattern's own rotation, in the object's coordinates
+        pu, pv = np.cos(turn) * u + np.sin(turn) * v, -np.sin(turn) * u + np.cos(turn) * v
         second = _texture_mask(texture, pu, pv, 7.5 * scale * rng.uniform(0.9, 1.1), rng)
         first, other = (np.array(c) + rng.uniform(-25, 25, size=3) for c in _DEMO_COLOURS[class_names[cls]])
-        image[region] = np.where(second[region][:, None], other, first)
+        if second is None:
+            shade = np.clip(np.hypot(u, v)[region] / radius, 0, 1)[:, None]
+            image[region] = first + (other - first) * shade
+        else:
+            image[region] = np.where(second[region][:, None], other, first)
         label[region] = cls
         instances[region] = index
     if site.occlusion == "bars":  # plain bars in front of the objects: background where they cover
-        for _ in range(rng.integers(1, 4)):
+        for _ in range(rng.integers(1, 3)):
             (y0, x0), direction = rng.uniform(0.1, 0.9, size=2), rng.uniform(0, np.pi)
             across = np.abs(-np.sin(direction) * (xx - x0) + np.cos(direction) * (yy - y0))
-            bar = across < rng.uniform(0.04, 0.08)
+            bar = across < rng.uniform(0.03, 0.06)
             image[bar] = rng.uniform(60, 200, size=3)
             label[bar] = 0
             instances[bar] = 0
@@ -276,8 +282,8 @@ def _demo_camera(rng: np.random.Generator, image: np.ndarray, site: _Site, yy: n
     grey = site.cast == "grey"
     image = image @ np.outer(_GREY, np.ones(3, np.float32)) if grey else image * np.array(_CASTS[site.cast])
     if site.blur == "soft":
-        image = ndimage.gaussian_filter(image, sigma=(*[rng.uniform(1.0, 1.4)] * 2, 0))
-    noise_sigma = rng.uniform(8, 12) if site.noise == "grainy" else 4.0
+        image = ndimage.gaussian_filter(image, sigma=(*[rng.uniform(0.8, 1.1)] * 2, 0))
+    noise_sigma = rng.uniform(6, 9) if site.noise == "grainy" else 4.0
     noise = rng.normal(0, noise_sigma, size=(*image.shape[:2], 1) if grey else image.shape)  # grey film grain
     return np.clip(image + noise, 0, 255).round().astype(np.uint8)
 
