@@ -97,7 +97,9 @@ _SUN_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door
               "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
               "floor mat", "clothes", "ceiling", "books", "fridge", "tv", "paper", "towel", "shower curtain", "box",
               "whiteboard", "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag")
-_DEMO_NAMES = ("background", "stripes", "checker", "dots", "blob")
+# The demo's classes, each a texture on a shape: '<texture>_<shape>' (the generator draws them by these names).
+_DEMO_NAMES = ("background", "striped_disc", "checked_square", "dotted_triangle", "plain_cross", "ringed_star",
+               "speckled_ring")
 
 
 @dataclass(frozen=True)
@@ -184,13 +186,13 @@ DATASETS: dict[str, DatasetInfo] = {
         setup_hint="put SUNRGBD-{train,test}_images/ and sunrgbd_train_test_labels/ in dataset/sun and run "
                    "`python dataset/sun_preprocess.py` (docs/datasets.md)", sampler=Sampler.SUN),
     "demo": DatasetInfo(
-        name="demo", layout="pascal", class_names=_DEMO_NAMES, palette=_palette(_voc_colours(5), 255),
-        label_table=_identity_table(5), crop_size=(65, 65), eval_size=(97, 97), scale_range=(0.75, 1.25),
+        name="demo", layout="pascal", class_names=_DEMO_NAMES, palette=_palette(_voc_colours(7), 255),
+        label_table=_identity_table(7), crop_size=(65, 65), eval_size=(97, 97), scale_range=(0.75, 1.25),
         batch_size=4, min_classes=2, partial_labels=True,
         setup_hint="generate it with `python dataset/demo_preprocess.py`",
-        epochs=8, iters_per_epoch=25, resnet_depth=18, pretrained="none",
+        epochs=12, iters_per_epoch=25, resnet_depth=18, pretrained="none",
         # a backbone trained from scratch learns as fast as the head: no head multiplier, a larger lr
-        online=OnlineDefaults(crop_size=(65, 65), batch_size=4, lr=0.01, lr_multi=1.0, epochs=8,
+        online=OnlineDefaults(crop_size=(65, 65), batch_size=4, lr=0.01, lr_multi=1.0, epochs=12,
                               conf_thresh=0.95)),
 }
 

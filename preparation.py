@@ -8,9 +8,11 @@ import json
 import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 from tqdm import tqdm
 
 from build_data import DATASETS, FOLDER, UNLABELLED_DIR, VOID, DataError, present_classes, read_label_values
@@ -101,14 +103,55 @@ def write_partial_labels(label_files: Sequence[Path], dest: Path, folder_format:
             future.result()
 
 
-# --- the synthetic demo dataset (Pascal layout, 5 classes) ---
+# --- the synthetic demo dataset (Pascal layout: textured shapes under nuisance conditions, docs/demo.md) ---
 
-# Per object class: base colour (RGB) and second texture colour.
+class _Site(NamedTuple):
+    """Where a demo image is taken: one combination of the seven nuisance factors' levels."""
+
+    site: str
+    light: str  # even, dim, bright, shadow (a strong light gradient), flat (low contrast)
+    cast: str  # neutral, warm, cool, green, grey
+    blur: str  # sharp, soft
+    noise: str  # clean, grainy
+    scale: str  # far, normal, near
+    clutter: str  # none, lines
+    occlusion: str  # none, bars
+
+
+# The 16 sites. Image k of a split is taken at site k mod 16, so every split holds each site about equally
+# often, while 15 labelled images (the default budget) always miss one at least.
+DEMO_SITES = tuple(_Site(*row.split()) for row in (
+    "studio     even   neutral sharp clean  normal none  none",
+    "dusk       dim    warm    sharp grainy normal none  none",
+    "overcast   flat   cool    soft  clean  normal none  none",
+    "archive    even   grey    soft  grainy normal none  none",
+    "street     shadow neutral sharp clean  far    lines none",
+    "workshop   even   warm    sharp clean  near   lines bars",
+    "aquarium   dim    green   soft  clean  normal none  none",
+    "window     shadow warm    sharp clean  near   none  bars",
+    "drone      bright neutral sharp clean  far    none  none",
+    "night      dim    cool    sharp grainy far    none  none",
+    "newsprint  flat   grey    sharp grainy near   lines none",
+    "fog        flat   neutral soft  clean  normal none  bars",
+    "greenhouse bright green   sharp grainy normal lines bars",
+    "cctv       dim    grey    sharp grainy far    lines none",
+    "stage      shadow cool    sharp clean  normal none  bars",
+    "beach      bright warm    soft  clean  near   lines none",
+))
+DEMO_CONDITIONS = "conditions.json"  # per-image records of the generator's conditions, beside the data
+_SCALES = {"far": 0.8, "normal": 1.0, "near": 1.25}
+_CASTS = {"neutral": (1.0, 1.0, 1.0), "warm": (1.2, 1.0, 0.8), "cool": (0.8, 0.95, 1.2),
+          "green": (0.85, 1.2, 0.85)}
+_GREY = np.array([0.299, 0.587, 0.114], np.float32)
+# Per class: the texture's two colours (RGB), jittered per object. Colour is the quickest cue to learn and
+# the one that casts, grey film and dim light take away; shape and texture stay.
 _DEMO_COLOURS = {
-    1: ((220, 60, 50), (120, 20, 20)),     # stripes: red / dark red
-    2: ((40, 90, 210), (230, 230, 240)),   # checker: blue / white
-    3: ((40, 150, 60), (240, 220, 40)),    # dots: green with yellow dots
-    4: ((150, 70, 190), (190, 120, 230)),  # blob: smooth shaded purple
+    "striped_disc": ((205, 45, 40), (250, 175, 150)),     # red
+    "checked_square": ((40, 80, 205), (205, 215, 250)),   # blue
+    "dotted_triangle": ((40, 140, 50), (205, 240, 120)),  # green
+    "plain_cross": ((235, 165, 30), (115, 65, 10)),       # orange
+    "ringed_star": ((140, 60, 185), (230, 180, 240)),     # purple
+    "speckled_ring": ((20, 150, 160), (10, 60, 70)),      # teal
 }
 
 
@@ -127,63 +170,135 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _demo_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic image uint8 [size, size, 3] and its label uint8 [size, size] (0..4, VOID borders)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    # Background: a smooth gradient between two dull colours plus pixel noise.
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels of a shape of the given radius, in coordinates (u, v) [H, W] rotated about its centre."""
+    dist, theta = np.hypot(u, v), np.arctan2(v, u)
+    if shape == "disc":
+        return dist <= radius
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= radius * 0.85
+    if shape == "triangle":  # equilateral, circumradius `radius`: three half-planes
+        sides = [np.cos(a) * u + np.sin(a) * v <= radius / 2 for a in (0, 2 * np.pi / 3, 4 * np.pi / 3)]
+        return np.all(sides, axis=0)
+    if shape == "cross":
+        short, long = np.minimum(np.abs(u), np.abs(v)), np.maximum(np.abs(u), np.abs(v))
+        return (long <= radius) & (short <= radius * 0.4)
+    if shape == "star":  # five rounded points
+        return dist <= radius * (0.7 + 0.3 * np.cos(5 * theta))
+    if shape == "ring":
+        return (dist <= radius) & (dist >= radius * 0.55)
+    raise ValueError(f"unknown demo shape {shape!r}")
+
+
+def _texture_mask(texture: str, u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator
+                  ) -> np.ndarray | None:
+    """Pixels of the texture's second colour, in pattern coordinates (u, v) [H, W] centred on the object
+    (None: a smooth shading instead)."""
+    if texture == "striped":
+        return np.sin(2 * np.pi * u / period) > 0
+    if texture == "ringed":  # concentric rings around the object's centre
+        return np.sin(2 * np.pi * np.hypot(u, v) / period) > 0
+    if texture == "checked":
+        return (np.floor(u / (period / 2)) + np.floor(v / (period / 2))) % 2 == 1
+    if texture == "dotted":
+        return np.hypot(u % period - period / 2, v % period - period / 2) < period / 4
+    if texture == "plain":  # no pattern: smooth shading from one colour at the centre to the other at the rim
+        return None
+    if texture == "speckled":  # random cells of half a period
+        cells = rng.random((64, 64)) < 0.5
+        return cells[(u // (period / 2)).astype(int) % 64, (v // (period / 2)).astype(int) % 64]
+    raise ValueError(f"unknown demo texture {texture!r}")
+
+
+def _light(image: np.ndarray, light: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
+           ) -> np.ndarray:
+    """The scene [H, W, 3] (0..255) under the site's light; yy, xx [H, W] are pixel coordinates in 0..1."""
+    if light == "dim":
+        return image * rng.uniform(0.7, 0.8)
+    if light == "bright":
+        return image * rng.uniform(1.4, 1.6) + 20
+    if light == "flat":  # low contrast, as through haze
+        return 150 + (image - 150) * rng.uniform(0.65, 0.75)
+    if light == "shadow":
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)  # -0.71..0.71
+        return image * np.clip(0.8 + 0.6 * ramp, 0.4, 1.25)[..., None]
+    return image
+
+
+def _demo_scene(rng: np.random.Generator, size: int, site: _Site, class_names: Sequence[str], yy: np.ndarray,
+                xx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scene before the camera: image float [H, W, 3] (0..255), label uint8 [H, W] (class c > 0 is named
+    '<texture>_<shape>'), instances int32 [H, W] (0: background, k: the k-th object's visible pixels)."""
+    scale = _SCALES[site.scale] * rng.uniform(0.9, 1.1)
+    # Background: a smooth gradient between two dull colours.
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5) + 0.75) / 1.5
     c0, c1 = rng.uniform(70, 170, size=(2, 3))
     image = c0 + (c1 - c0) * ramp[..., None]
+    if site.clutter == "lines":  # thin lines and specks of any colour, all background
+        for _ in range(rng.integers(5, 10)):
+            (y0, x0), direction = rng.uniform(0, 1, size=2), rng.uniform(0, np.pi)
+            across = np.abs(-np.sin(direction) * (xx - x0) + np.cos(direction) * (yy - y0)) * size
+            along = np.abs(np.cos(direction) * (xx - x0) + np.sin(direction) * (yy - y0))
+            line = (across < rng.uniform(0.5, 1.5)) & (along < rng.uniform(0.1, 0.4))
+            image[line] = rng.uniform(20, 235, size=3)
     label = np.zeros((size, size), np.uint8)
     instances = np.zeros((size, size), np.int32)
-    for index, cls in enumerate(rng.integers(1, 5, size=rng.integers(2, 5)), start=1):
+    for index, cls in enumerate(rng.integers(1, len(class_names), size=rng.integers(2, 5)), start=1):
+        texture, shape = class_names[cls].split("_")
         cy, cx = rng.uniform(0.15, 0.85, size=2)
-        radius = rng.uniform(0.12, 0.28)
-        theta = np.arctan2(yy - cy, xx - cx)
-        dist = np.hypot(yy - cy, xx - cx)
-        shape = rng.integers(3)
-        if shape == 0:  # ellipse
-            ry, rx = radius * rng.uniform(0.6, 1.0, size=2)
-            region = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        elif shape == 1:  # rotated rectangle
-            rot = rng.uniform(0, np.pi)
-            u = np.cos(rot) * (xx - cx) + np.sin(rot) * (yy - cy)
-            v = -np.sin(rot) * (xx - cx) + np.cos(rot) * (yy - cy)
-            region = (np.abs(u) <= radius) & (np.abs(v) <= radius * rng.uniform(0.4, 0.9))
-        else:  # wobbly blob
-            phase = rng.uniform(0, 2 * np.pi, size=2)
-            edge = radius * (1 + 0.25 * np.sin(3 * theta + phase[0]) + 0.12 * np.sin(5 * theta + phase[1]))
-            region = dist <= edge
-        base, second = (np.array(c, np.float32) + rng.uniform(-20, 20, size=3) for c in _DEMO_COLOURS[cls])
-        px, py = xx * size, yy * size
-        if cls == 1:  # stripes at a random angle, period 6-10 px
-            rot, period = rng.uniform(0, np.pi), rng.uniform(6, 10)
-            pattern = np.sin(2 * np.pi * (np.cos(rot) * px + np.sin(rot) * py) / period) > 0
-        elif cls == 2:  # checkerboard, cells of 4-6 px
-            cell = rng.integers(4, 7)
-            pattern = ((px // cell + py // cell) % 2).astype(bool)
-        elif cls == 3:  # dots on a lattice
-            step = rng.uniform(6, 9)
-            pattern = np.hypot(px % step - step / 2, py % step - step / 2) < step / 4
-        else:  # smooth radial shading
-            pattern = None
-        if pattern is None:
-            shade = np.clip(1 - dist / (2 * radius), 0, 1)[..., None]
-            texture = base + (second - base) * shade
+        rot, pattern_rot = rng.uniform(0, 2 * np.pi, size=2)
+        u = (np.cos(rot) * (xx - cx) + np.sin(rot) * (yy - cy)) * size
+        v = (-np.sin(rot) * (xx - cx) + np.cos(rot) * (yy - cy)) * size
+        radius = size * scale * rng.uniform(0.18, 0.28)
+        region = _shape_mask(shape, u, v, radius)
+        turn = pattern_rot - rot  # the pattern's own rotation, in the object's coordinates
+        pu, pv = np.cos(turn) * u + np.sin(turn) * v, -np.sin(turn) * u + np.cos(turn) * v
+        second = _texture_mask(texture, pu, pv, 7.5 * scale * rng.uniform(0.9, 1.1), rng)
+        first, other = (np.array(c) + rng.uniform(-25, 25, size=3) for c in _DEMO_COLOURS[class_names[cls]])
+        if second is None:
+            shade = np.clip(np.hypot(u, v)[region] / radius, 0, 1)[:, None]
+            image[region] = first + (other - first) * shade
         else:
-            texture = np.where(pattern[..., None], second, base)
-        image = np.where(region[..., None], texture, image)
+            image[region] = np.where(second[region][:, None], other, first)
         label[region] = cls
         instances[region] = index
-    # VOC-like void band: 2 px outside every visible object (objects also border each other).
-    void = np.zeros((size, size), bool)
+    if site.occlusion == "bars":  # plain bars in front of the objects: background where they cover
+        for _ in range(rng.integers(1, 3)):
+            (y0, x0), direction = rng.uniform(0.1, 0.9, size=2), rng.uniform(0, np.pi)
+            across = np.abs(-np.sin(direction) * (xx - x0) + np.cos(direction) * (yy - y0))
+            bar = across < rng.uniform(0.03, 0.06)
+            image[bar] = rng.uniform(60, 200, size=3)
+            label[bar] = 0
+            instances[bar] = 0
+    return image, label, instances
+
+
+def _demo_camera(rng: np.random.Generator, image: np.ndarray, site: _Site, yy: np.ndarray, xx: np.ndarray
+                 ) -> np.ndarray:
+    """The scene float [H, W, 3] as the site's camera records it (light, cast, focus, noise): uint8."""
+    image = _light(image, site.light, rng, yy, xx)
+    grey = site.cast == "grey"
+    image = image @ np.outer(_GREY, np.ones(3, np.float32)) if grey else image * np.array(_CASTS[site.cast])
+    if site.blur == "soft":
+        image = ndimage.gaussian_filter(image, sigma=(*[rng.uniform(0.8, 1.1)] * 2, 0))
+    noise_sigma = rng.uniform(6, 9) if site.noise == "grainy" else 4.0
+    noise = rng.normal(0, noise_sigma, size=(*image.shape[:2], 1) if grey else image.shape)  # grey film grain
+    return np.clip(image + noise, 0, 255).round().astype(np.uint8)
+
+
+def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: Sequence[str]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic image uint8 [size, size, 3] taken at `site` and its label uint8 [size, size] (class ids,
+    VOID borders)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    image, label, instances = _demo_scene(rng, size, site, class_names, yy, xx)
+    # VOC-like void band: 2 px outside every visible object part (objects also border each other).
     for index in np.unique(instances[instances > 0]):
         obj = instances == index
-        void |= _dilate(obj, 2) & ~obj
-    label[void] = VOID
-    image = image + rng.normal(0, 8, size=image.shape)
-    return np.clip(image, 0, 255).round().astype(np.uint8), label
+        label[_dilate(obj, 2) & ~obj] = VOID
+    return _demo_camera(rng, image, site, yy, xx), label
 
 
 _DEMO_MARKER = "DEMO_DATASET"  # file that marks a folder as a generated demo dataset
@@ -196,7 +311,8 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
     into place; returns root. Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, train_aug.txt,
     val.txt and the partial labels SegmentationClassAug_{p0,p1,p5,p25}_{s}. Folder layout (--dataset folder):
     images/{train,val}/{id}.jpg, labels/{train,val}/{id}.png, classes.txt, dataset.json (the demo's settings),
-    `num_unlabelled` images without masks in unlabelled/, and the partial labels labels/train_{p0,..}_{s}/."""
+    `num_unlabelled` images without masks in unlabelled/, and the partial labels labels/train_{p0,..}_{s}/.
+    Both: conditions.json, each image's file stem -> its site's nuisance levels (DEMO_SITES, docs/demo.md)."""
     root = Path(root)
     if num_train < 1 or num_val < 1 or size < 16 or num_unlabelled < 0:
         raise DataError(f"the demo dataset needs --num_train >= 1, --num_val >= 1, --size >= 16 and "
@@ -208,6 +324,8 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
         raise DataError(f"{root} exists and is not a demo dataset made by this project; pass another "
                         f"root folder or delete this one")
     pascal = layout == "pascal"
+    class_names = DATASETS["demo"].class_names
+    records: dict[str, dict[str, str]] = {}
     with staged_dir(root.parent, root.name) as tmp:
         ids = {"train_aug": [f"train_{i:05d}" for i in range(num_train)],
                "val": [f"val_{i:05d}" for i in range(num_val)],
@@ -221,7 +339,10 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
             if split_ids and label_dir:
                 label_dir.mkdir(parents=True, exist_ok=True)
             for i, sample_id in enumerate(split_ids):
-                image, label = _demo_sample(np.random.default_rng([seed, split_code, i]), size)
+                site = DEMO_SITES[i % len(DEMO_SITES)]
+                records[sample_id] = site._asdict()
+                image, label = _demo_sample(np.random.default_rng([seed, split_code, i]), size, site,
+                                            class_names)
                 Image.fromarray(image).save(image_dir / f"{sample_id}.jpg", quality=95)
                 if label_dir:
                     write_png(label_dir / f"{sample_id}.png", label)
@@ -234,6 +355,8 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
             _write_demo_card(tmp)
             label_files = sorted((tmp / "labels" / "train").glob("*.png"))
             write_partial_labels(label_files, tmp / "labels", FOLDER_PARTIAL_FORMAT, partial_seeds)
+        lines = ",\n".join(f"  {json.dumps(i)}: {json.dumps(record)}" for i, record in records.items())
+        (tmp / DEMO_CONDITIONS).write_text("{\n" + lines + "\n}\n", encoding="utf-8")
         (tmp / _DEMO_MARKER).write_text(f"seed={seed} num_train={num_train} num_val={num_val} size={size}\n")
         replace_dir(tmp, root)
     return root

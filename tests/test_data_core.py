@@ -84,7 +84,7 @@ def test_training_defaults():
     assert all((bd.DATASETS[n].epochs, bd.DATASETS[n].iters_per_epoch, bd.DATASETS[n].resnet_depth,
                 bd.DATASETS[n].pretrained) == (200, 200, 101, "imagenet") for n in ("pascal", "cityscapes", "sun"))
     demo = bd.DATASETS["demo"]
-    assert demo.class_names == ("background", "stripes", "checker", "dots", "blob")
+    assert demo.class_names[0] == "background" and len(demo.class_names) == 7
     assert (demo.resnet_depth, demo.pretrained) == (18, "none")
 
 

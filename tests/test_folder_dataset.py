@@ -496,6 +496,6 @@ def test_demo_in_the_folder_layout_holds_the_demo_data(tmp_path, run_script):
         (pascal / "SegmentationClassAug_p1_0/train_00000.png").read_bytes()
     data = resolve_dataset("folder", tmp_path / "f")
     info, demo = data.info, build_data.DATASETS["demo"]
-    assert info.class_names == demo.class_names and np.array_equal(info.palette[:5], demo.palette[:5])
-    assert (info.crop_size, info.eval_size, info.epochs, info.resnet_depth) == ((65, 65), (97, 97), 8, 18)
+    assert info.class_names == demo.class_names and np.array_equal(info.palette[:7], demo.palette[:7])
+    assert (info.crop_size, info.eval_size, info.epochs, info.resnet_depth) == ((65, 65), (97, 97), 12, 18)
     assert len(data.unlabelled_ids()) == 2

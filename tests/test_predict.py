@@ -14,7 +14,7 @@ import predict
 from conftest import run_entry
 from transforms import normalise
 
-NUM_CLASSES = 5  # the demo dataset's classes
+NUM_CLASSES = build_data.DATASETS["demo"].num_classes
 # name -> (PIL mode, height, width); 'a' and 'd' share a padded size (49 x 65), so they are predicted together
 IMAGES = {"a.jpg": ("RGB", 40, 57), "b.png": ("L", 33, 33), "c.png": ("RGBA", 50, 41), "d.png": ("P", 45, 60),
           "e.png": ("I;16", 20, 33)}
