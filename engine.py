@@ -359,11 +359,7 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
     out = RunWriter(args, columns, start_epoch) if d.main else None
     if out:
         out.write_start(*split, d.device, d.world_size)
-        print(f"{args.name}: {len(split[0])} labelled / {len(split[1])} unlabelled images, "
-              f"{args.epochs} epochs x {args.iters_per_epoch} iterations, device {d.device}"
-              f"{f' x {d.world_size} processes' if d.world_size > 1 else ''}"
-              f"{f', resuming at epoch {start_epoch + 1}' if start_epoch or resumed else ''}"
-              f"{' after iteration %d' % resumed['iteration'] if resumed else ''}", flush=True)
+        print(start_line(args, split, d, start_epoch, resumed), flush=True)
     eval_model = run.ema.model if run.ema is not None else run.model  # FixMatch, UniMatch: the network itself
     stop.arm()  # from here on a stop signal ends the run after a step, with last.pth saved
     for epoch in range(start_epoch, args.epochs):
@@ -382,10 +378,9 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
             shutdown()  # every rank waits for rank 0's save: torchrun ends all ranks when one exits
             if out:
                 out.close()
-                print(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} in epoch {epoch + 1} "
-                      f"after iteration {state.iteration}/{args.iters_per_epoch}; {out.files.last} is saved. "
-                      f"Continue with: {resume_command(sys.argv[1:] if argv is None else argv, d.world_size)}",
-                      flush=True)
+                resume = resume_command(sys.argv[1:] if argv is None else argv, d.world_size)
+                print(stopped_line(stop.received, epoch, state.iteration, args.iters_per_epoch, out.files.last,
+                                   resume), flush=True)
             raise SystemExit(exit_code(stop.received or signal.SIGTERM))
         lr = run.optimizer.param_groups[0]["lr"]  # the epoch's (FixMatch, UniMatch: its last step's)
         broadcast_buffers(eval_model)  # every rank evaluates the weights rank 0 saves (and resumes from)
@@ -400,12 +395,8 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
             out.write_epoch(epoch, lr, metrics, eval_model, is_best)
             plot_curves(metrics[: epoch + 1], columns, args.name, out.files.curves)
             save_last(run, out.files.last, epoch, best, metrics)
-            train_part = " | ".join(f"{n} {v:.4f}" if not math.isnan(v) else f"{n} n/a"
-                                    for n, v in zip(columns[:-3], row))
-            print(f"EPOCH {epoch + 1:4d} ITER {(epoch + 1) * args.iters_per_epoch:6d} | {train_part} || "
-                  f"test loss {test['loss']:.4f} | mIoU {test['miou']:.4f} | acc {test['acc']:.4f} || "
-                  f"best mIoU {best:.4f} | lr {lr:.2e} | {time.perf_counter() - started:.1f} s"
-                  f"{f' | non-finite steps skipped: {state.skipped}' if state.skipped else ''}", flush=True)
+            print(epoch_line(epoch, args.iters_per_epoch, dict(zip(columns[:-3], row)), test, best, lr,
+                             time.perf_counter() - started, state.skipped), flush=True)
     result = {"best_miou": best, "weights": None, "run_dir": None}
     if out:
         out.close()
@@ -415,6 +406,37 @@ def train(args: argparse.Namespace, argv: Sequence[str] | None = None, stop: Sto
         result["summary"] = out.write_summary(metrics, run.wall_s())
     shutdown()
     return result
+
+
+
+def start_line(args: argparse.Namespace, split: tuple[Sequence[str], Sequence[str]], d: Dist, start_epoch: int,
+               resumed: dict | None) -> str:
+    """The line a run starts with: its name, split sizes, schedule, device, and where it resumes."""
+    processes = f" x {d.world_size} processes" if d.world_size > 1 else ""
+    resuming = f", resuming at epoch {start_epoch + 1}" if start_epoch or resumed else ""
+    if resumed:
+        resuming += f" after iteration {resumed['iteration']}"
+    return (f"{args.name}: {len(split[0])} labelled / {len(split[1])} unlabelled images, {args.epochs} epochs x "
+            f"{args.iters_per_epoch} iterations, device {d.device}{processes}{resuming}")
+
+
+def epoch_line(epoch: int, iters_per_epoch: int, train: dict[str, float], test: dict[str, float], best: float,
+               lr: float, seconds: float, skipped: int) -> str:
+    """The reference's one line per epoch (EPOCH, ITER, training terms || test || best, lr), plus the time."""
+    train_part = " | ".join(f"{name} {value:.4f}" if not math.isnan(value) else f"{name} n/a"
+                            for name, value in train.items())
+    test_part = f"test loss {test['loss']:.4f} | mIoU {test['miou']:.4f} | acc {test['acc']:.4f}"
+    skips = f" | non-finite steps skipped: {skipped}" if skipped else ""
+    return (f"EPOCH {epoch + 1:4d} ITER {(epoch + 1) * iters_per_epoch:6d} | {train_part} || {test_part} || "
+            f"best mIoU {best:.4f} | lr {lr:.2e} | {seconds:.1f} s{skips}")
+
+
+def stopped_line(signum: int | None, epoch: int, iteration: int, iters_per_epoch: int, last: Path,
+                 resume: str) -> str:
+    """What a run stopped by a signal says: where it stopped, what it saved, the command that continues."""
+    name = signal.Signals(signum or signal.SIGTERM).name
+    return (f"stopped by {name} in epoch {epoch + 1} after iteration {iteration}/{iters_per_epoch}; {last} is "
+            f"saved. Continue with: {resume}")
 
 
 def main(mode: str, argv: Sequence[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,6 +300,23 @@ def last_error(log: Path) -> str:
     return next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "")
 
 
+def start_line(out: Path, states: dict, gpus: Sequence[str] | None) -> str:
+    """The line a study starts with: its folder, its cells, how many run or resume, and on which GPUs."""
+    todo = sum(state != "done" for state in states.values())
+    to_resume = sum(state == "interrupted" for state in states.values())
+    on_gpus = f" on GPUs {' '.join(gpus)}" if gpus else ""
+    return f"study {out}: {len(states)} cells, {todo} to run ({to_resume} to resume){on_gpus}"
+
+
+def stopped_message(signum: int, results: Iterable[str]) -> str:
+    """What a study stopped by a signal says: how many cells saved and stopped, how many never started."""
+    results = list(results)
+    stopped = sum(r.startswith("stopped") for r in results)
+    not_started = sum(r == "not started" for r in results)
+    return (f"stopped by {signal.Signals(signum).name}: {stopped} running cell(s) saved {LAST} and stopped, "
+            f"{not_started} not started; run the same command again to resume them and run the rest")
+
+
 def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
     """study.py run: every cell not finished, one after another or one per GPU; a table of states at the end."""
     extra = absolute_paths(extra)
@@ -315,9 +332,7 @@ def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
         return
     processes = CellProcesses(args.gpus)
     result = {cell: "skipped (finished before)" for cell in cells if states[cell] == "done"}
-    on_gpus = f" on GPUs {' '.join(args.gpus)}" if args.gpus else ""
-    print(f"study {out}: {len(cells)} cells, {len(todo)} to run ({sum(s == 'interrupted' for s in states.values())} "
-          f"to resume){on_gpus}", flush=True)
+    print(start_line(out, states, args.gpus), flush=True)
     pool = ThreadPoolExecutor(max_workers=len(args.gpus or [None]))
     previous = {signum: signal.signal(signum, processes.stop) for signum in STOP_SIGNALS}
     try:
@@ -336,11 +351,7 @@ def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
     print(format_table(["method", "budget", "seed", "state", "folder"],
                        [[c.method, c.budget, str(c.seed), result[c], str(c.folder.relative_to(out))] for c in cells]))
     if processes.stopped_by is not None:
-        stopped = sum(r.startswith("stopped") for r in result.values())
-        not_started = sum(r == "not started" for r in result.values())
-        print(f"stopped by {signal.Signals(processes.stopped_by).name}: {stopped} running cell(s) saved "
-              f"{LAST} and stopped, {not_started} not started; run the same command again to resume them and "
-              "run the rest", file=sys.stderr)
+        print(stopped_message(processes.stopped_by, result.values()), file=sys.stderr)
         raise SystemExit(exit_code(processes.stopped_by))
     failed = [c for c in cells if not result[c].endswith("done") and not result[c].startswith("skipped")]
     if failed:
