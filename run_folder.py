@@ -212,6 +212,33 @@ def format_summary(name: str, summary: dict) -> str:
     ])
 
 
+def supervised_twin(config: dict, log_dir: Path) -> tuple[Path, dict] | None:
+    """(folder, summary) of a finished supervised run in log_dir on the same dataset, data and split as the
+    run of `config` (its labelled and unlabelled lists, by their digest), the newest if several."""
+    found = []
+    for path in log_dir.glob(f"*/{CONFIG}"):
+        other, summary = read_config(path.parent), read_summary(path.parent)
+        if (other and summary and other.get("mode", "").startswith("sup")
+                and other.get("split_digest") == config["split_digest"]
+                and all(other["args"].get(flag) == config["args"].get(flag) for flag in ("dataset", *PATH_FLAGS))):
+            found.append((path.stat().st_mtime, path.parent, summary))
+    return max(found, key=lambda item: item[0])[1:] if found else None
+
+
+def baseline_line(config: dict, best_miou: float, log_dir: Path) -> str:
+    """A semi-supervised run's last line: its gain over the supervised run on the same labelled images, or the
+    command that measures it."""
+    twin = supervised_twin(config, log_dir)
+    if twin:
+        folder, summary = twin
+        alone = summary["best_miou"]
+        gain = f"{best_miou - alone:+.4f} best val mIoU"
+        return f"  vs sup   {gain} over the same labelled images alone ({alone:.4f}, {folder}/)"
+    script = MODE_SCRIPTS[config["mode"].replace("semi", "sup")]
+    return (f"  vs sup   not measured: `python {script}` with the same --dataset, --data_root, label flags "
+            "and --seed trains on the labelled images alone; this line then gives the gain")
+
+
 class RunWriter:
     """Rank 0's writer of a run's files, each replaced atomically; the figures are drawn by the caller at
     files.curves and files.visual."""
@@ -230,7 +257,8 @@ class RunWriter:
                     world_size: int) -> None:
         """The split folder, and config.json: resolved flags, split digest, versions, device, world size."""
         write_split_dir(self.files.split, labelled, unlabelled)
-        write_json(self.files.config, run_config(self.args, labelled, unlabelled, device, world_size))
+        self.config = run_config(self.args, labelled, unlabelled, device, world_size)
+        write_json(self.files.config, self.config)
 
     def write_epoch(self, epoch: int, lr: float, metrics: np.ndarray, model: nn.Module,
                     is_best: bool) -> None:
@@ -252,7 +280,10 @@ class RunWriter:
         figures = [f for f in (self.files.curves, self.files.visual) if f.is_file()]
         summary = summarise(metrics, self.columns, wall_s, self.files, figures)
         write_json(self.files.summary, summary)
-        print(format_summary(self.args.name, summary), flush=True)
+        lines = [format_summary(self.args.name, summary)]
+        if self.config["mode"].startswith("semi"):
+            lines.append(baseline_line(self.config, summary["best_miou"], self.files.folder.parent))
+        print("\n".join(lines), flush=True)
         return summary
 
     def close(self) -> None:

@@ -182,3 +182,27 @@ def test_a_split_folder_is_read_once_per_run_and_again_once_it_changes(small_dem
     assert reads.count("labelled.txt") == reads.count("unlabelled.txt") == 1
     splits.write_split_dir(split, ids[:3], ids[3:])  # rewritten: read again
     assert splits.read_split_dir(split) == (ids[:3], ids[3:])
+
+
+def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the_same_split(tmp_path):
+    def run(name, mode, digest, best, data_root="/data/a"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"args": {"dataset": "folder", "data_root": data_root, "split_dir": None}, "mode": mode,
+                  "split_digest": digest}
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "summary.json").write_text(json.dumps({"best_miou": best}))
+        return config
+
+    semi = run("semi", "semi", "abc", 0.6)
+    assert "not measured: `python train_sup.py`" in run_folder.baseline_line(semi, 0.6, tmp_path)
+    run("other_split", "sup", "xyz", 0.1)
+    run("other_data", "sup", "abc", 0.2, data_root="/data/b")
+    run("unfinished", "sup", "abc", 0.3)
+    (tmp_path / "unfinished" / "summary.json").unlink()
+    assert "not measured" in run_folder.baseline_line(semi, 0.6, tmp_path)
+    run("twin", "sup", "abc", 0.45)
+    line = run_folder.baseline_line(semi, 0.6, tmp_path)
+    assert "+0.1500 best val mIoU" in line and "(0.4500" in line and str(tmp_path / "twin") in line
+    partial = run("semi_p", "semi_partial", "p", 0.5)
+    assert "train_sup_partial.py" in run_folder.baseline_line(partial, 0.5, tmp_path)
