@@ -32,7 +32,7 @@ from methods import (TERMS, MethodSettings, PerturbedNet, Views, method_optimize
 from module_list import EMA, ONLINE_METHODS, ConfMatrix, PolyLR
 from network import build_model
 from options import MODES, RESUME_KEYS, get_args_parser, online_iterations, resolve_args
-from preparation import make_demo_dataset
+from preparation import demo_to_generate, make_demo_dataset
 from run_folder import LAST, RunFiles, RunWriter, metric_columns
 from splits import get_split, load_split
 
@@ -152,10 +152,11 @@ def build_loaders(args: argparse.Namespace, data: DatasetFiles, d: Dist):
 
     FixMatch and UniMatch: their crops, and their epoch (one shuffled pass over the unlabelled images, the
     labelled ones stretched to as many), which also sets --iters_per_epoch when unset."""
-    if data.info.name == "demo" and not (data.root / "train_aug.txt").is_file():
+    if data.info.name == "demo" and (settings := demo_to_generate(data.root)) is not None:
         if d.main:
-            print(f"generating the demo dataset in {data.root} ...", flush=True)
-            make_demo_dataset(data.root)
+            again = " again (an older release wrote it)" if settings else ""
+            print(f"generating the demo dataset in {data.root}{again} ...", flush=True)
+            make_demo_dataset(data.root, **settings)
         barrier()
     if args.partial:
         labelled = unlabelled = data.list_ids("train")  # a missing root: a DataError saying how to get it

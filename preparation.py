@@ -301,7 +301,26 @@ def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: 
     return _demo_camera(rng, image, site, yy, xx), label
 
 
-_DEMO_MARKER = "DEMO_DATASET"  # file that marks a folder as a generated demo dataset
+_DEMO_MARKER = "DEMO_DATASET"  # file that marks a folder as a generated demo dataset, with its settings
+# The generator's version in the marker: raised whenever the same settings give other images or classes, so
+# that a demo folder written by an older release is written again rather than read with the new class table.
+DEMO_VERSION = 2
+_MARKER_SETTINGS = ("seed", "num_train", "num_val", "size")
+
+
+def demo_to_generate(root: Path) -> dict | None:
+    """make_demo_dataset's settings for a Pascal-layout demo folder that must be (re)written: {} where it has no
+    data yet, the marker's own settings where an older generator wrote it; None where it is current (or not a
+    generated demo, which is read as it is)."""
+    if not (root / "train_aug.txt").is_file():
+        return {}
+    marker = root / _DEMO_MARKER
+    if not marker.is_file():
+        return None
+    recorded = dict(item.split("=", 1) for item in marker.read_text().split() if "=" in item)
+    if recorded.get("version") == str(DEMO_VERSION):
+        return None
+    return {key: int(recorded[key]) for key in _MARKER_SETTINGS if key in recorded}
 
 
 def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 240, num_val: int = 48,
@@ -357,7 +376,8 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
             write_partial_labels(label_files, tmp / "labels", FOLDER_PARTIAL_FORMAT, partial_seeds)
         lines = ",\n".join(f"  {json.dumps(i)}: {json.dumps(record)}" for i, record in records.items())
         (tmp / DEMO_CONDITIONS).write_text("{\n" + lines + "\n}\n", encoding="utf-8")
-        (tmp / _DEMO_MARKER).write_text(f"seed={seed} num_train={num_train} num_val={num_val} size={size}\n")
+        settings = {"version": DEMO_VERSION, "seed": seed, "num_train": num_train, "num_val": num_val, "size": size}
+        (tmp / _DEMO_MARKER).write_text(" ".join(f"{key}={value}" for key, value in settings.items()) + "\n")
         replace_dir(tmp, root)
     return root
 

@@ -69,3 +69,18 @@ def test_both_layouts_hold_the_same_images_labels_and_records(tmp_path):
     in_folder = records(folder)
     assert {i: in_folder[i] for i in records(pascal)} == records(pascal)
     assert len(in_folder) == len(records(pascal)) + 3  # the unlabelled images have records too
+
+
+def test_a_demo_folder_from_an_older_generator_is_written_again_with_its_own_settings(tmp_path):
+    assert preparation.demo_to_generate(tmp_path / "none") == {}
+    root = small(tmp_path / "demo", seed=3)
+    assert preparation.demo_to_generate(root) is None  # current
+    current = digest(root)
+    (root / "DEMO_DATASET").write_text("seed=3 num_train=18 num_val=4 size=48\n")  # as the first release wrote it
+    (root / "JPEGImages" / "train_00000.jpg").write_bytes(b"an older image")
+    settings = preparation.demo_to_generate(root)
+    assert settings == {"seed": 3, "num_train": 18, "num_val": 4, "size": 48}
+    preparation.make_demo_dataset(root, partial_seeds=(0,), **settings)
+    assert digest(root) == current
+    (root / "DEMO_DATASET").unlink()  # a Pascal-like folder not made here is read as it is
+    assert preparation.demo_to_generate(root) is None
