@@ -13,9 +13,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import cli_flags
 from build_data import SegmentationDataset, build_test_loader
 from eval_loop import evaluate
-from helpers import AMP_DTYPES, UserError, resolve_device, run_cli, write_json
+from helpers import resolve_device, run_cli, write_json
 from layouts import resolve_dataset
 from network import BACKBONES, RESNET_DEPTHS, check_window, load_model
 from run_folder import CONFIG, LAST, checkpoint_dataset
@@ -28,20 +29,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root); default: "
                         f"read from the run's {CONFIG} beside the checkpoint or in "
                         "logging/<checkpoint name>/")
-    p.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
+    cli_flags.add_data_root_flag(p)
     p.add_argument("--checkpoint", required=True,
                    help=f"a .pth state_dict (ours, the reference's, or our {LAST})")
     p.add_argument("--backbone", default=None, choices=BACKBONES, help="default: read from the checkpoint")
     p.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS,
                    help="default: read from the checkpoint")
     p.add_argument("--output_dim", type=int, default=None, help="default: read from the checkpoint (256)")
-    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window inference with windows of H x W pixels (default: whole image)")
-    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision")
+    cli_flags.add_inference_flags(p)
+    cli_flags.add_loader_flags(p, "test images per forward pass (default: %(default)s)", num_workers=0)
+    cli_flags.add_device_flag(p)
+    cli_flags.add_amp_flag(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write {miou, acc, iou_per_class} here")
     return p
 
@@ -66,8 +64,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     data = resolve_dataset(dataset, root)
     info = data.info
     data.checked_root()
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise UserError("--batch_size must be >= 1 and --num_workers >= 0")
+    cli_flags.check_loader_flags(args.batch_size, args.num_workers)
     check_window(args.window)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, info.num_classes, args.backbone, args.resnet_depth, args.output_dim)

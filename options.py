@@ -7,9 +7,10 @@ import argparse
 from dataclasses import fields
 from typing import NamedTuple
 
+import cli_flags
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
 from build_data import PARTIAL_SETTINGS, DatasetInfo, check_partial
-from helpers import AMP_DTYPES, UserError
+from helpers import UserError
 from layouts import resolve_dataset
 from methods import CRITERIA
 from module_list import MIX_MODES, ONLINE_METHODS, SEMI_METHODS
@@ -87,17 +88,16 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
                          help="fixmatch/unimatch: the labelled loss, cross-entropy or OHEM")
 
     new = p.add_argument_group("added flags (unset = the dataset table's value)")
-    new.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
-    new.add_argument("--batch_size", type=int, default=None,
-                     help="images per branch per process; supervised scripts use twice this")
+    cli_flags.add_data_root_flag(new)
+    cli_flags.add_loader_flags(new, "images per branch per process; supervised scripts use twice this",
+                               batch_size=None)
     new.add_argument("--crop_size", type=int, nargs=2, metavar=("H", "W"), default=None)
     new.add_argument("--epochs", type=int, default=None, help="epochs (the poly schedule's length)")
     new.add_argument("--iters_per_epoch", type=int, default=None)
-    new.add_argument("--num_workers", type=int, default=None, help="loader workers (default: 0 on CPU, up to 8 per process on CUDA)")
     new.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS)
     new.add_argument("--pretrained", default=None, help="imagenet, none, or a torchvision ResNet state_dict")
-    new.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision")
-    new.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:<gpu> if available)")
+    cli_flags.add_amp_flag(new)
+    cli_flags.add_device_flag(new, default_help="cuda:<gpu> if available")
     new.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
                      help="torch.compile the model's forward and backward ('reduce-overhead' adds CUDA graphs); "
                           "auto: the fastest measured on the device (off on CPU and, until measured, on CUDA)")
@@ -152,7 +152,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, flag) is None:
             setattr(args, flag, table_value)
     args.crop_size = tuple(args.crop_size or info.crop_size)
-    positive = ["batch_size", "epochs", "log_interval"]
+    cli_flags.check_loader_flags(args.batch_size, args.num_workers)
+    positive = ["epochs", "log_interval"]
     positive += ["iters_per_epoch"] * (args.iters_per_epoch is not None)  # FixMatch, UniMatch: set later
     if args.apply_reco:
         positive += ["num_queries", "num_negatives", "output_dim"]
@@ -170,8 +171,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--reco_weight must be >= 0, got {args.reco_weight}")
     if args.temp <= 0:
         raise UserError(f"--temp must be positive, got {args.temp}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
     for flag in ("save_every", "max_nonfinite"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0 (0 turns it off), got {getattr(args, flag)}")

@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cli_flags
 from build_data import DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, loader_workers, read_image
 from figures import blend
-from helpers import AMP_DTYPES, UserError, atomic_save, autocast_for, resolve_device, run_cli
+from helpers import UserError, atomic_save, autocast_for, resolve_device, run_cli
 from layouts import resolve_dataset
 from network import check_window, infer_config, load_state_dict, model_from_state_dict, predict
 from run_folder import CONFIG, LAST, checkpoint_dataset
@@ -53,17 +54,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None,
                    help="the dataset the checkpoint was trained on (classes and palette); default: read from the "
                         f"run's {CONFIG} beside the checkpoint or in logging/<checkpoint name>/")
-    p.add_argument("--data_root", default=None,
-                   help="that dataset's folder (needed by datasets described by their folder)")
+    cli_flags.add_data_root_flag(p, "that dataset's folder (needed by datasets described by their folder)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png, the mask over the photo")
-    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window inference with windows of H x W pixels (default: whole image)")
-    p.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision (default: off)")
-    p.add_argument("--batch_size", type=int, default=4, help="images per forward pass (of one padded size; default: 4)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--num_workers", type=int, default=None,
-                   help="image-decoding processes (default: 0 on CPU, up to 8 on CUDA)")
+    cli_flags.add_inference_flags(p)
+    cli_flags.add_amp_flag(p)
+    cli_flags.add_loader_flags(p, "images per forward pass (of one padded size; default: %(default)s)",
+                               workers_help="image-decoding processes")
+    cli_flags.add_device_flag(p)
     return p
 
 
@@ -220,8 +217,7 @@ def save_png(array: np.ndarray, path: Path, palette: np.ndarray | None = None) -
 
 def predict_images(args: argparse.Namespace) -> dict:
     """Predict every --input image into --output; returns {written, skipped: [(path, reason)], seconds}."""
-    if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
-        raise UserError("--batch_size must be >= 1 and --num_workers >= 0")
+    cli_flags.check_loader_flags(args.batch_size, args.num_workers)
     check_window(args.window)
     paths, folders = list_inputs(args.input)
     output = Path(args.output)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+import cli_flags
 import figures
 from build_data import DataError
 from helpers import UserError, run_cli
@@ -100,12 +101,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--titles", nargs="+", default=None, help="one panel title per checkpoint")
     p.add_argument("--index", type=int, default=None,
                    help="position in the test list (default: cityscapes 61, pascal 961, otherwise 0)")
-    p.add_argument("--data_root", default=None, help="dataset folder (default dataset/<name> in the repo)")
+    cli_flags.add_data_root_flag(p)
     p.add_argument("--weights_dir", default="model_weights", help="where the published .pth files are")
     p.add_argument("--backbone", default=None, choices=BACKBONES, help="default: read from each checkpoint")
     p.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS,
                    help="default: read from each checkpoint")
-    p.add_argument("--device", default="cpu", help="cpu (as the reference) or cuda")
+    cli_flags.add_device_flag(p, default="cpu", default_help="%(default)s, as the reference")
     p.add_argument("--out", default="logging/visual_{dataset}.png", help="PNG path; {dataset} is filled in")
     return p
 

@@ -52,6 +52,7 @@ def test_no_import_circles_and_none_hidden_in_functions():
 
 @pytest.mark.parametrize("module, forbidden", [
     ("helpers", {"build_data", "engine", "network", "module_list", "options"}),
+    ("cli_flags", {"build_data", "engine", "network", "module_list", "options", "layouts"}),
     ("module_list", {"build_data", "engine", "network", "transforms", "splits"}),
     ("network", {"build_data", "engine", "module_list", "transforms", "splits"}),
     ("preparation", {"engine", "network", "options", "distributed"}),
