@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import cli_flags
-from build_data import SegmentationDataset, build_test_loader
+from build_data import SegmentationDataset, build_test_loader, loader_workers
 from eval_loop import evaluate
 from helpers import resolve_device, run_cli, write_json
 from layouts import resolve_dataset
@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="default: read from the checkpoint")
     p.add_argument("--output_dim", type=int, default=None, help="default: read from the checkpoint (256)")
     cli_flags.add_inference_flags(p)
-    cli_flags.add_loader_flags(p, "test images per forward pass (default: %(default)s)", num_workers=0)
+    cli_flags.add_loader_flags(p, "test images per forward pass (default: %(default)s)")
     cli_flags.add_device_flag(p)
     cli_flags.add_amp_flag(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write {miou, acc, iou_per_class} here")
@@ -71,7 +71,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     model.to(device)
     ids = data.list_ids("test")
     loader = build_test_loader(SegmentationDataset(data, ids, "test"), batch_size=args.batch_size,
-                               num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                               num_workers=loader_workers(args.num_workers, device), pin_memory=device.type == "cuda")
     protocol = "sliding window {}x{}".format(*args.window) if args.window else "whole padded image"
     print(f"{args.checkpoint} on {info.name} ({len(ids)} test images, {protocol}, single scale"
           f"{', + flip' if args.flip else ''}, device {device})", flush=True)

@@ -67,8 +67,8 @@ def test_the_defaults_each_command_keeps():
     assert defaults["train_semi"] == {"--device": None, "--amp": "off", "--data_root": None,
                                       "--batch_size": None, "--num_workers": None}
     assert defaults["evaluate"] == {"--device": None, "--amp": "off", "--data_root": None, "--window": None,
-                                    "--flip": False, "--batch_size": 4, "--num_workers": 0}
-    assert defaults["predict"] == {**defaults["evaluate"], "--num_workers": None}
+                                    "--flip": False, "--batch_size": 4, "--num_workers": None}
+    assert defaults["predict"] == defaults["evaluate"]
     assert defaults["visual"] == {"--device": "cpu", "--data_root": None}
 
 
