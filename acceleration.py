@@ -33,8 +33,13 @@ def compile_mode(requested: str, device: torch.device, world_size: int) -> tuple
         return "off", f"--compile {requested}: {missing}, so the model runs eagerly"
     if mode == "reduce-overhead" and device.type != "cuda":
         return "default", "--compile reduce-overhead: CUDA graphs exist on CUDA only; compiling without them"
-    if mode == "reduce-overhead" and world_size > 1:  # pytorch/pytorch#139207: BN buffers under DDP skip graphs
-        return "default", "--compile reduce-overhead: CUDA graphs are skipped for BatchNorm under DDP; compiling without them"
+    if (
+        mode == "reduce-overhead" and world_size > 1
+    ):  # pytorch/pytorch#139207: BN buffers under DDP skip graphs
+        return (
+            "default",
+            "--compile reduce-overhead: CUDA graphs are skipped for BatchNorm under DDP; compiling without them",
+        )
     return mode, None
 
 
@@ -77,8 +82,12 @@ def _tensors(outputs) -> list[torch.Tensor]:
     return [t for part in outputs if part is not None for t in _tensors(part)]
 
 
-def warm_up(calls: Sequence[tuple[nn.Module, Sequence[torch.Size], dict, bool]], device: torch.device,
-            autocast: Callable[[], AbstractContextManager], mode: str) -> float:
+def warm_up(
+    calls: Sequence[tuple[nn.Module, Sequence[torch.Size], dict, bool]],
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+    mode: str,
+) -> float:
     """Compile now, on zeros of the training shapes, without changing any weight, buffer or gradient; seconds.
 
     calls: (module, input shapes, keyword arguments, backward) as the training step makes them. BatchNorm

@@ -74,32 +74,180 @@ def _identity_table(num_classes: int) -> np.ndarray:
     return _label_table({**{c: c for c in range(num_classes)}, VOID: VOID}, _INVALID)
 
 
-_CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-                         25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-_CITYSCAPES_COLOURS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-                       (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-                       (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-                       (0, 80, 100), (0, 0, 230), (119, 11, 32)]
-_SUN_COLOURS = [(148, 65, 137), (255, 116, 69), (86, 156, 137), (202, 179, 158), (155, 99, 235), (161, 107, 108),
-                (133, 160, 103), (76, 152, 126), (84, 62, 35), (44, 80, 130), (31, 184, 157), (101, 144, 77),
-                (23, 197, 62), (141, 168, 145), (142, 151, 136), (115, 201, 77), (100, 216, 255), (57, 156, 36),
-                (88, 108, 129), (105, 129, 112), (42, 137, 126), (155, 108, 249), (166, 148, 143), (81, 91, 87),
-                (100, 124, 51), (73, 131, 121), (157, 210, 220), (134, 181, 60), (221, 223, 147), (123, 108, 131),
-                (161, 66, 179), (163, 221, 160), (31, 146, 98), (99, 121, 30), (49, 89, 240), (116, 108, 9),
-                (161, 176, 169)]
-_PASCAL_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-                 "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-                 "train", "tvmonitor")
-_CITYSCAPES_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                     "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                     "motorcycle", "bicycle")
-_SUN_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-              "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
-              "floor mat", "clothes", "ceiling", "books", "fridge", "tv", "paper", "towel", "shower curtain", "box",
-              "whiteboard", "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag")
+_CITYSCAPES_TRAIN_IDS = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
+_CITYSCAPES_COLOURS = [
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+]
+_SUN_COLOURS = [
+    (148, 65, 137),
+    (255, 116, 69),
+    (86, 156, 137),
+    (202, 179, 158),
+    (155, 99, 235),
+    (161, 107, 108),
+    (133, 160, 103),
+    (76, 152, 126),
+    (84, 62, 35),
+    (44, 80, 130),
+    (31, 184, 157),
+    (101, 144, 77),
+    (23, 197, 62),
+    (141, 168, 145),
+    (142, 151, 136),
+    (115, 201, 77),
+    (100, 216, 255),
+    (57, 156, 36),
+    (88, 108, 129),
+    (105, 129, 112),
+    (42, 137, 126),
+    (155, 108, 249),
+    (166, 148, 143),
+    (81, 91, 87),
+    (100, 124, 51),
+    (73, 131, 121),
+    (157, 210, 220),
+    (134, 181, 60),
+    (221, 223, 147),
+    (123, 108, 131),
+    (161, 66, 179),
+    (163, 221, 160),
+    (31, 146, 98),
+    (99, 121, 30),
+    (49, 89, 240),
+    (116, 108, 9),
+    (161, 176, 169),
+]
+_PASCAL_NAMES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+_CITYSCAPES_NAMES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+_SUN_NAMES = (
+    "wall",
+    "floor",
+    "cabinet",
+    "bed",
+    "chair",
+    "sofa",
+    "table",
+    "door",
+    "window",
+    "bookshelf",
+    "picture",
+    "counter",
+    "blinds",
+    "desk",
+    "shelves",
+    "curtain",
+    "dresser",
+    "pillow",
+    "mirror",
+    "floor mat",
+    "clothes",
+    "ceiling",
+    "books",
+    "fridge",
+    "tv",
+    "paper",
+    "towel",
+    "shower curtain",
+    "box",
+    "whiteboard",
+    "person",
+    "night stand",
+    "toilet",
+    "sink",
+    "lamp",
+    "bathtub",
+    "bag",
+)
 # The demo's classes, each a texture on a shape: '<texture>_<shape>' (the generator draws them by these names).
-_DEMO_NAMES = ("background", "striped_disc", "checked_square", "dotted_triangle", "plain_cross", "ringed_star",
-               "speckled_ring")
+_DEMO_NAMES = (
+    "background",
+    "striped_disc",
+    "checked_square",
+    "dotted_triangle",
+    "plain_cross",
+    "ringed_star",
+    "speckled_ring",
+)
 
 
 @dataclass(frozen=True)
@@ -120,8 +268,9 @@ class OnlineDefaults:
 
 # The flags whose defaults follow --method (the mean teacher's are the reference's).
 ONLINE_DEFAULTED = (*(f.name for f in fields(OnlineDefaults)), "iters_per_epoch")
-PASCAL_LIKE = OnlineDefaults(crop_size=(321, 321), batch_size=8, lr=0.001, lr_multi=10.0, epochs=80,
-                             conf_thresh=0.95)
+PASCAL_LIKE = OnlineDefaults(
+    crop_size=(321, 321), batch_size=8, lr=0.001, lr_multi=10.0, epochs=80, conf_thresh=0.95
+)
 
 
 class Sampler(enum.Enum):
@@ -164,36 +313,82 @@ class DatasetInfo:
 
 DATASETS: dict[str, DatasetInfo] = {
     "pascal": DatasetInfo(
-        name="pascal", layout="pascal", class_names=_PASCAL_NAMES, palette=_palette(_voc_colours(21), 255),
-        label_table=_identity_table(21), crop_size=(321, 321), eval_size=(513, 513), scale_range=(0.5, 1.5),
-        batch_size=10, min_classes=3, partial_labels=True,
+        name="pascal",
+        layout="pascal",
+        class_names=_PASCAL_NAMES,
+        palette=_palette(_voc_colours(21), 255),
+        label_table=_identity_table(21),
+        crop_size=(321, 321),
+        eval_size=(513, 513),
+        scale_range=(0.5, 1.5),
+        batch_size=10,
+        min_classes=3,
+        partial_labels=True,
         setup_hint="put VOC2012 JPEGImages/ and SegmentationClassAug/ in dataset/pascal and run "
-                   "`python dataset/pascal_preprocess.py` (docs/datasets.md)"),
+        "`python dataset/pascal_preprocess.py` (docs/datasets.md)",
+    ),
     "cityscapes": DatasetInfo(
-        name="cityscapes", layout="cityscapes", class_names=_CITYSCAPES_NAMES,
-        palette=_palette(_CITYSCAPES_COLOURS, 0), label_table=_label_table(_CITYSCAPES_TRAIN_IDS, VOID),
-        crop_size=(512, 512), eval_size=(512, 1024), scale_range=(1.0, 1.0), batch_size=2, min_classes=12,
+        name="cityscapes",
+        layout="cityscapes",
+        class_names=_CITYSCAPES_NAMES,
+        palette=_palette(_CITYSCAPES_COLOURS, 0),
+        label_table=_label_table(_CITYSCAPES_TRAIN_IDS, VOID),
+        crop_size=(512, 512),
+        eval_size=(512, 1024),
+        scale_range=(1.0, 1.0),
+        batch_size=2,
+        min_classes=12,
         partial_labels=True,
         setup_hint="put leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ in dataset/ and run "
-                   "`python dataset/cityscapes_preprocess.py` (docs/datasets.md)",
-        online=OnlineDefaults(crop_size=(801, 801), batch_size=8, lr=0.005, lr_multi=1.0, epochs=240,
-                              conf_thresh=0.0, criterion="ohem")),
+        "`python dataset/cityscapes_preprocess.py` (docs/datasets.md)",
+        online=OnlineDefaults(
+            crop_size=(801, 801),
+            batch_size=8,
+            lr=0.005,
+            lr_multi=1.0,
+            epochs=240,
+            conf_thresh=0.0,
+            criterion="ohem",
+        ),
+    ),
     "sun": DatasetInfo(
-        name="sun", layout="sun", class_names=_SUN_NAMES, palette=_palette(_SUN_COLOURS, 0),
+        name="sun",
+        layout="sun",
+        class_names=_SUN_NAMES,
+        palette=_palette(_SUN_COLOURS, 0),
         label_table=_label_table({0: VOID, **{v: v - 1 for v in range(1, 38)}}, _INVALID),
-        crop_size=(321, 321), eval_size=(385, 513), scale_range=(0.5, 1.5), batch_size=5, min_classes=0,
+        crop_size=(321, 321),
+        eval_size=(385, 513),
+        scale_range=(0.5, 1.5),
+        batch_size=5,
+        min_classes=0,
         partial_labels=False,
         setup_hint="put SUNRGBD-{train,test}_images/ and sunrgbd_train_test_labels/ in dataset/sun and run "
-                   "`python dataset/sun_preprocess.py` (docs/datasets.md)", sampler=Sampler.SUN),
+        "`python dataset/sun_preprocess.py` (docs/datasets.md)",
+        sampler=Sampler.SUN,
+    ),
     "demo": DatasetInfo(
-        name="demo", layout="pascal", class_names=_DEMO_NAMES, palette=_palette(_voc_colours(7), 255),
-        label_table=_identity_table(7), crop_size=(65, 65), eval_size=(97, 97), scale_range=(0.75, 1.25),
-        batch_size=4, min_classes=2, partial_labels=True,
+        name="demo",
+        layout="pascal",
+        class_names=_DEMO_NAMES,
+        palette=_palette(_voc_colours(7), 255),
+        label_table=_identity_table(7),
+        crop_size=(65, 65),
+        eval_size=(97, 97),
+        scale_range=(0.75, 1.25),
+        batch_size=4,
+        min_classes=2,
+        partial_labels=True,
         setup_hint="generate it with `python dataset/demo_preprocess.py`",
-        epochs=12, iters_per_epoch=25, resnet_depth=18, pretrained="none",
+        epochs=12,
+        iters_per_epoch=25,
+        resnet_depth=18,
+        pretrained="none",
         # a backbone trained from scratch learns as fast as the head: no head multiplier, a larger lr
-        online=OnlineDefaults(crop_size=(65, 65), batch_size=4, lr=0.01, lr_multi=1.0, epochs=12,
-                              conf_thresh=0.95)),
+        online=OnlineDefaults(
+            crop_size=(65, 65), batch_size=4, lr=0.01, lr_multi=1.0, epochs=12, conf_thresh=0.95
+        ),
+    ),
 }
 
 
@@ -201,19 +396,28 @@ def folder_entry(card: DatasetCard, eval_size: tuple[int, int] | None, root: Pat
     """The table entry of the dataset described by folder `root`: its card and the size it is evaluated at."""
     n = len(card.class_names)
     return DatasetInfo(
-        name=FOLDER, layout=FOLDER, class_names=card.class_names,
+        name=FOLDER,
+        layout=FOLDER,
+        class_names=card.class_names,
         palette=_palette(card.colours or _voc_colours(n), 255),
-        label_table=_label_table({**{c: c for c in range(n)}, card.void: VOID}, _INVALID), crop_size=card.crop_size,
-        eval_size=eval_size, scale_range=card.scale_range, batch_size=card.batch_size, min_classes=card.min_classes,
+        label_table=_label_table({**{c: c for c in range(n)}, card.void: VOID}, _INVALID),
+        crop_size=card.crop_size,
+        eval_size=eval_size,
+        scale_range=card.scale_range,
+        batch_size=card.batch_size,
+        min_classes=card.min_classes,
         partial_labels=True,
         setup_hint=f"{HELP} describes the layout of {root}; partial labels come from "
-                   f"`python dataset/folder_preprocess.py --root {root}`",
+        f"`python dataset/folder_preprocess.py --root {root}`",
         sampler=Sampler.BALANCED_RETIRING,  # own data may hold a rare class, which would end the split
         value_fix=f"name every class of your masks in {CLASSES_FILE}, one a line (line k is value k from 0), "
-                  f"or relabel those pixels ({HELP})",
-        epochs=card.epochs, iters_per_epoch=card.iters_per_epoch, resnet_depth=card.resnet_depth,
+        f"or relabel those pixels ({HELP})",
+        epochs=card.epochs,
+        iters_per_epoch=card.iters_per_epoch,
+        resnet_depth=card.resnet_depth,
         pretrained=card.pretrained,
-        online=replace(PASCAL_LIKE, crop_size=(min(card.crop_size),) * 2, batch_size=card.batch_size))
+        online=replace(PASCAL_LIKE, crop_size=(min(card.crop_size),) * 2, batch_size=card.batch_size),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,11 +435,15 @@ def check_partial(info: DatasetInfo, partial: str | None) -> None:
     if partial is None:
         return
     if not info.partial_labels:
-        raise DataError(f"--dataset {info.name} has no partial labels (the reference silently trained on full "
-                        f"labels): drop --partial, or use a dataset with partial labels")
+        raise DataError(
+            f"--dataset {info.name} has no partial labels (the reference silently trained on full "
+            f"labels): drop --partial, or use a dataset with partial labels"
+        )
     if partial not in PARTIAL_SETTINGS:
-        raise DataError(f"--partial {partial!r} is not a partial-label setting: choose one of "
-                        f"{', '.join(PARTIAL_SETTINGS)}")
+        raise DataError(
+            f"--partial {partial!r} is not a partial-label setting: choose one of "
+            f"{', '.join(PARTIAL_SETTINGS)}"
+        )
 
 
 class DatasetFiles(abc.ABC):
@@ -248,9 +456,11 @@ class DatasetFiles(abc.ABC):
     def checked_root(self) -> Path:
         """The data folder; DataError saying how to get the data if it is missing."""
         if not self.root.is_dir():
-            raise DataError(f"data root {self.root} for --dataset {self.info.name} not found: "
-                            f"{self.info.setup_hint}, or pass --data_root DIR pointing at the preprocessed "
-                            f"data (or try --dataset demo)")
+            raise DataError(
+                f"data root {self.root} for --dataset {self.info.name} not found: "
+                f"{self.info.setup_hint}, or pass --data_root DIR pointing at the preprocessed "
+                f"data (or try --dataset demo)"
+            )
         return self.root
 
     def list_ids(self, split: str) -> list[str]:
@@ -259,8 +469,9 @@ class DatasetFiles(abc.ABC):
         self.checked_root()
         return self._ids(split)
 
-    def label_path(self, image_id: str, split: str, partial: str | None = None, partial_seed: int = 0
-                   ) -> Path:
+    def label_path(
+        self, image_id: str, split: str, partial: str | None = None, partial_seed: int = 0
+    ) -> Path:
         """Path of a label PNG: the full label, or the partial one of setting `partial` and `partial_seed`."""
         _check_split(split)
         check_partial(self.info, partial)
@@ -293,13 +504,17 @@ class DatasetFiles(abc.ABC):
 
 def _float_image(path: Path) -> DataError:
     """PIL would clip a float image's values to 0..255 (data in 0..1 would read as black): ask for integers."""
-    return DataError(f"image {path} holds 32-bit floats, whose range is unknown: save it as an 8- or 16-bit "
-                     f"image (scaled to 0..255 or 0..65535)")
+    return DataError(
+        f"image {path} holds 32-bit floats, whose range is unknown: save it as an 8- or 16-bit "
+        f"image (scaled to 0..255 or 0..65535)"
+    )
 
 
 def _too_large(path: Path, error: Exception) -> DataError:
-    return DataError(f"image {path} is too large to decode safely ({error}): cut it into tiles (e.g. 2048x2048 "
-                     f"pixels, its mask likewise) and use the tiles")
+    return DataError(
+        f"image {path} is too large to decode safely ({error}): cut it into tiles (e.g. 2048x2048 "
+        f"pixels, its mask likewise) and use the tiles"
+    )
 
 
 def _open(path: Path, what: str, hint: str) -> Image.Image:
@@ -309,11 +524,15 @@ def _open(path: Path, what: str, hint: str) -> Image.Image:
         image.load()
         return image
     except FileNotFoundError:
-        raise DataError(f"{what} {path} is missing: the id list and the data folder disagree; {hint}") from None
+        raise DataError(
+            f"{what} {path} is missing: the id list and the data folder disagree; {hint}"
+        ) from None
     except Image.DecompressionBombError as error:
         raise _too_large(path, error) from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot decode {what} {path} ({error}): the file is corrupt; replace it ({hint})") from None
+        raise DataError(
+            f"cannot decode {what} {path} ({error}): the file is corrupt; replace it ({hint})"
+        ) from None
 
 
 def read_image(info: DatasetInfo, path: Path) -> np.ndarray:
@@ -336,12 +555,16 @@ def read_label_values(path: Path, hint: str) -> np.ndarray:
     if image.mode in ("LA", "RGB", "RGBA"):  # a grey mask that a tool saved with colour or alpha channels
         channels = np.asarray(image)[..., : 1 if image.mode == "LA" else 3]
         if not (channels == channels[..., :1]).all():
-            raise DataError(f"label {path} is an {image.mode} image of colours: labels must be single-channel PNGs "
-                            f"(grayscale or palette) holding class indices; convert each colour to its class index")
+            raise DataError(
+                f"label {path} is an {image.mode} image of colours: labels must be single-channel PNGs "
+                f"(grayscale or palette) holding class indices; convert each colour to its class index"
+            )
         return np.ascontiguousarray(channels[..., 0])
     if image.mode not in ("L", "P") and not image.mode.startswith("I"):
-        raise DataError(f"label {path} is a {image.mode} image: labels must be single-channel PNGs "
-                        f"(grayscale or palette) holding class indices; convert it to indices")
+        raise DataError(
+            f"label {path} is a {image.mode} image: labels must be single-channel PNGs "
+            f"(grayscale or palette) holding class indices; convert it to indices"
+        )
     raw = np.asarray(image)
     return raw if raw.dtype == np.uint8 else np.clip(raw, 0, 256).astype(np.uint16)
 
@@ -355,8 +578,10 @@ def read_label(info: DatasetInfo, path: Path) -> np.ndarray:
         values = np.unique(raw[invalid])[:8].tolist()
         void = "/".join(map(str, void_values(info)))
         fix = info.value_fix or f"is it the right dataset, preprocessed? ({info.setup_hint})"
-        raise DataError(f"label {path} holds values {values} that are neither a class of --dataset {info.name} "
-                        f"(0..{info.num_classes - 1}) nor void {void}: {fix}")
+        raise DataError(
+            f"label {path} holds values {values} that are neither a class of --dataset {info.name} "
+            f"(0..{info.num_classes - 1}) nor void {void}: {fix}"
+        )
     return label
 
 
@@ -398,8 +623,9 @@ def _header_size(path: Path, stamp: tuple[int, int, int] | None) -> tuple[int, i
     except Image.DecompressionBombError as error:
         raise _too_large(path, error) from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image {path} ({error}): the file is corrupt or not an image; replace or "
-                        f"remove it") from None
+        raise DataError(
+            f"cannot read image {path} ({error}): the file is corrupt or not an image; replace or remove it"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,10 +644,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
     -> weak crop in [0, 1], its padding, label, and the mix batch's weak crop and padding).
     """
 
-    def __init__(self, data: DatasetFiles, ids: Sequence[str], split: str = "train",
-                 partial: str | None = None, partial_seed: int = 0, crop_size: tuple[int, int] | None = None,
-                 scale_range: tuple[float, float] = (1.0, 1.0), augmentation: bool = False,
-                 crops: str = "reference"):
+    def __init__(
+        self,
+        data: DatasetFiles,
+        ids: Sequence[str],
+        split: str = "train",
+        partial: str | None = None,
+        partial_seed: int = 0,
+        crop_size: tuple[int, int] | None = None,
+        scale_range: tuple[float, float] = (1.0, 1.0),
+        augmentation: bool = False,
+        crops: str = "reference",
+    ):
         _check_split(split)
         info = data.info
         check_partial(info, partial)
@@ -436,8 +670,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if partial is not None and self.ids:
             folder = data.label_path(self.ids[0], split, partial, partial_seed).parent
             if not folder.is_dir():
-                raise DataError(f"partial-label folder {folder} (--partial {partial}, seed {partial_seed}) not found: "
-                                f"{info.setup_hint}")
+                raise DataError(
+                    f"partial-label folder {folder} (--partial {partial}, seed {partial_seed}) not found: "
+                    f"{info.setup_hint}"
+                )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -452,9 +688,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             path = self.data.label_path(image_id, self.split, self.partial, self.partial_seed)
             label = read_label(self.info, path)
             if image.shape[:2] != label.shape:
-                raise DataError(f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
-                                f"{image.shape[1]}x{image.shape[0]} (WxH): re-run the preprocessing "
-                                f"({self.info.setup_hint})")
+                raise DataError(
+                    f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
+                    f"{image.shape[1]}x{image.shape[0]} (WxH): re-run the preprocessing "
+                    f"({self.info.setup_hint})"
+                )
         label = torch.from_numpy(label).long()
         label[label == VOID] = IGNORE_INDEX
         return torch.from_numpy(image).permute(2, 0, 1).float().div_(255), label
@@ -470,8 +708,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return labelled_crop(image, label, self.crop_size[0], generator)
         if self.crops == "unimatch_unlabelled":
             return unlabelled_crops(image, label, self.crop_size[0], generator)
-        image, label, _ = random_transform(image[None], label[None], None, self.crop_size, self.scale_range,
-                                           self.augmentation, generator)
+        image, label, _ = random_transform(
+            image[None], label[None], None, self.crop_size, self.scale_range, self.augmentation, generator
+        )
         return normalise(image[0]), label[0]
 
 
@@ -484,8 +723,16 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     world_size-th from r on; more batches than that holds continue with the next shuffles.
     """
 
-    def __init__(self, num_items: int, batch_size: int, iters_per_epoch: int, seed: int = 0, rank: int = 0,
-                 epoch_length: int | None = None, world_size: int = 1):
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        iters_per_epoch: int,
+        seed: int = 0,
+        rank: int = 0,
+        epoch_length: int | None = None,
+        world_size: int = 1,
+    ):
         if num_items < 1:
             raise DataError("the training set is empty: check the id list / split")
         self.num_items, self.batch_size, self.iters = num_items, batch_size, iters_per_epoch
@@ -500,9 +747,13 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         """[iters, batch] indices of this rank: shuffles of the stretched items, shared by every rank."""
         shared = torch.Generator().manual_seed(stream_seed("epoch order", self.seed, self.epoch))
         needed = self.iters * self.batch_size * self.world_size
-        order = torch.cat([torch.randperm(self.epoch_length, generator=shared)
-                           for _ in range(-(-needed // self.epoch_length))])
-        mine = order[self.rank::self.world_size][: self.iters * self.batch_size]
+        order = torch.cat(
+            [
+                torch.randperm(self.epoch_length, generator=shared)
+                for _ in range(-(-needed // self.epoch_length))
+            ]
+        )
+        mine = order[self.rank :: self.world_size][: self.iters * self.batch_size]
         return (mine % self.num_items).view(self.iters, self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -512,7 +763,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         else:
             index = self._shuffled()
         seeds = torch.randint(2**62, (self.iters, self.batch_size), generator=generator)
-        for row_index, row_seed in zip(index[self.start:].tolist(), seeds[self.start:].tolist()):
+        for row_index, row_seed in zip(index[self.start :].tolist(), seeds[self.start :].tolist()):
             yield list(zip(row_index, row_seed))
 
     def __len__(self) -> int:
@@ -533,20 +784,33 @@ def _worker_options(num_workers: int, pin_memory: bool) -> dict:
     training process (faults.ignore_stop_signals), which therefore kills any still alive at its exit."""
     if num_workers:
         kill_loader_workers_at_exit()
-    return dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                worker_init_fn=ignore_stop_signals)
+    return dict(
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
+    )
 
 
 class TrainLoader:
     """A DataLoader over an EpochBatchSampler: len() batches per epoch; call set_epoch(e) before epoch e."""
 
-    def __init__(self, dataset: SegmentationDataset, sampler: EpochBatchSampler, num_workers: int, seed: int,
-                 pin_memory: bool):
+    def __init__(
+        self,
+        dataset: SegmentationDataset,
+        sampler: EpochBatchSampler,
+        num_workers: int,
+        seed: int,
+        pin_memory: bool,
+    ):
         self.dataset, self.sampler = dataset, sampler
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, **_worker_options(num_workers, pin_memory),
+            dataset,
+            batch_sampler=sampler,
+            **_worker_options(num_workers, pin_memory),
             # seeds the workers' torch, numpy and random streams: distinct per worker, reproducible per run
-            generator=torch.Generator().manual_seed(stream_seed("loader workers", seed, sampler.rank)))
+            generator=torch.Generator().manual_seed(stream_seed("loader workers", seed, sampler.rank)),
+        )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.sampler.set_epoch(epoch, start)
@@ -558,24 +822,40 @@ class TrainLoader:
         return len(self.sampler)
 
 
-def build_train_loader(dataset: SegmentationDataset, batch_size: int, iters_per_epoch: int, num_workers: int = 0,
-                       seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                       epoch_length: int | None = None) -> TrainLoader:
+def build_train_loader(
+    dataset: SegmentationDataset,
+    batch_size: int,
+    iters_per_epoch: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    epoch_length: int | None = None,
+) -> TrainLoader:
     """Exactly iters_per_epoch batches per epoch: sampled with replacement, each rank its own (epoch_length
     None), or UniMatch's shuffled epoch of epoch_length items shared out between the ranks
     (EpochBatchSampler)."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, iters_per_epoch, seed, rank, epoch_length,
-                                world_size)
+    sampler = EpochBatchSampler(
+        len(dataset), batch_size, iters_per_epoch, seed, rank, epoch_length, world_size
+    )
     return TrainLoader(dataset, sampler, num_workers, seed, pin_memory)
 
 
-def build_test_loader(dataset: SegmentationDataset, batch_size: int = 4, num_workers: int = 0, rank: int = 0,
-                      world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def build_test_loader(
+    dataset: SegmentationDataset,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
     """In order; with world_size > 1 rank r takes the r-th contiguous shard (shards are disjoint, no padding)."""
     n = len(dataset)
     shard = range(n * rank // world_size, n * (rank + 1) // world_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=shard,
-                                       **_worker_options(num_workers, pin_memory))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=shard, **_worker_options(num_workers, pin_memory)
+    )
 
 
 def color_map(label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:
@@ -584,5 +864,3 @@ def color_map(label: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarr
         label = label.detach().cpu().numpy()
     label = np.asarray(label).astype(np.int64)
     return palette[np.where(label < 0, VOID, np.minimum(label, 255))]
-
-

@@ -19,32 +19,46 @@ def add_data_root_flag(parser: Flags, help: str = DATA_ROOT_HELP) -> None:
     parser.add_argument("--data_root", default=None, help=help)
 
 
-def add_device_flag(parser: Flags, default: str | None = None,
-                    default_help: str = "cuda if available") -> None:
+def add_device_flag(
+    parser: Flags, default: str | None = None, default_help: str = "cuda if available"
+) -> None:
     """--device, read by helpers.resolve_device; `default_help` says what the default picks."""
     parser.add_argument("--device", default=default, help=f"cpu, cuda or cuda:N (default: {default_help})")
 
 
 def add_amp_flag(parser: Flags) -> None:
     """--amp: a mode of helpers.AMP_DTYPES, off by default."""
-    parser.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES),
-                        help="mixed precision (default: %(default)s)")
+    parser.add_argument(
+        "--amp", default="off", choices=tuple(AMP_DTYPES), help="mixed precision (default: %(default)s)"
+    )
 
 
 def add_inference_flags(parser: Flags) -> None:
     """--window H W (checked by network.check_window) and --flip: the options of network.predict."""
-    parser.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="sliding-window inference with windows of H x W pixels (default: whole image)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="sliding-window inference with windows of H x W pixels (default: whole image)",
+    )
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
 
 
-def add_loader_flags(parser: Flags, batch_help: str, batch_size: int | None = 4,
-                     num_workers: int | None = None, workers_help: str = "loader workers") -> None:
+def add_loader_flags(
+    parser: Flags,
+    batch_help: str,
+    batch_size: int | None = 4,
+    num_workers: int | None = None,
+    workers_help: str = "loader workers",
+) -> None:
     """--batch_size (`batch_help`: what it counts, its default) and --num_workers (None: WORKERS_RULE)."""
     parser.add_argument("--batch_size", type=int, default=batch_size, help=batch_help)
     default = WORKERS_RULE if num_workers is None else "%(default)s"
-    parser.add_argument("--num_workers", type=int, default=num_workers,
-                        help=f"{workers_help} (default: {default})")
+    parser.add_argument(
+        "--num_workers", type=int, default=num_workers, help=f"{workers_help} (default: {default})"
+    )
 
 
 def check_loader_flags(batch_size: int, num_workers: int | None) -> None:

@@ -19,6 +19,7 @@ from helpers import resolve_device, stream_seed
 @dataclass(frozen=True)
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
     rank: int
     world_size: int
     device: torch.device
@@ -46,8 +47,12 @@ def init_distributed(args: argparse.Namespace) -> Dist:
         # read the addresses its dead predecessors left there, so each attempt keeps its keys apart
         store, rank, size = next(dist.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if want_cuda else "gloo", store=dist.PrefixStore(f"attempt{attempt}/", store),
-                                rank=rank, world_size=size)
+        dist.init_process_group(
+            "nccl" if want_cuda else "gloo",
+            store=dist.PrefixStore(f"attempt{attempt}/", store),
+            rank=rank,
+            world_size=size,
+        )
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 

@@ -23,18 +23,29 @@ from run_folder import CONFIG, LAST, checkpoint_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint: per-class IoU, mIoU and pixel accuracy.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default=None,
-                   help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root); default: "
-                        f"read from the run's {CONFIG} beside the checkpoint or in "
-                        "logging/<checkpoint name>/")
+    p = argparse.ArgumentParser(
+        description="Evaluate a checkpoint: per-class IoU, mIoU and pixel accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root); default: "
+        f"read from the run's {CONFIG} beside the checkpoint or in "
+        "logging/<checkpoint name>/",
+    )
     cli_flags.add_data_root_flag(p)
-    p.add_argument("--checkpoint", required=True,
-                   help=f"a .pth state_dict (ours, the reference's, or our {LAST})")
+    p.add_argument(
+        "--checkpoint", required=True, help=f"a .pth state_dict (ours, the reference's, or our {LAST})"
+    )
     p.add_argument("--backbone", default=None, choices=BACKBONES, help="default: read from the checkpoint")
-    p.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS,
-                   help="default: read from the checkpoint")
+    p.add_argument(
+        "--resnet_depth",
+        type=int,
+        default=None,
+        choices=RESNET_DEPTHS,
+        help="default: read from the checkpoint",
+    )
     p.add_argument("--output_dim", type=int, default=None, help="default: read from the checkpoint (256)")
     cli_flags.add_inference_flags(p)
     cli_flags.add_loader_flags(p, "test images per forward pass (default: %(default)s)")
@@ -50,8 +61,11 @@ def format_report(class_names: Sequence[str], result: dict) -> str:
     lines = [f"{'class':<{width}}  IoU (%)"]
     for name, iou in zip(class_names, result["iou_per_class"]):
         lines.append(f"{name:<{width}}  {'-' if math.isnan(iou) else f'{100 * iou:7.2f}':>7}")
-    lines += ["-" * (width + 9), f"{'mIoU':<{width}}  {100 * result['miou']:7.2f}",
-              f"{'accuracy':<{width}}  {100 * result['acc']:7.2f}"]
+    lines += [
+        "-" * (width + 9),
+        f"{'mIoU':<{width}}  {100 * result['miou']:7.2f}",
+        f"{'accuracy':<{width}}  {100 * result['acc']:7.2f}",
+    ]
     return "\n".join(lines)
 
 
@@ -70,13 +84,28 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     model = load_model(args.checkpoint, info.num_classes, args.backbone, args.resnet_depth, args.output_dim)
     model.to(device)
     ids = data.list_ids("test")
-    loader = build_test_loader(SegmentationDataset(data, ids, "test"), batch_size=args.batch_size,
-                               num_workers=loader_workers(args.num_workers, device), pin_memory=device.type == "cuda")
+    loader = build_test_loader(
+        SegmentationDataset(data, ids, "test"),
+        batch_size=args.batch_size,
+        num_workers=loader_workers(args.num_workers, device),
+        pin_memory=device.type == "cuda",
+    )
     protocol = "sliding window {}x{}".format(*args.window) if args.window else "whole padded image"
-    print(f"{args.checkpoint} on {info.name} ({len(ids)} test images, {protocol}, single scale"
-          f"{', + flip' if args.flip else ''}, device {device})", flush=True)
-    result = evaluate(model, loader, info.num_classes, device, amp=args.amp, flip=args.flip,
-                             window=tuple(args.window) if args.window else None, progress=True)
+    print(
+        f"{args.checkpoint} on {info.name} ({len(ids)} test images, {protocol}, single scale"
+        f"{', + flip' if args.flip else ''}, device {device})",
+        flush=True,
+    )
+    result = evaluate(
+        model,
+        loader,
+        info.num_classes,
+        device,
+        amp=args.amp,
+        flip=args.flip,
+        window=tuple(args.window) if args.window else None,
+        progress=True,
+    )
     result = {"miou": result["miou"], "acc": result["acc"], "iou_per_class": list(result["iou_per_class"])}
     print(format_report(info.class_names, result), flush=True)
     if args.json:

@@ -115,8 +115,12 @@ class StepGuard:
 
     def decide(self, loss: torch.Tensor) -> tuple[bool, bool]:
         """(skip the update, stop after this step), the same on every rank; a skip restores the kept tensors."""
-        flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
-                             torch.full((), float(self.stop.received is not None), device=loss.device)])
+        flags = torch.stack(
+            [
+                (~torch.isfinite(loss.detach())).any().float(),
+                torch.full((), float(self.stop.received is not None), device=loss.device),
+            ]
+        )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip, stop = (bool(v) for v in flags.tolist())
@@ -149,9 +153,14 @@ class EpochState:
     def state_dict(self) -> dict:
         """The state as plain values and CPU tensors, for last.pth, with the sums of every rank (under torchrun
         a collective: every rank calls it)."""
-        return {"iteration": self.iteration, "applied": self.applied, "skipped": self.skipped,
-                "streak": self.streak, "losses": _per_rank(self.losses).cpu(),
-                "confusion": [_per_rank(m.mat).cpu() for m in self.monitors]}
+        return {
+            "iteration": self.iteration,
+            "applied": self.applied,
+            "skipped": self.skipped,
+            "streak": self.streak,
+            "losses": _per_rank(self.losses).cpu(),
+            "confusion": [_per_rank(m.mat).cpu() for m in self.monitors],
+        }
 
     def load_state_dict(self, state: dict, rank: int, world_size: int) -> None:
         """Restore what state_dict() returned: each rank takes back its own sums (exact to the bit). Resumed by
@@ -159,8 +168,11 @@ class EpochState:
         final all-reduce still counts every step once."""
         self.iteration, self.applied = int(state["iteration"]), int(state["applied"])
         self.skipped, self.streak = int(state["skipped"]), int(state["streak"])
-        for mine, saved in zip([self.losses, *(m.mat for m in self.monitors)],
-                               [state["losses"], *state["confusion"]], strict=True):
+        for mine, saved in zip(
+            [self.losses, *(m.mat for m in self.monitors)],
+            [state["losses"], *state["confusion"]],
+            strict=True,
+        ):
             if len(saved) == world_size:
                 mine.copy_(saved[rank])
             else:

@@ -15,8 +15,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from build_data import (DatasetFiles, SegmentationDataset, color_map, present_classes,  # noqa: E402
-                        read_image, read_label)
+from build_data import (
+    DatasetFiles,
+    SegmentationDataset,
+    color_map,
+    present_classes,  # noqa: E402
+    read_image,
+    read_label,
+)
 from helpers import UserError, atomic_save, resolve_device  # noqa: E402
 from module_list import IGNORE_INDEX  # noqa: E402
 from network import load_model, predict  # noqa: E402
@@ -34,15 +40,19 @@ def load_sample(data: DatasetFiles, index: int) -> tuple[str, np.ndarray, torch.
     """Test image `index`: (id, photo uint8 [h,w,3] at its own size, normalised padded image [3,H,W], label [H,W])."""
     ids = data.list_ids("test")
     if not 0 <= index < len(ids):
-        raise UserError(f"--index {index} is out of range: the {data.info.name} test list has {len(ids)} "
-                        f"images (0..{len(ids) - 1})")
+        raise UserError(
+            f"--index {index} is out of range: the {data.info.name} test list has {len(ids)} "
+            f"images (0..{len(ids) - 1})"
+        )
     image, label = SegmentationDataset(data, [ids[index]], "test")[0]
     photo = read_image(data.info, data.image_path(ids[index], "test"))
     return ids[index], photo, image, label
 
 
 @torch.no_grad()
-def segment(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, device: torch.device) -> torch.Tensor:
+def segment(
+    model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """Argmax prediction [H,W] on the padded image, set to ignore where the ground truth is ignore."""
     model.eval().to(device)
     logits = predict(model, image[None].to(device), label.shape[-2:])
@@ -50,28 +60,44 @@ def segment(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, de
     return prediction.masked_fill(label == IGNORE_INDEX, IGNORE_INDEX)
 
 
-def draw_comparison(data: DatasetFiles, checkpoints: Sequence[str | Path], titles: Sequence[str],
-                index: int | Sequence[int], out: str | Path, backbone: str | None = None,
-                resnet_depth: int | None = None, device: str | torch.device = "cpu") -> Path:
+def draw_comparison(
+    data: DatasetFiles,
+    checkpoints: Sequence[str | Path],
+    titles: Sequence[str],
+    index: int | Sequence[int],
+    out: str | Path,
+    backbone: str | None = None,
+    resnet_depth: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Draw ground truth | one panel per checkpoint for test image `index` (a row per image when several indices
     are given) and save it as a PNG at `out`."""
     if len(titles) != len(checkpoints):
-        raise UserError(f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each")
+        raise UserError(
+            f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each"
+        )
     info = data.info
     device = resolve_device(str(device))
     samples = [load_sample(data, i) for i in ([index] if isinstance(index, int) else index)]
     # panels are cropped back from the padded size to the image's own
-    rows = [[blend(photo, label[:photo.shape[0], :photo.shape[1]], info.palette)] for _, photo, _, label in samples]
+    rows = [
+        [blend(photo, label[: photo.shape[0], : photo.shape[1]], info.palette)]
+        for _, photo, _, label in samples
+    ]
     for path in checkpoints:
         model = load_model(path, info.num_classes, backbone, resnet_depth)
         for row, (_, photo, image, label) in zip(rows, samples):
             prediction = segment(model, image, label, device)
-            row.append(blend(photo, prediction[:photo.shape[0], :photo.shape[1]], info.palette))
+            row.append(blend(photo, prediction[: photo.shape[0], : photo.shape[1]], info.palette))
         del model
 
     height, width = samples[0][1].shape[:2]
-    fig, axes = plt.subplots(len(rows), len(rows[0]), squeeze=False,
-                             figsize=(3 * len(rows[0]), 3 * height / width * len(rows) + 0.8))
+    fig, axes = plt.subplots(
+        len(rows),
+        len(rows[0]),
+        squeeze=False,
+        figsize=(3 * len(rows[0]), 3 * height / width * len(rows) + 0.8),
+    )
     for r, (row, (sample_id, *_)) in enumerate(zip(rows, samples)):
         for ax, panel, title in zip(axes[r], row, ["Ground Truth", *titles]):
             ax.imshow(panel)
@@ -96,8 +122,10 @@ def covering_choice(class_sets: Sequence[Collection[int]], count: int) -> list[i
     chosen: list[int] = []
     shown: set[int] = set()
     for _ in range(min(count, len(class_sets))):
-        pick = max((i for i in range(len(class_sets)) if i not in chosen),
-                   key=lambda i: (len(set(class_sets[i]) - shown), len(class_sets[i]), -i))
+        pick = max(
+            (i for i in range(len(class_sets)) if i not in chosen),
+            key=lambda i: (len(set(class_sets[i]) - shown), len(class_sets[i]), -i),
+        )
         chosen.append(pick)
         shown |= set(class_sets[pick])
     return chosen
@@ -105,8 +133,12 @@ def covering_choice(class_sets: Sequence[Collection[int]], count: int) -> list[i
 
 def covering_test_images(data: DatasetFiles, count: int = 4) -> list[int]:
     """Test-list indices of `count` images whose labels together show the most classes (covering_choice)."""
-    ids = tqdm(data.list_ids("test"), desc="choosing the figure's images", leave=False,
-               disable=not sys.stderr.isatty())  # every val label is read once (Pascal: 1,449)
+    ids = tqdm(
+        data.list_ids("test"),
+        desc="choosing the figure's images",
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    )  # every val label is read once (Pascal: 1,449)
     class_sets = [present_classes(read_label(data.info, data.label_path(i, "test"))).tolist() for i in ids]
     return covering_choice(class_sets, count)
 
@@ -134,7 +166,7 @@ def plot_curves(metrics: np.ndarray, columns: Sequence[str], title: str, out: st
         ax.grid(alpha=0.3)
         if len(names) > 1:
             ax.legend(fontsize=8)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()

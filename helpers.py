@@ -13,8 +13,8 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -55,9 +55,11 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         if _NOT_DETERMINISTIC not in str(err):
             raise
         operation = str(err).partition(_NOT_DETERMINISTIC)[0].split()[-1]
-        print(f"error: --deterministic: {operation} has no deterministic kernel on this device in torch "
-              f"{torch.__version__}; run without --deterministic (GPU reruns then differ)",
-              file=sys.stderr)
+        print(
+            f"error: --deterministic: {operation} has no deterministic kernel on this device in torch "
+            f"{torch.__version__}; run without --deterministic (GPU reruns then differ)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -93,6 +95,7 @@ def save_file(save: Callable[[BinaryIO], object], path: str | os.PathLike) -> No
     """atomic_save for writers of an open binary file (torch.save, np.save): the file is flushed to disk and
     closed before it is renamed, and a full disk is an OSError naming `path` (torch.save given a path would
     raise a RuntimeError from its own writer instead)."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as file:
             save(file)

@@ -11,8 +11,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from build_data import (DATASETS, FOLDER, IMAGE_SUFFIXES, REPO_ROOT, UNLABELLED_DIR, VOID, DatasetFiles,
-                        DatasetInfo, file_stamp, folder_entry, image_size, read_label, void_values)
+from build_data import (
+    DATASETS,
+    FOLDER,
+    IMAGE_SUFFIXES,
+    REPO_ROOT,
+    UNLABELLED_DIR,
+    VOID,
+    DatasetFiles,
+    DatasetInfo,
+    file_stamp,
+    folder_entry,
+    image_size,
+    read_label,
+    void_values,
+)
 from dataset_card import CLASSES_FILE, HELP, OVERRIDES_FILE, DatasetCard, read_card
 from helpers import DataError
 
@@ -29,8 +42,10 @@ def resolve_dataset(name: str, data_root: str | Path | None = None) -> DatasetFi
     elif name in DATASETS:
         info = DATASETS[name]
     else:
-        raise DataError(f"unknown dataset {name!r} (--dataset): choose one of {', '.join(DATASETS)} or "
-                        f"{FOLDER} (your own data: --dataset {FOLDER} --data_root DIR)")
+        raise DataError(
+            f"unknown dataset {name!r} (--dataset): choose one of {', '.join(DATASETS)} or "
+            f"{FOLDER} (your own data: --dataset {FOLDER} --data_root DIR)"
+        )
     root = Path(data_root) if data_root is not None else REPO_ROOT / "dataset" / name
     return LAYOUTS[info.layout](info, root)
 
@@ -39,12 +54,16 @@ def _folder_info(root: str | Path | None) -> DatasetInfo:
     """The table entry of the dataset in folder `root`, from its card (classes.txt, dataset.json) and, unless
     the card gives eval_size, the headers of its val images: each read once while unchanged (file_stamp)."""
     if root is None:
-        raise DataError(f"--dataset {FOLDER} needs --data_root DIR: the folder holding images/, labels/ and "
-                        f"{CLASSES_FILE} ({HELP})")
+        raise DataError(
+            f"--dataset {FOLDER} needs --data_root DIR: the folder holding images/, labels/ and "
+            f"{CLASSES_FILE} ({HELP})"
+        )
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"--data_root {root} is not a folder: pass the folder holding images/, labels/ and "
-                        f"{CLASSES_FILE} ({HELP})")
+        raise DataError(
+            f"--data_root {root} is not a folder: pass the folder holding images/, labels/ and "
+            f"{CLASSES_FILE} ({HELP})"
+        )
     card = _card(root, root.resolve(), file_stamp(root / CLASSES_FILE), file_stamp(root / OVERRIDES_FILE))
     return folder_entry(card, card.eval_size or _largest_size(root / "images" / "val"), root)
 
@@ -127,7 +146,8 @@ class CityscapesFiles(_ReferenceFiles):
                 f"file-system order), so a split naming original files (city/city_seq_frame) cannot be "
                 f"matched to it; re-run `python dataset/cityscapes_preprocess.py --root {self.root}` on the "
                 f"original leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ folders, which writes the "
-                f"record")
+                f"record"
+            )
         return {name: str(i) for i, name in enumerate(record.read_text(encoding="utf-8").split())}
 
 
@@ -200,27 +220,37 @@ def _listing(folder: Path, what: str) -> dict[str, Path]:
     """Stem -> file of the image files in a folder of a folder dataset; DataError if it is missing or empty,
     or if two files share a stem (labels are matched to images by stem)."""
     if not folder.is_dir():
-        beside = ", ".join(sorted(p.name for p in folder.parent.iterdir() if p.is_dir())) \
-            if folder.parent.is_dir() else ""  # 'valid' or 'Train' instead of 'val' or 'train'
-        raise DataError(f"{folder} not found{f' (its folder holds: {beside})' if beside else ''}: a folder "
-                        f"dataset holds images/train/, labels/train/, images/val/ and labels/val/ ({HELP})")
+        beside = (
+            ", ".join(sorted(p.name for p in folder.parent.iterdir() if p.is_dir()))
+            if folder.parent.is_dir()
+            else ""
+        )  # 'valid' or 'Train' instead of 'val' or 'train'
+        raise DataError(
+            f"{folder} not found{f' (its folder holds: {beside})' if beside else ''}: a folder "
+            f"dataset holds images/train/, labels/train/, images/val/ and labels/val/ ({HELP})"
+        )
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
         if path.is_dir() and any(map(_is_image_file, path.rglob("*"))):
-            raise DataError(f"{path} is a subfolder: the {what}s of a folder dataset are read from directly "
-                            f"inside {folder}, so these would be left out; move its files up into {folder} "
-                            f"(every file stem must stay unique)")
+            raise DataError(
+                f"{path} is a subfolder: the {what}s of a folder dataset are read from directly "
+                f"inside {folder}, so these would be left out; move its files up into {folder} "
+                f"(every file stem must stay unique)"
+            )
         if not _is_image_file(path):
             continue
         if path.stem in files:
-            raise DataError(f"{path} and {files[path.stem].name} share the stem {path.stem!r}: {what}s are "
-                            f"matched by file stem; rename or remove one")
+            raise DataError(
+                f"{path} and {files[path.stem].name} share the stem {path.stem!r}: {what}s are "
+                f"matched by file stem; rename or remove one"
+            )
         files[path.stem] = path
     if not files:
-        raise DataError(f"{folder} holds no {what} files ({' '.join(IMAGE_SUFFIXES)}): put the {what}s there "
-                        f"({HELP})")
+        raise DataError(
+            f"{folder} holds no {what} files ({' '.join(IMAGE_SUFFIXES)}): put the {what}s there ({HELP})"
+        )
     return files
 
 
@@ -249,35 +279,49 @@ def _folder_ids(info: DatasetInfo, root: Path, split: str) -> list[str]:
     images, labels = _listing(image_dir, "image"), _listing(label_dir, "label")
     for stem, path in labels.items():
         if path.suffix not in LABEL_SUFFIXES:  # label_path asks for <stem>.png or <stem>.PNG
-            raise DataError(f"label {path} is not a .png file: save it as {path.stem}.png (PNG keeps class "
-                            f"values exact)")
+            raise DataError(
+                f"label {path} is not a .png file: save it as {path.stem}.png (PNG keeps class values exact)"
+            )
         if stem not in images:
             raise _unmatched_label(path, images, image_dir)
     for stem, path in images.items():
         if stem not in labels:
-            raise DataError(f"image {path} has no label {label_dir / stem}.png: add the label, or move the "
-                            f"image to {root / UNLABELLED_DIR}/ (images without masks)")
+            raise DataError(
+                f"image {path} has no label {label_dir / stem}.png: add the label, or move the "
+                f"image to {root / UNLABELLED_DIR}/ (images without masks)"
+            )
     eval_size = info.eval_size if split == "test" else None
-    key = (tuple((str(p.resolve()), file_stamp(p)) for p in [*images.values(), *labels.values()]),
-           info.label_table.tobytes(), eval_size)
+    key = (
+        tuple((str(p.resolve()), file_stamp(p)) for p in [*images.values(), *labels.values()]),
+        info.label_table.tobytes(),
+        eval_size,
+    )
     if key not in _checked_folders:
         present = np.zeros(256, bool)  # class ids (and VOID) that some label of the split holds
-        for stem in tqdm(sorted(images), desc=f"checking {label_dir}", disable=len(images) < 500,
-                         leave=False):
+        for stem in tqdm(
+            sorted(images), desc=f"checking {label_dir}", disable=len(images) < 500, leave=False
+        ):
             width, height = image_size(images[stem])
             label = read_label(info, labels[stem])
             present |= np.bincount(label.ravel(), minlength=256) > 0
             if label.shape != (height, width):
-                turned = (" (its sides are swapped: a photo with an EXIF orientation tag, shown upright "
-                          "where it was labelled? Store it upright, e.g. with PIL.ImageOps.exif_transpose)"
-                          if label.shape == (width, height) else "")
-                raise DataError(f"label {labels[stem]} is {label.shape[1]}x{label.shape[0]} but its image "
-                                f"{images[stem].name} is {width}x{height} (WxH): a label has its image's size"
-                                f"{turned}")
+                turned = (
+                    " (its sides are swapped: a photo with an EXIF orientation tag, shown upright "
+                    "where it was labelled? Store it upright, e.g. with PIL.ImageOps.exif_transpose)"
+                    if label.shape == (width, height)
+                    else ""
+                )
+                raise DataError(
+                    f"label {labels[stem]} is {label.shape[1]}x{label.shape[0]} but its image "
+                    f"{images[stem].name} is {width}x{height} (WxH): a label has its image's size"
+                    f"{turned}"
+                )
             if eval_size and (height > eval_size[0] or width > eval_size[1]):
-                raise DataError(f"image {images[stem]} is {width}x{height} (WxH), larger than the eval_size "
-                                f"{eval_size[1]}x{eval_size[0]} of {root / OVERRIDES_FILE}: raise eval_size "
-                                f"(or drop it: the default is the largest val image)")
+                raise DataError(
+                    f"image {images[stem]} is {width}x{height} (WxH), larger than the eval_size "
+                    f"{eval_size[1]}x{eval_size[0]} of {root / OVERRIDES_FILE}: raise eval_size "
+                    f"(or drop it: the default is the largest val image)"
+                )
         if split == "train":
             _check_class_coverage(info, label_dir, present)
         _checked_folders.add(key)
@@ -289,13 +333,18 @@ def _unmatched_label(path: Path, images: dict[str, Path], image_dir: Path) -> Da
     stem = path.stem
     unread = sorted(p.name for p in image_dir.iterdir() if p.stem == stem and not p.is_dir())
     # tools often name masks <image stem>_mask, _segmentation or <image name>.png
-    prefixed = max((other for other in images if stem.startswith(other) and stem[len(other)] in "_-. "),
-                   key=len, default=None)
+    prefixed = max(
+        (other for other in images if stem.startswith(other) and stem[len(other)] in "_-. "),
+        key=len,
+        default=None,
+    )
     if unread:
         fix = f"{unread[0]} is not a format read here ({' '.join(IMAGE_SUFFIXES)}): convert it, e.g. to PNG"
     elif prefixed:
-        fix = (f"its name starts with that of image {images[prefixed].name}: rename it {prefixed}.png "
-               f"(labels are matched to images by the whole file stem)")
+        fix = (
+            f"its name starts with that of image {images[prefixed].name}: rename it {prefixed}.png "
+            f"(labels are matched to images by the whole file stem)"
+        )
     else:
         fix = "add the image or remove the label"
     return DataError(f"label {path} has no image of the same stem in {image_dir}: {fix}")
@@ -309,17 +358,26 @@ def _check_class_coverage(info: DatasetInfo, label_dir: Path, present: np.ndarra
     [void] = void_values(info)
     if len(classes) < 2:
         held = f"only class {names[classes[0]]}" if len(classes) else "no class"
-        raise DataError(f"the labels in {label_dir} hold {held}{f' and void {void}' if present[VOID] else ''}"
-                        f": there is nothing to tell apart. Mask values are the line of the class in "
-                        f"{CLASSES_FILE}, counted from 0, and {void} is void: a 0/{void} mask whose {void} "
-                        f"marks the object must store it as 1 ({HELP})")
+        raise DataError(
+            f"the labels in {label_dir} hold {held}{f' and void {void}' if present[VOID] else ''}"
+            f": there is nothing to tell apart. Mask values are the line of the class in "
+            f"{CLASSES_FILE}, counted from 0, and {void} is void: a 0/{void} mask whose {void} "
+            f"marks the object must store it as 1 ({HELP})"
+        )
     missing = [names[c] for c in range(info.num_classes) if not present[c]]
     if missing:
         them = "it" if len(missing) == 1 else "them"
-        print(f"warning: no label in {label_dir} holds class {', '.join(missing)} of {CLASSES_FILE}: the "
-              f"network cannot learn {them}; add training images that show {them}", file=sys.stderr,
-              flush=True)
+        print(
+            f"warning: no label in {label_dir} holds class {', '.join(missing)} of {CLASSES_FILE}: the "
+            f"network cannot learn {them}; add training images that show {them}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-LAYOUTS: dict[str, type[DatasetFiles]] = {"pascal": PascalFiles, "cityscapes": CityscapesFiles,
-                                          "sun": SunFiles, FOLDER: FolderFiles}
+LAYOUTS: dict[str, type[DatasetFiles]] = {
+    "pascal": PascalFiles,
+    "cityscapes": CityscapesFiles,
+    "sun": SunFiles,
+    FOLDER: FolderFiles,
+}

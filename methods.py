@@ -18,59 +18,72 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers import full_precision
-from module_list import (ONLINE_METHODS, compute_ohem_loss, compute_reco_loss, compute_supervised_loss,
-                         compute_unsupervised_loss, generate_unsup_data, label_onehot)
+from module_list import (
+    ONLINE_METHODS,
+    compute_ohem_loss,
+    compute_reco_loss,
+    compute_supervised_loss,
+    compute_unsupervised_loss,
+    generate_unsup_data,
+    label_onehot,
+)
 from network import upsample
 from transforms import batch_transform
 from unimatch_views import unlabelled_views
 
 # The names of the logged terms each step returns, in order ('sup': the supervised scripts' step).
-TERMS = {"sup": ("loss",), "meanteacher": ("sup", "unsup", "reco"),
-         "fixmatch": ("sup", "unsup_s", "reco", "mask_ratio"),
-         "unimatch": ("sup", "unsup_s1", "unsup_s2", "unsup_fp", "reco", "mask_ratio")}
+TERMS = {
+    "sup": ("loss",),
+    "meanteacher": ("sup", "unsup", "reco"),
+    "fixmatch": ("sup", "unsup_s", "reco", "mask_ratio"),
+    "unimatch": ("sup", "unsup_s1", "unsup_s2", "unsup_fp", "reco", "mask_ratio"),
+}
 CRITERIA = ("ce", "ohem")
 
 
 class MethodBatch(NamedTuple):
     """One step's data: images [B,3,H,W] normalised, masks [B,H,W]; the *2 fields are None for FixMatch."""
-    images_x: Tensor           # labelled images
-    labels_x: Tensor           # their labels, long, module_list.IGNORE_INDEX where void (or padded)
-    weak: Tensor               # unlabelled images, weak view (geometry only)
-    strong1: Tensor            # strong view 1 of the same crops, before CutMix
-    strong2: Tensor | None     # strong view 2 (UniMatch)
-    padding: Tensor            # bool, True where the unlabelled crop is padding
-    box1: Tensor               # bool, True where strong view 1 takes the mix batch's pixels and targets
-    box2: Tensor | None        # the same for strong view 2 (UniMatch)
-    mix_weak: Tensor           # the mix batch (other unlabelled crops): weak view
-    mix_strong1: Tensor        # its strong view 1, pasted into strong1 inside box1
+
+    images_x: Tensor  # labelled images
+    labels_x: Tensor  # their labels, long, module_list.IGNORE_INDEX where void (or padded)
+    weak: Tensor  # unlabelled images, weak view (geometry only)
+    strong1: Tensor  # strong view 1 of the same crops, before CutMix
+    strong2: Tensor | None  # strong view 2 (UniMatch)
+    padding: Tensor  # bool, True where the unlabelled crop is padding
+    box1: Tensor  # bool, True where strong view 1 takes the mix batch's pixels and targets
+    box2: Tensor | None  # the same for strong view 2 (UniMatch)
+    mix_weak: Tensor  # the mix batch (other unlabelled crops): weak view
+    mix_strong1: Tensor  # its strong view 1, pasted into strong1 inside box1
     mix_strong2: Tensor | None  # its strong view 2, pasted into strong2 inside box2 (UniMatch)
-    mix_padding: Tensor        # bool, its padding
+    mix_padding: Tensor  # bool, its padding
 
 
 class MethodSettings(NamedTuple):
     """What a step needs besides the networks and the batch (UniMatch's Pascal values by default)."""
-    method: str = "unimatch"           # a key of TERMS
-    conf_thresh: float = 0.95          # tau: pseudo-labels with a lower confidence are not learnt from
-    criterion: str = "ce"              # labelled loss: 'ce' (ignore void) or 'ohem' (Cityscapes)
+
+    method: str = "unimatch"  # a key of TERMS
+    conf_thresh: float = 0.95  # tau: pseudo-labels with a lower confidence are not learnt from
+    criterion: str = "ce"  # labelled loss: 'ce' (ignore void) or 'ohem' (Cityscapes)
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000       # see ohem_min_kept()
+    ohem_min_kept: int = 100_000  # see ohem_min_kept()
     apply_reco: bool = False
     reco_weight: float = 1.0
-    strong_threshold: float = 0.97     # ReCo: queries are pixels predicted below this confidence
-    weak_threshold: float = 0.7        # ReCo: pseudo-labelled pixels from this confidence on
+    strong_threshold: float = 0.97  # ReCo: queries are pixels predicted below this confidence
+    weak_threshold: float = 0.7  # ReCo: pseudo-labelled pixels from this confidence on
     temp: float = 0.5
     num_queries: int = 256
     num_negatives: int = 256
-    apply_aug: str = "cutout"          # the mean teacher's mixing (module_list.MIX_MODES)
-    partial: bool = False              # the mean teacher on partial labels
+    apply_aug: str = "cutout"  # the mean teacher's mixing (module_list.MIX_MODES)
+    partial: bool = False  # the mean teacher on partial labels
     scale_range: tuple[float, float] = (1.0, 1.0)  # the mean teacher's rescaling of the unlabelled batch
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around the forwards
 
 
 class StepOutput(NamedTuple):
     """What a step returns."""
-    loss: Tensor    # the scalar to backpropagate
-    terms: Tensor   # [len(TERMS[method])], detached
+
+    loss: Tensor  # the scalar to backpropagate
+    terms: Tensor  # [len(TERMS[method])], detached
     pred_x: Tensor  # [B,H,W] long: the labelled images' predicted classes (for a monitor)
     pseudo: Tensor | None  # [B,H,W] long: the unlabelled images' pseudo-labels (None: supervised)
 
@@ -101,8 +114,9 @@ class PerturbedNet(nn.Module):
         super().__init__()
         self.model, self.layout = model, layout
 
-    def forward(self, images: Tensor, rep_rows: int = 0, perturb: bool = False,
-                keep: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(
+        self, images: Tensor, rep_rows: int = 0, perturb: bool = False, keep: Sequence[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """images [N,3,H,W] -> (logits [N,C,h,w], perturbed logits [N,C,h,w] or None, representation of
         the first rep_rows images or None), at the network's output stride.
 
@@ -117,8 +131,9 @@ class PerturbedNet(nn.Module):
             return logits, None, rep
         if keep is None:
             keep = _keep_masks(low, high)
-        low, high = (torch.cat([f, f * (k[:, :, None, None].to(f.dtype) * 2)])
-                     for f, k in zip((low, high), keep))
+        low, high = (
+            torch.cat([f, f * (k[:, :, None, None].to(f.dtype) * 2)]) for f, k in zip((low, high), keep)
+        )
         logits, rep = self.model.decode(low, high, rep_rows > 0, rep_rows)
         count = images.shape[0]
         return logits[:count], logits[count:], rep
@@ -135,8 +150,9 @@ def nearest(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(x.dtype)
 
 
-def reco_inputs(labels: Tensor, masks: Tensor, logits: Tensor,
-                num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+def reco_inputs(
+    labels: Tensor, masks: Tensor, logits: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """One-hot labels, validity mask and class probabilities at the logits' resolution (compute_reco_loss)."""
     size = logits.shape[-2:]
     labels, masks = nearest(labels, size), nearest(masks, size)
@@ -161,8 +177,9 @@ def _labelled_loss(logits: Tensor, labels: Tensor, settings: MethodSettings) -> 
     return compute_supervised_loss(logits, labels)
 
 
-def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
-                keep: Sequence[Tensor] | None = None) -> StepOutput:
+def method_step(
+    net: nn.Module, batch: MethodBatch, settings: MethodSettings, keep: Sequence[Tensor] | None = None
+) -> StepOutput:
     """The loss of one FixMatch or UniMatch step as their authors' code computes it, plus ReCo's if asked.
 
     net: a PerturbedNet (DDP-wrapped or not); it is left in train mode. keep: UniMatch's two dropout
@@ -185,8 +202,9 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
        representation's stride by nearest neighbour.
     """
     if settings.method not in ONLINE_METHODS:
-        raise ValueError(f"method_step: unknown method {settings.method!r}; "
-                         f"choose one of {', '.join(ONLINE_METHODS)}")
+        raise ValueError(
+            f"method_step: unknown method {settings.method!r}; choose one of {', '.join(ONLINE_METHODS)}"
+        )
     unimatch = settings.method == "unimatch"
     size = batch.weak.shape[-2:]
     count_x = batch.images_x.shape[0]
@@ -204,14 +222,24 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
     net.train()
     reco = settings.apply_reco
     with settings.autocast():
-        logits_b, logits_fp, rep_x = net(torch.cat([batch.images_x, batch.weak]),
-                                         rep_rows=count_x if reco else 0, perturb=unimatch, keep=keep)
+        logits_b, logits_fp, rep_x = net(
+            torch.cat([batch.images_x, batch.weak]),
+            rep_rows=count_x if reco else 0,
+            perturb=unimatch,
+            keep=keep,
+        )
         logits_c, _, rep_c = net(strong, rep_rows=strong.shape[0] if reco else 0)
     pred_x = upsample(logits_b[:count_x], batch.labels_x.shape[-2:])
     with torch.no_grad():
         conf_w, label_w = _confidence_and_label(upsample(logits_b[count_x:].detach(), size))
-    targets = [(torch.where(box, label_mix, label_w), torch.where(box, conf_mix, conf_w),
-                torch.where(box, batch.mix_padding, batch.padding)) for _, box, _ in views]
+    targets = [
+        (
+            torch.where(box, label_mix, label_w),
+            torch.where(box, conf_mix, conf_w),
+            torch.where(box, batch.mix_padding, batch.padding),
+        )
+        for _, box, _ in views
+    ]
 
     tau = settings.conf_thresh
     sup = _labelled_loss(pred_x, batch.labels_x, settings)
@@ -228,13 +256,23 @@ def method_step(net: nn.Module, batch: MethodBatch, settings: MethodSettings,
     if reco:
         with torch.no_grad():
             labels = torch.cat([batch.labels_x] + [label for label, _, _ in targets])
-            valid = torch.cat([batch.labels_x >= 0] + [(conf >= settings.weak_threshold) & ~padding
-                                                       for _, conf, padding in targets])
-            onehot, mask, prob = reco_inputs(labels, valid, torch.cat([logits_b[:count_x], logits_c]),
-                                             logits_c.shape[1])
-        reco_loss = compute_reco_loss(torch.cat([rep_x, rep_c]), onehot, mask, prob,
-                                      settings.strong_threshold, settings.temp, settings.num_queries,
-                                      settings.num_negatives)
+            valid = torch.cat(
+                [batch.labels_x >= 0]
+                + [(conf >= settings.weak_threshold) & ~padding for _, conf, padding in targets]
+            )
+            onehot, mask, prob = reco_inputs(
+                labels, valid, torch.cat([logits_b[:count_x], logits_c]), logits_c.shape[1]
+            )
+        reco_loss = compute_reco_loss(
+            torch.cat([rep_x, rep_c]),
+            onehot,
+            mask,
+            prob,
+            settings.strong_threshold,
+            settings.temp,
+            settings.num_queries,
+            settings.num_negatives,
+        )
         loss = loss + settings.reco_weight * reco_loss
 
     with torch.no_grad():
@@ -255,13 +293,25 @@ def supervised_step(net: nn.Module, images: Tensor, labels: Tensor, settings: Me
         with torch.no_grad():
             onehot, mask, prob = reco_inputs(labels, labels >= 0, logits, logits.shape[1])
         loss = loss + settings.reco_weight * compute_reco_loss(
-            rep, onehot, mask, prob, settings.strong_threshold, settings.temp, settings.num_queries,
-            settings.num_negatives)
+            rep,
+            onehot,
+            mask,
+            prob,
+            settings.strong_threshold,
+            settings.temp,
+            settings.num_queries,
+            settings.num_negatives,
+        )
     return StepOutput(loss, loss.detach()[None], logits_up.argmax(1), None)
 
 
-def mean_teacher_step(student: nn.Module, teacher: nn.Module, labelled: Sequence[Tensor],
-                      unlabelled: Sequence[Tensor], settings: MethodSettings) -> StepOutput:
+def mean_teacher_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    labelled: Sequence[Tensor],
+    unlabelled: Sequence[Tensor],
+    settings: MethodSettings,
+) -> StepOutput:
     """The reference's semi-supervised step: the teacher's pseudo-labels, re-cropped, mixed (apply_aug) and
     re-augmented with their images; the loss sup + unsup + reco_weight * ReCo. student, teacher: Views;
     labelled, unlabelled: (images [B,3,H,W], labels [B,H,W]) each (unlabelled labels: partial, or
@@ -277,8 +327,9 @@ def mean_teacher_step(student: nn.Module, teacher: nn.Module, labelled: Sequence
             known = labels_u >= 0
             pseudo_u = torch.where(known, labels_u, pseudo_u)
             conf_u = torch.where(known, torch.ones_like(conf_u), conf_u)
-        images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, settings.scale_range,
-                                                     False)
+        images_u, pseudo_u, conf_u = batch_transform(
+            images_u, pseudo_u, conf_u, crop, settings.scale_range, False
+        )
         images_u, pseudo_u, conf_u = generate_unsup_data(images_u, pseudo_u, conf_u, settings.apply_aug)
         images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, (1.0, 1.0), True)
 
@@ -297,11 +348,22 @@ def mean_teacher_step(student: nn.Module, teacher: nn.Module, labelled: Sequence
                 reco_mask_l = known | (conf_l >= 0.97)  # the reference hard-codes 0.97 here
             else:
                 reco_labels_l, reco_mask_l = labels_l, labels_l >= 0
-            onehot, mask, prob = reco_inputs(torch.cat([reco_labels_l, pseudo_u]),
-                                             torch.cat([reco_mask_l, conf_u >= settings.weak_threshold]),
-                                             torch.cat([logits_l, logits_u]), logits_l.shape[1])
-        reco = compute_reco_loss(torch.cat([rep_l, rep_u]), onehot, mask, prob, settings.strong_threshold,
-                                 settings.temp, settings.num_queries, settings.num_negatives)
+            onehot, mask, prob = reco_inputs(
+                torch.cat([reco_labels_l, pseudo_u]),
+                torch.cat([reco_mask_l, conf_u >= settings.weak_threshold]),
+                torch.cat([logits_l, logits_u]),
+                logits_l.shape[1],
+            )
+        reco = compute_reco_loss(
+            torch.cat([rep_l, rep_u]),
+            onehot,
+            mask,
+            prob,
+            settings.strong_threshold,
+            settings.temp,
+            settings.num_queries,
+            settings.num_negatives,
+        )
     loss = sup + unsup + settings.reco_weight * reco
     return StepOutput(loss, torch.stack([sup, unsup, reco]).detach(), logits_l_up.argmax(1), monitored)
 
@@ -315,14 +377,29 @@ def online_batch(method: str, labelled: Sequence[Tensor], unlabelled: Sequence[T
     weak, strong1, strong2, _, box1, box2 = unlabelled_views(weak, padding)
     mix_weak, mix_strong1, mix_strong2, *_ = unlabelled_views(mix_weak, mix_padding)
     two = method == "unimatch"  # FixMatch's loader makes the second view too, and leaves it unused
-    return MethodBatch(images_x, labels_x, weak, strong1, strong2 if two else None, padding, box1.bool(),
-                       box2.bool() if two else None, mix_weak, mix_strong1, mix_strong2 if two else None,
-                       mix_padding)
+    return MethodBatch(
+        images_x,
+        labels_x,
+        weak,
+        strong1,
+        strong2 if two else None,
+        padding,
+        box1.bool(),
+        box2.bool() if two else None,
+        mix_weak,
+        mix_strong1,
+        mix_strong2 if two else None,
+        mix_padding,
+    )
 
 
-def training_step(method: str, student: nn.Module, teacher: nn.Module | None,
-                  batch: Sequence[Sequence[Tensor]],
-                  settings: MethodSettings) -> tuple[StepOutput, list[Tensor]]:
+def training_step(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batch: Sequence[Sequence[Tensor]],
+    settings: MethodSettings,
+) -> tuple[StepOutput, list[Tensor]]:
     """One step of a method (a key of TERMS) on the loaders' items on the device; returns its output and the
     ground truth its predictions are monitored against (labelled, then unlabelled labels)."""
     if method == "sup":
@@ -332,15 +409,20 @@ def training_step(method: str, student: nn.Module, teacher: nn.Module | None,
     return method_step(student, online_batch(method, *batch), settings), [batch[0][1], batch[1][2]]
 
 
-def method_optimizer(model: nn.Module, lr: float, lr_multi: float,
-                     weight_decay: float = 1e-4) -> torch.optim.SGD:
+def method_optimizer(
+    model: nn.Module, lr: float, lr_multi: float, weight_decay: float = 1e-4
+) -> torch.optim.SGD:
     """UniMatch's SGD (momentum 0.9, weight decay on every parameter): group 0 the backbone at lr, group 1 the
     rest of the network at lr * lr_multi. model: a network with backbone_parameters() (both DeepLabv3+)."""
     backbone = list(model.backbone_parameters())
     in_backbone = {id(p) for p in backbone}
     head = [p for p in model.parameters() if id(p) not in in_backbone]
-    return torch.optim.SGD([{"params": backbone, "lr": lr}, {"params": head, "lr": lr * lr_multi}],
-                           lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.SGD(
+        [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * lr_multi}],
+        lr=lr,
+        momentum=0.9,
+        weight_decay=weight_decay,
+    )
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9) -> float:

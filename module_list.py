@@ -30,13 +30,16 @@ _NUM_LABEL_VALUES = 257
 
 def _uniform_below(n: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Integers drawn uniformly from [0, n), elementwise, on n's device; entries with n == 0 give 0."""
-    u = torch.rand(n.shape, generator=generator, device=n.device, dtype=torch.float64).mul_(n)  # 53 bits: no bias
+    u = torch.rand(n.shape, generator=generator, device=n.device, dtype=torch.float64).mul_(
+        n
+    )  # 53 bits: no bias
     return u.long().clamp_(max=(n - 1).clamp_(min=0))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------------------------
+
 
 def compute_supervised_loss(pred: Tensor, target: Tensor, reduction: bool = True) -> Tensor:
     """Cross-entropy of pred [B,C,H,W] (any float dtype) against target [B,H,W] long, ignoring IGNORE_INDEX.
@@ -96,8 +99,15 @@ def _draw_pixels(weights: Tensor, num: int, generator: torch.Generator | None = 
     return torch.searchsorted(cdf, u, right=True)
 
 
-def _reco_draws(valid: Tensor, hard: Tensor, class_probs: Tensor, anchors: Tensor, num_queries: int,
-                num_negatives: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def _reco_draws(
+    valid: Tensor,
+    hard: Tensor,
+    class_probs: Tensor,
+    anchors: Tensor,
+    num_queries: int,
+    num_negatives: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Pixel indices of the queries [A,Q] and negative keys [A,Q,N] for the anchor classes `anchors` [A].
 
     valid, hard: [C,P] bool pixel sets per class; class_probs: [C,C] negative-class distribution per anchor class
@@ -116,8 +126,9 @@ def _reco_draws(valid: Tensor, hard: Tensor, class_probs: Tensor, anchors: Tenso
     tail = probs.flip(1).cumsum(1).flip(1)  # p_j + later p
     last = torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], dim=1) <= 0  # no mass after class j
     ratio = torch.where(last, 1.0, probs / tail.clamp(min=torch.finfo(tail.dtype).tiny)).clamp(0.0, 1.0)
-    remaining = torch.full((anchors.shape[0], num_queries), float(num_negatives), dtype=torch.float64,
-                           device=device)
+    remaining = torch.full(
+        (anchors.shape[0], num_queries), float(num_negatives), dtype=torch.float64, device=device
+    )
     counts = []
     for j in range(num_classes):  # <= C small ops, no host sync
         count = torch.binomial(remaining, ratio[:, j, None].expand_as(remaining), generator=generator)
@@ -152,7 +163,8 @@ def _sampled_dot_fused(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
     # The gradient of embedding_bag with respect to its per-sample weights is exactly these dot products,
     # computed by a fused gather-dot kernel on CPU and CUDA (no public op does this without the [R,N,D] copy).
     out = getattr(torch.ops.aten, _FUSED_SAMPLED_DOT_OP)(
-        a.contiguous(), b, index.reshape(-1), offsets, bag_of, 0, -1)  # mode 0 = sum, no padding index
+        a.contiguous(), b, index.reshape(-1), offsets, bag_of, 0, -1
+    )  # mode 0 = sum, no padding index
     return out.view(rows, cols)
 
 
@@ -166,10 +178,10 @@ def _sampled_dot_public(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
     tile_rows = max(1, _GATHER_TILE_ELEMENTS // (tile_cols * dim))
     out = a.new_empty(rows, cols)
     for r0 in range(0, rows, tile_rows):
-        queries = a[r0:r0 + tile_rows, :, None]  # [r,D,1]
+        queries = a[r0 : r0 + tile_rows, :, None]  # [r,D,1]
         for c0 in range(0, cols, tile_cols):
-            keys = b[index[r0:r0 + tile_rows, c0:c0 + tile_cols]]  # [r,c,D]
-            out[r0:r0 + tile_rows, c0:c0 + tile_cols] = torch.bmm(keys, queries).squeeze(2)
+            keys = b[index[r0 : r0 + tile_rows, c0 : c0 + tile_cols]]  # [r,c,D]
+            out[r0 : r0 + tile_rows, c0 : c0 + tile_cols] = torch.bmm(keys, queries).squeeze(2)
     return out
 
 
@@ -213,9 +225,17 @@ class _SampledDot(torch.autograd.Function):
         return F.embedding_bag(index, b, mode="sum", per_sample_weights=grad.contiguous()), None, None
 
 
-def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, strong_threshold: float = 1.0,
-                      temp: float = 0.5, num_queries: int = 256, num_negatives: int = 256,
-                      generator: torch.Generator | None = None) -> Tensor:
+def compute_reco_loss(
+    rep: Tensor,
+    label: Tensor,
+    mask: Tensor,
+    prob: Tensor,
+    strong_threshold: float = 1.0,
+    temp: float = 0.5,
+    num_queries: int = 256,
+    num_negatives: int = 256,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """ReCo loss (Liu et al. 2022): rep [B,D,h,w], label one-hot [B,C,h,w], mask [B,1,h,w], prob [B,C,h,w].
 
     Valid pixels are label * mask; a class is present with >= 1 valid pixel in the batch. Per present class c:
@@ -234,12 +254,17 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
     # logits and the indices. Class counts per query come from a binomial chain, pixels from a class-sorted
     # order: no categorical draw per negative, no boolean indexing.
     batch, dim, height, width = rep.shape
-    expected = {"label": (batch, label.shape[1], height, width), "mask": (batch, 1, height, width),
-                "prob": (batch, label.shape[1], height, width)}
+    expected = {
+        "label": (batch, label.shape[1], height, width),
+        "mask": (batch, 1, height, width),
+        "prob": (batch, label.shape[1], height, width),
+    }
     for name, tensor in (("label", label), ("mask", mask), ("prob", prob)):
         if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"compute_reco_loss: {name} has shape {tuple(tensor.shape)}, expected "
-                             f"{expected[name]} to match rep {tuple(rep.shape)} (all at feature resolution)")
+            raise ValueError(
+                f"compute_reco_loss: {name} has shape {tuple(tensor.shape)}, expected "
+                f"{expected[name]} to match rep {tuple(rep.shape)} (all at feature resolution)"
+            )
     with torch.autocast(device_type=rep.device.type, enabled=False):
         num_classes = label.shape[1]
         feats = rep.float().permute(0, 2, 3, 1).reshape(-1, dim)  # [P,D], with gradients
@@ -257,15 +282,17 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
             allowed = present[None, :] & ~torch.eye(num_classes, dtype=torch.bool, device=rep.device)
             relation = (protos @ protos.t() / temp).masked_fill(~allowed, float("-inf"))
             # Rows with no allowed class (fewer than two present) are never used; keep them a valid distribution.
-            class_probs = torch.where(allowed.any(1, keepdim=True), relation.softmax(1),
-                                      torch.ones_like(relation))
+            class_probs = torch.where(
+                allowed.any(1, keepdim=True), relation.softmax(1), torch.ones_like(relation)
+            )
 
             if rep.device.type == "cpu":  # no device to sync with: work only on the classes that contribute
                 anchors = has_hard.nonzero().squeeze(1)
             else:  # fixed shapes, no host sync; classes without hard pixels are masked out below
                 anchors = torch.arange(num_classes, device=rep.device)
-            queries, negatives = _reco_draws(valid, hard, class_probs, anchors, num_queries, num_negatives,
-                                             generator)
+            queries, negatives = _reco_draws(
+                valid, hard, class_probs, anchors, num_queries, num_negatives, generator
+            )
 
         # index_select, not feats[queries]: the CPU backward of advanced indexing accumulates repeated rows
         # with atomic adds across threads (an order that follows the scheduler), index_select's in index order.
@@ -285,12 +312,20 @@ def compute_reco_loss(rep: Tensor, label: Tensor, mask: Tensor, prob: Tensor, st
 # Mixing (CutOut, CutMix, ClassMix)
 # --------------------------------------------------------------------------------------------------------------
 
-def _box_masks(batch: int, img_size: tuple[int, int], ratio: float, device: torch.device | str | None,
-               generator: torch.Generator | None) -> Tensor:
+
+def _box_masks(
+    batch: int,
+    img_size: tuple[int, int],
+    ratio: float,
+    device: torch.device | str | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """[B,H,W] float: 0 inside one random box per sample (area H*W/ratio), 1 outside."""
     height, width = img_size
     area = height * width / ratio
-    low = int(width / ratio + 1)  # the reference's randint(W/ratio + 1, W): float low bound truncated, W excluded
+    low = int(
+        width / ratio + 1
+    )  # the reference's randint(W/ratio + 1, W): float low bound truncated, W excluded
     if not low < width:
         raise ValueError(f"image size {img_size} is too small for a cut-out box with ratio {ratio}")
     box_w = torch.randint(low, width, (batch,), generator=generator, device=device)
@@ -319,8 +354,12 @@ def _class_masks(labels: Tensor, generator: torch.Generator | None) -> Tensor:
     return keep.gather(1, flat).view(labels.shape).float()
 
 
-def generate_cutout_mask(img_size: tuple[int, int], ratio: float = 2, device: torch.device | str | None = None,
-                         generator: torch.Generator | None = None) -> Tensor:
+def generate_cutout_mask(
+    img_size: tuple[int, int],
+    ratio: float = 2,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """[H,W] float mask: 0 inside a random box of area H*W/ratio, 1 outside."""
     return _box_masks(1, tuple(img_size), ratio, device, generator)[0]
 
@@ -330,15 +369,18 @@ def generate_class_mask(pseudo_label: Tensor, generator: torch.Generator | None 
     return _class_masks(pseudo_label[None], generator)[0]
 
 
-def generate_unsup_data(data: Tensor, target: Tensor, conf: Tensor, mode: str = "cutout",
-                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def generate_unsup_data(
+    data: Tensor, target: Tensor, conf: Tensor, mode: str = "cutout", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mix an unlabelled batch: data [B,3,H,W], target [B,H,W] long, conf [B,H,W] -> the same three.
 
     cutout: a random box of each image is cut (image 0, target IGNORE_INDEX, conf 0). cutmix / classmix: a box /
     half of the classes of image i is kept and the rest comes from image (i+1) mod B.
     """
     if mode not in MIX_MODES:
-        raise ValueError(f"unknown mixing mode {mode!r} (--apply_aug): valid modes are {', '.join(MIX_MODES)}")
+        raise ValueError(
+            f"unknown mixing mode {mode!r} (--apply_aug): valid modes are {', '.join(MIX_MODES)}"
+        )
     batch, _, height, width = data.shape
     if mode == "classmix":
         keep = _class_masks(target, generator) > 0
@@ -347,14 +389,17 @@ def generate_unsup_data(data: Tensor, target: Tensor, conf: Tensor, mode: str = 
     if mode == "cutout":
         return (data * keep[:, None], target.masked_fill(~keep, IGNORE_INDEX), conf * keep)
     partner = torch.roll(torch.arange(batch, device=data.device), -1)  # (i + 1) mod B
-    return (torch.where(keep[:, None], data, data[partner]),
-            torch.where(keep, target, target[partner]),
-            torch.where(keep, conf, conf[partner]))
+    return (
+        torch.where(keep[:, None], data, data[partner]),
+        torch.where(keep, target, target[partner]),
+        torch.where(keep, conf, conf[partner]),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers, teacher, schedule, metric
 # --------------------------------------------------------------------------------------------------------------
+
 
 def label_onehot(labels: Tensor, num_classes: int) -> Tensor:
     """One-hot [B,C,H,W] float on labels.device from labels [B,H,W] long; IGNORE_INDEX gives a class-0 row."""
@@ -363,8 +408,9 @@ def label_onehot(labels: Tensor, num_classes: int) -> Tensor:
     return out.scatter_(1, labels.clamp(min=0)[:, None], 1.0)
 
 
-def _fused_or_loop(fused_name: str, method: str, targets: Sequence[Tensor], others: Sequence[Tensor],
-                   *extra: float) -> None:
+def _fused_or_loop(
+    fused_name: str, method: str, targets: Sequence[Tensor], others: Sequence[Tensor], *extra: float
+) -> None:
     """targets[i].<method>(others[i], *extra) for every i: one fused call (torch's private torch.<fused_name>)
     where this torch has it, else a loop of the public in-place method (one launch per tensor)."""
     fused = getattr(torch, fused_name, None)
@@ -432,8 +478,14 @@ class EMA:
 class PolyLR(torch.optim.lr_scheduler.LRScheduler):
     """Poly schedule: lr = max(base_lr * (1 - t/max_iters)^power, min_lr), t = number of step() calls."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9,
-                 min_lr: float = 1e-6, last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_iters: int,
+        power: float = 0.9,
+        min_lr: float = 1e-6,
+        last_epoch: int = -1,
+    ) -> None:
         self.max_iters = max_iters
         self.power = power
         self.min_lr = min_lr

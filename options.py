@@ -21,21 +21,49 @@ from splits import read_split_dir, shipped_split_dir
 
 class Mode(NamedTuple):
     """What a training script trains."""
+
     semi: bool  # semi-supervised (a teacher and unlabelled batches) or supervised
     partial: bool  # partial labels (--partial) or a label budget (--num_labels)
     default_dataset: str  # the reference's default --dataset
 
 
-MODES = {"sup": Mode(semi=False, partial=False, default_dataset="cityscapes"),
-         "semi": Mode(semi=True, partial=False, default_dataset="cityscapes"),
-         "sup_partial": Mode(semi=False, partial=True, default_dataset="cityscapes"),
-         "semi_partial": Mode(semi=True, partial=True, default_dataset="pascal")}
+MODES = {
+    "sup": Mode(semi=False, partial=False, default_dataset="cityscapes"),
+    "semi": Mode(semi=True, partial=False, default_dataset="cityscapes"),
+    "sup_partial": Mode(semi=False, partial=True, default_dataset="cityscapes"),
+    "semi_partial": Mode(semi=True, partial=True, default_dataset="pascal"),
+}
 # Flags whose values must match for --resume to continue a run.
-RESUME_KEYS = ("dataset", "num_labels", "partial", "backbone", "resnet_depth", "output_dim", "apply_aug",
-               "apply_reco", "seed", "batch_size", "crop_size", "epochs", "iters_per_epoch", "lr",
-               "weight_decay", "num_queries", "num_negatives", "temp", "weak_threshold", "strong_threshold",
-               "amp", "split_dir", "ema_buffers", "method", "reco_weight", "conf_thresh", "lr_multi",
-               "criterion")
+RESUME_KEYS = (
+    "dataset",
+    "num_labels",
+    "partial",
+    "backbone",
+    "resnet_depth",
+    "output_dim",
+    "apply_aug",
+    "apply_reco",
+    "seed",
+    "batch_size",
+    "crop_size",
+    "epochs",
+    "iters_per_epoch",
+    "lr",
+    "weight_decay",
+    "num_queries",
+    "num_negatives",
+    "temp",
+    "weak_threshold",
+    "strong_threshold",
+    "amp",
+    "split_dir",
+    "ema_buffers",
+    "method",
+    "reco_weight",
+    "conf_thresh",
+    "lr_multi",
+    "criterion",
+)
 # The reference's optimiser values (the mean teacher and the supervised scripts).
 REFERENCE_LR, REFERENCE_WEIGHT_DECAY = 2.5e-3, 5e-4
 # Flags of FixMatch and UniMatch only: unset otherwise.
@@ -45,26 +73,45 @@ ONLINE_FLAGS = ("conf_thresh", "lr_multi", "criterion")
 def get_args_parser(mode: str) -> argparse.ArgumentParser:
     """The flags of one training script: the reference's names and defaults, plus ours."""
     semi, partial = MODES[mode].semi, MODES[mode].partial
-    p = argparse.ArgumentParser(description=f"ReCo training ({mode.replace('_', ', ')} labels)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=f"ReCo training ({mode.replace('_', ', ')} labels)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ref = p.add_argument_group("reference flags")
     ref.add_argument("--gpu", type=int, default=0, help="CUDA device index (single-process runs)")
-    ref.add_argument("--lr", type=float, default=None,
-                     help=f"learning rate (default {REFERENCE_LR}; fixmatch/unimatch: the backbone's, from "
-                          "the dataset table)")
-    ref.add_argument("--weight_decay", type=float, default=None,
-                     help=f"default {REFERENCE_WEIGHT_DECAY} (fixmatch/unimatch: the dataset table's)")
-    ref.add_argument("--dataset", default=MODES[mode].default_dataset,
-                     help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)")
+    ref.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate (default {REFERENCE_LR}; fixmatch/unimatch: the backbone's, from "
+        "the dataset table)",
+    )
+    ref.add_argument(
+        "--weight_decay",
+        type=float,
+        default=None,
+        help=f"default {REFERENCE_WEIGHT_DECAY} (fixmatch/unimatch: the dataset table's)",
+    )
+    ref.add_argument(
+        "--dataset",
+        default=MODES[mode].default_dataset,
+        help="pascal, cityscapes, sun, demo, or folder (your own data in --data_root)",
+    )
     ref.add_argument("--backbone", default="deeplabv3p", choices=BACKBONES)
-    ref.add_argument("--seed", type=int, default=0, help="fixes the labelled split (and the partial-label set)")
+    ref.add_argument(
+        "--seed", type=int, default=0, help="fixes the labelled split (and the partial-label set)"
+    )
     ref.add_argument("--output_dim", type=int, default=256, help="ReCo representation size")
     if partial:
         ref.add_argument("--partial", default="p0", choices=PARTIAL_SETTINGS)
     else:
         ref.add_argument("--num_labels", type=int, default=15, help="labelled images; 0 = all")
-    ref.add_argument("--apply_aug", default="cutout", choices=MIX_MODES,
-                     help="unlabelled-batch mixing" + ("" if semi else " (unused here)"))
+    ref.add_argument(
+        "--apply_aug",
+        default="cutout",
+        choices=MIX_MODES,
+        help="unlabelled-batch mixing" + ("" if semi else " (unused here)"),
+    )
     ref.add_argument("--weak_threshold", type=float, default=0.7, help="delta_w: pseudo-label mask for ReCo")
     ref.add_argument("--strong_threshold", type=float, default=0.97, help="delta_s: hard-query threshold")
     ref.add_argument("--apply_reco", action="store_true", help="add the ReCo loss")
@@ -76,21 +123,39 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     ref.add_argument("--port", type=int, default=None, help="unused (kept for compatibility)")
 
     methods = p.add_argument_group("method (docs/methods.md)")
-    methods.add_argument("--method", default=None, choices=SEMI_METHODS,
-                         help="the semi-supervised method (default meanteacher, the reference's)"
-                         if semi else "semi-supervised scripts only")
+    methods.add_argument(
+        "--method",
+        default=None,
+        choices=SEMI_METHODS,
+        help="the semi-supervised method (default meanteacher, the reference's)"
+        if semi
+        else "semi-supervised scripts only",
+    )
     methods.add_argument("--reco_weight", type=float, default=1.0, help="the ReCo loss's weight in the total")
-    methods.add_argument("--conf_thresh", type=float, default=None,
-                         help="fixmatch/unimatch: tau, the pseudo-labels' confidence threshold")
-    methods.add_argument("--lr_multi", type=float, default=None,
-                         help="fixmatch/unimatch: the head's learning rate is lr x this")
-    methods.add_argument("--criterion", default=None, choices=CRITERIA,
-                         help="fixmatch/unimatch: the labelled loss, cross-entropy or OHEM")
+    methods.add_argument(
+        "--conf_thresh",
+        type=float,
+        default=None,
+        help="fixmatch/unimatch: tau, the pseudo-labels' confidence threshold",
+    )
+    methods.add_argument(
+        "--lr_multi",
+        type=float,
+        default=None,
+        help="fixmatch/unimatch: the head's learning rate is lr x this",
+    )
+    methods.add_argument(
+        "--criterion",
+        default=None,
+        choices=CRITERIA,
+        help="fixmatch/unimatch: the labelled loss, cross-entropy or OHEM",
+    )
 
     new = p.add_argument_group("added flags (unset = the dataset table's value)")
     cli_flags.add_data_root_flag(new)
-    cli_flags.add_loader_flags(new, "images per branch per process; supervised scripts use twice this",
-                               batch_size=None)
+    cli_flags.add_loader_flags(
+        new, "images per branch per process; supervised scripts use twice this", batch_size=None
+    )
     new.add_argument("--crop_size", type=int, nargs=2, metavar=("H", "W"), default=None)
     new.add_argument("--epochs", type=int, default=None, help="epochs (the poly schedule's length)")
     new.add_argument("--iters_per_epoch", type=int, default=None)
@@ -98,31 +163,60 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     new.add_argument("--pretrained", default=None, help="imagenet, none, or a torchvision ResNet state_dict")
     cli_flags.add_amp_flag(new)
     cli_flags.add_device_flag(new, default_help="cuda:<gpu> if available")
-    new.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
-                     help="torch.compile the model's forward and backward ('reduce-overhead' adds CUDA graphs); "
-                          "auto: the fastest measured on the device (off on CPU and, until measured, on CUDA)")
-    new.add_argument("--channels_last", default="auto", choices=LAYOUT_CHOICES,
-                     help="channels-last memory format for the convolutions (auto: on for CUDA, off on CPU)")
+    new.add_argument(
+        "--compile",
+        default="auto",
+        choices=COMPILE_CHOICES,
+        help="torch.compile the model's forward and backward ('reduce-overhead' adds CUDA graphs); "
+        "auto: the fastest measured on the device (off on CPU and, until measured, on CUDA)",
+    )
+    new.add_argument(
+        "--channels_last",
+        default="auto",
+        choices=LAYOUT_CHOICES,
+        help="channels-last memory format for the convolutions (auto: on for CUDA, off on CPU)",
+    )
     new.add_argument("--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
-    new.add_argument("--deterministic", action="store_true",
-                     help="GPU reruns repeat to the bit: deterministic kernels only (slower); CPU runs do without it")
+    new.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="GPU reruns repeat to the bit: deterministic kernels only (slower); CPU runs do without it",
+    )
     new.add_argument("--ema_buffers", action="store_true", help="the teacher also averages BN buffers")
     new.add_argument("--split_dir", default=None, help="use labelled.txt/unlabelled.txt from this folder")
-    new.add_argument("--split", default=None, metavar="NAME",
-                     help="a shipped standard split, e.g. pascal/92 or cityscapes/1_30 (dataset/splits/)")
-    new.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                     help=f"continue from the run folder's {LAST} (or the given file); 'auto': continue if "
-                          f"{LAST} exists, else start (one command line for the first launch and every "
-                          "restart)")
+    new.add_argument(
+        "--split",
+        default=None,
+        metavar="NAME",
+        help="a shipped standard split, e.g. pascal/92 or cityscapes/1_30 (dataset/splits/)",
+    )
+    new.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help=f"continue from the run folder's {LAST} (or the given file); 'auto': continue if "
+        f"{LAST} exists, else start (one command line for the first launch and every "
+        "restart)",
+    )
     new.add_argument("--weights_dir", default="model_weights")
     new.add_argument("--log_dir", default="logging")
     new.add_argument("--log_interval", type=int, default=10, help="iterations between progress-bar updates")
     new.add_argument("--no_visual", action="store_true", help="skip the visual.py figure at the end")
     long_runs = p.add_argument_group("long runs (faults.py)")
-    long_runs.add_argument("--save_every", type=int, default=0,
-                           help=f"also write {LAST} every N iterations (0: at the end of each epoch only)")
-    long_runs.add_argument("--max_nonfinite", type=int, default=10,
-                           help="stop after this many consecutive steps skipped for a non-finite loss (0: never)")
+    long_runs.add_argument(
+        "--save_every",
+        type=int,
+        default=0,
+        help=f"also write {LAST} every N iterations (0: at the end of each epoch only)",
+    )
+    long_runs.add_argument(
+        "--max_nonfinite",
+        type=int,
+        default=10,
+        help="stop after this many consecutive steps skipped for a non-finite loss (0: never)",
+    )
     p.set_defaults(train_mode=mode)
     return p
 
@@ -133,22 +227,30 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     info = resolve_dataset(args.dataset, args.data_root).info
     if args.split:
         if args.split_dir:
-            raise UserError(f"--split {args.split} and --split_dir {args.split_dir} both name a split: keep one")
+            raise UserError(
+                f"--split {args.split} and --split_dir {args.split_dir} both name a split: keep one"
+            )
         args.split_dir = str(shipped_split_dir(args.split, args.dataset))
     if partial:
         args.num_labels = 0
         check_partial(info, args.partial)
         if args.split_dir:
-            raise UserError("--split / --split_dir pick labelled images, but partial-label runs use every image; "
-                            "drop the flag or use train_sup.py / train_semisup.py")
+            raise UserError(
+                "--split / --split_dir pick labelled images, but partial-label runs use every image; "
+                "drop the flag or use train_sup.py / train_semisup.py"
+            )
     else:
         args.partial = None
         if args.split_dir:  # the split's size is the label budget, so the run name says what was used
             args.num_labels = len(read_split_dir(args.split_dir)[0])
     online = resolve_method(args, info)
-    for flag, table_value in (("batch_size", info.batch_size), ("epochs", info.epochs),
-                              ("iters_per_epoch", None if online else info.iters_per_epoch),
-                              ("resnet_depth", info.resnet_depth), ("pretrained", info.pretrained)):
+    for flag, table_value in (
+        ("batch_size", info.batch_size),
+        ("epochs", info.epochs),
+        ("iters_per_epoch", None if online else info.iters_per_epoch),
+        ("resnet_depth", info.resnet_depth),
+        ("pretrained", info.pretrained),
+    ):
         if getattr(args, flag) is None:
             setattr(args, flag, table_value)
     args.crop_size = tuple(args.crop_size or info.crop_size)
@@ -161,8 +263,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if semi and args.batch_size < 2:  # training-mode BatchNorm of the pooled ASPP branch needs two values
-        raise UserError(f"--batch_size {args.batch_size}: the semi-supervised step needs at least 2 images per "
-                        "process (BatchNorm in training mode); use --batch_size 2 or more")
+        raise UserError(
+            f"--batch_size {args.batch_size}: the semi-supervised step needs at least 2 images per "
+            "process (BatchNorm in training mode); use --batch_size 2 or more"
+        )
     if min(args.crop_size) <= 0:
         raise UserError(f"--crop_size must be positive, got {args.crop_size}")
     if not partial and args.num_labels < 0:
@@ -183,20 +287,26 @@ def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
     the dataset table's OnlineDefaults); True for FixMatch and UniMatch."""
     semi, partial = MODES[args.train_mode].semi, MODES[args.train_mode].partial
     if not semi and args.method is not None:
-        raise UserError(f"--method {args.method}: {MODE_SCRIPTS[args.train_mode]} trains on labels alone; "
-                        f"the semi-supervised methods run with train_semisup.py --method {args.method}")
+        raise UserError(
+            f"--method {args.method}: {MODE_SCRIPTS[args.train_mode]} trains on labels alone; "
+            f"the semi-supervised methods run with train_semisup.py --method {args.method}"
+        )
     if semi and args.method is None:
         args.method = "meanteacher"
     online = args.method in ONLINE_METHODS
     if online and partial:
-        raise UserError(f"--method {args.method} with partial labels is not supported (its step takes "
-                        f"labelled and unlabelled images apart): use train_semisup.py --method {args.method} "
-                        "with --num_labels or --split, or the mean teacher here")
+        raise UserError(
+            f"--method {args.method} with partial labels is not supported (its step takes "
+            f"labelled and unlabelled images apart): use train_semisup.py --method {args.method} "
+            "with --num_labels or --split, or the mean teacher here"
+        )
     if not online:
         given = [flag for flag in ONLINE_FLAGS if getattr(args, flag) is not None]
         if given:
-            raise UserError(f"--{given[0]} is a flag of FixMatch and UniMatch: add --method unimatch (or "
-                            "fixmatch) to train_semisup.py, or drop it")
+            raise UserError(
+                f"--{given[0]} is a flag of FixMatch and UniMatch: add --method unimatch (or "
+                "fixmatch) to train_semisup.py, or drop it"
+            )
         args.lr = REFERENCE_LR if args.lr is None else args.lr
         args.weight_decay = REFERENCE_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay
         return False
@@ -206,8 +316,10 @@ def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
             setattr(args, flag, getattr(table, flag))
     args.crop_size = tuple(args.crop_size)
     if args.crop_size[0] != args.crop_size[1]:
-        raise UserError(f"--crop_size {args.crop_size[0]} {args.crop_size[1]}: --method {args.method} trains "
-                        f"on square crops, as UniMatch does; pass --crop_size S S")
+        raise UserError(
+            f"--crop_size {args.crop_size[0]} {args.crop_size[1]}: --method {args.method} trains "
+            f"on square crops, as UniMatch does; pass --crop_size S S"
+        )
     if not 0 <= args.conf_thresh <= 1:
         raise UserError(f"--conf_thresh must be in [0, 1], got {args.conf_thresh}")
     if args.lr_multi <= 0:
@@ -222,9 +334,10 @@ def online_iterations(args: argparse.Namespace, unlabelled: int, world_size: int
     per_process = -(-unlabelled // world_size)
     if per_process < args.batch_size:
         processes = f" over {world_size} processes" if world_size > 1 else ""
-        raise UserError(f"--method {args.method}: {unlabelled} unlabelled image(s){processes} make less than "
-                        f"one batch (--batch_size {args.batch_size}): lower --batch_size (at least 2) or "
-                        "--num_labels, or add unlabelled images")
+        raise UserError(
+            f"--method {args.method}: {unlabelled} unlabelled image(s){processes} make less than "
+            f"one batch (--batch_size {args.batch_size}): lower --batch_size (at least 2) or "
+            "--num_labels, or add unlabelled images"
+        )
     if args.iters_per_epoch is None:
         args.iters_per_epoch = per_process // args.batch_size
-

@@ -41,25 +41,45 @@ LISTED_SKIPS = 20  # skipped files the final error line names (each is reported 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Predict a class-id mask for every input image: OUTPUT/<stem>.png, a palette PNG at the "
-                    "image's size (and OUTPUT/<stem>_overlay.png with --overlay).")
-    p.add_argument("--checkpoint", required=True,
-                   help=f"a .pth: our best weights (model_weights/), a run's {LAST}, or the reference's "
-                        "published file")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                   help="image files, folders (the images directly inside, sorted by name; not subfolders) and "
-                        "quoted glob patterns ('photos/**/*.jpg' recurses)")
-    p.add_argument("--output", required=True, metavar="DIR",
-                   help="folder for the masks (created; existing files of the same name are replaced); it must not "
-                        "be, or be inside, a folder an input image comes from")
-    p.add_argument("--dataset", default=None,
-                   help="the dataset the checkpoint was trained on (classes and palette); default: read from the "
-                        f"run's {CONFIG} beside the checkpoint or in logging/<checkpoint name>/")
+        "image's size (and OUTPUT/<stem>_overlay.png with --overlay)."
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help=f"a .pth: our best weights (model_weights/), a run's {LAST}, or the reference's published file",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (the images directly inside, sorted by name; not subfolders) and "
+        "quoted glob patterns ('photos/**/*.jpg' recurses)",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="folder for the masks (created; existing files of the same name are replaced); it must not "
+        "be, or be inside, a folder an input image comes from",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="the dataset the checkpoint was trained on (classes and palette); default: read from the "
+        f"run's {CONFIG} beside the checkpoint or in logging/<checkpoint name>/",
+    )
     cli_flags.add_data_root_flag(p, "that dataset's folder (needed by datasets described by their folder)")
-    p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png, the mask over the photo")
+    p.add_argument(
+        "--overlay", action="store_true", help="also write <stem>_overlay.png, the mask over the photo"
+    )
     cli_flags.add_inference_flags(p)
     cli_flags.add_amp_flag(p)
-    cli_flags.add_loader_flags(p, "images per forward pass (of one padded size; default: %(default)s)",
-                               workers_help="image-decoding processes")
+    cli_flags.add_loader_flags(
+        p,
+        "images per forward pass (of one padded size; default: %(default)s)",
+        workers_help="image-decoding processes",
+    )
     cli_flags.add_device_flag(p)
     return p
 
@@ -82,17 +102,23 @@ def list_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[Path]]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if _is_image_name(p))
             if not found:
-                raise UserError(f"--input folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}; subfolders "
-                                f"are not searched: pass a glob like '{path / '**' / '*.jpg'}' for those)")
+                raise UserError(
+                    f"--input folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}; subfolders "
+                    f"are not searched: pass a glob like '{path / '**' / '*.jpg'}' for those)"
+                )
             folders.append(path)
         elif path.exists():
             found = [path]
         elif any(char in pattern for char in GLOB_CHARS):
             found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if _is_image_name(Path(p)))
             if not found:
-                raise UserError(f"--input pattern {pattern!r} matches no image files ({', '.join(IMAGE_SUFFIXES)})")
+                raise UserError(
+                    f"--input pattern {pattern!r} matches no image files ({', '.join(IMAGE_SUFFIXES)})"
+                )
         else:
-            raise FileNotFoundError(f"--input {pattern} does not exist: pass image files, folders or quoted globs")
+            raise FileNotFoundError(
+                f"--input {pattern} does not exist: pass image files, folders or quoted globs"
+            )
         files += found
     seen, unique = set(), []
     for path in files:
@@ -115,16 +141,20 @@ def check_outputs(images: Sequence[Path], folders: Sequence[Path], output: Path,
     for folder in folders:
         folder = folder.resolve()
         if out == folder or folder in out.parents:
-            raise UserError(f"--output {output} is {'inside ' if out != folder else ''}the input folder {folder}: "
-                            f"masks would mix with the images (and be read as inputs next time); choose an "
-                            f"--output folder outside the inputs")
+            raise UserError(
+                f"--output {output} is {'inside ' if out != folder else ''}the input folder {folder}: "
+                f"masks would mix with the images (and be read as inputs next time); choose an "
+                f"--output folder outside the inputs"
+            )
     writers: dict[str, Path] = {}
     for path in images:
         for name in output_names(path.stem, overlay):
             other = writers.setdefault(name.lower(), path)  # lower: case-insensitive file systems
             if other != path:
-                raise UserError(f"inputs {other} and {path} would both write {output / name}: rename one, or "
-                                f"predict them into separate --output folders")
+                raise UserError(
+                    f"inputs {other} and {path} would both write {output / name}: rename one, or "
+                    f"predict them into separate --output folders"
+                )
 
 
 def choose_dataset(dataset: str | None, root: str | None, checkpoint: Path, num_classes: int) -> DatasetInfo:
@@ -149,6 +179,7 @@ def padded_size(height: int, width: int) -> tuple[int, int]:
 
 class Decoded(NamedTuple):
     """One input as a loader worker returns it; `error` says why it was skipped (the tensors are then None)."""
+
     index: int
     image: torch.Tensor | None  # normalised, padded [3, H', W']
     photo: np.ndarray | None  # uint8 [H, W, 3] (with --overlay only)
@@ -172,8 +203,9 @@ class ImageFiles(torch.utils.data.Dataset):
         except DataError as error:
             return Decoded(index, None, None, str(error))
         image = torch.from_numpy(photo).permute(2, 0, 1).float().div_(255)
-        padded, _ = pad_to(image[None], torch.zeros(1, *photo.shape[:2], dtype=torch.long),
-                           padded_size(*photo.shape[:2]))
+        padded, _ = pad_to(
+            image[None], torch.zeros(1, *photo.shape[:2], dtype=torch.long), padded_size(*photo.shape[:2])
+        )
         return Decoded(index, normalise(padded[0]), photo if self.keep_photo else None, None)
 
 
@@ -199,7 +231,7 @@ def size_batches(sizes: dict[int, tuple[int, int]], batch_size: int) -> list[lis
     groups: dict[tuple[int, int], list[int]] = {}
     for index, size in sizes.items():
         groups.setdefault(padded_size(*size), []).append(index)
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 def save_png(array: np.ndarray, path: Path, palette: np.ndarray | None = None) -> None:
@@ -232,8 +264,12 @@ def predict_images(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     sizes, skipped = read_sizes(paths)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, info, args.overlay), batch_sampler=size_batches(sizes, args.batch_size),
-        num_workers=workers, collate_fn=_as_list, pin_memory=device.type == "cuda")
+        ImageFiles(paths, info, args.overlay),
+        batch_sampler=size_batches(sizes, args.batch_size),
+        num_workers=workers,
+        collate_fn=_as_list,
+        pin_memory=device.type == "cuda",
+    )
     autocast = autocast_for(device, args.amp)
     output.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -252,27 +288,38 @@ def predict_images(args: argparse.Namespace) -> dict:
             if readable:
                 images = torch.stack([item.image for item in readable]).to(device, non_blocking=True)
                 with autocast():
-                    logits = predict(model, images, images.shape[-2:], flip=args.flip,
-                                     window=tuple(args.window) if args.window else None)
+                    logits = predict(
+                        model,
+                        images,
+                        images.shape[-2:],
+                        flip=args.flip,
+                        window=tuple(args.window) if args.window else None,
+                    )
                 masks = logits.argmax(1).to(torch.uint8).cpu().numpy()
                 for item, mask in zip(readable, masks):
                     height, width = sizes[item.index]
                     mask, stem = mask[:height, :width], paths[item.index].stem
                     save_png(mask, output / f"{stem}.png", info.palette)
                     if args.overlay:
-                        save_png(blend(item.photo, mask, info.palette), output / f"{stem}{OVERLAY_SUFFIX}.png")
+                        save_png(
+                            blend(item.photo, mask, info.palette), output / f"{stem}{OVERLAY_SUFFIX}.png"
+                        )
                 written += len(readable)
             bar.update(len(batch))
     seconds = time.perf_counter() - start
-    print(f"wrote {written} mask{'s' * (written != 1)}{' and overlays' if args.overlay else ''} to {output} "
-          f"in {seconds:.1f} s ({written / seconds:.2f} images/s)")
+    print(
+        f"wrote {written} mask{'s' * (written != 1)}{' and overlays' if args.overlay else ''} to {output} "
+        f"in {seconds:.1f} s ({written / seconds:.2f} images/s)"
+    )
     skipped_list = [(paths[i], skipped[i]) for i in sorted(skipped)]
     if skipped_list:
         names = ", ".join(str(path) for path, _ in skipped_list[:LISTED_SKIPS])
         if len(skipped_list) > LISTED_SKIPS:
             names += f" and {len(skipped_list) - LISTED_SKIPS} more"
-        raise UserError(f"{len(skipped_list)} of {len(paths)} images could not be read and were skipped "
-                        f"(reasons above): {names}")
+        raise UserError(
+            f"{len(skipped_list)} of {len(paths)} images could not be read and were skipped "
+            f"(reasons above): {names}"
+        )
     return {"written": written, "skipped": skipped_list, "seconds": seconds}
 
 

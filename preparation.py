@@ -31,8 +31,10 @@ def read_png(path: Path) -> np.ndarray:
     """Raw values of a single-channel 8-bit label PNG as uint8 [H, W] (no class remapping)."""
     label = read_label_values(path, "re-create it with the dataset's preprocessing script")
     if label.dtype != np.uint8:
-        raise DataError(f"label file {path} is not an 8-bit PNG: partial labels are written from 8-bit "
-                        f"labels holding one class id per pixel; convert it with values 0..255")
+        raise DataError(
+            f"label file {path} is not an 8-bit PNG: partial labels are written from 8-bit "
+            f"labels holding one class id per pixel; convert it with values 0..255"
+        )
     return label
 
 
@@ -41,8 +43,13 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="L").save(path)
 
 
-def partial_label(label: np.ndarray, rng: np.random.RandomState, fraction: float,
-                  void_values: Collection[int] = (VOID,), fill: int = VOID) -> np.ndarray:
+def partial_label(
+    label: np.ndarray,
+    rng: np.random.RandomState,
+    fraction: float,
+    void_values: Collection[int] = (VOID,),
+    fill: int = VOID,
+) -> np.ndarray:
     """Partial label uint8 [H, W] from a full label [H, W]: per valid class, a square around one random
     pixel of the class, grown 2 px per side until it covers int(fraction * class size) class pixels,
     clipped to the class (fraction 0: the single pixel). Other pixels are `fill`."""
@@ -65,35 +72,58 @@ def partial_label(label: np.ndarray, rng: np.random.RandomState, fraction: float
     return out.reshape(label.shape)
 
 
-def _write_partial_seed(label_files: Sequence[Path], dest: Path, folder_format: str, seed: int,
-                        void_values: Collection[int], fill: int, progress: bool, bar_position: int = 0) -> None:
+def _write_partial_seed(
+    label_files: Sequence[Path],
+    dest: Path,
+    folder_format: str,
+    seed: int,
+    void_values: Collection[int],
+    fill: int,
+    progress: bool,
+    bar_position: int = 0,
+) -> None:
     """The four partial-label folders of one seed, written aside and renamed into place."""
     settings = [*PARTIAL_FRACTIONS.items(), ("p0", 0.0)]
     with staged_dir(dest, f"partial-{seed}") as tmp:
         for name, _ in settings:
             (tmp / name).mkdir()
         rng = np.random.RandomState(seed)  # the same stream as np.random.seed(seed)
-        with tqdm(total=2 * len(label_files), desc=f"partial labels, seed {seed}", disable=not progress,
-                  position=bar_position) as bar:
+        with tqdm(
+            total=2 * len(label_files),
+            desc=f"partial labels, seed {seed}",
+            disable=not progress,
+            position=bar_position,
+        ) as bar:
             for pass_settings in (settings[:3], settings[3:]):
                 for path in label_files:
                     label = read_png(path)
                     for name, fraction in pass_settings:
-                        write_png(tmp / name / path.name, partial_label(label, rng, fraction, void_values, fill))
+                        write_png(
+                            tmp / name / path.name, partial_label(label, rng, fraction, void_values, fill)
+                        )
                     bar.update()
         for name, _ in settings:
             replace_dir(tmp / name, dest / folder_format.format(partial=name, seed=seed))
 
 
-def write_partial_labels(label_files: Sequence[Path], dest: Path, folder_format: str,
-                         seeds: Sequence[int] = PARTIAL_SEEDS, void_values: Collection[int] = (VOID,),
-                         fill: int = VOID, progress: bool = False, workers: int = 1) -> None:
+def write_partial_labels(
+    label_files: Sequence[Path],
+    dest: Path,
+    folder_format: str,
+    seeds: Sequence[int] = PARTIAL_SEEDS,
+    void_values: Collection[int] = (VOID,),
+    fill: int = VOID,
+    progress: bool = False,
+    workers: int = 1,
+) -> None:
     """Write the p25/p5/p1/p0 partial labels of `label_files` (in the given order, which fixes the
     random stream) into dest/folder_format.format(partial=..., seed=...)/<file name>, for every seed
     (seeds are independent streams, so up to `workers` processes run them side by side)."""
     dest.mkdir(parents=True, exist_ok=True)
-    jobs = [(list(label_files), dest, folder_format, seed, tuple(void_values), fill, progress, k)
-            for k, seed in enumerate(seeds)]
+    jobs = [
+        (list(label_files), dest, folder_format, seed, tuple(void_values), fill, progress, k)
+        for k, seed in enumerate(seeds)
+    ]
     if workers <= 1 or len(jobs) == 1:
         for job in jobs:
             _write_partial_seed(*job)
@@ -104,6 +134,7 @@ def write_partial_labels(label_files: Sequence[Path], dest: Path, folder_format:
 
 
 # --- the synthetic demo dataset (Pascal layout: textured shapes under nuisance conditions, docs/demo.md) ---
+
 
 class _Site(NamedTuple):
     """Where a demo image is taken: one combination of the seven nuisance factors' levels."""
@@ -120,38 +151,45 @@ class _Site(NamedTuple):
 
 # The 16 sites. Image k of a split is taken at site k mod 16, so every split holds each site about equally
 # often, while 15 labelled images (the default budget) always miss one at least.
-DEMO_SITES = tuple(_Site(*row.split()) for row in (
-    "studio     even   neutral sharp clean  normal none  none",
-    "dusk       dim    warm    sharp grainy normal none  none",
-    "overcast   flat   cool    soft  clean  normal none  none",
-    "archive    even   grey    soft  grainy normal none  none",
-    "street     shadow neutral sharp clean  far    lines none",
-    "workshop   even   warm    sharp clean  near   lines bars",
-    "aquarium   dim    green   soft  clean  normal none  none",
-    "window     shadow warm    sharp clean  near   none  bars",
-    "drone      bright neutral sharp clean  far    none  none",
-    "night      dim    cool    sharp grainy far    none  none",
-    "newsprint  flat   grey    sharp grainy near   lines none",
-    "fog        flat   neutral soft  clean  normal none  bars",
-    "greenhouse bright green   sharp grainy normal lines bars",
-    "cctv       dim    grey    sharp grainy far    lines none",
-    "stage      shadow cool    sharp clean  normal none  bars",
-    "beach      bright warm    soft  clean  near   lines none",
-))
+DEMO_SITES = tuple(
+    _Site(*row.split())
+    for row in (
+        "studio     even   neutral sharp clean  normal none  none",
+        "dusk       dim    warm    sharp grainy normal none  none",
+        "overcast   flat   cool    soft  clean  normal none  none",
+        "archive    even   grey    soft  grainy normal none  none",
+        "street     shadow neutral sharp clean  far    lines none",
+        "workshop   even   warm    sharp clean  near   lines bars",
+        "aquarium   dim    green   soft  clean  normal none  none",
+        "window     shadow warm    sharp clean  near   none  bars",
+        "drone      bright neutral sharp clean  far    none  none",
+        "night      dim    cool    sharp grainy far    none  none",
+        "newsprint  flat   grey    sharp grainy near   lines none",
+        "fog        flat   neutral soft  clean  normal none  bars",
+        "greenhouse bright green   sharp grainy normal lines bars",
+        "cctv       dim    grey    sharp grainy far    lines none",
+        "stage      shadow cool    sharp clean  normal none  bars",
+        "beach      bright warm    soft  clean  near   lines none",
+    )
+)
 DEMO_CONDITIONS = "conditions.json"  # per-image records of the generator's conditions, beside the data
 _SCALES = {"far": 0.8, "normal": 1.0, "near": 1.25}
-_CASTS = {"neutral": (1.0, 1.0, 1.0), "warm": (1.2, 1.0, 0.8), "cool": (0.8, 0.95, 1.2),
-          "green": (0.85, 1.2, 0.85)}
+_CASTS = {
+    "neutral": (1.0, 1.0, 1.0),
+    "warm": (1.2, 1.0, 0.8),
+    "cool": (0.8, 0.95, 1.2),
+    "green": (0.85, 1.2, 0.85),
+}
 _GREY = np.array([0.299, 0.587, 0.114], np.float32)
 # Per class: the texture's two colours (RGB), jittered per object. Colour is the quickest cue to learn and
 # the one that casts, grey film and dim light take away; shape and texture stay.
 _DEMO_COLOURS = {
-    "striped_disc": ((205, 45, 40), (250, 175, 150)),     # red
-    "checked_square": ((40, 80, 205), (205, 215, 250)),   # blue
+    "striped_disc": ((205, 45, 40), (250, 175, 150)),  # red
+    "checked_square": ((40, 80, 205), (205, 215, 250)),  # blue
     "dotted_triangle": ((40, 140, 50), (205, 240, 120)),  # green
-    "plain_cross": ((235, 165, 30), (115, 65, 10)),       # orange
-    "ringed_star": ((140, 60, 185), (230, 180, 240)),     # purple
-    "speckled_ring": ((20, 150, 160), (10, 60, 70)),      # teal
+    "plain_cross": ((235, 165, 30), (115, 65, 10)),  # orange
+    "ringed_star": ((140, 60, 185), (230, 180, 240)),  # purple
+    "speckled_ring": ((20, 150, 160), (10, 60, 70)),  # teal
 }
 
 
@@ -190,8 +228,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.n
     raise ValueError(f"unknown demo shape {shape!r}")
 
 
-def _texture_mask(texture: str, u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator
-                  ) -> np.ndarray | None:
+def _texture_mask(
+    texture: str, u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator
+) -> np.ndarray | None:
     """Pixels of the texture's second colour, in pattern coordinates (u, v) [H, W] centred on the object
     (None: a smooth shading instead)."""
     if texture == "striped":
@@ -210,8 +249,9 @@ def _texture_mask(texture: str, u: np.ndarray, v: np.ndarray, period: float, rng
     raise ValueError(f"unknown demo texture {texture!r}")
 
 
-def _light(image: np.ndarray, light: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
-           ) -> np.ndarray:
+def _light(
+    image: np.ndarray, light: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
     """The scene [H, W, 3] (0..255) under the site's light; yy, xx [H, W] are pixel coordinates in 0..1."""
     if light == "dim":
         return image * rng.uniform(0.7, 0.8)
@@ -226,8 +266,14 @@ def _light(image: np.ndarray, light: str, rng: np.random.Generator, yy: np.ndarr
     return image
 
 
-def _demo_scene(rng: np.random.Generator, size: int, site: _Site, class_names: Sequence[str], yy: np.ndarray,
-                xx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _demo_scene(
+    rng: np.random.Generator,
+    size: int,
+    site: _Site,
+    class_names: Sequence[str],
+    yy: np.ndarray,
+    xx: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scene before the camera: image float [H, W, 3] (0..255), label uint8 [H, W] (class c > 0 is named
     '<texture>_<shape>'), instances int32 [H, W] (0: background, k: the k-th object's visible pixels)."""
     scale = _SCALES[site.scale] * rng.uniform(0.9, 1.1)
@@ -275,8 +321,9 @@ def _demo_scene(rng: np.random.Generator, size: int, site: _Site, class_names: S
     return image, label, instances
 
 
-def _demo_camera(rng: np.random.Generator, image: np.ndarray, site: _Site, yy: np.ndarray, xx: np.ndarray
-                 ) -> np.ndarray:
+def _demo_camera(
+    rng: np.random.Generator, image: np.ndarray, site: _Site, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
     """The scene float [H, W, 3] as the site's camera records it (light, cast, focus, noise): uint8."""
     image = _light(image, site.light, rng, yy, xx)
     grey = site.cast == "grey"
@@ -288,8 +335,9 @@ def _demo_camera(rng: np.random.Generator, image: np.ndarray, site: _Site, yy: n
     return np.clip(image + noise, 0, 255).round().astype(np.uint8)
 
 
-def _demo_sample(rng: np.random.Generator, size: int, site: _Site, class_names: Sequence[str]
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _demo_sample(
+    rng: np.random.Generator, size: int, site: _Site, class_names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image uint8 [size, size, 3] taken at `site` and its label uint8 [size, size] (class ids,
     VOID borders)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -323,9 +371,16 @@ def demo_to_generate(root: Path) -> dict | None:
     return {key: int(recorded[key]) for key in _MARKER_SETTINGS if key in recorded}
 
 
-def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 240, num_val: int = 48,
-                      size: int = 96, partial_seeds: Sequence[int] = PARTIAL_SEEDS, layout: str = "pascal",
-                      num_unlabelled: int = 0) -> Path:
+def make_demo_dataset(
+    root: str | os.PathLike,
+    seed: int = 0,
+    num_train: int = 240,
+    num_val: int = 48,
+    size: int = 96,
+    partial_seeds: Sequence[int] = PARTIAL_SEEDS,
+    layout: str = "pascal",
+    num_unlabelled: int = 0,
+) -> Path:
     """Generate the synthetic demo dataset under `root` (deterministic in `seed`), written aside and renamed
     into place; returns root. Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, train_aug.txt,
     val.txt and the partial labels SegmentationClassAug_{p0,p1,p5,p25}_{s}. Folder layout (--dataset folder):
@@ -334,25 +389,37 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
     Both: conditions.json, each image's file stem -> its site's nuisance levels (DEMO_SITES, docs/demo.md)."""
     root = Path(root)
     if num_train < 1 or num_val < 1 or size < 16 or num_unlabelled < 0:
-        raise DataError(f"the demo dataset needs --num_train >= 1, --num_val >= 1, --size >= 16 and "
-                        f"--num_unlabelled >= 0 (got {num_train}, {num_val}, {size}, {num_unlabelled})")
+        raise DataError(
+            f"the demo dataset needs --num_train >= 1, --num_val >= 1, --size >= 16 and "
+            f"--num_unlabelled >= 0 (got {num_train}, {num_val}, {size}, {num_unlabelled})"
+        )
     if layout not in ("pascal", FOLDER) or (layout == "pascal" and num_unlabelled):
-        raise DataError(f"--layout {layout} with --num_unlabelled {num_unlabelled}: the layout is pascal or "
-                        f"{FOLDER}, and only the {FOLDER} layout has a place for images without masks")
+        raise DataError(
+            f"--layout {layout} with --num_unlabelled {num_unlabelled}: the layout is pascal or "
+            f"{FOLDER}, and only the {FOLDER} layout has a place for images without masks"
+        )
     if root.exists() and any(root.iterdir()) and not (root / _DEMO_MARKER).exists():
-        raise DataError(f"{root} exists and is not a demo dataset made by this project; pass another "
-                        f"root folder or delete this one")
+        raise DataError(
+            f"{root} exists and is not a demo dataset made by this project; pass another "
+            f"root folder or delete this one"
+        )
     pascal = layout == "pascal"
     class_names = DATASETS["demo"].class_names
     records: dict[str, dict[str, str]] = {}
     with staged_dir(root.parent, root.name) as tmp:
-        ids = {"train_aug": [f"train_{i:05d}" for i in range(num_train)],
-               "val": [f"val_{i:05d}" for i in range(num_val)],
-               "unlabelled": [f"unlabelled_{i:05d}" for i in range(num_unlabelled)]}
+        ids = {
+            "train_aug": [f"train_{i:05d}" for i in range(num_train)],
+            "val": [f"val_{i:05d}" for i in range(num_val)],
+            "unlabelled": [f"unlabelled_{i:05d}" for i in range(num_unlabelled)],
+        }
         for split_code, (split, split_ids) in enumerate(ids.items()):
             sub = split.removesuffix("_aug")
-            image_dir = tmp / ("JPEGImages" if pascal else UNLABELLED_DIR if sub == "unlabelled" else f"images/{sub}")
-            label_dir = None if sub == "unlabelled" else tmp / ("SegmentationClassAug" if pascal else f"labels/{sub}")
+            image_dir = tmp / (
+                "JPEGImages" if pascal else UNLABELLED_DIR if sub == "unlabelled" else f"images/{sub}"
+            )
+            label_dir = (
+                None if sub == "unlabelled" else tmp / ("SegmentationClassAug" if pascal else f"labels/{sub}")
+            )
             if split_ids:  # no empty folder: an empty unlabelled/ is an error for --dataset folder
                 image_dir.mkdir(parents=True, exist_ok=True)
             if split_ids and label_dir:
@@ -360,8 +427,9 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
             for i, sample_id in enumerate(split_ids):
                 site = DEMO_SITES[i % len(DEMO_SITES)]
                 records[sample_id] = site._asdict()
-                image, label = _demo_sample(np.random.default_rng([seed, split_code, i]), size, site,
-                                            class_names)
+                image, label = _demo_sample(
+                    np.random.default_rng([seed, split_code, i]), size, site, class_names
+                )
                 Image.fromarray(image).save(image_dir / f"{sample_id}.jpg", quality=95)
                 if label_dir:
                     write_png(label_dir / f"{sample_id}.png", label)
@@ -376,7 +444,13 @@ def make_demo_dataset(root: str | os.PathLike, seed: int = 0, num_train: int = 2
             write_partial_labels(label_files, tmp / "labels", FOLDER_PARTIAL_FORMAT, partial_seeds)
         lines = ",\n".join(f"  {json.dumps(i)}: {json.dumps(record)}" for i, record in records.items())
         (tmp / DEMO_CONDITIONS).write_text("{\n" + lines + "\n}\n", encoding="utf-8")
-        settings = {"version": DEMO_VERSION, "seed": seed, "num_train": num_train, "num_val": num_val, "size": size}
+        settings = {
+            "version": DEMO_VERSION,
+            "seed": seed,
+            "num_train": num_train,
+            "num_val": num_val,
+            "size": size,
+        }
         (tmp / _DEMO_MARKER).write_text(" ".join(f"{key}={value}" for key, value in settings.items()) + "\n")
         replace_dir(tmp, root)
     return root
@@ -387,10 +461,17 @@ def _write_demo_card(root: Path) -> None:
     demo = DATASETS["demo"]
     lines = [f"{name} {' '.join(map(str, demo.palette[c]))}" for c, name in enumerate(demo.class_names)]
     (root / CLASSES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    settings = {"crop_size": list(demo.crop_size), "eval_size": list(demo.eval_size),
-                "scale_range": list(demo.scale_range), "batch_size": demo.batch_size, "min_classes": demo.min_classes,
-                "epochs": demo.epochs, "iters_per_epoch": demo.iters_per_epoch, "resnet_depth": demo.resnet_depth,
-                "pretrained": demo.pretrained}
+    settings = {
+        "crop_size": list(demo.crop_size),
+        "eval_size": list(demo.eval_size),
+        "scale_range": list(demo.scale_range),
+        "batch_size": demo.batch_size,
+        "min_classes": demo.min_classes,
+        "epochs": demo.epochs,
+        "iters_per_epoch": demo.iters_per_epoch,
+        "resnet_depth": demo.resnet_depth,
+        "pretrained": demo.pretrained,
+    }
     entries = ",\n".join(f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in settings.items())
     (root / OVERRIDES_FILE).write_text("{\n" + entries + "\n}\n")
 
@@ -408,8 +489,14 @@ def _resize_one(job: tuple[Path, Path, tuple[int, int], int, str | None]) -> Non
         raise DataError(f"cannot read {src}: {err}; re-download or replace the file") from None
 
 
-def resize_files(pairs: Sequence[tuple[Path, Path]], size: tuple[int, int], resample: int,
-                 mode: str | None = None, workers: int = 1, desc: str = "resizing") -> None:
+def resize_files(
+    pairs: Sequence[tuple[Path, Path]],
+    size: tuple[int, int],
+    resample: int,
+    mode: str | None = None,
+    workers: int = 1,
+    desc: str = "resizing",
+) -> None:
     """Resize every (source, destination) image to size (W, H) with `resample` (converted to `mode`
     first if given), the format following the destination suffix; with a progress bar."""
     jobs = [(src, dst, size, resample, mode) for src, dst in pairs]

@@ -32,14 +32,23 @@ CONFIG = "config.json"  # the resolved configuration ({"args": {...}, ...}), wri
 SUMMARY = "summary.json"  # the outcome, written at the end
 LAST = "last.pth"  # the resume checkpoint (engine.save_last's dict)
 LOG_SUFFIX = ".npy"
-MODE_SCRIPTS = {"sup": "train_sup.py", "semi": "train_semisup.py", "sup_partial": "train_sup_partial.py",
-                "semi_partial": "train_semisup_partial.py"}
+MODE_SCRIPTS = {
+    "sup": "train_sup.py",
+    "semi": "train_semisup.py",
+    "sup_partial": "train_sup_partial.py",
+    "semi_partial": "train_semisup_partial.py",
+}
 PATH_FLAGS = ("data_root", "split_dir")  # recorded absolute, so a report can tell two data folders apart
 # The run name (run_name), read back for a run that has no config.json: one made before there was one, or the
 # reference's .npy log.
-_RUN_NAME = re.compile(r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
-                       r"(?:sup|semi_(?P<aug>" + "|".join(MIX_MODES) + r")|(?P<method>"
-                       + "|".join(ONLINE_METHODS) + r"))(?P<reco>_reco)?_(?P<seed>\d+)")
+_RUN_NAME = re.compile(
+    r"(?P<dataset>.+)_(?:label(?P<labels>\d+)|(?P<partial>p\d+))_"
+    r"(?:sup|semi_(?P<aug>"
+    + "|".join(MIX_MODES)
+    + r")|(?P<method>"
+    + "|".join(ONLINE_METHODS)
+    + r"))(?P<reco>_reco)?_(?P<seed>\d+)"
+)
 # The test metrics close every row of the metric array, whatever the step logged before them.
 TEST_COLUMNS = ("test_loss", "test_miou", "test_acc")
 
@@ -47,6 +56,7 @@ TEST_COLUMNS = ("test_loss", "test_miou", "test_acc")
 # ---------------------------------------------------------------------------------------------
 # Names and paths
 # ---------------------------------------------------------------------------------------------
+
 
 def dataset_tag(dataset: str, data_root: str | None) -> str:
     """The dataset in a run name: a built-in's name, or a folder dataset's folder name (in letters, digits,
@@ -75,9 +85,15 @@ def flags_of_name(name: str) -> tuple[dict, bool] | None:
     match = _RUN_NAME.fullmatch(name)
     if not match:
         return None
-    flags = {"dataset": match["dataset"], "num_labels": int(match["labels"] or 0),
-             "partial": match["partial"], "apply_aug": match["aug"], "method": match["method"],
-             "apply_reco": bool(match["reco"]), "seed": int(match["seed"])}
+    flags = {
+        "dataset": match["dataset"],
+        "num_labels": int(match["labels"] or 0),
+        "partial": match["partial"],
+        "apply_aug": match["aug"],
+        "method": match["method"],
+        "apply_reco": bool(match["reco"]),
+        "seed": int(match["seed"]),
+    }
     return flags, match["aug"] is not None or match["method"] is not None
 
 
@@ -94,6 +110,7 @@ def metric_columns(semi: bool, terms: Sequence[str] = ("sup", "unsup", "reco")) 
 @dataclass(frozen=True)
 class RunFiles:
     """The paths of one run: its folder, the .npy log beside it and (when known) its best weights."""
+
     folder: Path
     weights: Path | None = None
 
@@ -157,6 +174,7 @@ class RunFiles:
 # Writing (rank 0 of a training run)
 # ---------------------------------------------------------------------------------------------
 
+
 def _json_value(value: object) -> object:
     if isinstance(value, (tuple, list)):
         return [_json_value(v) for v in value]
@@ -165,29 +183,51 @@ def _json_value(value: object) -> object:
     return str(value)
 
 
-def run_config(args: argparse.Namespace, labelled: Sequence[str], unlabelled: Sequence[str],
-               device: torch.device | str, world_size: int) -> dict:
+def run_config(
+    args: argparse.Namespace,
+    labelled: Sequence[str],
+    unlabelled: Sequence[str],
+    device: torch.device | str,
+    world_size: int,
+) -> dict:
     """config.json: every resolved flag, the split's digest, torch/torchvision versions, device, world size,
     mode and script, CPU threads and whether deterministic kernels were enforced (docs/reproducibility.md)."""
     flags = {name: _json_value(value) for name, value in sorted(vars(args).items())}
     for name in PATH_FLAGS:
         if flags.get(name) is not None:
             flags[name] = str(Path(flags[name]).resolve())
-    return {"args": flags, "split_digest": split_digest(labelled, unlabelled), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "device": str(device), "world_size": world_size,
-            "mode": args.train_mode, "script": MODE_SCRIPTS[args.train_mode], "threads": torch.get_num_threads(),
-            "deterministic": torch.are_deterministic_algorithms_enabled()}
+    return {
+        "args": flags,
+        "split_digest": split_digest(labelled, unlabelled),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": str(device),
+        "world_size": world_size,
+        "mode": args.train_mode,
+        "script": MODE_SCRIPTS[args.train_mode],
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
 
 
-def summarise(metrics: np.ndarray, columns: Sequence[str], wall_s: float, files: RunFiles,
-              figures: Sequence[Path]) -> dict:
+def summarise(
+    metrics: np.ndarray, columns: Sequence[str], wall_s: float, files: RunFiles, figures: Sequence[Path]
+) -> dict:
     """summary.json from the finished metric array [epochs, columns] (epochs 1-based, paths absolute)."""
     miou = metrics[:, list(columns).index("test_miou")]
     best = len(miou) - 1 - int(np.argmax(miou[::-1]))  # the saved weights: the last epoch reaching the best
-    return {"best_miou": float(miou[best]), "best_epoch": best + 1, "final_miou": float(miou[-1]),
-            "final_epoch": len(miou), "epochs": len(miou), "wall_s": round(wall_s, 1),
-            "weights": str(files.weights.resolve()), "npy": str(files.npy.resolve()),
-            "run_dir": str(files.folder.resolve()), "figures": [str(f.resolve()) for f in figures]}
+    return {
+        "best_miou": float(miou[best]),
+        "best_epoch": best + 1,
+        "final_miou": float(miou[-1]),
+        "final_epoch": len(miou),
+        "epochs": len(miou),
+        "wall_s": round(wall_s, 1),
+        "weights": str(files.weights.resolve()),
+        "npy": str(files.npy.resolve()),
+        "run_dir": str(files.folder.resolve()),
+        "figures": [str(f.resolve()) for f in figures],
+    }
 
 
 def _duration(seconds: float) -> str:
@@ -199,17 +239,20 @@ def _duration(seconds: float) -> str:
 def format_summary(name: str, summary: dict) -> str:
     """The lines a finished run prints: best and final val mIoU, wall time, and where its files went."""
     folder = summary["run_dir"]
-    files = ", ".join(sorted(p.name + "/" * p.is_dir() for p in Path(folder).iterdir()
-                             if not p.name.startswith(".")))
-    return "\n".join([
-        f"{name} finished in {_duration(summary['wall_s'])}: best val mIoU {summary['best_miou']:.4f} "
-        f"(epoch {summary['best_epoch']}), final {summary['final_miou']:.4f} (epoch {summary['final_epoch']} "
-        f"of {summary['epochs']})",
-        f"  weights  {summary['weights']}  (epoch {summary['best_epoch']})",
-        f"  log      {summary['npy']}",
-        f"  run      {folder}/  ({files})",
-        *[f"  figure   {f}" for f in summary["figures"]],
-    ])
+    files = ", ".join(
+        sorted(p.name + "/" * p.is_dir() for p in Path(folder).iterdir() if not p.name.startswith("."))
+    )
+    return "\n".join(
+        [
+            f"{name} finished in {_duration(summary['wall_s'])}: best val mIoU {summary['best_miou']:.4f} "
+            f"(epoch {summary['best_epoch']}), final {summary['final_miou']:.4f} (epoch {summary['final_epoch']} "
+            f"of {summary['epochs']})",
+            f"  weights  {summary['weights']}  (epoch {summary['best_epoch']})",
+            f"  log      {summary['npy']}",
+            f"  run      {folder}/  ({files})",
+            *[f"  figure   {f}" for f in summary["figures"]],
+        ]
+    )
 
 
 def supervised_twin(config: dict, log_dir: Path) -> tuple[Path, dict] | None:
@@ -218,9 +261,13 @@ def supervised_twin(config: dict, log_dir: Path) -> tuple[Path, dict] | None:
     found = []
     for path in log_dir.glob(f"*/{CONFIG}"):
         other, summary = read_config(path.parent), read_summary(path.parent)
-        if (other and summary and other.get("mode", "").startswith("sup")
-                and other.get("split_digest") == config["split_digest"]
-                and all(other["args"].get(flag) == config["args"].get(flag) for flag in ("dataset", *PATH_FLAGS))):
+        if (
+            other
+            and summary
+            and other.get("mode", "").startswith("sup")
+            and other.get("split_digest") == config["split_digest"]
+            and all(other["args"].get(flag) == config["args"].get(flag) for flag in ("dataset", *PATH_FLAGS))
+        ):
             found.append((path.stat().st_mtime, path.parent, summary))
     return max(found, key=lambda item: item[0])[1:] if found else None
 
@@ -235,8 +282,10 @@ def baseline_line(config: dict, best_miou: float, log_dir: Path) -> str:
         gain = f"{best_miou - alone:+.4f} best val mIoU"
         return f"  vs sup   {gain} over the same labelled images alone ({alone:.4f}, {folder}/)"
     script = MODE_SCRIPTS[config["mode"].replace("semi", "sup")]
-    return (f"  vs sup   not measured: `python {script}` with the same --dataset, --data_root, label flags "
-            "and --seed trains on the labelled images alone; this line then gives the gain")
+    return (
+        f"  vs sup   not measured: `python {script}` with the same --dataset, --data_root, label flags "
+        "and --seed trains on the labelled images alone; this line then gives the gain"
+    )
 
 
 class RunWriter:
@@ -253,15 +302,17 @@ class RunWriter:
         # epoch e is logged at step e + 1: a resumed run rewrites steps from start_epoch + 1 on
         self.tb = SummaryWriter(str(self.files.tensorboard), purge_step=start_epoch + 1)
 
-    def write_start(self, labelled: Sequence[str], unlabelled: Sequence[str], device: torch.device,
-                    world_size: int) -> None:
+    def write_start(
+        self, labelled: Sequence[str], unlabelled: Sequence[str], device: torch.device, world_size: int
+    ) -> None:
         """The split folder, and config.json: resolved flags, split digest, versions, device, world size."""
         write_split_dir(self.files.split, labelled, unlabelled)
         self.config = run_config(self.args, labelled, unlabelled, device, world_size)
         write_json(self.files.config, self.config)
 
-    def write_epoch(self, epoch: int, lr: float, metrics: np.ndarray, model: nn.Module,
-                    is_best: bool) -> None:
+    def write_epoch(
+        self, epoch: int, lr: float, metrics: np.ndarray, model: nn.Module, is_best: bool
+    ) -> None:
         """Everything that changes after an epoch: best weights, .npy, metrics.csv and TensorBoard scalars."""
         if is_best:
             save_file(lambda file: torch.save(model.state_dict(), file), self.files.weights)
@@ -294,6 +345,7 @@ class RunWriter:
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+
 
 def _read_json(path: Path, what: str) -> object:
     try:
@@ -329,11 +381,12 @@ def read_metrics(npy: Path) -> tuple[np.ndarray, bool]:
 @dataclass(frozen=True)
 class RunRecord:
     """A run read back from disk: from its config.json, or (no config.json) from its .npy log's name."""
-    source: Path             # the run folder (with config.json) or the .npy log (without)
-    args: dict               # its resolved flags; from a name only those flags_of_name gives
+
+    source: Path  # the run folder (with config.json) or the .npy log (without)
+    args: dict  # its resolved flags; from a name only those flags_of_name gives
     semi: bool
     npy: Path
-    world_size: int | None   # None: a run known by its name only
+    world_size: int | None  # None: a run known by its name only
 
     def val_miou(self) -> tuple[np.ndarray, bool]:
         """(val mIoU of each filled epoch, whether every epoch is filled)."""
@@ -390,8 +443,11 @@ def checkpoint_config(checkpoint: Path) -> tuple[Path, dict] | None:
     """(config.json path, config) of the run a checkpoint came from: beside it (a last.pth), or in the run
     folder logging/<stem>/ from here or beside the checkpoint's folder (model_weights/ and logging/ are
     siblings)."""
-    candidates = [checkpoint.parent, Path("logging") / checkpoint.stem,
-                  checkpoint.parent.parent / "logging" / checkpoint.stem]
+    candidates = [
+        checkpoint.parent,
+        Path("logging") / checkpoint.stem,
+        checkpoint.parent.parent / "logging" / checkpoint.stem,
+    ]
     for folder in candidates:
         config = read_config(folder)
         if config is not None:
@@ -399,17 +455,20 @@ def checkpoint_config(checkpoint: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def checkpoint_dataset(dataset: str | None, data_root: str | None, checkpoint: Path,
-                       hint: str = "") -> tuple[str, str | None, Path | None]:
+def checkpoint_dataset(
+    dataset: str | None, data_root: str | None, checkpoint: Path, hint: str = ""
+) -> tuple[str, str | None, Path | None]:
     """(--dataset, --data_root, None) as given, else as the checkpoint's run recorded them, with its
     config.json; a UserError naming --dataset (and `hint`) when neither says."""
     if dataset is not None:
         return dataset, data_root, None
     found = checkpoint_config(checkpoint)
     if found is None:
-        raise UserError(f"no run configuration ({CONFIG}) found for checkpoint {checkpoint} (beside it "
-                        f"or in logging/{checkpoint.stem}/): pass --dataset NAME [--data_root DIR], the "
-                        f"dataset it was trained on{hint}")
+        raise UserError(
+            f"no run configuration ({CONFIG}) found for checkpoint {checkpoint} (beside it "
+            f"or in logging/{checkpoint.stem}/): pass --dataset NAME [--data_root DIR], the "
+            f"dataset it was trained on{hint}"
+        )
     path, config = found
     dataset = config["args"].get("dataset")
     if not isinstance(dataset, str):

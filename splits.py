@@ -22,12 +22,21 @@ SPLIT_FILES = ("labelled.txt", "unlabelled.txt")  # a split folder: ids one a li
 
 
 def _budget_error(num_labels: int, got: int, why: str) -> DataError:
-    return DataError(f"cannot pick {num_labels} labelled images: {why} (picked {got}); pass a smaller "
-                     f"--num_labels, or --num_labels 0 to use every training image")
+    return DataError(
+        f"cannot pick {num_labels} labelled images: {why} (picked {got}); pass a smaller "
+        f"--num_labels, or --num_labels 0 to use every training image"
+    )
 
 
-def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, seed: int, num_classes: int,
-                    min_classes: int, retire_missing: bool = False) -> tuple[list[str], list[str]]:
+def select_labelled(
+    ids: Sequence[str],
+    class_sets: ClassSets,
+    num_labels: int,
+    seed: int,
+    num_classes: int,
+    min_classes: int,
+    retire_missing: bool = False,
+) -> tuple[list[str], list[str]]:
     """The reference's class-balanced greedy split (Pascal, Cityscapes): returns (labelled ids in selection
     order, the other ids in list order). `class_sets` maps an id to its classes (void excluded); it is
     called lazily and may be called again for the same id. With retire_missing (own data, where a class may be
@@ -62,12 +71,18 @@ def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, 
             if len(failed) == len(work) + len(rejected):
                 held = set()  # the classes of the images that could still be picked
                 if retire_missing and labelled:
-                    held = set().union(*(classes_of(i) for i in work + rejected if len(classes_of(i)) >= min_classes))
+                    held = set().union(
+                        *(classes_of(i) for i in work + rejected if len(classes_of(i)) >= min_classes)
+                    )
                 if not held:
-                    need = (f" including one of the least-seen classes {sorted(least_seen)}"
-                            if labelled and not retire_missing else "")
-                    raise _budget_error(num_labels, len(labelled),
-                                        f"no remaining image has >= {min_classes} classes{need}")
+                    need = (
+                        f" including one of the least-seen classes {sorted(least_seen)}"
+                        if labelled and not retire_missing
+                        else ""
+                    )
+                    raise _budget_error(
+                        num_labels, len(labelled), f"no remaining image has >= {min_classes} classes{need}"
+                    )
                 active &= held
                 failed.clear()
         fewest = min(counter[c] for c in active)
@@ -76,8 +91,9 @@ def select_labelled(ids: Sequence[str], class_sets: ClassSets, num_labels: int, 
     return labelled, [i for i in ids if i not in chosen]
 
 
-def select_labelled_sun(ids: Sequence[str], class_sets: ClassSets, num_labels: int, seed: int,
-                        num_classes: int) -> tuple[list[str], list[str]]:
+def select_labelled_sun(
+    ids: Sequence[str], class_sets: ClassSets, num_labels: int, seed: int, num_classes: int
+) -> tuple[list[str], list[str]]:
     """The reference's SUN split: take images from the per-class lists of the least-seen class (no minimum
     class count). Returns (labelled ids in selection order, the other ids in list order). Where the
     reference crashes (every least-seen class ran out of images), the least-seen set is recomputed."""
@@ -129,8 +145,15 @@ def get_split(data: DatasetFiles, num_labels: int, seed: int) -> tuple[list[str]
 
     if info.sampler is Sampler.SUN:
         return select_labelled_sun(ids, classes_of, num_labels, seed, info.num_classes)
-    return select_labelled(ids, classes_of, num_labels, seed, info.num_classes, info.min_classes,
-                           retire_missing=info.sampler is Sampler.BALANCED_RETIRING)
+    return select_labelled(
+        ids,
+        classes_of,
+        num_labels,
+        seed,
+        info.num_classes,
+        info.min_classes,
+        retire_missing=info.sampler is Sampler.BALANCED_RETIRING,
+    )
 
 
 def _split_text(split_ids: Sequence[str]) -> str:
@@ -158,47 +181,60 @@ def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     for name in SPLIT_FILES:
         file = path / name
         if not file.is_file():
-            raise FileNotFoundError(f"split file {file} does not exist: --split_dir must be a folder written "
-                                    f"by dataset/make_splits.py (labelled.txt and unlabelled.txt)")
+            raise FileNotFoundError(
+                f"split file {file} does not exist: --split_dir must be a folder written "
+                f"by dataset/make_splits.py (labelled.txt and unlabelled.txt)"
+            )
         stamps.append(file_stamp(file))
     labelled, unlabelled = _read_split_files(path.resolve(), tuple(stamps))
     if not labelled:
-        raise DataError(f"split file {path / 'labelled.txt'} lists no ids; re-create it with "
-                        f"dataset/make_splits.py")
+        raise DataError(
+            f"split file {path / 'labelled.txt'} lists no ids; re-create it with dataset/make_splits.py"
+        )
     return list(labelled), list(unlabelled)
 
 
 @functools.lru_cache(maxsize=8)
 def _read_split_files(folder: Path, stamps: tuple) -> tuple[tuple[str, ...], ...]:
     """The ids of a split folder's files, kept while their stamps (inode, mtime, size: any rewrite) stay."""
-    return tuple(tuple(line.strip() for line in (folder / name).read_text(encoding="utf-8").splitlines()
-                       if line.strip())
-                 for name in SPLIT_FILES)
-
+    return tuple(
+        tuple(
+            line.strip() for line in (folder / name).read_text(encoding="utf-8").splitlines() if line.strip()
+        )
+        for name in SPLIT_FILES
+    )
 
 
 def shipped_splits() -> list[str]:
     """Names of the shipped standard splits ('cityscapes/1_30', 'pascal/92', ...), grouped by dataset."""
+
     def order(name: str) -> tuple:  # per dataset: counts up, then fractions up, then other draws (u2pl_...)
         dataset, split = name.split("/")
         parts = split.split("_")
         numbers = [int(p) for p in parts if p.isdigit()]
         size = numbers[0] / max(numbers[1], 1) if len(numbers) == 2 else numbers[0] if numbers else 0
         return dataset, "_".join(p for p in parts if not p.isdigit()), len(numbers), size, split
-    return sorted((f"{p.parent.parent.name}/{p.parent.name}" for p in SHIPPED_SPLITS.glob("*/*/labelled.txt")),
-                  key=order)
+
+    return sorted(
+        (f"{p.parent.parent.name}/{p.parent.name}" for p in SHIPPED_SPLITS.glob("*/*/labelled.txt")),
+        key=order,
+    )
 
 
 def shipped_split_dir(name: str, dataset: str) -> Path:
     """The folder of the shipped split `name` (--split) for `dataset`; UserError listing the shipped ones."""
     available = shipped_splits()
     if name not in available:
-        raise UserError(f"--split {name} is not a shipped split: choose one of {', '.join(available)} "
-                        f"(dataset/splits/README.md), or pass a folder with --split_dir DIR")
+        raise UserError(
+            f"--split {name} is not a shipped split: choose one of {', '.join(available)} "
+            f"(dataset/splits/README.md), or pass a folder with --split_dir DIR"
+        )
     family = name.split("/")[0]
     if family != dataset:
-        raise UserError(f"--split {name} is a split of {family}, not of --dataset {dataset}: "
-                        f"pass --dataset {family} or another --split")
+        raise UserError(
+            f"--split {name} is a split of {family}, not of --dataset {dataset}: "
+            f"pass --dataset {family} or another --split"
+        )
     return SHIPPED_SPLITS / name
 
 
@@ -209,22 +245,38 @@ def load_split(data: DatasetFiles, path: str | os.PathLike) -> tuple[list[str], 
     labelled, unlabelled = read_split_dir(path)
     numbers = None if all(i.isdigit() for i in labelled + unlabelled) else data.renamed_ids()
     if numbers is not None:
-        _refuse_unknown(path, labelled, unlabelled, numbers,
-                        f"images that {name_record_path(root, 'train')} does not list",
-                        "the split is not of this Cityscapes train set; pass another --split / --split_dir")
+        _refuse_unknown(
+            path,
+            labelled,
+            unlabelled,
+            numbers,
+            f"images that {name_record_path(root, 'train')} does not list",
+            "the split is not of this Cityscapes train set; pass another --split / --split_dir",
+        )
         labelled, unlabelled = [numbers[i] for i in labelled], [numbers[i] for i in unlabelled]
-    _refuse_unknown(path, labelled, unlabelled, set(data.list_ids("train")),
-                    f"ids that are not in the {data.info.name} training list of {root}",
-                    "the split is of another dataset or list; pass another --split / --split_dir, or another "
-                    "--data_root")
+    _refuse_unknown(
+        path,
+        labelled,
+        unlabelled,
+        set(data.list_ids("train")),
+        f"ids that are not in the {data.info.name} training list of {root}",
+        "the split is of another dataset or list; pass another --split / --split_dir, or another --data_root",
+    )
     return labelled, unlabelled
 
 
-def _refuse_unknown(path: str | os.PathLike, labelled: Sequence[str], unlabelled: Sequence[str],
-                    known: Collection[str], what: str, fix: str) -> None:
+def _refuse_unknown(
+    path: str | os.PathLike,
+    labelled: Sequence[str],
+    unlabelled: Sequence[str],
+    known: Collection[str],
+    what: str,
+    fix: str,
+) -> None:
     """DataError naming the split file and its first id not in `known` (`what` they are, and the fix)."""
     for name, ids in (("labelled.txt", labelled), ("unlabelled.txt", unlabelled)):
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise DataError(f"split file {Path(path) / name} lists {len(unknown)} {what} (first: {unknown[0]}): "
-                            f"{fix}")
+            raise DataError(
+                f"split file {Path(path) / name} lists {len(unknown)} {what} (first: {unknown[0]}): {fix}"
+            )

@@ -44,23 +44,39 @@ class AugmentParams:
     flip: torch.Tensor
 
 
-def sample_params(batch: int, scale_range: tuple[float, float], generator: torch.Generator | None = None,
-                  device: torch.device | str = "cpu") -> AugmentParams:
+def sample_params(
+    batch: int,
+    scale_range: tuple[float, float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> AugmentParams:
     """Draw every random number of one transform call at once, so a sample is a pure function of the RNG state."""
     u = torch.rand(batch, 15, generator=generator, device=device, dtype=torch.float64)
+
     def uniform(column: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * column
 
     factors = torch.cat([uniform(u[:, 4:7], *_JITTER_RANGE), uniform(u[:, 7:8], *_HUE_RANGE)], dim=1)
     return AugmentParams(
-        scale=uniform(u[:, 0], *scale_range), offset_u=u[:, 1:3], jitter=u[:, 3] < _JITTER_P,
-        factors=factors.float(), order=u[:, 8:12].argsort(dim=1),
-        blur=u[:, 12] < _BLUR_P, sigma=uniform(u[:, 13], *_SIGMA_RANGE).float(),
-        flip=u[:, 14] < _FLIP_P)
+        scale=uniform(u[:, 0], *scale_range),
+        offset_u=u[:, 1:3],
+        jitter=u[:, 3] < _JITTER_P,
+        factors=factors.float(),
+        order=u[:, 8:12].argsort(dim=1),
+        blur=u[:, 12] < _BLUR_P,
+        sigma=uniform(u[:, 13], *_SIGMA_RANGE).float(),
+        flip=u[:, 14] < _FLIP_P,
+    )
 
 
-def _axis_indices(in_len: int, size: torch.Tensor, crop: int, offset: torch.Tensor | None,
-                  dtype: torch.dtype = torch.float32, compact: bool = False):
+def _axis_indices(
+    in_len: int,
+    size: torch.Tensor,
+    crop: int,
+    offset: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+    compact: bool = False,
+):
     """Source indices and weights along one axis: resize to size [B] -> pad at the end -> crop at offset [B].
 
     Returns valid [B, crop] (inside the rescaled image, not padding), nearest [B, crop] source indices, and
@@ -99,17 +115,21 @@ def _axis_indices(in_len: int, size: torch.Tensor, crop: int, offset: torch.Tens
     else:  # all pixels: a dense matrix
         pixels = torch.arange(in_len, device=size.device, dtype=torch.float64).expand(*centre.shape, in_len)
     # in place with reciprocals: broadcast divisions of float64 are slow on a CPU
-    weights = (pixels + 0.5 - centre[..., None]).abs_().mul_((1 / support)[..., None]).neg_().add_(1).clamp_(min=0)
+    weights = (
+        (pixels + 0.5 - centre[..., None]).abs_().mul_((1 / support)[..., None]).neg_().add_(1).clamp_(min=0)
+    )
     if compact:
         weights.masked_fill_(pixels >= in_len, 0)  # taps clipped to the image
-    weights.mul_(1 / weights.sum(dim=-1, keepdim=True))  # the sum is never 0: the nearest tap is within 1/2 pixel
+    weights.mul_(
+        1 / weights.sum(dim=-1, keepdim=True)
+    )  # the sum is never 0: the nearest tap is within 1/2 pixel
     if not compact:
         return valid, nearest, weights.to(dtype), None, None
     # keep the window from the first tap any row needs to the last one any row needs
     nonzero = (weights > 0).any(dim=0).any(dim=0).nonzero()[:, 0]
     first, last = int(nonzero[0]), int(nonzero[-1])
-    taps = pixels[..., first:last + 1].long().clamp(max=in_len - 1)
-    return valid, nearest, weights[..., first:last + 1].to(dtype), taps, index
+    taps = pixels[..., first : last + 1].long().clamp(max=in_len - 1)
+    return valid, nearest, weights[..., first : last + 1].to(dtype), taps, index
 
 
 def _take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -142,14 +162,21 @@ def _resample(images, labels, conf, crop_size, scale, offset_u, compact: bool | 
     offsets = None
     if offset_u is not None:  # uniform over 0..padded-crop, as RandomCrop
         spans = [size.clamp(min=crop) - crop + 1 for size, crop in zip(sizes, crop_size)]
-        offsets = [torch.minimum((u * span).floor().long(), span - 1)
-                   for u, span in zip(offset_u.unbind(1), spans)]
+        offsets = [
+            torch.minimum((u * span).floor().long(), span - 1) for u, span in zip(offset_u.unbind(1), spans)
+        ]
     return resize_pad_crop(images, labels, conf, crop_size, sizes, offsets, compact)
 
 
-def resize_pad_crop(images: torch.Tensor, labels: torch.Tensor | None, conf: torch.Tensor | None,
-                    crop_size: tuple[int, int], sizes: list[torch.Tensor], offsets: list[torch.Tensor] | None,
-                    compact: bool | None = None):
+def resize_pad_crop(
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    conf: torch.Tensor | None,
+    crop_size: tuple[int, int],
+    sizes: list[torch.Tensor],
+    offsets: list[torch.Tensor] | None,
+    compact: bool | None = None,
+):
     """Resize each sample to sizes (heights [B], widths [B]), pad at the end (image reflect, label ignore,
     conf 0) and crop crop_size at offsets (tops [B], lefts [B]; None: 0). Returns images, labels, conf.
 
@@ -162,15 +189,28 @@ def resize_pad_crop(images: torch.Tensor, labels: torch.Tensor | None, conf: tor
     (_, _, height, width), (crop_h, crop_w) = images.shape, crop_size
     compact = images.device.type == "cpu" if compact is None else compact
     top, left = (None, None) if offsets is None else offsets
-    valid_y, near_y, w_y, taps_y, index_y = _axis_indices(height, sizes[0], crop_h, top, images.dtype,
-                                                          compact)
-    valid_x, near_x, w_x, taps_x, index_x = _axis_indices(width, sizes[1], crop_w, left, images.dtype,
-                                                          compact)
+    valid_y, near_y, w_y, taps_y, index_y = _axis_indices(
+        height, sizes[0], crop_h, top, images.dtype, compact
+    )
+    valid_x, near_x, w_x, taps_x, index_x = _axis_indices(
+        width, sizes[1], crop_w, left, images.dtype, compact
+    )
     if compact:  # per sample: index_select is much faster than gather on a CPU
         no_index = [None] * images.shape[0]
-        images = torch.stack([_taps_resample(*args) for args in zip(
-            images, w_y, taps_y, no_index if index_y is None else index_y,
-            w_x, taps_x, no_index if index_x is None else index_x)])
+        images = torch.stack(
+            [
+                _taps_resample(*args)
+                for args in zip(
+                    images,
+                    w_y,
+                    taps_y,
+                    no_index if index_y is None else index_y,
+                    w_x,
+                    taps_x,
+                    no_index if index_x is None else index_x,
+                )
+            ]
+        )
     else:
         w_y, w_xt = w_y[:, None], w_x.transpose(1, 2)[:, None]  # [B, 1, crop_h, H], [B, 1, W, crop_w]
         # the cheaper order of the two passes (shapes only: no sync)
@@ -201,14 +241,17 @@ def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     chroma = value - images.min(dim=1).values
     r, g, b = images.unbind(1)
     safe = chroma.clamp(min=1e-12)
-    sextant = torch.where(value == r, (g - b) / safe, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    sextant = torch.where(
+        value == r, (g - b) / safe, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4)
+    )
     hue = (sextant / 6 + shift.view(-1, 1, 1)) % 1.0
     k = torch.stack([(n + 6 * hue) % 6 for n in (5.0, 3.0, 1.0)], dim=1)  # per output channel R, G, B
     return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def colour_jitter(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor,
-                  order: torch.Tensor) -> torch.Tensor:
+def colour_jitter(
+    images: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor
+) -> torch.Tensor:
     """Brightness, contrast, saturation, hue on [B, 3, H, W] in [0, 1], per sample in its own order.
 
     apply [B] bool, factors [B, 4], order [B, 4] (a permutation of 0..3 per sample). In each of the 4 order
@@ -226,7 +269,9 @@ def colour_jitter(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tens
         images = (blend * images + (1 - blend) * anchor).clamp(0, 1)
         hue = apply & (op == 3)
         if images.device.type != "cpu" or hue.any():  # skipping is free to decide on a CPU, a sync on a GPU
-            images = torch.where(hue.view(-1, 1, 1, 1), shift_hue(images, torch.where(hue, factor, 0.0)), images)
+            images = torch.where(
+                hue.view(-1, 1, 1, 1), shift_hue(images, torch.where(hue, factor, 0.0)), images
+            )
     return images
 
 
@@ -240,9 +285,9 @@ def separable_blur(images: torch.Tensor, apply: torch.Tensor, kernel: torch.Tens
     kernel = kernel.view(-1, 1, 1, 1, 2 * r + 1)
     # weighted sums of shifted slices (faster than a grouped conv for one sample on a CPU)
     x = F.pad(images, (0, 0, r, r), mode="replicate")
-    x = sum(kernel[..., i] * x[:, :, i:i + height] for i in range(2 * r + 1))
+    x = sum(kernel[..., i] * x[:, :, i : i + height] for i in range(2 * r + 1))
     x = F.pad(x, (r, r, 0, 0), mode="replicate")
-    return sum(kernel[..., i] * x[..., i:i + width] for i in range(2 * r + 1))
+    return sum(kernel[..., i] * x[..., i : i + width] for i in range(2 * r + 1))
 
 
 def gaussian_blur(images: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -253,9 +298,15 @@ def gaussian_blur(images: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor
     return separable_blur(images, apply, kernel / kernel.sum(dim=1, keepdim=True))
 
 
-def random_transform(images: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None,
-                     crop_size: tuple[int, int], scale_range: tuple[float, float], augmentation: bool,
-                     generator: torch.Generator | None = None):
+def random_transform(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    conf: torch.Tensor | None,
+    crop_size: tuple[int, int],
+    scale_range: tuple[float, float],
+    augmentation: bool,
+    generator: torch.Generator | None = None,
+):
     """The reference's joint train transform on [0, 1] images [B, 3, H, W], labels [B, H, W] long, conf [B, H, W].
 
     Rescale -> pad -> random crop, then (augmentation) colour jitter, blur and flip. Labels and conf use
@@ -273,12 +324,19 @@ def random_transform(images: torch.Tensor, labels: torch.Tensor, conf: torch.Ten
     return images, labels, conf
 
 
-def batch_transform(images: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor | None,
-                    crop_size: tuple[int, int], scale_range: tuple[float, float], augmentation: bool,
-                    generator: torch.Generator | None = None):
+def batch_transform(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    conf: torch.Tensor | None,
+    crop_size: tuple[int, int],
+    scale_range: tuple[float, float],
+    augmentation: bool,
+    generator: torch.Generator | None = None,
+):
     """Re-augment a normalised batch on its own device: images [B, 3, H, W], labels [B, H, W], conf [B, H, W]."""
-    images, labels, conf = random_transform(denormalise(images), labels, conf, crop_size, scale_range,
-                                            augmentation, generator)
+    images, labels, conf = random_transform(
+        denormalise(images), labels, conf, crop_size, scale_range, augmentation, generator
+    )
     return normalise(images), labels, conf
 
 
@@ -287,4 +345,3 @@ def pad_to(images: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]):
     ones = torch.ones(images.shape[0], device=images.device, dtype=torch.float64)
     images, labels, _ = _resample(images, labels, None, size, ones, None)
     return images, labels
-

@@ -41,6 +41,7 @@ def draw_geometry(height: int, width: int, crop: int, generator: torch.Generator
     """The authors' draws for an image of height x width and a square crop: the long side resized to a uniform
     integer in [int(0.5 L), int(2 L)], the short side in proportion (rounded), a uniform crop window in the
     image padded (right and bottom) to crop, a horizontal flip with p 0.5."""
+
     def randint(low: int, high: int) -> int:  # both ends included
         return int(torch.randint(low, high + 1, (), generator=generator))
 
@@ -63,8 +64,9 @@ def apply_geometry(image: torch.Tensor, label: torch.Tensor | None, crop: int, g
     g, device = geometry, image.device
     sizes = [torch.tensor([g.height], device=device), torch.tensor([g.width], device=device)]
     offsets = [torch.tensor([g.top], device=device), torch.tensor([g.left], device=device)]
-    image, label, _ = resize_pad_crop(image[None], None if label is None else label[None], None, (crop, crop),
-                                      sizes, offsets)
+    image, label, _ = resize_pad_crop(
+        image[None], None if label is None else label[None], None, (crop, crop), sizes, offsets
+    )
     rows, cols = torch.arange(crop, device=device) + g.top, torch.arange(crop, device=device) + g.left
     padding = (rows[:, None] >= g.height) | (cols[None] >= g.width)
     image = image[0].masked_fill(padding, 0.0)  # the authors pad with black before normalising
@@ -75,8 +77,9 @@ def apply_geometry(image: torch.Tensor, label: torch.Tensor | None, crop: int, g
     return image, label, padding
 
 
-def labelled_crop(image: torch.Tensor, label: torch.Tensor, crop: int,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_crop(
+    image: torch.Tensor, label: torch.Tensor, crop: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A labelled training pair: image float [3, H, W] in [0, 1], label long [H, W] -> normalised image
     [3, S, S] (no colour augmentation) and label [S, S] with IGNORE_INDEX on padding."""
     image, label, _ = apply_geometry(image, label, crop, draw_geometry(*label.shape, crop, generator))
@@ -93,8 +96,9 @@ def unlabelled_crops(image: torch.Tensor, label: torch.Tensor, crop: int, genera
     crops of their own: this keeps that distribution.
     """
     height, width = image.shape[1:]
-    first, second = (apply_geometry(image, label, crop, draw_geometry(height, width, crop, generator))
-                     for _ in range(2))
+    first, second = (
+        apply_geometry(image, label, crop, draw_geometry(height, width, crop, generator)) for _ in range(2)
+    )
     return first[0], first[2], first[1], second[0], second[2]
 
 
@@ -114,15 +118,21 @@ class StrongParams:
     sigma: torch.Tensor
 
 
-def sample_strong_params(batch: int, generator: torch.Generator | None = None,
-                         device: torch.device | str = "cpu") -> StrongParams:
+def sample_strong_params(
+    batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> StrongParams:
     """Colour jitter (0.5, 0.5, 0.5, 0.25) with p 0.8 in a random order, grayscale p 0.2, blur p 0.5 with
     sigma U(0.1, 2.0): every draw of a batch at once."""
     u = torch.rand(batch, 12, generator=generator, device=device, dtype=torch.float64)
     factors = torch.cat([_uniform(u[:, 1:4], *_JITTER_RANGE), _uniform(u[:, 4:5], *_HUE_RANGE)], dim=1)
-    return StrongParams(jitter=u[:, 0] < _JITTER_P, factors=factors.float(), order=u[:, 5:9].argsort(dim=1),
-                        gray=u[:, 9] < _GRAY_P, blur=u[:, 10] < _BLUR_P,
-                        sigma=_uniform(u[:, 11], *_SIGMA_RANGE).float())
+    return StrongParams(
+        jitter=u[:, 0] < _JITTER_P,
+        factors=factors.float(),
+        order=u[:, 5:9].argsort(dim=1),
+        gray=u[:, 9] < _GRAY_P,
+        blur=u[:, 10] < _BLUR_P,
+        sigma=_uniform(u[:, 11], *_SIGMA_RANGE).float(),
+    )
 
 
 def strong_view(images: torch.Tensor, params: StrongParams) -> torch.Tensor:
@@ -156,8 +166,9 @@ def pillow_box(sigma: torch.Tensor) -> torch.Tensor:
     return box / box.sum(dim=1, keepdim=True)
 
 
-def cutmix_boxes(batch: int, size: int, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+def cutmix_boxes(
+    batch: int, size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """[B, S, S] float 0/1 CutMix boxes as the authors draw them: none with p 0.5; else an area U(0.02, 0.4)
     S^2, then (ratio U(0.3, 1/0.3), x and y uniform in 0..S-1) redrawn until a box of w = int(sqrt(area /
     ratio)) columns by h = int(sqrt(area * ratio)) rows fits at (x, y); ones on rows y..y+h-1, cols x..x+w-1.

@@ -77,7 +77,9 @@ def transform_rate(device: torch.device, batch: int, repeats: int = 20) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--iters", type=int, default=20, help="batches per timed epoch")
     parser.add_argument("--batch", type=int, default=10)
@@ -86,21 +88,32 @@ def main() -> None:
     args = parser.parse_args()
 
     info = bd.DATASETS["pascal"]
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-               "torch": torch.__version__, "crop": list(info.crop_size), "scale_range": list(info.scale_range),
-               "batch": args.batch, "loader_crops_per_s": {}, "unlabelled_loader_crops_per_s": {},
-               "batch_transform_crops_per_s": {}}
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "crop": list(info.crop_size),
+        "scale_range": list(info.scale_range),
+        "batch": args.batch,
+        "loader_crops_per_s": {},
+        "unlabelled_loader_crops_per_s": {},
+        "batch_transform_crops_per_s": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         ids = make_images(Path(tmp), args.images)
         data = resolve_dataset("pascal", tmp)
-        dataset = bd.SegmentationDataset(data, ids, "train", crop_size=info.crop_size,
-                                         scale_range=info.scale_range, augmentation=True)
-        plain = bd.SegmentationDataset(data, ids, "train", crop_size=info.crop_size, scale_range=(1.0, 1.0),
-                                       augmentation=False)
+        dataset = bd.SegmentationDataset(
+            data, ids, "train", crop_size=info.crop_size, scale_range=info.scale_range, augmentation=True
+        )
+        plain = bd.SegmentationDataset(
+            data, ids, "train", crop_size=info.crop_size, scale_range=(1.0, 1.0), augmentation=False
+        )
         for workers in args.workers:
-            results["loader_crops_per_s"][str(workers)] = round(loader_rate(dataset, workers, args.batch, args.iters), 1)
+            results["loader_crops_per_s"][str(workers)] = round(
+                loader_rate(dataset, workers, args.batch, args.iters), 1
+            )
             results["unlabelled_loader_crops_per_s"][str(workers)] = round(
-                loader_rate(plain, workers, args.batch, args.iters), 1)
+                loader_rate(plain, workers, args.batch, args.iters), 1
+            )
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         results["batch_transform_crops_per_s"][device.type] = round(transform_rate(device, args.batch), 1)

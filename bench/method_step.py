@@ -36,9 +36,16 @@ from network import build_model  # noqa: E402
 FORMAT = "unibench-step-v1"
 VOID = 255  # the fixtures' void and padding value
 # The fixture's loss names -> ours ('loss' is the step's total).
-LOSS_NAMES = {"unimatch": {"loss": "loss", "loss_x": "sup", "loss_u_s1": "unsup_s1", "loss_u_s2": "unsup_s2",
-                           "loss_u_w_fp": "unsup_fp"},
-              "fixmatch": {"loss": "loss", "loss_x": "sup", "loss_u_s": "unsup_s"}}
+LOSS_NAMES = {
+    "unimatch": {
+        "loss": "loss",
+        "loss_x": "sup",
+        "loss_u_s1": "unsup_s1",
+        "loss_u_s2": "unsup_s2",
+        "loss_u_w_fp": "unsup_fp",
+    },
+    "fixmatch": {"loss": "loss", "loss_x": "sup", "loss_u_s": "unsup_s"},
+}
 # Per stats column (sum, l2, abs, dsum, dl2, dabs): the column that gives its magnitude.
 SCALE_COLUMN = (2, 1, 2, 5, 4, 5)
 
@@ -64,7 +71,7 @@ def rule_weights(keys: list, rule: dict) -> dict[str, torch.Tensor]:
             gain = rule["classifier_gain"] if name == "classifier.weight" else rule["conv_gain"]
             scale = torch.tensor(math.sqrt(gain / math.prod(shape[1:])), dtype=torch.float32)
             out[name] = _randn(shape, index) * scale
-        elif name.endswith(".bias") and len(shapes.get(name[:-len("bias")] + "weight", ())) == 4:
+        elif name.endswith(".bias") and len(shapes.get(name[: -len("bias")] + "weight", ())) == 4:
             out[name] = _randn(shape, index) * torch.tensor(rule["conv_bias_std"], dtype=torch.float32)
         else:  # BatchNorm gamma and beta
             out[name] = torch.ones(shape) if name.endswith(".weight") else torch.zeros(shape)
@@ -80,16 +87,24 @@ def build_network(fixture: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, b
     as init_sha256 says."""
     config = fixture["config"]
     backbone = config["backbone"]
-    if (not backbone.startswith("resnet") or config["replace_stride_with_dilation"] != [False, False, True]
-            or list(config["dilations"]) != [6, 12, 18]):
-        raise UserError(f"--fixture: the network {backbone}, dilation "
-                        f"{config['replace_stride_with_dilation']}, ASPP {config['dilations']} is not "
-                        f"UniMatch's DeepLabv3+ at output stride 16 with rates 6/12/18, the only one "
-                        f"deeplabv3p_unimatch builds; pass a fixture of that network")
+    if (
+        not backbone.startswith("resnet")
+        or config["replace_stride_with_dilation"] != [False, False, True]
+        or list(config["dilations"]) != [6, 12, 18]
+    ):
+        raise UserError(
+            f"--fixture: the network {backbone}, dilation "
+            f"{config['replace_stride_with_dilation']}, ASPP {config['dilations']} is not "
+            f"UniMatch's DeepLabv3+ at output stride 16 with rates 6/12/18, the only one "
+            f"deeplabv3p_unimatch builds; pass a fixture of that network"
+        )
     depth = int(backbone.removeprefix("resnet"))
     model = build_model("deeplabv3p_unimatch", config["nclass"], resnet_depth=depth)
-    ours = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()
-            if not k.startswith("representation.")]
+    ours = [
+        [k, list(v.shape), str(v.dtype).removeprefix("torch.")]
+        for k, v in model.state_dict().items()
+        if not k.startswith("representation.")
+    ]
     if ours != fixture["state_dict_keys"]:
         raise UserError("--fixture: its state_dict_keys are not deeplabv3p_unimatch's (names, shapes, order)")
     weights = rule_weights(fixture["state_dict_keys"], fixture["weight_rule"])
@@ -103,16 +118,20 @@ def settings_for(fixture: dict) -> methods.MethodSettings:
     """The step settings the fixture's config describes."""
     config = fixture["config"]
     if fixture["method"] not in methods.ONLINE_METHODS:
-        raise UserError(f"--fixture: method {fixture['method']!r} is none of "
-                        f"{', '.join(methods.ONLINE_METHODS)}")
+        raise UserError(
+            f"--fixture: method {fixture['method']!r} is none of {', '.join(methods.ONLINE_METHODS)}"
+        )
     criterion = config["criterion"]
     if criterion["kwargs"].get("ignore_index", VOID) != VOID:
         raise UserError(f"--fixture: ignore_index {criterion['kwargs']['ignore_index']} is not {VOID}")
     if criterion["name"] == "CELoss":
         extra = {"criterion": "ce"}
     elif criterion["name"] == "OHEM":
-        extra = {"criterion": "ohem", "ohem_thresh": float(criterion["kwargs"].get("thresh", 0.7)),
-                 "ohem_min_kept": int(criterion["kwargs"].get("min_kept", 256))}
+        extra = {
+            "criterion": "ohem",
+            "ohem_thresh": float(criterion["kwargs"].get("thresh", 0.7)),
+            "ohem_min_kept": int(criterion["kwargs"].get("min_kept", 256)),
+        }
     else:
         raise UserError(f"--fixture: criterion {criterion['name']!r} is neither CELoss nor OHEM")
     return methods.MethodSettings(method=fixture["method"], conf_thresh=float(config["conf_thresh"]), **extra)
@@ -140,12 +159,19 @@ class Tensors:
     def batch(self) -> methods.MethodBatch:
         labels = self.raw("mask_x").long()
         return methods.MethodBatch(
-            images_x=self.image("img_x"), labels_x=labels.masked_fill(labels == VOID, IGNORE_INDEX),
-            weak=self.image("img_u_w"), strong1=self.image("img_u_s1"), strong2=self.image("img_u_s2"),
-            padding=self.raw("ignore_mask") == VOID, box1=self.mask("cutmix_box1"),
+            images_x=self.image("img_x"),
+            labels_x=labels.masked_fill(labels == VOID, IGNORE_INDEX),
+            weak=self.image("img_u_w"),
+            strong1=self.image("img_u_s1"),
+            strong2=self.image("img_u_s2"),
+            padding=self.raw("ignore_mask") == VOID,
+            box1=self.mask("cutmix_box1"),
             box2=self.mask("cutmix_box2"),
-            mix_weak=self.image("img_u_w_mix"), mix_strong1=self.image("img_u_s1_mix"),
-            mix_strong2=self.image("img_u_s2_mix"), mix_padding=self.raw("ignore_mask_mix") == VOID)
+            mix_weak=self.image("img_u_w_mix"),
+            mix_strong1=self.image("img_u_s1_mix"),
+            mix_strong2=self.image("img_u_s2_mix"),
+            mix_padding=self.raw("ignore_mask_mix") == VOID,
+        )
 
 
 def statistics(state: dict[str, torch.Tensor], before: dict[str, torch.Tensor], key: str) -> list[float]:
@@ -164,9 +190,14 @@ def relative(ours: float, theirs: float, scale: float) -> float:
 def within(ours: list[float], theirs: list[float], tol: dict) -> bool:
     """The fixture README's tolerance on one tensor's six statistics."""
     _, l2, a, _, dl2, da = theirs
-    limits = (tol["state_rel"] * a + tol["delta_rel"] * da, tol["state_rel"] * l2 + tol["delta_rel"] * dl2,
-              tol["state_rel"] * a + tol["delta_rel"] * da, tol["delta_rel"] * da + tol["ulp_rel"] * a,
-              tol["delta_rel"] * dl2 + tol["ulp_rel"] * l2, tol["delta_rel"] * da + tol["ulp_rel"] * a)
+    limits = (
+        tol["state_rel"] * a + tol["delta_rel"] * da,
+        tol["state_rel"] * l2 + tol["delta_rel"] * dl2,
+        tol["state_rel"] * a + tol["delta_rel"] * da,
+        tol["delta_rel"] * da + tol["ulp_rel"] * a,
+        tol["delta_rel"] * dl2 + tol["ulp_rel"] * l2,
+        tol["delta_rel"] * da + tol["ulp_rel"] * a,
+    )
     return all(abs(x - r) <= limit for x, r, limit in zip(ours, theirs, limits))
 
 
@@ -188,9 +219,11 @@ def replay(folder: Path) -> dict:
     loss_rel, state_rel, steps = 0.0, 0.0, []
     for record in fixture["steps_recorded"]:
         data = Tensors(tensors, record["step"], fixture["image_normalisation"], dtype)
-        images_match &= all(sha256(data.image(name.removeprefix(data.prefix))) == digest
-                            for name, digest in fixture["image_sha256"].items()
-                            if name.startswith(data.prefix))
+        images_match &= all(
+            sha256(data.image(name.removeprefix(data.prefix))) == digest
+            for name, digest in fixture["image_sha256"].items()
+            if name.startswith(data.prefix)
+        )
         step = record["epoch"] * fixture["len_loader_u"] + record["i"]
         lr = methods.poly_lr(config["lr"], step, fixture["total_iters"])
         methods.set_lr(optimizer, lr, config["lr_multi"])
@@ -216,15 +249,33 @@ def replay(folder: Path) -> dict:
         state = model.state_dict()
         for key, theirs in record["stats_after"].items():
             ours = statistics(state, before, key)
-            state_rel = max(state_rel, *(relative(x, r, theirs[column])
-                                         for x, r, column in zip(ours, theirs, SCALE_COLUMN)))
+            state_rel = max(
+                state_rel,
+                *(relative(x, r, theirs[column]) for x, r, column in zip(ours, theirs, SCALE_COLUMN)),
+            )
             ok &= within(ours, theirs, tol)
-        steps.append({"step": step, "lr": {"ours": lrs, "theirs": record["lr"]}, "losses": losses,
-                      "mask_ratio": [terms["mask_ratio"], record["mask_ratio"]]})
-    return {"fixture": str(folder), "method": method, "backbone": config["backbone"],
-            "loss_rel_diff": loss_rel, "state_rel_diff": state_rel, "lr_match": lr_match,
-            "init_match": init_match, "images_match": images_match, "pseudo_match": pseudo_match,
-            "within_tolerance": ok, "seconds": round(time.perf_counter() - started, 1), "steps": steps}
+        steps.append(
+            {
+                "step": step,
+                "lr": {"ours": lrs, "theirs": record["lr"]},
+                "losses": losses,
+                "mask_ratio": [terms["mask_ratio"], record["mask_ratio"]],
+            }
+        )
+    return {
+        "fixture": str(folder),
+        "method": method,
+        "backbone": config["backbone"],
+        "loss_rel_diff": loss_rel,
+        "state_rel_diff": state_rel,
+        "lr_match": lr_match,
+        "init_match": init_match,
+        "images_match": images_match,
+        "pseudo_match": pseudo_match,
+        "within_tolerance": ok,
+        "seconds": round(time.perf_counter() - started, 1),
+        "steps": steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,7 @@ def make_inputs(folder: Path, count: int, size: tuple[int, int] | None) -> Path:
             (images / path.name).write_bytes(path.read_bytes())
         return images
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size[0], 0:size[1]]
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
     for k in range(count):
         phase = rng.uniform(0, 6.28, 3)
         pixels = np.stack([127 + 120 * np.sin(xx / 37 + p + yy / 53) for p in phase], axis=-1)
@@ -57,16 +57,41 @@ def run_config(name: str, images: int, device: str, amp: str, batch: int, worker
         checkpoint = tmp / f"{name}.pth"
         torch.manual_seed(0)
         torch.save(network.build_model("deeplabv3p", classes, resnet_depth=depth).state_dict(), checkpoint)
-        argv = ["--checkpoint", str(checkpoint), "--input", str(folder), "--dataset", dataset, "--device", device,
-                "--amp", amp, "--batch_size", str(batch), "--num_workers", str(workers)] + ["--flip"] * flip
+        argv = [
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(folder),
+            "--dataset",
+            dataset,
+            "--device",
+            device,
+            "--amp",
+            amp,
+            "--batch_size",
+            str(batch),
+            "--num_workers",
+            str(workers),
+        ] + ["--flip"] * flip
         cold = predict.main(argv + ["--output", str(tmp / "cold")])
         warm = predict.main(argv + ["--output", str(tmp / "warm")])
         height, width = Image.open(next(folder.iterdir())).size[::-1]
-    return {"config": name, "resnet_depth": depth, "classes": classes, "image_hw": [height, width],
-            "padded_hw": list(predict.padded_size(height, width)), "images": images, "batch": batch,
-            "device": device, "amp": amp, "flip": flip, "workers": workers,
-            "cold_images_per_s": cold["written"] / cold["seconds"],
-            "images_per_s": warm["written"] / warm["seconds"], "seconds": warm["seconds"]}
+    return {
+        "config": name,
+        "resnet_depth": depth,
+        "classes": classes,
+        "image_hw": [height, width],
+        "padded_hw": list(predict.padded_size(height, width)),
+        "images": images,
+        "batch": batch,
+        "device": device,
+        "amp": amp,
+        "flip": flip,
+        "workers": workers,
+        "cold_images_per_s": cold["written"] / cold["seconds"],
+        "images_per_s": warm["written"] / warm["seconds"],
+        "seconds": warm["seconds"],
+    }
 
 
 def main() -> None:
@@ -80,19 +105,29 @@ def main() -> None:
     p.add_argument("--flip", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    rows = [run_config(name, args.images, args.device, amp, args.batch_size, args.num_workers, args.flip)
-            for name in args.configs for amp in args.amp]
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-               "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    rows = [
+        run_config(name, args.images, args.device, amp, args.batch_size, args.num_workers, args.flip)
+        for name in args.configs
+        for amp in args.amp
+    ]
+    machine = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+    }
     report = {"machine": machine, "results": rows}
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"\n{'config':<6} {'image':>9} {'padded':>9} {'batch':>5} {'amp':>4} {'images/s':>9} {'cold':>7}")
     for r in rows:
-        print(f"{r['config']:<6} {'x'.join(map(str, r['image_hw'])):>9} {'x'.join(map(str, r['padded_hw'])):>9} "
-              f"{r['batch']:>5} {r['amp']:>4} {r['images_per_s']:>9.2f} {r['cold_images_per_s']:>7.2f}")
+        print(
+            f"{r['config']:<6} {'x'.join(map(str, r['image_hw'])):>9} {'x'.join(map(str, r['padded_hw'])):>9} "
+            f"{r['batch']:>5} {r['amp']:>4} {r['images_per_s']:>9.2f} {r['cold_images_per_s']:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from module_list import compute_reco_loss  # noqa: E402
 
 
-def make_inputs(batch: int, size: int, num_classes: int, dim: int, present: int, device: torch.device,
-                seed: int = 0) -> tuple[torch.Tensor, ...]:
+def make_inputs(
+    batch: int, size: int, num_classes: int, dim: int, present: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     """Blocky labels over `present` of num_classes classes, 90 % valid pixels, soft (mostly hard) predictions."""
     gen = torch.Generator().manual_seed(seed)
     classes = torch.randperm(num_classes, generator=gen)[:present]
@@ -49,7 +50,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--num_queries", type=int, default=256)
     parser.add_argument("--num_negatives", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,7 +60,9 @@ def main() -> None:
         parser.error("--device cuda: no CUDA device is available here")
     device = torch.device(args.device)
 
-    rep, label, mask, prob = make_inputs(args.batch, args.size, args.num_classes, args.dim, args.present, device)
+    rep, label, mask, prob = make_inputs(
+        args.batch, args.size, args.num_classes, args.dim, args.present, device
+    )
     rep.requires_grad_(True)
 
     def step() -> torch.Tensor:
@@ -85,14 +90,22 @@ def main() -> None:
         "bench": "reco_loss fwd+bwd",
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "torch_threads": torch.get_num_threads(),
-        "shape": {"B": args.batch, "h": args.size, "w": args.size, "C": args.num_classes, "D": args.dim,
-                  "Q": args.num_queries, "N": args.num_negatives,
-                  "present_classes": int(((label * mask).sum((0, 2, 3)) > 0).sum())},
+        "shape": {
+            "B": args.batch,
+            "h": args.size,
+            "w": args.size,
+            "C": args.num_classes,
+            "D": args.dim,
+            "Q": args.num_queries,
+            "N": args.num_negatives,
+            "present_classes": int(((label * mask).sum((0, 2, 3)) > 0).sum()),
+        },
         "median_s": statistics.median(times),
         "min_s": min(times),
         "repeats": args.repeats,
         "loss": float(loss),
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is KiB on Linux
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        / 2**20,  # ru_maxrss is KiB on Linux
         "platform": platform.processor() or platform.machine(),
     }
     if device.type == "cuda":

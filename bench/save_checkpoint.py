@@ -33,9 +33,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=opts.out) as folder:
         for depth in opts.depths:
-            args = engine.resolve_args(engine.get_args_parser("semi").parse_args(
-                ["--dataset", opts.dataset, "--resnet_depth", str(depth), "--pretrained", "none", "--apply_reco",
-                 "--device", "cpu"]))
+            args = engine.resolve_args(
+                engine.get_args_parser("semi").parse_args(
+                    [
+                        "--dataset",
+                        opts.dataset,
+                        "--resnet_depth",
+                        str(depth),
+                        "--pretrained",
+                        "none",
+                        "--apply_reco",
+                        "--device",
+                        "cpu",
+                    ]
+                )
+            )
             run = engine.build_run(args, info, distributed.Dist(0, 1, torch.device("cpu")))
             for group in run.optimizer.param_groups:  # a trained run holds a momentum buffer per parameter
                 for param in group["params"]:
@@ -47,8 +59,14 @@ def main() -> None:
                 started = time.perf_counter()
                 engine.save_last(run, path, 0, 0.0, metrics)
                 times.append(time.perf_counter() - started)
-            rows.append({"model": f"{args.backbone} ResNet-{depth}", "size_mb": round(path.stat().st_size / 2**20, 1),
-                         "save_s": round(statistics.median(times), 3), "repeats": opts.repeats})
+            rows.append(
+                {
+                    "model": f"{args.backbone} ResNet-{depth}",
+                    "size_mb": round(path.stat().st_size / 2**20, 1),
+                    "save_s": round(statistics.median(times), 3),
+                    "repeats": opts.repeats,
+                }
+            )
     print(json.dumps(rows))
     for row in rows:
         print(f"{row['model']:<22} {row['size_mb']:>8.1f} MB {row['save_s']:>8.3f} s")

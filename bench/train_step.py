@@ -40,15 +40,38 @@ from layouts import resolve_dataset  # noqa: E402
 from module_list import ONLINE_METHODS, ConfMatrix  # noqa: E402
 
 SIZES = {  # the reference's Pascal defaults, and a size a laptop CPU gets through in seconds
-    "pascal": ["--dataset", "pascal", "--resnet_depth", "101", "--batch_size", "10", "--crop_size", "321",
-               "321"],
+    "pascal": [
+        "--dataset",
+        "pascal",
+        "--resnet_depth",
+        "101",
+        "--batch_size",
+        "10",
+        "--crop_size",
+        "321",
+        "321",
+    ],
     "small": ["--dataset", "pascal", "--resnet_depth", "18", "--batch_size", "2", "--crop_size", "97", "97"],
-    "crop161": ["--dataset", "pascal", "--resnet_depth", "101", "--batch_size", "2", "--crop_size", "161", "161"],
+    "crop161": [
+        "--dataset",
+        "pascal",
+        "--resnet_depth",
+        "101",
+        "--batch_size",
+        "2",
+        "--crop_size",
+        "161",
+        "161",
+    ],
 }
-MODES = {"sup": ("sup", []), "semisup": ("semi", ["--apply_aug", "classmix"]),
-         "semisup+reco": ("semi", ["--apply_aug", "classmix", "--apply_reco"]),
-         "fixmatch": ("semi", ["--method", "fixmatch"]), "unimatch": ("semi", ["--method", "unimatch"]),
-         "unimatch+reco": ("semi", ["--method", "unimatch", "--apply_reco"])}
+MODES = {
+    "sup": ("sup", []),
+    "semisup": ("semi", ["--apply_aug", "classmix"]),
+    "semisup+reco": ("semi", ["--apply_aug", "classmix", "--apply_reco"]),
+    "fixmatch": ("semi", ["--method", "fixmatch"]),
+    "unimatch": ("semi", ["--method", "unimatch"]),
+    "unimatch+reco": ("semi", ["--method", "unimatch", "--apply_reco"]),
+}
 
 
 def synthetic_batch(batch: int, crop, num_classes: int, device, generator):
@@ -67,13 +90,27 @@ def synthetic_unlabelled(batch: int, crop, device, generator):
     h, w = crop
     weak, mix = (torch.rand(batch, 3, h, w, generator=generator) for _ in range(2))
     padding = torch.zeros(batch, h, w, dtype=torch.bool)
-    padding[:, :, -(w // 10):] = True
+    padding[:, :, -(w // 10) :] = True
     labels = torch.full((batch, h, w), -1, dtype=torch.long)
-    return [t.to(device) for t in (weak.masked_fill(padding[:, None], 0), padding, labels,
-                                   mix.masked_fill(padding[:, None], 0), padding)]
+    return [
+        t.to(device)
+        for t in (
+            weak.masked_fill(padding[:, None], 0),
+            padding,
+            labels,
+            mix.masked_fill(padding[:, None], 0),
+            padding,
+        )
+    ]
 
 
-LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+LAUNCHES = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+)
 
 
 def device_work(prof) -> tuple[int, int, float]:
@@ -87,20 +124,50 @@ def device_work(prof) -> tuple[int, int, float]:
     return launches, kernels, sum(e.time_range.elapsed_us() for e in device) / 1000
 
 
-def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: bool, profile: bool,
-          compile_mode: str, channels_last: str, kernels: bool, guarded: bool, deterministic: bool = False) -> dict:
+def bench(
+    name: str,
+    size: str,
+    amp: str,
+    device: str,
+    steps: int,
+    sync_check: bool,
+    profile: bool,
+    compile_mode: str,
+    channels_last: str,
+    kernels: bool,
+    guarded: bool,
+    deterministic: bool = False,
+) -> dict:
     mode, extra = MODES[name]
-    args = options.resolve_args(options.get_args_parser(mode).parse_args(
-        SIZES[size] + extra + ["--amp", amp, "--pretrained", "none", "--device", device, "--compile", compile_mode,
-                               "--channels_last", channels_last] + ["--deterministic"] * deterministic))
+    args = options.resolve_args(
+        options.get_args_parser(mode).parse_args(
+            SIZES[size]
+            + extra
+            + [
+                "--amp",
+                amp,
+                "--pretrained",
+                "none",
+                "--device",
+                device,
+                "--compile",
+                compile_mode,
+                "--channels_last",
+                channels_last,
+            ]
+            + ["--deterministic"] * deterministic
+        )
+    )
     info = resolve_dataset(args.dataset).info
     torch.compiler.reset()  # each row compiles afresh (and stays under Dynamo's per-function recompile limit)
     run = engine.build_run(args, info, distributed.Dist(0, 1, torch.device(device)))
     run.student.train()
     g = torch.Generator().manual_seed(0)
     per_loader = args.batch_size if mode == "semi" else 2 * args.batch_size
-    batch = [synthetic_batch(per_loader, args.crop_size, info.num_classes, device, g)
-             for _ in range(2 if mode == "semi" else 1)]
+    batch = [
+        synthetic_batch(per_loader, args.crop_size, info.num_classes, device, g)
+        for _ in range(2 if mode == "semi" else 1)
+    ]
     online = run.method in ONLINE_METHODS
     if online:
         batch[1] = synthetic_unlabelled(per_loader, args.crop_size, device, g)
@@ -135,32 +202,60 @@ def bench(name: str, size: str, amp: str, device: str, steps: int, sync_check: b
             for _ in range(2):
                 step()
             torch.cuda.set_sync_debug_mode("default")
-        syncs = sorted({str(w.message).splitlines()[0] for w in caught
-                        if "synchroniz" in str(w.message) and "prototype" not in str(w.message)})
+        syncs = sorted(
+            {
+                str(w.message).splitlines()[0]
+                for w in caught
+                if "synchroniz" in str(w.message) and "prototype" not in str(w.message)
+            }
+        )
     work = None
     if profile or (kernels and cuda):
-        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with torch_profile(
+            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        ) as prof:
             step()
             sync()
         if profile:
             print(f"--- {name} {amp} compile {run.compile_mode}", file=sys.stderr)
-            print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                            row_limit=25), file=sys.stderr)
+            print(
+                prof.key_averages().table(
+                    sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25
+                ),
+                file=sys.stderr,
+            )
         if cuda:
             work = device_work(prof)
-    result = {"config": name, "size": size, "amp": amp, "device": device, "compile": run.compile_mode,
-              "guard": guarded, "deterministic": deterministic,
-              "channels_last": next(run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
-              and not next(run.model.parameters()).is_contiguous(),
-              "compile_s": None if run.compile_s is None else round(run.compile_s, 1),
-              "first_losses": [round(v, 5) for v in first],
-              "device_name": torch.cuda.get_device_name() if cuda else "cpu",
-              "batch": f"{per_loader}" + f"+{per_loader}" * (mode == "semi") + f"+{per_loader}" * online,
-              "crop": list(args.crop_size), "resnet_depth": args.resnet_depth, "s_per_iter": round(seconds, 4),
-              "cpu_s_per_iter": round(cpu_seconds, 4), "threads": torch.get_num_threads(),
-              "peak_gib": round((torch.cuda.max_memory_allocated() if cuda else
-                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 3),
-              "peak_kind": "cuda max_memory_allocated" if cuda else "process peak RSS"}
+    result = {
+        "config": name,
+        "size": size,
+        "amp": amp,
+        "device": device,
+        "compile": run.compile_mode,
+        "guard": guarded,
+        "deterministic": deterministic,
+        "channels_last": next(run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+        and not next(run.model.parameters()).is_contiguous(),
+        "compile_s": None if run.compile_s is None else round(run.compile_s, 1),
+        "first_losses": [round(v, 5) for v in first],
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "batch": f"{per_loader}" + f"+{per_loader}" * (mode == "semi") + f"+{per_loader}" * online,
+        "crop": list(args.crop_size),
+        "resnet_depth": args.resnet_depth,
+        "s_per_iter": round(seconds, 4),
+        "cpu_s_per_iter": round(cpu_seconds, 4),
+        "threads": torch.get_num_threads(),
+        "peak_gib": round(
+            (
+                torch.cuda.max_memory_allocated()
+                if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            / 2**30,
+            3,
+        ),
+        "peak_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+    }
     if syncs is not None:
         result["host_syncs"] = syncs
     if work is not None:
@@ -178,15 +273,33 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--sync_check", action="store_true", help="report host syncs (CUDA's sync debug mode)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one step")
-    p.add_argument("--compile", nargs="+", default=["off", "default"], choices=COMPILE_CHOICES[1:],
-                   help="torch.compile modes side by side ('off' = eager)")
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        default=["off", "default"],
+        choices=COMPILE_CHOICES[1:],
+        help="torch.compile modes side by side ('off' = eager)",
+    )
     p.add_argument("--channels_last", nargs="+", default=["auto"], choices=LAYOUT_CHOICES)
-    p.add_argument("--guard", nargs="+", default=["on"], choices=["on", "off"],
-                   help="the non-finite/stop guard of the training loop (its one host read per step)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (1 makes the process's CPU seconds a fair measure on a shared machine)")
-    p.add_argument("--kernels", action="store_true", help="kernels launched and GPU busy time of one step (CUDA)")
-    p.add_argument("--deterministic", action="store_true", help="the training flag: deterministic kernels only")
+    p.add_argument(
+        "--guard",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="the non-finite/stop guard of the training loop (its one host read per step)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (1 makes the process's CPU seconds a fair measure on a shared machine)",
+    )
+    p.add_argument(
+        "--kernels", action="store_true", help="kernels launched and GPU busy time of one step (CUDA)"
+    )
+    p.add_argument(
+        "--deterministic", action="store_true", help="the training flag: deterministic kernels only"
+    )
     args = p.parse_args()
     distributed.use_deterministic(args.deterministic)  # before CUDA starts, as the training scripts do
     if args.threads:
@@ -197,18 +310,34 @@ def main() -> None:
             for layout in args.channels_last:
                 for mode in args.compile:
                     for guarded in args.guard:
-                        row = bench(name, args.size, amp, args.device, args.steps, args.sync_check, args.profile,
-                                    mode, layout, args.kernels, guarded == "on", args.deterministic)
+                        row = bench(
+                            name,
+                            args.size,
+                            amp,
+                            args.device,
+                            args.steps,
+                            args.sync_check,
+                            args.profile,
+                            mode,
+                            layout,
+                            args.kernels,
+                            guarded == "on",
+                            args.deterministic,
+                        )
                         print(json.dumps(row), flush=True)
                         rows.append(row)
-    print(f"\n{'config':14} {'amp':5} {'compile':15} {'guard':5} {'NHWC':5} {'batch':7} {'crop':9} {'s/iter':>8} {'CPU s':>7} {'peak GiB':>9}"
-          f" {'compile s':>9} {'launches':>8} {'kernels':>8} {'GPU ms':>8}  first losses  ({rows[0]['device_name']})")
+    print(
+        f"\n{'config':14} {'amp':5} {'compile':15} {'guard':5} {'NHWC':5} {'batch':7} {'crop':9} {'s/iter':>8} {'CPU s':>7} {'peak GiB':>9}"
+        f" {'compile s':>9} {'launches':>8} {'kernels':>8} {'GPU ms':>8}  first losses  ({rows[0]['device_name']})"
+    )
     for r in rows:
-        print(f"{r['config']:14} {r['amp']:5} {r['compile']:15} {'on' if r['guard'] else 'off':5} "
-              f"{'yes' if r['channels_last'] else 'no':5} "
-              f"{r['batch']:7} {'x'.join(map(str, r['crop'])):9} {r['s_per_iter']:8.3f} {r['cpu_s_per_iter']:7.3f} {r['peak_gib']:9.2f} "
-              f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r.get('launches_per_step', '-'):>8} {r.get('kernels_per_step', '-'):>8} "
-              f"{r.get('gpu_busy_ms', '-'):>8}  {' '.join(f'{v:.4f}' for v in r['first_losses'])}")
+        print(
+            f"{r['config']:14} {r['amp']:5} {r['compile']:15} {'on' if r['guard'] else 'off':5} "
+            f"{'yes' if r['channels_last'] else 'no':5} "
+            f"{r['batch']:7} {'x'.join(map(str, r['crop'])):9} {r['s_per_iter']:8.3f} {r['cpu_s_per_iter']:7.3f} {r['peak_gib']:9.2f} "
+            f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r.get('launches_per_step', '-'):>8} {r.get('kernels_per_step', '-'):>8} "
+            f"{r.get('gpu_busy_ms', '-'):>8}  {' '.join(f'{v:.4f}' for v in r['first_losses'])}"
+        )
 
 
 if __name__ == "__main__":

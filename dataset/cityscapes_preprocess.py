@@ -41,10 +41,12 @@ def list_pairs(image_dir: Path, label_dir: Path) -> list[tuple[Path, Path]]:
     pairs = []
     for city in sorted(p for p in image_dir.iterdir() if p.is_dir()):
         for image in sorted(city.glob(f"*{IMAGE_SUFFIX}")):
-            label = label_dir / city.name / (image.name[:-len(IMAGE_SUFFIX)] + LABEL_SUFFIX)
+            label = label_dir / city.name / (image.name[: -len(IMAGE_SUFFIX)] + LABEL_SUFFIX)
             if not label.is_file():
-                raise build_data.DataError(f"label {label} for image {image} is missing: unpack "
-                                           f"gtFine_trainvaltest.zip completely next to leftImg8bit_trainvaltest")
+                raise build_data.DataError(
+                    f"label {label} for image {image} is missing: unpack "
+                    f"gtFine_trainvaltest.zip completely next to leftImg8bit_trainvaltest"
+                )
             pairs.append((image, label))
     if not pairs:
         raise build_data.DataError(f"no *{IMAGE_SUFFIX} images in the city folders of {image_dir}")
@@ -53,21 +55,35 @@ def list_pairs(image_dir: Path, label_dir: Path) -> list[tuple[Path, Path]]:
 
 def main(argv: list[str] | None = None) -> None:
     default_root = layouts.resolve_dataset("cityscapes").root
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, default=default_root.parent,
-                        help="folder holding leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ (default: dataset)")
-    parser.add_argument("--root", type=Path, default=default_root,
-                        help="output (default: dataset/cityscapes)")
-    parser.add_argument("--seeds", type=int, nargs="*", default=list(preparation.PARTIAL_SEEDS),
-                        help="partial-label seeds (none: skip partial labels)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--src",
+        type=Path,
+        default=default_root.parent,
+        help="folder holding leftImg8bit_trainvaltest/ and gtFine_trainvaltest/ (default: dataset)",
+    )
+    parser.add_argument(
+        "--root", type=Path, default=default_root, help="output (default: dataset/cityscapes)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="*",
+        default=list(preparation.PARTIAL_SEEDS),
+        help="partial-label seeds (none: skip partial labels)",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for resizing")
     args = parser.parse_args(argv)
     image_root = args.src / "leftImg8bit_trainvaltest" / "leftImg8bit"
     label_root = args.src / "gtFine_trainvaltest" / "gtFine"
     for folder in (image_root, label_root):
         if not folder.is_dir():
-            raise build_data.DataError(f"{folder} not found: unpack leftImg8bit_trainvaltest.zip and "
-                                       f"gtFine_trainvaltest.zip into {args.src} (or pass --src)")
+            raise build_data.DataError(
+                f"{folder} not found: unpack leftImg8bit_trainvaltest.zip and "
+                f"gtFine_trainvaltest.zip into {args.src} (or pass --src)"
+            )
     split_pairs = {split: list_pairs(image_root / split, label_root / split) for split in ("train", "val")}
     with helpers.staged_dir(args.root, "cityscapes") as tmp:
         images, labels = [], []
@@ -78,16 +94,23 @@ def main(argv: list[str] | None = None) -> None:
                 images.append((image, tmp / "images" / split / f"{i}.png"))
                 labels.append((label, tmp / "labels" / split / f"{i}.png"))
             # Inside images/, so the record and the numbering it describes are replaced in one rename.
-            names = "".join(f"{image.parent.name}/{image.name[:-len(IMAGE_SUFFIX)]}\n" for image, _ in pairs)
+            names = "".join(f"{image.parent.name}/{image.name[: -len(IMAGE_SUFFIX)]}\n" for image, _ in pairs)
             layouts.name_record_path(tmp, split).write_text(names, encoding="utf-8")
             print(f"{split}: {len(pairs)} images")
         preparation.resize_files(images, SIZE, Image.BICUBIC, "RGB", args.workers, "images")
         preparation.resize_files(labels, SIZE, Image.NEAREST, None, args.workers, "labels")
         if args.seeds:
             train_labels = [tmp / "labels" / "train" / f"{i}.png" for i in range(len(split_pairs["train"]))]
-            preparation.write_partial_labels(train_labels, tmp / "labels", "train_{partial}_{seed}", args.seeds,
-                                            void_values=void_label_ids(), fill=0, progress=True,
-                                            workers=args.workers)
+            preparation.write_partial_labels(
+                train_labels,
+                tmp / "labels",
+                "train_{partial}_{seed}",
+                args.seeds,
+                void_values=void_label_ids(),
+                fill=0,
+                progress=True,
+                workers=args.workers,
+            )
         for name in ("images", "labels"):
             helpers.replace_dir(tmp / name, args.root / name)
     print(f"Cityscapes written to {args.root}")

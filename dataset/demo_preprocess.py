@@ -20,25 +20,47 @@ import preparation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=layouts.resolve_dataset("demo").root,
-                        help="output folder (default: dataset/demo)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=layouts.resolve_dataset("demo").root,
+        help="output folder (default: dataset/demo)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--num_train", type=int, default=240)
     parser.add_argument("--num_val", type=int, default=48)
     parser.add_argument("--size", type=int, default=96, help="image side in pixels")
-    parser.add_argument("--layout", default="pascal", choices=("pascal", build_data.FOLDER),
-                        help="pascal (--dataset demo) or folder (--dataset folder --data_root ROOT)")
-    parser.add_argument("--num_unlabelled", type=int, default=None,
-                        help="images without masks in ROOT/unlabelled/ (folder layout only; default 48)")
+    parser.add_argument(
+        "--layout",
+        default="pascal",
+        choices=("pascal", build_data.FOLDER),
+        help="pascal (--dataset demo) or folder (--dataset folder --data_root ROOT)",
+    )
+    parser.add_argument(
+        "--num_unlabelled",
+        type=int,
+        default=None,
+        help="images without masks in ROOT/unlabelled/ (folder layout only; default 48)",
+    )
     args = parser.parse_args(argv)
     folder = args.layout == build_data.FOLDER
     num_unlabelled = (48 if folder else 0) if args.num_unlabelled is None else args.num_unlabelled
-    root = preparation.make_demo_dataset(args.root, seed=args.seed, num_train=args.num_train,
-                                        num_val=args.num_val, size=args.size, layout=args.layout,
-                                        num_unlabelled=num_unlabelled)
-    print(f"demo dataset written to {root} ({args.num_train} train, {args.num_val} val"
-          f"{f', {num_unlabelled} unlabelled' if folder else ''} images, {args.layout} layout)")
+    root = preparation.make_demo_dataset(
+        args.root,
+        seed=args.seed,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        size=args.size,
+        layout=args.layout,
+        num_unlabelled=num_unlabelled,
+    )
+    print(
+        f"demo dataset written to {root} ({args.num_train} train, {args.num_val} val"
+        f"{f', {num_unlabelled} unlabelled' if folder else ''} images, {args.layout} layout)"
+    )
 
 
 if __name__ == "__main__":

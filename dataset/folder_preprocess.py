@@ -22,12 +22,22 @@ import preparation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, required=True,
-                        help="the dataset folder (images/, labels/, classes.txt), as --data_root")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        required=True,
+        help="the dataset folder (images/, labels/, classes.txt), as --data_root",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(preparation.PARTIAL_SEEDS))
-    parser.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1),
-                        help="processes (one seed each; the output does not depend on it)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(3, os.cpu_count() or 1),
+        help="processes (one seed each; the output does not depend on it)",
+    )
     args = parser.parse_args(argv)
     data = layouts.resolve_dataset(build_data.FOLDER, args.root)
     ids = data.list_ids("train")
@@ -35,10 +45,20 @@ def main(argv: list[str] | None = None) -> None:
     files = sorted(data.label_path(i, "train") for i in ids)
     [void] = build_data.void_values(data.info)
     print(f"{len(files)} labels in {files[0].parent}, {data.info.num_classes} classes; seeds {args.seeds}")
-    preparation.write_partial_labels(files, args.root / "labels", preparation.FOLDER_PARTIAL_FORMAT, args.seeds,
-                                     void_values=(void,), fill=void, progress=True, workers=args.workers)
-    print(f"wrote labels/train_{{p0,p1,p5,p25}}_{{{','.join(map(str, args.seeds))}}} in {args.root}; train with "
-          f"train_sup_partial.py / train_semisup_partial.py --dataset folder --data_root {args.root} --partial p1")
+    preparation.write_partial_labels(
+        files,
+        args.root / "labels",
+        preparation.FOLDER_PARTIAL_FORMAT,
+        args.seeds,
+        void_values=(void,),
+        fill=void,
+        progress=True,
+        workers=args.workers,
+    )
+    print(
+        f"wrote labels/train_{{p0,p1,p5,p25}}_{{{','.join(map(str, args.seeds))}}} in {args.root}; train with "
+        f"train_sup_partial.py / train_semisup_partial.py --dataset folder --data_root {args.root} --partial p1"
+    )
 
 
 if __name__ == "__main__":

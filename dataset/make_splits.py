@@ -20,10 +20,16 @@ import splits  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", required=True, choices=[*sorted(build_data.DATASETS), build_data.FOLDER])
-    parser.add_argument("--root", type=Path, default=None,
-                        help="dataset folder (default: dataset/<name>; required for --dataset folder)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="dataset folder (default: dataset/<name>; required for --dataset folder)",
+    )
     parser.add_argument("--num_labels", type=int, required=True, help="number of labelled images (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="folder to write the two lists into")

@@ -33,8 +33,9 @@ FOLDERS = ("SUNRGBD-train_images", "SUNRGBD-test_images", "sunrgbd_train_test_la
 def indexed_files(folder: Path, suffix: str) -> dict[int, Path]:
     """{k: path} of folder/img-k<suffix> (k: the integer after the last '-')."""
     if not folder.is_dir():
-        raise build_data.DataError(f"{folder} not found: --src must hold the unpacked SUN RGB-D folders "
-                                   f"{', '.join(FOLDERS)}")
+        raise build_data.DataError(
+            f"{folder} not found: --src must hold the unpacked SUN RGB-D folders {', '.join(FOLDERS)}"
+        )
     files = {}
     for path in folder.glob(f"img-*{suffix}"):
         stem = path.stem.rsplit("-", 1)[-1]
@@ -47,21 +48,36 @@ def indexed_files(folder: Path, suffix: str) -> dict[int, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     default_root = layouts.resolve_dataset("sun").root
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, required=True, help="folder with the original SUN RGB-D downloads")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--src", type=Path, required=True, help="folder with the original SUN RGB-D downloads"
+    )
     parser.add_argument("--root", type=Path, default=default_root, help="output (default: dataset/sun)")
-    parser.add_argument("--test_idx", type=Path, default=None,
-                        help="test subset list (default: SRC/test_idx.txt, else the shipped dataset/sun/test_idx.txt)")
+    parser.add_argument(
+        "--test_idx",
+        type=Path,
+        default=None,
+        help="test subset list (default: SRC/test_idx.txt, else the shipped dataset/sun/test_idx.txt)",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for resizing")
     args = parser.parse_args(argv)
     for name in FOLDERS:
         if (args.root / name).resolve() == (args.src / name).resolve():
-            raise build_data.DataError(f"--src and --root are the same folder ({args.src}): this script writes a "
-                                       f"new tree and never changes its input; move the downloads elsewhere (e.g. "
-                                       f"dataset/sun_raw) and pass that as --src")
-    test_idx = args.test_idx or next((p for p in (args.src / "test_idx.txt",
-                                                  build_data.REPO_ROOT / "dataset" / "sun" / "test_idx.txt")
-                                      if p.is_file()), args.src / "test_idx.txt")
+            raise build_data.DataError(
+                f"--src and --root are the same folder ({args.src}): this script writes a "
+                f"new tree and never changes its input; move the downloads elsewhere (e.g. "
+                f"dataset/sun_raw) and pass that as --src"
+            )
+    test_idx = args.test_idx or next(
+        (
+            p
+            for p in (args.src / "test_idx.txt", build_data.REPO_ROOT / "dataset" / "sun" / "test_idx.txt")
+            if p.is_file()
+        ),
+        args.src / "test_idx.txt",
+    )
     if not test_idx.is_file():
         raise FileNotFoundError(f"test list {test_idx} not found: pass --test_idx FILE")
     keep_test = {int(k) for k in test_idx.read_text(encoding="utf-8").split()}
@@ -75,13 +91,17 @@ def main(argv: list[str] | None = None) -> None:
     for k, path in test.items():
         folder = FOLDERS[1] if k in keep_test else FOLDERS[0]
         if (folder, k) in outputs:
-            raise build_data.DataError(f"{path} collides with a renamed train image: is --src already "
-                                       f"preprocessed? pass the original downloads")
+            raise build_data.DataError(
+                f"{path} collides with a renamed train image: is --src already "
+                f"preprocessed? pass the original downloads"
+            )
         outputs[(folder, k)] = path
     missing = sorted(k for _, k in outputs if k not in labels)
     if missing:
-        raise build_data.DataError(f"no label img-{missing[0]:06d}.png in {args.src / FOLDERS[2]} (and "
-                                   f"{len(missing) - 1} more): is --src the original, unprocessed download?")
+        raise build_data.DataError(
+            f"no label img-{missing[0]:06d}.png in {args.src / FOLDERS[2]} (and "
+            f"{len(missing) - 1} more): is --src the original, unprocessed download?"
+        )
 
     with helpers.staged_dir(args.root, "sun") as tmp:
         for name in FOLDERS:

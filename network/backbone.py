@@ -44,8 +44,10 @@ def dilate_layer(layer: nn.Sequential, dilation: int) -> None:
 
 def _check_depth(resnet_depth: int) -> None:
     if resnet_depth not in _RESNETS:
-        raise UserError(f"--resnet_depth {resnet_depth} is not supported: choose one of "
-                         f"{', '.join(map(str, RESNET_DEPTHS))}.")
+        raise UserError(
+            f"--resnet_depth {resnet_depth} is not supported: choose one of "
+            f"{', '.join(map(str, RESNET_DEPTHS))}."
+        )
 
 
 def imagenet_weight_file(resnet_depth: int) -> Path:
@@ -69,7 +71,8 @@ def _imagenet_state_dict(resnet_depth: int) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(
                 f"cannot download the ImageNet ResNet-{resnet_depth} weights ({type(error).__name__}: {error}); "
                 f"put {weights.url} at {path}, or pass --pretrained none or --pretrained PATH to a local "
-                f"torchvision ResNet-{resnet_depth} state_dict.") from None
+                f"torchvision ResNet-{resnet_depth} state_dict."
+            ) from None
         finally:
             socket.setdefaulttimeout(previous_timeout)
     return _read_weights(path, "delete it to download it again, or pass --pretrained none.")
@@ -83,16 +86,20 @@ def _read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _local_state_dict(path: str | os.PathLike,
-                      family: str = "a torchvision ResNet state_dict") -> dict[str, torch.Tensor]:
+def _local_state_dict(
+    path: str | os.PathLike, family: str = "a torchvision ResNet state_dict"
+) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--pretrained {path}: no such file; pass 'imagenet', 'none' or the path of "
-                                f"{family} (.pth).")
+        raise FileNotFoundError(
+            f"--pretrained {path}: no such file; pass 'imagenet', 'none' or the path of {family} (.pth)."
+        )
     return _read_weights(path, f"pass {family} saved with torch.save (--pretrained PATH).")
 
 
-def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: tuple[int, int] = (1, 2)) -> nn.Module:
+def build_resnet(
+    resnet_depth: int = 101, pretrained: str = "none", dilations: tuple[int, int] = (1, 2)
+) -> nn.Module:
     """Torchvision ResNet with layer3/layer4 dilated by `dilations` (1 = keep the stride) and no fc.
 
     pretrained: 'imagenet' (torchvision IMAGENET1K_V1), 'none' (random init) or a path to a torchvision
@@ -103,7 +110,9 @@ def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: t
     resnet.fc = nn.Identity()  # dropped by the model anyway; keeps the strict load below free of fc keys
     if pretrained != "none":
         source = f"ImageNet ResNet-{resnet_depth}" if pretrained == "imagenet" else str(pretrained)
-        state = _imagenet_state_dict(resnet_depth) if pretrained == "imagenet" else _local_state_dict(pretrained)
+        state = (
+            _imagenet_state_dict(resnet_depth) if pretrained == "imagenet" else _local_state_dict(pretrained)
+        )
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         try:
             resnet.load_state_dict(state, strict=True)
@@ -112,9 +121,11 @@ def build_resnet(resnet_depth: int = 101, pretrained: str = "none", dilations: t
             deep_stem = ""
             if "conv1.0.weight" in state:  # UniMatch's deep-stem file given to ReCo's network
                 deep_stem = "; a deep-stem file needs --backbone deeplabv3p_unimatch"
-            raise UserError(f"--pretrained {source}: does not fit a torchvision ResNet-{resnet_depth} backbone "
-                             f"({detail[:400]}); pass weights of the same depth as --resnet_depth "
-                             f"with torchvision key names (conv1.weight, layer1.0...){deep_stem}.") from None
+            raise UserError(
+                f"--pretrained {source}: does not fit a torchvision ResNet-{resnet_depth} backbone "
+                f"({detail[:400]}); pass weights of the same depth as --resnet_depth "
+                f"with torchvision key names (conv1.weight, layer1.0...){deep_stem}."
+            ) from None
     for layer, dilation in zip((resnet.layer3, resnet.layer4), dilations):
         if dilation > 1:
             dilate_layer(layer, dilation)
@@ -130,13 +141,21 @@ def _deep_stem(resnet: nn.Module) -> None:
 
     bn1 and layer1's first block then take 128 channels; a BasicBlock stage gets the 1x1 projection it needs.
     """
+
     def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
         layer = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, bias=False)
         nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's
         return layer
 
-    resnet.conv1 = nn.Sequential(conv(3, 64, 3, 2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                 conv(64, 64, 3), nn.BatchNorm2d(64), nn.ReLU(inplace=True), conv(64, 128, 3))
+    resnet.conv1 = nn.Sequential(
+        conv(3, 64, 3, 2),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        conv(64, 64, 3),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        conv(64, 128, 3),
+    )
     resnet.bn1 = nn.BatchNorm2d(128)
     first = resnet.layer1[0]
     first.conv1 = conv(128, first.conv1.out_channels, first.conv1.kernel_size[0])
@@ -157,9 +176,11 @@ def build_deep_stem_resnet(resnet_depth: int = 101, pretrained: str = "none") ->
     """
     _check_depth(resnet_depth)
     if pretrained == "imagenet":
-        raise UserError(f"--pretrained imagenet: UniMatch's deep-stem ResNet-{resnet_depth} weights are not "
-                         f"downloadable here; download resnet{resnet_depth}.pth from UniMatch's README and "
-                         f"pass --pretrained PATH, or pass --pretrained none.")
+        raise UserError(
+            f"--pretrained imagenet: UniMatch's deep-stem ResNet-{resnet_depth} weights are not "
+            f"downloadable here; download resnet{resnet_depth}.pth from UniMatch's README and "
+            f"pass --pretrained PATH, or pass --pretrained none."
+        )
     resnet = getattr(torchvision.models, _RESNETS[resnet_depth][0])(weights=None)
     resnet.fc = nn.Identity()  # UniMatch's ResNet has no classifier
     _deep_stem(resnet)
@@ -170,10 +191,12 @@ def build_deep_stem_resnet(resnet_depth: int = 101, pretrained: str = "none") ->
         try:
             resnet.load_state_dict(state, strict=True)
         except RuntimeError:
-            raise UserError(f"--pretrained {pretrained}: expected the keys of {_DEEP_STEM_FAMILY} at "
-                             f"depth {resnet_depth}, found {_describe_keys(state)}; pass UniMatch's "
-                             f"resnet50.pth or resnet101.pth with the matching --resnet_depth, or use "
-                             f"--backbone deeplabv3p for torchvision ResNet weights.") from None
+            raise UserError(
+                f"--pretrained {pretrained}: expected the keys of {_DEEP_STEM_FAMILY} at "
+                f"depth {resnet_depth}, found {_describe_keys(state)}; pass UniMatch's "
+                f"resnet50.pth or resnet101.pth with the matching --resnet_depth, or use "
+                f"--backbone deeplabv3p for torchvision ResNet weights."
+            ) from None
     return resnet
 
 

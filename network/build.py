@@ -12,8 +12,13 @@ from network.unimatch import UniMatchDeepLabv3Plus
 BACKBONES = ("deeplabv3p", "deeplabv2", "deeplabv3p_unimatch")
 
 
-def build_model(backbone: str = "deeplabv3p", num_classes: int = 21, output_dim: int = 256,
-                resnet_depth: int = 101, pretrained: str = "none") -> nn.Module:
+def build_model(
+    backbone: str = "deeplabv3p",
+    num_classes: int = 21,
+    output_dim: int = 256,
+    resnet_depth: int = 101,
+    pretrained: str = "none",
+) -> nn.Module:
     """DeepLabv3+ (OS16), DeepLabv2 (OS8) or UniMatch's DeepLabv3+ (deep stem, OS16) on a dilated ResNet;
     model(x) -> (logits, representation)."""
     if backbone == "deeplabv3p":

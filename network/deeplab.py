@@ -19,8 +19,11 @@ from network.resize import pooled_branch, resize_bilinear
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, dilation: int = 1) -> list[nn.Module]:
     """[conv (1x1, or 3x3 padded to keep the size), BN, ReLU], the unit both DeepLabv3+ heads are made of."""
     padding = dilation if kernel == 3 else 0
-    return [nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation, bias=False),
-            nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class ASPPPooling(nn.Sequential):
@@ -85,8 +88,9 @@ class DeepLabv3Plus(_ResNetStem):
         """[B,3,H,W] -> (logits [B,C,h,w], representation [B,D,h,w] or None), h = ceil(H/4) after the stem."""
         return self.decode(*self.encode(x), with_rep=with_rep)
 
-    def decode(self, low: torch.Tensor, high: torch.Tensor, with_rep: bool = True,
-               rep_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def decode(
+        self, low: torch.Tensor, high: torch.Tensor, with_rep: bool = True, rep_rows: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(layer1, layer4 features) of N images -> (logits [N,C,h,w], representation or None).
 
         rep_rows: the representation of the first rep_rows images only (None: all).
@@ -103,7 +107,8 @@ class DeepLabv2Classifier(nn.Module):
     def __init__(self, in_ch: int, num_classes: int, rates: tuple[int, ...] = (6, 12, 18, 24)):
         super().__init__()
         self.conv2d_list = nn.ModuleList(
-            nn.Conv2d(in_ch, num_classes, 3, padding=rate, dilation=rate, bias=True) for rate in rates)
+            nn.Conv2d(in_ch, num_classes, 3, padding=rate, dilation=rate, bias=True) for rate in rates
+        )
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
 

@@ -45,18 +45,23 @@ def _sliding_logits(model: nn.Module, images: torch.Tensor, window: tuple[int, i
     for top in _window_starts(height, win_h):
         for left in _window_starts(width, win_w):
             # a strided view runs the convolutions several times slower (seen on CPU and GPU)
-            crop = images[:, :, top:top + win_h, left:left + win_w].contiguous()
+            crop = images[:, :, top : top + win_h, left : left + win_w].contiguous()
             logits = _upsampled_logits(model, crop, (win_h, win_w))
             if total is None:
                 total = logits.new_zeros(images.shape[0], logits.shape[1], height, width)
-            total[:, :, top:top + win_h, left:left + win_w] += logits
-            count[:, :, top:top + win_h, left:left + win_w] += 1
+            total[:, :, top : top + win_h, left : left + win_w] += logits
+            count[:, :, top : top + win_h, left : left + win_w] += 1
     return total / count
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int], flip: bool = False,
-            window: tuple[int, int] | None = None) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    out_size: tuple[int, int],
+    flip: bool = False,
+    window: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Logits [B,C,*out_size] for images [B,3,H,W], upsampled bilinearly with align_corners=True.
 
     flip: average with the horizontally flipped pass. window (h, w): slide a window of that size over the

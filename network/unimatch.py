@@ -45,8 +45,13 @@ class _ASPP(nn.Module):
 class UniMatchDeepLabv3Plus(nn.Module):
     """UniMatch's DeepLabv3+ on a deep-stem ResNet: forward -> (logits, rep), both at stride 4."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, output_dim: int = 256,
-                 rates: tuple[int, int, int] = (6, 12, 18)):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        output_dim: int = 256,
+        rates: tuple[int, int, int] = (6, 12, 18),
+    ):
         super().__init__()
         self.backbone = backbone
         low_ch, high_ch = block_out_channels(backbone.layer1[-1]), block_out_channels(backbone.layer4[-1])
@@ -63,8 +68,9 @@ class UniMatchDeepLabv3Plus(nn.Module):
         low = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))
         return low, net.layer4(net.layer3(net.layer2(low)))
 
-    def decode(self, low: torch.Tensor, high: torch.Tensor, with_rep: bool = True,
-               rep_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def decode(
+        self, low: torch.Tensor, high: torch.Tensor, with_rep: bool = True, rep_rows: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(layer1, layer4 features) of N images -> (logits [N,C,h,w], representation or None), at stride 4.
 
         rep_rows: the representation of the first rep_rows images only (None: all).

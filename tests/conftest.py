@@ -26,7 +26,9 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @functools.cache
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"dataset_script_{Path(name).stem}", REPO / "dataset" / name)
+    spec = importlib.util.spec_from_file_location(
+        f"dataset_script_{Path(name).stem}", REPO / "dataset" / name
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,8 +57,9 @@ def run_entry(main, args, capsys) -> tuple[int, str, str]:
 def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A demo dataset small enough for several training runs in one test: 40 train and 4 val images of 48 px,
     partial labels of seed 0; generated once per session, treat as read-only."""
-    return preparation.make_demo_dataset(tmp_path_factory.mktemp("small") / "demo", num_train=40, num_val=4,
-                                         size=48, partial_seeds=(0,))
+    return preparation.make_demo_dataset(
+        tmp_path_factory.mktemp("small") / "demo", num_train=40, num_val=4, size=48, partial_seeds=(0,)
+    )
 
 
 def write_pascal_layout(root: Path, labels) -> Path:
@@ -87,6 +90,7 @@ def write_constant_checkpoint(path: Path, winner: int, backbone: str = "deeplabv
     torch.save(model.state_dict(), path)
     return path
 
+
 def write_cityscapes_source(src: Path) -> dict:
     """Two train cities created out of sorted order, two images each; one val city. Solid-colour images."""
     rng = np.random.default_rng(0)
@@ -100,7 +104,9 @@ def write_cityscapes_source(src: Path) -> dict:
             for frame in (19, 3):
                 stem = f"{city}_000000_{frame:06d}"
                 colour = rng.integers(0, 256, size=3, dtype=np.uint8)
-                Image.fromarray(np.broadcast_to(colour, (32, 64, 3)).copy()).save(img_dir / f"{stem}_leftImg8bit.png")
+                Image.fromarray(np.broadcast_to(colour, (32, 64, 3)).copy()).save(
+                    img_dir / f"{stem}_leftImg8bit.png"
+                )
                 label = rng.choice([0, 1, 7, 8, 11, 21, 26], size=(32, 64)).astype(np.uint8)
                 Image.fromarray(label).save(lab_dir / f"{stem}_gtFine_labelIds.png")
                 made.setdefault(split, {})[(city, frame)] = (colour, label)

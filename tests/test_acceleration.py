@@ -14,8 +14,25 @@ import options
 from build_data import DATASETS
 from module_list import ConfMatrix
 
-TINY = ["--dataset", "pascal", "--resnet_depth", "18", "--pretrained", "none", "--batch_size", "2",
-        "--crop_size", "33", "33", "--output_dim", "16", "--num_queries", "8", "--num_negatives", "16"]
+TINY = [
+    "--dataset",
+    "pascal",
+    "--resnet_depth",
+    "18",
+    "--pretrained",
+    "none",
+    "--batch_size",
+    "2",
+    "--crop_size",
+    "33",
+    "33",
+    "--output_dim",
+    "16",
+    "--num_queries",
+    "8",
+    "--num_negatives",
+    "16",
+]
 
 
 def make_run(mode: str, *extra: str) -> engine.Run:
@@ -26,8 +43,13 @@ def make_run(mode: str, *extra: str) -> engine.Run:
 def batches(semi: bool) -> list:
     g = torch.Generator().manual_seed(1)
     per_loader = 2 if semi else 4
-    return [(torch.randn(per_loader, 3, 33, 33, generator=g), torch.randint(-1, 21, (per_loader, 33, 33), generator=g))
-            for _ in range(2 if semi else 1)]
+    return [
+        (
+            torch.randn(per_loader, 3, 33, 33, generator=g),
+            torch.randint(-1, 21, (per_loader, 33, 33), generator=g),
+        )
+        for _ in range(2 if semi else 1)
+    ]
 
 
 def steps(run: engine.Run, semi: bool, count: int) -> list[torch.Tensor]:
@@ -42,7 +64,9 @@ def steps(run: engine.Run, semi: bool, count: int) -> list[torch.Tensor]:
 def test_compiled_semi_reco_step_matches_eager(monkeypatch, capsys):
     # Inductor's C++ code generation takes minutes on 2 cores; the aot_eager backend still runs Dynamo's capture
     # and AOTAutograd's forward/backward graphs, which is where a compiled step could go wrong.
-    monkeypatch.setattr(acceleration, "compile_options", lambda mode: {"backend": "aot_eager", "dynamic": False})
+    monkeypatch.setattr(
+        acceleration, "compile_options", lambda mode: {"backend": "aot_eager", "dynamic": False}
+    )
     eager = make_run("semi", "--apply_reco", "--apply_aug", "classmix", "--compile", "off")
     initial = copy.deepcopy(eager.model.state_dict())
     compiled = make_run("semi", "--apply_reco", "--apply_aug", "classmix", "--compile", "default")
@@ -85,7 +109,10 @@ def test_compiled_unimatch_reco_step_matches_eager(monkeypatch, capsys):
 
 def test_representation_head_runs_only_for_reco():
     calls = []
-    for mode, reco in (("sup", True), ("semi", False)):  # semi without ReCo: neither the students nor the teacher
+    for mode, reco in (
+        ("sup", True),
+        ("semi", False),
+    ):  # semi without ReCo: neither the students nor the teacher
         run = make_run(mode, *(["--apply_reco"] if reco else []))
         run.model.representation.register_forward_hook(lambda *_: calls.append((mode, reco)))
         before = len(calls)
@@ -116,20 +143,24 @@ def test_channels_last_gives_the_same_step():
     torch.testing.assert_close(steps(run, False, 1), eager, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("requested, device, world, compiler, want, note", [
-    ("auto", "cpu", 1, True, "off", None),
-    ("off", "cuda", 1, True, "off", None),
-    ("default", "cpu", 1, True, "default", None),
-    ("reduce-overhead", "cpu", 1, True, "default", "CUDA only"),
-    ("reduce-overhead", "cuda", 1, True, "reduce-overhead", None),
-    ("reduce-overhead", "cuda", 2, True, "default", "DDP"),
-    ("max-autotune", "cuda", 1, False, "off", "Triton"),
-    ("default", "cpu", 1, False, "off", "C++ compiler"),
-])
+@pytest.mark.parametrize(
+    "requested, device, world, compiler, want, note",
+    [
+        ("auto", "cpu", 1, True, "off", None),
+        ("off", "cuda", 1, True, "off", None),
+        ("default", "cpu", 1, True, "default", None),
+        ("reduce-overhead", "cpu", 1, True, "default", "CUDA only"),
+        ("reduce-overhead", "cuda", 1, True, "reduce-overhead", None),
+        ("reduce-overhead", "cuda", 2, True, "default", "DDP"),
+        ("max-autotune", "cuda", 1, False, "off", "Triton"),
+        ("default", "cpu", 1, False, "off", "C++ compiler"),
+    ],
+)
 def test_compile_mode_per_device(monkeypatch, requested, device, world, compiler, want, note):
     monkeypatch.setattr(acceleration.importlib.util, "find_spec", lambda name: object() if compiler else None)
     monkeypatch.setattr(acceleration.shutil, "which", lambda name: "/usr/bin/g++" if compiler else None)
     mode, why = acceleration.compile_mode(requested, torch.device(device), world)
     assert mode == want and (note in why if note else why is None)
     assert acceleration.memory_format("auto", torch.device(device)) == (
-        torch.channels_last if device == "cuda" else torch.contiguous_format)
+        torch.channels_last if device == "cuda" else torch.contiguous_format
+    )

@@ -27,8 +27,14 @@ def _rows_cols(b, h, w):
 def test_batch_transform_shapes_and_pads():
     images, labels = tf.normalise(torch.rand(8, 3, 20, 24)), torch.randint(0, 21, (8, 20, 24))
     conf = torch.rand(8, 20, 24) + 0.01
-    out_images, out_labels, out_conf = tf.batch_transform(images, labels, conf, (33, 35), (1.0, 1.0), False, _gen())
-    assert out_images.shape == (8, 3, 33, 35) and out_labels.shape == (8, 33, 35) and out_conf.shape == (8, 33, 35)
+    out_images, out_labels, out_conf = tf.batch_transform(
+        images, labels, conf, (33, 35), (1.0, 1.0), False, _gen()
+    )
+    assert (
+        out_images.shape == (8, 3, 33, 35)
+        and out_labels.shape == (8, 33, 35)
+        and out_conf.shape == (8, 33, 35)
+    )
     assert out_labels.dtype == torch.long and out_conf.dtype == torch.float32
     # scale 1 and a crop larger than the image: the crop sits at (0, 0) and the pad is bottom/right
     assert torch.equal(out_labels[:, :20, :24], labels) and torch.equal(out_conf[:, :20, :24], conf)
@@ -37,14 +43,17 @@ def test_batch_transform_shapes_and_pads():
     raw = tf.denormalise(images)
     out = tf.denormalise(out_images)
     assert torch.allclose(out[:, :, :20, :24], raw, atol=1e-5)
-    assert torch.allclose(out[:, :, 20:23, :24], raw[:, :, [18, 17, 16]], atol=1e-5)  # reflect, edge not repeated
+    assert torch.allclose(
+        out[:, :, 20:23, :24], raw[:, :, [18, 17, 16]], atol=1e-5
+    )  # reflect, edge not repeated
     assert torch.allclose(out[:, :, :20, 24:27], raw[:, :, :, [22, 21, 20]], atol=1e-5)
 
 
 def test_pads_under_full_augmentation():
     labels, conf = torch.randint(0, 5, (8, 20, 24)), torch.rand(8, 20, 24) + 0.01
-    _, out_labels, out_conf = tf.batch_transform(torch.randn(8, 3, 20, 24), labels, conf, (33, 35), (1.0, 1.0),
-                                                 True, _gen(1))
+    _, out_labels, out_conf = tf.batch_transform(
+        torch.randn(8, 3, 20, 24), labels, conf, (33, 35), (1.0, 1.0), True, _gen(1)
+    )
     pad = out_labels == IGNORE_INDEX
     assert (pad.sum(dim=(1, 2)) == 33 * 35 - 20 * 24).all()  # flips move the pad, its size stays
     assert torch.equal(out_conf == 0, pad)
@@ -52,8 +61,9 @@ def test_pads_under_full_augmentation():
 
 def test_pad_larger_than_image_reflects_repeatedly():
     images = torch.arange(5.0).view(1, 1, 1, 5).expand(1, 3, 2, 5) / 4
-    out, _, _ = tf.random_transform(images, torch.zeros(1, 2, 5, dtype=torch.long), None, (2, 14), (1.0, 1.0),
-                                    False, _gen())
+    out, _, _ = tf.random_transform(
+        images, torch.zeros(1, 2, 5, dtype=torch.long), None, (2, 14), (1.0, 1.0), False, _gen()
+    )
     assert (out[0, 0, 0] * 4).round().tolist() == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4, 3]
 
 
@@ -66,8 +76,12 @@ def test_identity_at_scale_one_without_augmentation():
 def _find_window(big, small):
     """Offsets (y, x) where small [h, w] equals a window of big [H, W]."""
     h, w = small.shape
-    return [(y, x) for y in range(big.shape[0] - h + 1) for x in range(big.shape[1] - w + 1)
-            if torch.equal(big[y:y + h, x:x + w], small)]
+    return [
+        (y, x)
+        for y in range(big.shape[0] - h + 1)
+        for x in range(big.shape[1] - w + 1)
+        if torch.equal(big[y : y + h, x : x + w], small)
+    ]
 
 
 @pytest.mark.parametrize("scale", [1.5, 0.75])
@@ -75,7 +89,9 @@ def test_rescale_matches_interpolate_and_labels_use_nearest(scale):
     h, w = 24, 28
     images, labels = torch.rand(4, 3, h, w), _rows_cols(4, h, w)
     crop = (15, 17)
-    out_images, out_labels, _ = tf.random_transform(images, labels, None, crop, (scale, scale), False, _gen(3))
+    out_images, out_labels, _ = tf.random_transform(
+        images, labels, None, crop, (scale, scale), False, _gen(3)
+    )
     size = (int(h * scale), int(w * scale))
     ref_labels = F.interpolate(labels[:, None].double(), size=size, mode="nearest-exact")[:, 0].long()
     # antialiased as PIL's BILINEAR resize when shrinking; the same as plain bilinear when enlarging
@@ -84,7 +100,7 @@ def test_rescale_matches_interpolate_and_labels_use_nearest(scale):
         windows = _find_window(ref_labels[k], out_labels[k])
         assert len(windows) == 1  # labels are an exact window of the nearest-rescaled label
         y, x = windows[0]
-        assert torch.allclose(out_images[k], ref_images[k, :, y:y + crop[0], x:x + crop[1]], atol=1e-5)
+        assert torch.allclose(out_images[k], ref_images[k, :, y : y + crop[0], x : x + crop[1]], atol=1e-5)
 
 
 def _rescale(images, labels, scale, crop, compact=None):
@@ -101,16 +117,16 @@ def test_shrink_is_antialiased_per_sample(compact):
     out, out_labels, _ = _rescale(images, labels, scales, crop, compact)
     for k, s in enumerate(scales):
         size = (int(h * s), int(w * s))
-        aa = F.interpolate(images[k:k + 1], size=size, mode="bilinear", antialias=True, align_corners=False)
-        assert torch.allclose(out[k], aa[0, :, :crop[0], :crop[1]], atol=1e-5)
-        plain = F.interpolate(images[k:k + 1], size=size, mode="bilinear", align_corners=False)
+        aa = F.interpolate(images[k : k + 1], size=size, mode="bilinear", antialias=True, align_corners=False)
+        assert torch.allclose(out[k], aa[0, :, : crop[0], : crop[1]], atol=1e-5)
+        plain = F.interpolate(images[k : k + 1], size=size, mode="bilinear", align_corners=False)
         if s >= 1:  # enlarging: plain bilinear
-            assert torch.allclose(out[k], plain[0, :, :crop[0], :crop[1]], atol=1e-5)
+            assert torch.allclose(out[k], plain[0, :, : crop[0], : crop[1]], atol=1e-5)
         elif s < 0.9:
-            assert (out[k] - plain[0, :, :crop[0], :crop[1]]).abs().max() > 0.05
-        near = F.interpolate(labels[k:k + 1, None].double(), size=size, mode="nearest-exact")[0, 0].long()
-        assert torch.equal(out_labels[k], near[:crop[0], :crop[1]])  # labels stay nearest, values exact
-    assert torch.equal(out[4], images[4, :, :crop[0], :crop[1]])  # scale 1: an exact copy
+            assert (out[k] - plain[0, :, : crop[0], : crop[1]]).abs().max() > 0.05
+        near = F.interpolate(labels[k : k + 1, None].double(), size=size, mode="nearest-exact")[0, 0].long()
+        assert torch.equal(out_labels[k], near[: crop[0], : crop[1]])  # labels stay nearest, values exact
+    assert torch.equal(out[4], images[4, :, : crop[0], : crop[1]])  # scale 1: an exact copy
 
 
 def test_compact_and_dense_forms_agree():
@@ -121,8 +137,17 @@ def test_compact_and_dense_forms_agree():
         a = tf._resample(images, labels, conf, crop, params.scale, params.offset_u, compact=True)
         b = tf._resample(images, labels, conf, crop, params.scale, params.offset_u, compact=False)
         assert torch.allclose(a[0], b[0], atol=1e-6) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
-        single = [tf._resample(images[k:k + 1], labels[k:k + 1], conf[k:k + 1], crop, params.scale[k:k + 1],
-                               params.offset_u[k:k + 1]) for k in range(6)]  # as the loader's workers (B = 1)
+        single = [
+            tf._resample(
+                images[k : k + 1],
+                labels[k : k + 1],
+                conf[k : k + 1],
+                crop,
+                params.scale[k : k + 1],
+                params.offset_u[k : k + 1],
+            )
+            for k in range(6)
+        ]  # as the loader's workers (B = 1)
         assert torch.allclose(torch.cat([o[0] for o in single]), a[0], atol=1e-6)
         assert torch.equal(torch.cat([o[1] for o in single]), a[1])
 
@@ -132,7 +157,9 @@ def test_matches_pil_bilinear_resize(scale):
     h, w = 61, 83
     array = np.random.default_rng(24).integers(0, 256, (h, w, 3), dtype=np.uint8)  # noise: the hardest case
     size = (int(h * scale), int(w * scale))
-    pil = torch.from_numpy(np.array(Image.fromarray(array).resize(size[::-1], Image.BILINEAR))).permute(2, 0, 1)
+    pil = torch.from_numpy(np.array(Image.fromarray(array).resize(size[::-1], Image.BILINEAR))).permute(
+        2, 0, 1
+    )
     images = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
     out, _, _ = _rescale(images, torch.zeros(1, h, w, dtype=torch.long), [scale], size)
     error = (out[0] * 255 - pil.float()).abs()
@@ -147,10 +174,14 @@ def test_matches_pil_bilinear_resize(scale):
 def test_shrink_then_pad_reflects(compact):
     images = torch.rand(2, 3, 20, 24, generator=_gen(25))
     labels = torch.randint(0, 21, (2, 20, 24))
-    out, out_labels, _ = _rescale(images, labels, [0.5, 0.5], (16, 17), compact)  # 10x12 rescaled, padded to 16x17
+    out, out_labels, _ = _rescale(
+        images, labels, [0.5, 0.5], (16, 17), compact
+    )  # 10x12 rescaled, padded to 16x17
     ref = F.interpolate(images, size=(10, 12), mode="bilinear", antialias=True, align_corners=False)
     assert torch.allclose(out[:, :, :10, :12], ref, atol=1e-5)
-    assert torch.allclose(out[:, :, 10:16, :12], ref[:, :, [8, 7, 6, 5, 4, 3]], atol=1e-5)  # edge not repeated
+    assert torch.allclose(
+        out[:, :, 10:16, :12], ref[:, :, [8, 7, 6, 5, 4, 3]], atol=1e-5
+    )  # edge not repeated
     assert torch.allclose(out[:, :, :10, 12:17], ref[:, :, :, [10, 9, 8, 7, 6]], atol=1e-5)
     assert (out_labels[:, 10:] == IGNORE_INDEX).all() and (out_labels[:, :, 12:] == IGNORE_INDEX).all()
     near = F.interpolate(labels[:, None].double(), size=(10, 12), mode="nearest-exact")[:, 0].long()
@@ -164,12 +195,27 @@ def test_cpu_result_does_not_depend_on_threads_or_layout():
     params = tf.sample_params(16, (0.5, 1.5), _gen(27))
     threads, outs = torch.get_num_threads(), []
     try:
-        for n, images in [(1, array.permute(0, 3, 1, 2)), (2, array.permute(0, 3, 1, 2)),
-                          (2, array.permute(0, 3, 1, 2).contiguous())]:
+        for n, images in [
+            (1, array.permute(0, 3, 1, 2)),
+            (2, array.permute(0, 3, 1, 2)),
+            (2, array.permute(0, 3, 1, 2).contiguous()),
+        ]:
             torch.set_num_threads(n)
-            outs.append(torch.cat([tf._resample(images[k:k + 1], labels[k:k + 1], None, (11, 13),
-                                                params.scale[k:k + 1], params.offset_u[k:k + 1])[0]
-                                   for k in range(16)]))  # one sample at a time, as in the workers
+            outs.append(
+                torch.cat(
+                    [
+                        tf._resample(
+                            images[k : k + 1],
+                            labels[k : k + 1],
+                            None,
+                            (11, 13),
+                            params.scale[k : k + 1],
+                            params.offset_u[k : k + 1],
+                        )[0]
+                        for k in range(16)
+                    ]
+                )
+            )  # one sample at a time, as in the workers
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
@@ -179,8 +225,9 @@ def test_label_and_conf_values_survive_exactly():
     labels = torch.randint(0, 21, (16, 30, 30))
     labels[:, :3] = IGNORE_INDEX
     conf = torch.randint(1, 256, (16, 30, 30)) / 255.0
-    _, out_labels, out_conf = tf.batch_transform(torch.randn(16, 3, 30, 30), labels, conf, (33, 33), (0.5, 1.5),
-                                                 True, _gen(4))
+    _, out_labels, out_conf = tf.batch_transform(
+        torch.randn(16, 3, 30, 30), labels, conf, (33, 33), (0.5, 1.5), True, _gen(4)
+    )
     assert set(out_labels.unique().tolist()) <= set(labels.unique().tolist())
     assert set(out_conf.unique().tolist()) <= set(conf.unique().tolist()) | {0.0}
 
@@ -201,14 +248,23 @@ def test_flip_rate_end_to_end():
     labels = _rows_cols(N, 4, 4)
     _, out, _ = tf.random_transform(torch.rand(N, 3, 4, 4), labels, None, (4, 4), (1.0, 1.0), True, _gen(5))
     flipped = out[:, 0, 0] == 3
-    assert torch.equal(out[flipped], labels[flipped].flip(-1)) and torch.equal(out[~flipped], labels[~flipped])
+    assert torch.equal(out[flipped], labels[flipped].flip(-1)) and torch.equal(
+        out[~flipped], labels[~flipped]
+    )
     assert abs(flipped.float().mean().item() - 0.5) < 0.04
 
 
 def test_rescale_sizes_end_to_end():
     # no pad inside the rescaled image, so the number of labelled rows is int(20 * s)
-    _, out, _ = tf.random_transform(torch.rand(N, 3, 20, 1), torch.zeros(N, 20, 1, dtype=torch.long), None,
-                                    (40, 1), (0.5, 1.5), False, _gen(6))
+    _, out, _ = tf.random_transform(
+        torch.rand(N, 3, 20, 1),
+        torch.zeros(N, 20, 1, dtype=torch.long),
+        None,
+        (40, 1),
+        (0.5, 1.5),
+        False,
+        _gen(6),
+    )
     rows = (out[:, :, 0] != IGNORE_INDEX).sum(dim=1).double()
     assert rows.min() == 10 and rows.max() in (29, 30)
     assert abs(rows.mean().item() - 19.5) < 0.4  # E[int(20 s)] for s ~ U(0.5, 1.5)
@@ -247,12 +303,19 @@ def _one_op(images, op, factor):
     return tf.colour_jitter(images, torch.ones(b, dtype=torch.bool), factors, order)
 
 
-@pytest.mark.parametrize("op, factor, reference", [
-    (0, 1.2, TF.adjust_brightness), (0, 0.8, TF.adjust_brightness),
-    (1, 1.25, TF.adjust_contrast), (1, 0.75, TF.adjust_contrast),
-    (2, 1.2, TF.adjust_saturation), (2, 0.76, TF.adjust_saturation),
-    (3, 0.2, TF.adjust_hue), (3, -0.25, TF.adjust_hue),
-])
+@pytest.mark.parametrize(
+    "op, factor, reference",
+    [
+        (0, 1.2, TF.adjust_brightness),
+        (0, 0.8, TF.adjust_brightness),
+        (1, 1.25, TF.adjust_contrast),
+        (1, 0.75, TF.adjust_contrast),
+        (2, 1.2, TF.adjust_saturation),
+        (2, 0.76, TF.adjust_saturation),
+        (3, 0.2, TF.adjust_hue),
+        (3, -0.25, TF.adjust_hue),
+    ],
+)
 def test_colour_ops_match_torchvision(op, factor, reference):
     images = torch.rand(2, 3, 9, 10, generator=_gen(11))
     assert torch.allclose(_one_op(images, op, factor), reference(images, factor), atol=2e-5)
@@ -263,8 +326,12 @@ def test_jitter_order_and_apply_mask():
     factors = torch.tensor([[1.25, 0.75, 1.2, 0.1]]).repeat(3, 1)
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]])
     out = tf.colour_jitter(images, torch.tensor([True, True, False]), factors, order)
-    ops = [lambda x: TF.adjust_brightness(x, 1.25), lambda x: TF.adjust_contrast(x, 0.75),
-           lambda x: TF.adjust_saturation(x, 1.2), lambda x: TF.adjust_hue(x, 0.1)]
+    ops = [
+        lambda x: TF.adjust_brightness(x, 1.25),
+        lambda x: TF.adjust_contrast(x, 0.75),
+        lambda x: TF.adjust_saturation(x, 1.2),
+        lambda x: TF.adjust_hue(x, 0.1),
+    ]
     for k in range(2):
         expected = images[k]
         for op in order[k].tolist():
@@ -280,7 +347,9 @@ def test_blur_matches_torchvision_inside_and_skips_exactly():
     assert torch.allclose(out[0, :, 4:-4, 4:-4], expected[:, 4:-4, 4:-4], atol=1e-5)
     assert torch.equal(out[1], images[1])
     flat = tf.gaussian_blur(torch.full((1, 3, 6, 6), 0.3), torch.tensor([True]), torch.tensor([1.15]))
-    assert torch.allclose(flat, torch.full_like(flat, 0.3))  # edges: replicate padding keeps a flat image flat
+    assert torch.allclose(
+        flat, torch.full_like(flat, 0.3)
+    )  # edges: replicate padding keeps a flat image flat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -36,7 +36,9 @@ def make_pascal(root: Path, ids=("a", "b", "c", "d"), size=(20, 24), num_classes
     for i, image_id in enumerate(ids):
         label = RNG.integers(0, num_classes, size)
         label[0, :] = bd.VOID
-        _save_pair(root / "JPEGImages" / f"{image_id}.jpg", root / "SegmentationClassAug" / f"{image_id}.png", label)
+        _save_pair(
+            root / "JPEGImages" / f"{image_id}.jpg", root / "SegmentationClassAug" / f"{image_id}.png", label
+        )
     if lists:
         (root / "train_aug.txt").write_text("\n".join(ids))
         (root / "val.txt").write_text("\n".join(ids[:2]) + "\n")
@@ -55,8 +57,11 @@ def make_sun(root: Path, train_ids=(5051, 9, 120), test_ids=(8, 30), size=(18, 2
     for split, ids in (("train", train_ids), ("test", test_ids)):
         for i in ids:
             label = RNG.integers(0, 38, size)
-            _save_pair(root / f"SUNRGBD-{split}_images" / f"img-{i:06d}.jpg",
-                       root / "sunrgbd_train_test_labels" / f"img-{i:06d}.png", label)
+            _save_pair(
+                root / f"SUNRGBD-{split}_images" / f"img-{i:06d}.jpg",
+                root / "sunrgbd_train_test_labels" / f"img-{i:06d}.png",
+                label,
+            )
     (root / "test_idx.txt").write_text("\n".join(str(i) for i in test_ids))
     return root
 
@@ -64,25 +69,43 @@ def make_sun(root: Path, train_ids=(5051, 9, 120), test_ids=(8, 30), size=(18, 2
 # --- table ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, classes, crop, eval_size, scale, batch, min_classes, partial", [
-    ("pascal", 21, (321, 321), (513, 513), (0.5, 1.5), 10, 3, True),
-    ("cityscapes", 19, (512, 512), (512, 1024), (1.0, 1.0), 2, 12, True),
-    ("sun", 37, (321, 321), (385, 513), (0.5, 1.5), 5, 0, False),
-    ("demo", 5, (65, 65), (97, 97), (0.75, 1.25), 4, 2, True),
-])
+@pytest.mark.parametrize(
+    "name, classes, crop, eval_size, scale, batch, min_classes, partial",
+    [
+        ("pascal", 21, (321, 321), (513, 513), (0.5, 1.5), 10, 3, True),
+        ("cityscapes", 19, (512, 512), (512, 1024), (1.0, 1.0), 2, 12, True),
+        ("sun", 37, (321, 321), (385, 513), (0.5, 1.5), 5, 0, False),
+        ("demo", 5, (65, 65), (97, 97), (0.75, 1.25), 4, 2, True),
+    ],
+)
 def test_table_matches_reference(name, classes, crop, eval_size, scale, batch, min_classes, partial):
     data = resolve_dataset(name)
     info = data.info
-    assert (info.num_classes, info.crop_size, info.eval_size, info.scale_range) == (classes, crop, eval_size, scale)
+    assert (info.num_classes, info.crop_size, info.eval_size, info.scale_range) == (
+        classes,
+        crop,
+        eval_size,
+        scale,
+    )
     assert (info.batch_size, info.min_classes, info.partial_labels) == (batch, min_classes, partial)
-    assert len(info.class_names) == classes and info.palette.shape == (256, 3) and info.palette.dtype == np.uint8
+    assert (
+        len(info.class_names) == classes and info.palette.shape == (256, 3) and info.palette.dtype == np.uint8
+    )
     assert data.root == bd.REPO_ROOT / "dataset" / name
     assert info.sampler is (bd.Sampler.SUN if name == "sun" else bd.Sampler.BALANCED)
 
 
 def test_training_defaults():
-    assert all((bd.DATASETS[n].epochs, bd.DATASETS[n].iters_per_epoch, bd.DATASETS[n].resnet_depth,
-                bd.DATASETS[n].pretrained) == (200, 200, 101, "imagenet") for n in ("pascal", "cityscapes", "sun"))
+    assert all(
+        (
+            bd.DATASETS[n].epochs,
+            bd.DATASETS[n].iters_per_epoch,
+            bd.DATASETS[n].resnet_depth,
+            bd.DATASETS[n].pretrained,
+        )
+        == (200, 200, 101, "imagenet")
+        for n in ("pascal", "cityscapes", "sun")
+    )
     demo = bd.DATASETS["demo"]
     assert demo.class_names[0] == "background" and len(demo.class_names) == 7
     assert (demo.resnet_depth, demo.pretrained) == (18, "none")
@@ -95,11 +118,22 @@ def test_unknown_dataset_lists_valid_names():
 
 def test_palettes():
     pascal, city, sun = (bd.DATASETS[n].palette for n in ("pascal", "cityscapes", "sun"))
-    assert pascal[:9].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128],
-                                   [0, 128, 128], [128, 128, 128], [64, 0, 0]]
+    assert pascal[:9].tolist() == [
+        [0, 0, 0],
+        [128, 0, 0],
+        [0, 128, 0],
+        [128, 128, 0],
+        [0, 0, 128],
+        [128, 0, 128],
+        [0, 128, 128],
+        [128, 128, 128],
+        [64, 0, 0],
+    ]
     assert pascal[20].tolist() == [0, 64, 128]  # tvmonitor
     assert (pascal[21:] == 255).all()
-    assert city[0].tolist() == [128, 64, 128] and city[18].tolist() == [119, 11, 32] and (city[19:] == 0).all()
+    assert (
+        city[0].tolist() == [128, 64, 128] and city[18].tolist() == [119, 11, 32] and (city[19:] == 0).all()
+    )
     assert sun[0].tolist() == [148, 65, 137] and sun[36].tolist() == [161, 176, 169] and (sun[37:] == 0).all()
 
 
@@ -130,8 +164,27 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
     raw = np.arange(256).reshape(16, 16)
     out = bd.read_label(bd.DATASETS["cityscapes"], _write_label(tmp_path / "l.png", raw)).ravel()
     expected = np.full(256, bd.VOID)
-    for label_id, train_id in {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-                               25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}.items():
+    for label_id, train_id in {
+        7: 0,
+        8: 1,
+        11: 2,
+        12: 3,
+        13: 4,
+        17: 5,
+        19: 6,
+        20: 7,
+        21: 8,
+        22: 9,
+        23: 10,
+        24: 11,
+        25: 12,
+        26: 13,
+        27: 14,
+        28: 15,
+        31: 16,
+        32: 17,
+        33: 18,
+    }.items():
         expected[label_id] = train_id
     assert out.tolist() == expected.tolist()  # void ids and ids outside 0..33 (34..255) become VOID
 
@@ -146,7 +199,9 @@ def test_sun_labels_minus_one(tmp_path):
 
 def test_pascal_labels_as_is_and_out_of_range_rejected(tmp_path):
     raw = np.array([[0, 20, 255, 7]])
-    assert bd.read_label(bd.DATASETS["pascal"], _write_label(tmp_path / "l.png", raw)).tolist() == raw.tolist()
+    assert (
+        bd.read_label(bd.DATASETS["pascal"], _write_label(tmp_path / "l.png", raw)).tolist() == raw.tolist()
+    )
     with pytest.raises(bd.DataError, match=r"bad.png.*\[21, 254\]"):
         bd.read_label(bd.DATASETS["pascal"], _write_label(tmp_path / "bad.png", np.array([[0, 21, 254]])))
     with pytest.raises(bd.DataError, match="0..4"):
@@ -225,8 +280,14 @@ def test_label_paths_with_partial_labels(tmp_path):
 
 
 def test_train_items_are_cropped_and_reproducible(tmp_path):
-    ds = bd.SegmentationDataset(resolve_dataset("pascal", make_pascal(tmp_path)), ["a", "b"], "train",
-                                crop_size=(33, 35), scale_range=(0.5, 1.5), augmentation=True)
+    ds = bd.SegmentationDataset(
+        resolve_dataset("pascal", make_pascal(tmp_path)),
+        ["a", "b"],
+        "train",
+        crop_size=(33, 35),
+        scale_range=(0.5, 1.5),
+        augmentation=True,
+    )
     image, label = ds[(1, 7)]
     assert image.shape == (3, 33, 35) and image.dtype == torch.float32
     assert label.shape == (33, 35) and label.dtype == torch.long
@@ -253,14 +314,19 @@ def test_test_items_pad_to_eval_size_at_origin(tmp_path):
 
 def test_cityscapes_and_sun_items(tmp_path):
     info = bd.DATASETS["cityscapes"]
-    city = bd.SegmentationDataset(resolve_dataset("cityscapes", make_cityscapes(tmp_path / "c", 2, 1)), ["0"],
-                                  "test", crop_size=(16, 32))
+    city = bd.SegmentationDataset(
+        resolve_dataset("cityscapes", make_cityscapes(tmp_path / "c", 2, 1)),
+        ["0"],
+        "test",
+        crop_size=(16, 32),
+    )
     _, label = city[0]
     raw = np.asarray(Image.open(tmp_path / "c" / "labels" / "val" / "0.png"))
     expected = torch.from_numpy(info.label_table[raw]).long()
     assert torch.equal(label, torch.where(expected == bd.VOID, IGNORE_INDEX, expected))
-    sun = bd.SegmentationDataset(resolve_dataset("sun", make_sun(tmp_path / "s")), ["9"], "train",
-                                 crop_size=(10, 10))
+    sun = bd.SegmentationDataset(
+        resolve_dataset("sun", make_sun(tmp_path / "s")), ["9"], "train", crop_size=(10, 10)
+    )
     image, label = sun[(0, 1)]
     assert image.shape == (3, 10, 10) and set(label.unique().tolist()) <= set(range(37)) | {IGNORE_INDEX}
 
@@ -318,8 +384,13 @@ def _batches(loader, epoch):
 
 def test_train_loader_sampling(tmp_path):
     root = make_pascal(tmp_path, ids=tuple("abcdef"))
-    ds = bd.SegmentationDataset(resolve_dataset("pascal", root), list("abcdef"), crop_size=(11, 13),
-                                scale_range=(0.5, 1.5), augmentation=True)
+    ds = bd.SegmentationDataset(
+        resolve_dataset("pascal", root),
+        list("abcdef"),
+        crop_size=(11, 13),
+        scale_range=(0.5, 1.5),
+        augmentation=True,
+    )
     loader = bd.build_train_loader(ds, batch_size=3, iters_per_epoch=4, seed=5)
     epoch0 = _batches(loader, 0)
     assert len(loader) == 4 and len(epoch0) == 4 and all(x.shape == (3, 3, 11, 13) for x, _ in epoch0)
@@ -329,7 +400,9 @@ def test_train_loader_sampling(tmp_path):
     assert not torch.equal(epoch0[0][0], _batches(rank1, 0)[0][0])
     # the draw does not depend on the number of workers
     workers = bd.build_train_loader(ds, 3, 4, num_workers=1, seed=5)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch0, _batches(workers, 0)))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch0, _batches(workers, 0))
+    )
 
 
 def test_unimatch_items_are_square_crops_of_the_seeded_geometry(tmp_path):
@@ -368,8 +441,9 @@ def test_unimatchs_epoch_stretches_the_items_and_shares_one_shuffle_between_rank
     assert sorted(np.bincount(one, minlength=3).tolist()) == [3, 3, 4] and one != sorted(one)
     assert one != indices(bd.EpochBatchSampler(3, 2, 5, seed=1, epoch_length=10), epoch=1)
     # an unlabelled pass over 10 images on 2 ranks: disjoint halves of one shuffle, 2 batches of 2 each
-    ranks = [indices(bd.EpochBatchSampler(10, 2, 2, seed=1, rank=r, world_size=2, epoch_length=10))
-             for r in (0, 1)]
+    ranks = [
+        indices(bd.EpochBatchSampler(10, 2, 2, seed=1, rank=r, world_size=2, epoch_length=10)) for r in (0, 1)
+    ]
     assert len(set(ranks[0] + ranks[1])) == 8 and not set(ranks[0]) & set(ranks[1])
     # more batches than an epoch holds: the next shuffles follow; a resumed epoch skips exactly what it drew
     long = bd.EpochBatchSampler(4, 2, 5, seed=2, epoch_length=4)
@@ -410,7 +484,9 @@ class _WorkerRandom(torch.utils.data.Dataset):
 
 def test_worker_streams_distinct_and_reproducible():
     def draws():
-        loader = bd.build_train_loader(_WorkerRandom(), batch_size=1, iters_per_epoch=2, num_workers=2, seed=3)
+        loader = bd.build_train_loader(
+            _WorkerRandom(), batch_size=1, iters_per_epoch=2, num_workers=2, seed=3
+        )
         return torch.cat(list(loader))  # one batch from each worker
 
     first, again = draws(), draws()

@@ -15,8 +15,11 @@ from layouts import resolve_dataset
 
 
 def digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def records(root):
@@ -62,10 +65,12 @@ def test_both_layouts_hold_the_same_images_labels_and_records(tmp_path):
         names = sorted(p.stem for p in (folder / "images" / sub).iterdir())
         assert names == (pascal / id_list).read_text().split()
         for name in names:
-            assert (folder / "images" / sub / f"{name}.jpg").read_bytes() == \
-                (pascal / "JPEGImages" / f"{name}.jpg").read_bytes()
-            assert (folder / "labels" / sub / f"{name}.png").read_bytes() == \
-                (pascal / "SegmentationClassAug" / f"{name}.png").read_bytes()
+            assert (folder / "images" / sub / f"{name}.jpg").read_bytes() == (
+                pascal / "JPEGImages" / f"{name}.jpg"
+            ).read_bytes()
+            assert (folder / "labels" / sub / f"{name}.png").read_bytes() == (
+                pascal / "SegmentationClassAug" / f"{name}.png"
+            ).read_bytes()
     in_folder = records(folder)
     assert {i: in_folder[i] for i in records(pascal)} == records(pascal)
     assert len(in_folder) == len(records(pascal)) + 3  # the unlabelled images have records too
@@ -76,7 +81,9 @@ def test_a_demo_folder_from_an_older_generator_is_written_again_with_its_own_set
     root = small(tmp_path / "demo", seed=3)
     assert preparation.demo_to_generate(root) is None  # current
     current = digest(root)
-    (root / "DEMO_DATASET").write_text("seed=3 num_train=18 num_val=4 size=48\n")  # as the first release wrote it
+    (root / "DEMO_DATASET").write_text(
+        "seed=3 num_train=18 num_val=4 size=48\n"
+    )  # as the first release wrote it
     (root / "JPEGImages" / "train_00000.jpg").write_bytes(b"an older image")
     settings = preparation.demo_to_generate(root)
     assert settings == {"seed": 3, "num_train": 18, "num_val": 4, "size": 48}

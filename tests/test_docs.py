@@ -75,19 +75,37 @@ def test_every_docs_page_is_linked_from_the_readme():
 def test_the_checker_sees_a_broken_file_and_a_broken_anchor(tmp_path):
     (tmp_path / "a.md").write_text("# Top\n## A b, `c`!\n## A b, `c`!\n```\n## not a heading\n```\n")
     page = tmp_path / "page.md"
-    page.write_text("[ok](a.md#a-b-c) [ok](a.md#a-b-c-1) [ok](#see) [ext](https://example.org/x)\n"
-                    "## See\n`[code](missing.md)` [file](missing.md) [anchor](a.md#not-a-heading)\n")
+    page.write_text(
+        "[ok](a.md#a-b-c) [ok](a.md#a-b-c-1) [ok](#see) [ext](https://example.org/x)\n"
+        "## See\n`[code](missing.md)` [file](missing.md) [anchor](a.md#not-a-heading)\n"
+    )
     assert anchors(tmp_path / "a.md") == {"top", "a-b-c", "a-b-c-1"}
     assert broken_links(page, tmp_path) == ["missing.md", "a.md#not-a-heading"]
 
 
 def test_no_file_cites_a_document_outside_the_repository():
     """Code and docs say what the code does or cite the paper; a reader has no team notes or issue tracker."""
-    pattern = re.compile(r"reco_behaviour|unimatch_behaviour|DESIGN\.md|§ ?\d|behaviour description|"
-                         r"\bissue ?#?\d", re.IGNORECASE)
-    globs = ("*.py", "*.md", "network/*.py", "dataset/*.py", "dataset/**/*.md", "bench/*.py", "tests/*.py",
-             "docs/*.md", "model_weights/*.md")
+    pattern = re.compile(
+        r"reco_behaviour|unimatch_behaviour|DESIGN\.md|§ ?\d|behaviour description|"
+        r"\bissue ?#?\d",
+        re.IGNORECASE,
+    )
+    globs = (
+        "*.py",
+        "*.md",
+        "network/*.py",
+        "dataset/*.py",
+        "dataset/**/*.md",
+        "bench/*.py",
+        "tests/*.py",
+        "docs/*.md",
+        "model_weights/*.md",
+    )
     files = {p for g in globs for p in REPO.glob(g)} - {Path(__file__).resolve()}
-    hits = [f"{p.relative_to(REPO)}:{n}" for p in sorted(files)
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    hits = [
+        f"{p.relative_to(REPO)}:{n}"
+        for p in sorted(files)
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert hits == []

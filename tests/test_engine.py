@@ -21,9 +21,15 @@ def parse(mode, *argv):
     return options.get_args_parser(mode).parse_args(list(argv))
 
 
-@pytest.mark.parametrize("mode, dataset, has", [
-    ("sup", "cityscapes", "num_labels"), ("semi", "cityscapes", "num_labels"),
-    ("sup_partial", "cityscapes", "partial"), ("semi_partial", "pascal", "partial")])
+@pytest.mark.parametrize(
+    "mode, dataset, has",
+    [
+        ("sup", "cityscapes", "num_labels"),
+        ("semi", "cityscapes", "num_labels"),
+        ("sup_partial", "cityscapes", "partial"),
+        ("semi_partial", "pascal", "partial"),
+    ],
+)
 def test_reference_defaults(mode, dataset, has):
     args = parse(mode)
     assert args.dataset == dataset
@@ -31,34 +37,75 @@ def test_reference_defaults(mode, dataset, has):
     assert (resolved.lr, resolved.weight_decay, resolved.reco_weight) == (2.5e-3, 5e-4, 1.0)
     assert (args.seed, args.backbone, args.output_dim) == (0, "deeplabv3p", 256)
     assert (args.num_queries, args.num_negatives, args.temp) == (256, 512, 0.5)
-    assert (args.weak_threshold, args.strong_threshold, args.apply_aug, args.apply_reco) == (0.7, 0.97, "cutout", False)
+    assert (args.weak_threshold, args.strong_threshold, args.apply_aug, args.apply_reco) == (
+        0.7,
+        0.97,
+        "cutout",
+        False,
+    )
     assert getattr(args, has) == (15 if has == "num_labels" else "p0")
     # the unused reference flags are still accepted
     parse(mode, "--mode", "x", "--port", "1", "--gpu", "0", "--id", "3")
 
 
-@pytest.mark.parametrize("dataset, expected", [
-    ("pascal", ((321, 321), 8, 0.001, 10.0, 80, 0.95, "ce", 1e-4)),
-    ("cityscapes", ((801, 801), 8, 0.005, 1.0, 240, 0.0, "ohem", 1e-4)),
-    ("sun", ((321, 321), 8, 0.001, 10.0, 80, 0.95, "ce", 1e-4)),
-    ("demo", ((65, 65), 4, 0.01, 1.0, 8, 0.95, "ce", 1e-4)),
-])
+@pytest.mark.parametrize(
+    "dataset, expected",
+    [
+        ("pascal", ((321, 321), 8, 0.001, 10.0, 80, 0.95, "ce", 1e-4)),
+        ("cityscapes", ((801, 801), 8, 0.005, 1.0, 240, 0.0, "ohem", 1e-4)),
+        ("sun", ((321, 321), 8, 0.001, 10.0, 80, 0.95, "ce", 1e-4)),
+        ("demo", ((65, 65), 4, 0.01, 1.0, 8, 0.95, "ce", 1e-4)),
+    ],
+)
 def test_fixmatch_and_unimatch_take_the_tables_defaults_and_flags_override_them(dataset, expected):
-    flags = ("crop_size", "batch_size", "lr", "lr_multi", "epochs", "conf_thresh", "criterion",
-             "weight_decay")
+    flags = (
+        "crop_size",
+        "batch_size",
+        "lr",
+        "lr_multi",
+        "epochs",
+        "conf_thresh",
+        "criterion",
+        "weight_decay",
+    )
     for method in ("fixmatch", "unimatch"):
         args = options.resolve_args(parse("semi", "--dataset", dataset, "--method", method))
         assert tuple(getattr(args, f) for f in flags) == expected and args.iters_per_epoch is None
         assert args.name == f"{dataset}_label15_{method}_0"
-    args = options.resolve_args(parse("semi", "--dataset", "pascal", "--method", "unimatch", "--lr", "0.002",
-                                      "--lr_multi", "1", "--conf_thresh", "0", "--criterion", "ohem",
-                                      "--epochs", "3", "--weight_decay", "5e-4", "--crop_size", "97", "97",
-                                      "--apply_reco"))
+    args = options.resolve_args(
+        parse(
+            "semi",
+            "--dataset",
+            "pascal",
+            "--method",
+            "unimatch",
+            "--lr",
+            "0.002",
+            "--lr_multi",
+            "1",
+            "--conf_thresh",
+            "0",
+            "--criterion",
+            "ohem",
+            "--epochs",
+            "3",
+            "--weight_decay",
+            "5e-4",
+            "--crop_size",
+            "97",
+            "97",
+            "--apply_reco",
+        )
+    )
     assert tuple(getattr(args, f) for f in flags) == ((97, 97), 8, 0.002, 1.0, 3, 0.0, "ohem", 5e-4)
     assert args.name == "pascal_label15_unimatch_reco_0"
     mean_teacher = options.resolve_args(parse("semi", "--dataset", "pascal"))
     assert (mean_teacher.method, mean_teacher.lr, mean_teacher.weight_decay, mean_teacher.reco_weight) == (
-        "meanteacher", 2.5e-3, 5e-4, 1.0)
+        "meanteacher",
+        2.5e-3,
+        5e-4,
+        1.0,
+    )
     assert (mean_teacher.lr_multi, mean_teacher.conf_thresh, mean_teacher.criterion) == (None, None, None)
     assert options.resolve_args(parse("sup", "--dataset", "pascal")).method is None
 
@@ -73,8 +120,11 @@ def test_fixmatch_and_unimatch_epochs_are_one_pass_over_the_unlabelled_images():
     args.iters_per_epoch = 5  # given: kept
     options.online_iterations(args, 17, 1)
     assert args.iters_per_epoch == 5
-    with pytest.raises(helpers.UserError, match=r"--method unimatch: 7 unlabelled image\(s\) make less than "
-                                                r"one batch \(--batch_size 8\): lower --batch_size"):
+    with pytest.raises(
+        helpers.UserError,
+        match=r"--method unimatch: 7 unlabelled image\(s\) make less than "
+        r"one batch \(--batch_size 8\): lower --batch_size",
+    ):
         options.online_iterations(args, 7, 1)
     with pytest.raises(helpers.UserError, match="13 unlabelled image.s. over 2 processes make less than one"):
         options.online_iterations(args, 13, 2)
@@ -84,42 +134,73 @@ def test_table_fills_unset_flags():
     args = options.resolve_args(parse("semi", "--dataset", "pascal"))
     assert (args.batch_size, args.crop_size, args.epochs, args.iters_per_epoch) == (10, (321, 321), 200, 200)
     assert (args.resnet_depth, args.pretrained) == (101, "imagenet")
-    args = options.resolve_args(parse("sup", "--dataset", "cityscapes", "--batch_size", "3", "--crop_size", "64", "96"))
+    args = options.resolve_args(
+        parse("sup", "--dataset", "cityscapes", "--batch_size", "3", "--crop_size", "64", "96")
+    )
     assert (args.batch_size, args.crop_size) == (3, (64, 96))
 
 
-@pytest.mark.parametrize("mode, argv, name", [
-    ("sup", ["--dataset", "pascal", "--num_labels", "60"], "pascal_label60_sup_0"),
-    ("sup", ["--dataset", "pascal", "--num_labels", "60", "--apply_reco", "--seed", "2"], "pascal_label60_sup_reco_2"),
-    ("semi", ["--dataset", "cityscapes", "--num_labels", "20", "--apply_aug", "classmix", "--apply_reco"],
-     "cityscapes_label20_semi_classmix_reco_0"),
-    ("sup_partial", ["--partial", "p5", "--seed", "1"], "cityscapes_p5_sup_1"),
-    ("semi_partial", ["--apply_aug", "cutmix"], "pascal_p0_semi_cutmix_0"),
-])
+@pytest.mark.parametrize(
+    "mode, argv, name",
+    [
+        ("sup", ["--dataset", "pascal", "--num_labels", "60"], "pascal_label60_sup_0"),
+        (
+            "sup",
+            ["--dataset", "pascal", "--num_labels", "60", "--apply_reco", "--seed", "2"],
+            "pascal_label60_sup_reco_2",
+        ),
+        (
+            "semi",
+            ["--dataset", "cityscapes", "--num_labels", "20", "--apply_aug", "classmix", "--apply_reco"],
+            "cityscapes_label20_semi_classmix_reco_0",
+        ),
+        ("sup_partial", ["--partial", "p5", "--seed", "1"], "cityscapes_p5_sup_1"),
+        ("semi_partial", ["--apply_aug", "cutmix"], "pascal_p0_semi_cutmix_0"),
+    ],
+)
 def test_reference_file_names(mode, argv, name):
     assert options.resolve_args(parse(mode, *argv)).name == name
 
 
-@pytest.mark.parametrize("mode, argv, words", [
-    ("sup_partial", ["--dataset", "sun"], "--dataset sun has no partial labels"),
-    ("semi", ["--batch_size", "0"], "--batch_size must be positive"),
-    ("semi_partial", ["--batch_size", "1"], "--batch_size 1: the semi-supervised step needs at least 2 images"),
-    ("semi", ["--iters_per_epoch", "-1"], "--iters_per_epoch must be positive"),
-    ("semi", ["--apply_reco", "--num_queries", "0"], "--num_queries must be positive"),
-    ("sup", ["--num_labels", "-3"], "--num_labels"),
-    ("sup", ["--dataset", "imagenet"], "imagenet"),
-    ("sup", ["--device", "gpu0"], "--device 'gpu0' is not a device"),
-    ("sup", ["--method", "unimatch"], "--method unimatch: train_sup.py trains on labels alone; the "
-     "semi-supervised methods run with train_semisup.py --method unimatch"),
-    ("sup_partial", ["--method", "meanteacher"], "--method meanteacher: train_sup_partial.py trains on"),
-    ("semi_partial", ["--method", "fixmatch"], "--method fixmatch with partial labels is not supported"),
-    ("semi", ["--method", "unimatch", "--crop_size", "321", "513"], "--crop_size 321 513: --method unimatch "
-     "trains on square crops, as UniMatch does; pass --crop_size S S"),
-    ("semi", ["--conf_thresh", "0.9"], "--conf_thresh is a flag of FixMatch and UniMatch: add --method"),
-    ("sup", ["--lr_multi", "10"], "--lr_multi is a flag of FixMatch and UniMatch"),
-    ("semi", ["--method", "fixmatch", "--conf_thresh", "1.5"], "--conf_thresh must be in [0, 1], got 1.5"),
-    ("semi", ["--reco_weight", "-1"], "--reco_weight must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "mode, argv, words",
+    [
+        ("sup_partial", ["--dataset", "sun"], "--dataset sun has no partial labels"),
+        ("semi", ["--batch_size", "0"], "--batch_size must be positive"),
+        (
+            "semi_partial",
+            ["--batch_size", "1"],
+            "--batch_size 1: the semi-supervised step needs at least 2 images",
+        ),
+        ("semi", ["--iters_per_epoch", "-1"], "--iters_per_epoch must be positive"),
+        ("semi", ["--apply_reco", "--num_queries", "0"], "--num_queries must be positive"),
+        ("sup", ["--num_labels", "-3"], "--num_labels"),
+        ("sup", ["--dataset", "imagenet"], "imagenet"),
+        ("sup", ["--device", "gpu0"], "--device 'gpu0' is not a device"),
+        (
+            "sup",
+            ["--method", "unimatch"],
+            "--method unimatch: train_sup.py trains on labels alone; the "
+            "semi-supervised methods run with train_semisup.py --method unimatch",
+        ),
+        ("sup_partial", ["--method", "meanteacher"], "--method meanteacher: train_sup_partial.py trains on"),
+        ("semi_partial", ["--method", "fixmatch"], "--method fixmatch with partial labels is not supported"),
+        (
+            "semi",
+            ["--method", "unimatch", "--crop_size", "321", "513"],
+            "--crop_size 321 513: --method unimatch "
+            "trains on square crops, as UniMatch does; pass --crop_size S S",
+        ),
+        ("semi", ["--conf_thresh", "0.9"], "--conf_thresh is a flag of FixMatch and UniMatch: add --method"),
+        ("sup", ["--lr_multi", "10"], "--lr_multi is a flag of FixMatch and UniMatch"),
+        (
+            "semi",
+            ["--method", "fixmatch", "--conf_thresh", "1.5"],
+            "--conf_thresh must be in [0, 1], got 1.5",
+        ),
+        ("semi", ["--reco_weight", "-1"], "--reco_weight must be >= 0"),
+    ],
+)
 def test_bad_flags_name_the_flag(mode, argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         engine.main(mode, argv)
@@ -128,7 +209,9 @@ def test_bad_flags_name_the_flag(mode, argv, words, capsys):
     assert words in err and err.startswith("error: ") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flag, value", [("--backbone", "resnet"), ("--apply_aug", "mixup"), ("--partial", "p3")])
+@pytest.mark.parametrize(
+    "flag, value", [("--backbone", "resnet"), ("--apply_aug", "mixup"), ("--partial", "p3")]
+)
 def test_unknown_choices_are_refused_by_the_parser(flag, value, capsys):
     mode = "semi_partial"
     with pytest.raises(SystemExit) as exit_info:
@@ -153,7 +236,9 @@ def test_seed_all_is_a_pure_function_of_its_keys():
     c = torch.rand(4)
     distributed.seed_all("init", 0, 3, 1)
     d = torch.rand(4)
-    assert torch.equal(a[0], b[0]) and a[1:] == b[1:] and not torch.equal(a[0], c) and not torch.equal(a[0], d)
+    assert (
+        torch.equal(a[0], b[0]) and a[1:] == b[1:] and not torch.equal(a[0], c) and not torch.equal(a[0], d)
+    )
 
 
 def test_atomic_save_leaves_nothing_half_written(tmp_path):
@@ -163,6 +248,7 @@ def test_atomic_save_leaves_nothing_half_written(tmp_path):
     def broken(p):
         p.write_text("partial")
         raise RuntimeError("disk full")
+
     with pytest.raises(RuntimeError):
         helpers.atomic_save(broken, target)
     assert target.read_text() == "one" and sorted(x.name for x in target.parent.iterdir()) == ["x.txt"]
@@ -201,8 +287,9 @@ def test_resumed_outputs_keep_every_finished_epoch_in_tensorboard(tmp_path):
 
 
 def test_a_data_error_in_a_loader_worker_is_one_line(demo_root, capsys):
-    dataset = build_data.SegmentationDataset(resolve_dataset("demo", demo_root), ["no_such_image"], "train",
-                                             crop_size=(17, 17))
+    dataset = build_data.SegmentationDataset(
+        resolve_dataset("demo", demo_root), ["no_such_image"], "train", crop_size=(17, 17)
+    )
     loader = build_data.build_train_loader(dataset, 1, 1, num_workers=1)
     with pytest.raises(SystemExit) as exit_info:
         helpers.run_cli(lambda argv: [batch for batch in loader])

@@ -8,16 +8,18 @@ import pytest
 import torch
 
 import build_data
-import helpers
 import evaluate
+import helpers
 import network
 
 
 def test_prediction_equal_to_ground_truth_gives_miou_one(tmp_path, pascal_layout, constant_checkpoint):
     # every labelled pixel is class 2, the rest void: a model predicting 2 everywhere is perfect,
     # and the classes absent from both ground truth and prediction do not make the mean NaN
-    labels = [np.where(np.arange(40 * 50).reshape(40, 50) % 7 == 0, 255, 2).astype(np.uint8),
-              np.full((97, 60), 2, np.uint8)]
+    labels = [
+        np.where(np.arange(40 * 50).reshape(40, 50) % 7 == 0, 255, 2).astype(np.uint8),
+        np.full((97, 60), 2, np.uint8),
+    ]
     root = pascal_layout(tmp_path / "data", labels)
     checkpoint = constant_checkpoint(tmp_path / "two.pth", 2)
     out = tmp_path / "result.json"
@@ -26,18 +28,23 @@ def test_prediction_equal_to_ground_truth_gives_miou_one(tmp_path, pascal_layout
     assert result["miou"] == 1.0 and result["acc"] == 1.0
     written = json.loads(out.read_text())
     assert written["miou"] == 1.0 and written["acc"] == 1.0
-    assert written["iou_per_class"] == [None, None, 1.0] + [None] * (build_data.DATASETS["demo"].num_classes - 3)
+    assert written["iou_per_class"] == [None, None, 1.0] + [None] * (
+        build_data.DATASETS["demo"].num_classes - 3
+    )
     for extra in (["--flip"], ["--flip", "--window", "60", "33", "--batch_size", "1"]):
         assert evaluate.main(base + extra)["miou"] == 1.0
 
 
 def test_hand_computed_confusion_matrix(tmp_path, capsys, pascal_layout, constant_checkpoint):
     rng = np.random.default_rng(3)
-    labels = [rng.choice(np.array([0, 1, 3, 255], np.uint8), size=shape) for shape in ((30, 41), (97, 97), (64, 20))]
+    labels = [
+        rng.choice(np.array([0, 1, 3, 255], np.uint8), size=shape) for shape in ((30, 41), (97, 97), (64, 20))
+    ]
     root = pascal_layout(tmp_path / "data", labels)
     checkpoint = constant_checkpoint(tmp_path / "one.pth", 1, backbone="deeplabv2")
-    result = evaluate.main(["--dataset", "demo", "--data_root", str(root), "--checkpoint", str(checkpoint),
-                            "--batch_size", "2"])
+    result = evaluate.main(
+        ["--dataset", "demo", "--data_root", str(root), "--checkpoint", str(checkpoint), "--batch_size", "2"]
+    )
     # prediction is class 1 everywhere: column 1 of the confusion matrix holds every valid pixel
     counts = {c: sum(int((label == c).sum()) for label in labels) for c in (0, 1, 3)}
     total = sum(counts.values())
@@ -54,11 +61,15 @@ def test_hand_computed_confusion_matrix(tmp_path, capsys, pascal_layout, constan
 def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys, pascal_layout, constant_checkpoint):
     root = pascal_layout(tmp_path / "data", [np.zeros((20, 20), np.uint8)])
     wrong_classes = tmp_path / "pascal21.pth"
-    torch.save(network.build_model("deeplabv3p", 21, output_dim=8, resnet_depth=18).state_dict(), wrong_classes)
+    torch.save(
+        network.build_model("deeplabv3p", 21, output_dim=8, resnet_depth=18).state_dict(), wrong_classes
+    )
     constant_checkpoint(tmp_path / "ok.pth", 0)
-    cases = [(["--checkpoint", str(tmp_path / "missing.pth")], "missing.pth"),
-             (["--checkpoint", str(wrong_classes)], "21 classes"),
-             (["--checkpoint", str(tmp_path / "ok.pth"), "--resnet_depth", "50"], "--resnet_depth 50")]
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing.pth")], "missing.pth"),
+        (["--checkpoint", str(wrong_classes)], "21 classes"),
+        (["--checkpoint", str(tmp_path / "ok.pth"), "--resnet_depth", "50"], "--resnet_depth 50"),
+    ]
     for extra, expected in cases:
         with pytest.raises(SystemExit) as stop:
             helpers.run_cli(evaluate.main, ["--dataset", "demo", "--data_root", str(root), *extra])
@@ -66,7 +77,9 @@ def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys, pascal_layout,
         assert expected in capsys.readouterr().err
 
 
-def test_the_dataset_comes_from_the_checkpoints_run_folder(tmp_path, capsys, pascal_layout, constant_checkpoint):
+def test_the_dataset_comes_from_the_checkpoints_run_folder(
+    tmp_path, capsys, pascal_layout, constant_checkpoint
+):
     root = pascal_layout(tmp_path / "data", [np.full((20, 30), 3, np.uint8)])
     run_dir = tmp_path / "logging" / "demo_label4_sup_0"
     run_dir.mkdir(parents=True)

@@ -23,11 +23,34 @@ from build_data import EpochBatchSampler
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def argv_for(root, out, *extra):
-    return ["--dataset", "demo", "--data_root", str(root), "--weights_dir", str(out / "w"), "--log_dir",
-            str(out / "log"), "--batch_size", "2", "--crop_size", "33", "33", "--num_labels", "6", "--output_dim",
-            "16", "--num_queries", "16", "--num_negatives", "32", "--no_visual", "--device", "cpu", *extra]
+    return [
+        "--dataset",
+        "demo",
+        "--data_root",
+        str(root),
+        "--weights_dir",
+        str(out / "w"),
+        "--log_dir",
+        str(out / "log"),
+        "--batch_size",
+        "2",
+        "--crop_size",
+        "33",
+        "33",
+        "--num_labels",
+        "6",
+        "--output_dim",
+        "16",
+        "--num_queries",
+        "16",
+        "--num_negatives",
+        "32",
+        "--no_visual",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def last(out, name):
@@ -61,14 +84,33 @@ def every_step(monkeypatch, action):
     monkeypatch.setattr(engine, "optimisation_step", step)
 
 
-@pytest.mark.parametrize("method, name", [("meanteacher", "demo_label6_semi_cutmix_reco_0"),
-                                          ("unimatch", "demo_label6_unimatch_reco_0")])
-def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(method, name, small_demo, tmp_path,
-                                                                      monkeypatch, capsys):
-    common = ["--epochs", "1", "--iters_per_epoch", "3", "--apply_aug", "cutmix", "--apply_reco", "--method",
-              method, "--num_queries", "256", "--output_dim", "128"]  # ReCo's backward large enough to use every thread
+@pytest.mark.parametrize(
+    "method, name",
+    [("meanteacher", "demo_label6_semi_cutmix_reco_0"), ("unimatch", "demo_label6_unimatch_reco_0")],
+)
+def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(
+    method, name, small_demo, tmp_path, monkeypatch, capsys
+):
+    common = [
+        "--epochs",
+        "1",
+        "--iters_per_epoch",
+        "3",
+        "--apply_aug",
+        "cutmix",
+        "--apply_reco",
+        "--method",
+        method,
+        "--num_queries",
+        "256",
+        "--output_dim",
+        "128",
+    ]  # ReCo's backward large enough to use every thread
     engine.main("semi", argv_for(small_demo, tmp_path / "a", *common))
-    every_step(monkeypatch, lambda n, run: time.sleep(2) if n == 1 else n == 2 and os.kill(os.getpid(), signal.SIGTERM))
+    every_step(
+        monkeypatch,
+        lambda n, run: time.sleep(2) if n == 1 else n == 2 and os.kill(os.getpid(), signal.SIGTERM),
+    )
     argv = argv_for(small_demo, tmp_path / "b", *common)
     capsys.readouterr()
     handler = signal.getsignal(signal.SIGTERM)
@@ -76,7 +118,10 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_is_bit_identical(method, na
         engine.main("semi", argv)
     assert stopped.value.code == faults.exit_code(signal.SIGTERM) == 143
     out = capsys.readouterr().out.splitlines()
-    assert out[-1].startswith("stopped by SIGTERM in epoch 1 after iteration 2/3; ") and "last.pth is saved" in out[-1]
+    assert (
+        out[-1].startswith("stopped by SIGTERM in epoch 1 after iteration 2/3; ")
+        and "last.pth is saved" in out[-1]
+    )
     assert out[-1].endswith(" ".join(argv) + " --resume") and "--resume --" not in out[-1]
     stopped_after = last(tmp_path / "b", name)
     assert stopped_after["epoch_state"]["iteration"] == 2 and stopped_after["wall_s"] > 2
@@ -104,8 +149,10 @@ def test_nonfinite_losses_skip_the_update_and_stop_after_a_streak(small_demo, tm
     monkeypatch.setattr(methods, "supervised_step", supervised_step)
     every_step(monkeypatch, record)
     with pytest.raises(SystemExit) as stopped:
-        engine.main("sup", argv_for(small_demo, tmp_path, "--epochs", "2", "--iters_per_epoch", "2",
-                                    "--max_nonfinite", "2"))
+        engine.main(
+            "sup",
+            argv_for(small_demo, tmp_path, "--epochs", "2", "--iters_per_epoch", "2", "--max_nonfinite", "2"),
+        )
     captured = capsys.readouterr()
     assert stopped.value.code == 2
     assert "non-finite in 2 consecutive steps (epoch 2, iteration 2; --max_nonfinite 2)" in captured.err
@@ -121,7 +168,9 @@ def test_nonfinite_losses_skip_the_update_and_stop_after_a_streak(small_demo, tm
     assert np.isfinite(saved["metrics"][0].numpy()).all()
 
 
-def test_a_full_disk_while_saving_the_checkpoint_stops_with_its_path(small_demo, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_saving_the_checkpoint_stops_with_its_path(
+    small_demo, tmp_path, monkeypatch, capsys
+):
     real_save, saves = torch.save, []
 
     def save(obj, file, *a, **k):
@@ -137,7 +186,10 @@ def test_a_full_disk_while_saving_the_checkpoint_stops_with_its_path(small_demo,
     err = capsys.readouterr().err
     run_dir = tmp_path / "log" / "demo_label6_sup_0"
     assert stopped.value.code == 2 and err.count("\n") == 1
-    assert err.startswith("error: [Errno 28] No space left on device while writing ") and str(run_dir / "last.pth") in err
+    assert (
+        err.startswith("error: [Errno 28] No space left on device while writing ")
+        and str(run_dir / "last.pth") in err
+    )
     assert last(tmp_path, "demo_label6_sup_0")["epoch"] == 1  # the previous checkpoint is intact
     assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
 
@@ -166,7 +218,10 @@ def test_resume_refuses_truncated_and_foreign_checkpoints_and_touches_nothing(sm
     state = torch.load(run_dir / "last.pth", weights_only=True)
     cases = {
         "truncated.pth": (good[: len(good) // 2], "truncated.pth cannot be read"),
-        "lacking.pth": ({k: v for k, v in state.items() if k != "optimizer"}, "lacks optimizer, so it is not"),
+        "lacking.pth": (
+            {k: v for k, v in state.items() if k != "optimizer"},
+            "lacks optimizer, so it is not",
+        ),
         "foreign.pth": (state | {"model": {"weight": torch.zeros(3)}}, "foreign.pth does not fit this run"),
     }
     for name, (content, message) in cases.items():
@@ -192,10 +247,14 @@ def test_a_resumed_epoch_skips_exactly_the_drawn_batches():
 
 def test_resume_command_replaces_any_resume_flag(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train_semisup.py"])
-    assert faults.resume_command(["--seed", "1", "--resume", "x.pth", "--epochs", "2"], 1) == \
-        "python train_semisup.py --seed 1 --epochs 2 --resume"
-    assert faults.resume_command(["--resume=auto", "--data_root", "my data"], 2) == \
-        "torchrun --nproc_per_node=2 train_semisup.py --data_root 'my data' --resume"
+    assert (
+        faults.resume_command(["--seed", "1", "--resume", "x.pth", "--epochs", "2"], 1)
+        == "python train_semisup.py --seed 1 --epochs 2 --resume"
+    )
+    assert (
+        faults.resume_command(["--resume=auto", "--data_root", "my data"], 2)
+        == "torchrun --nproc_per_node=2 train_semisup.py --data_root 'my data' --resume"
+    )
 
 
 KILLER = """\
@@ -221,11 +280,30 @@ def test_torchrun_restarts_after_a_rank_dies_and_ends_as_an_uninterrupted_run(sm
     env = dict(os.environ, PYTHONPATH=str(REPO))
     common = ["--epochs", "2", "--iters_per_epoch", "3", "--save_every", "2", "--resume", "auto"]
     outputs = []
-    for out, die_at in ((tmp_path / "a", 0), (tmp_path / "b", 6)):  # before step 6: epoch 2 was saved after iteration 2
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "--max-restarts=1", "--monitor-interval=0.2", str(probe), str(tmp_path / "died"),
-                               str(die_at), *argv_for(small_demo, out, *common)],
-                              cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
+    for out, die_at in (
+        (tmp_path / "a", 0),
+        (tmp_path / "b", 6),
+    ):  # before step 6: epoch 2 was saved after iteration 2
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "--max-restarts=1",
+                "--monitor-interval=0.2",
+                str(probe),
+                str(tmp_path / "died"),
+                str(die_at),
+                *argv_for(small_demo, out, *common),
+            ],
+            cwd=REPO,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         outputs.append(done.stdout)
     assert (tmp_path / "died").exists() and "resuming at epoch 2 after iteration 2" in outputs[1]
@@ -237,11 +315,23 @@ def test_torchrun_restarts_after_a_rank_dies_and_ends_as_an_uninterrupted_run(sm
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_last_pth_saved(small_demo, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(REPO / "train_semisup.py"), *argv_for(small_demo, tmp_path, "--epochs", "2",
-                                                                         "--iters_per_epoch", "40")],
-                             cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train_semisup.py"),
+            *argv_for(small_demo, tmp_path, "--epochs", "2", "--iters_per_epoch", "40"),
+        ],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     lines = []
     try:
         for line in agent.stdout:  # SIGTERM to the launcher (as a scheduler sends it) once epoch 2 has begun
@@ -275,13 +365,25 @@ engine.main("semi", sys.argv[1:])
 """
 
 
-def test_a_sigterm_to_the_whole_job_spares_the_loader_workers_and_the_run_stops_after_its_step(small_demo, tmp_path):
+def test_a_sigterm_to_the_whole_job_spares_the_loader_workers_and_the_run_stops_after_its_step(
+    small_demo, tmp_path
+):
     probe = tmp_path / "probe.py"
     probe.write_text(JOB_SIGNAL)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, str(probe), *argv_for(small_demo, tmp_path, "--epochs", "3",
-                                                                 "--iters_per_epoch", "2", "--num_workers", "2")],
-                          cwd=REPO, env=env, text=True, capture_output=True, timeout=300, start_new_session=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(probe),
+            *argv_for(small_demo, tmp_path, "--epochs", "3", "--iters_per_epoch", "2", "--num_workers", "2"),
+        ],
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        start_new_session=True,
+    )
     assert done.returncode == 143, done.stdout + done.stderr
     assert "stopped by SIGTERM in epoch 3 after iteration 1/2" in done.stdout
     assert last(tmp_path, "demo_label6_semi_cutout_0")["epoch_state"]["iteration"] == 1
@@ -303,8 +405,14 @@ def test_a_process_ends_while_a_cycle_still_holds_its_loaders(small_demo, tmp_pa
     probe = tmp_path / "probe.py"
     probe.write_text(KEPT_LOADER)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, str(probe), str(small_demo)], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=120)  # workers ignore SIGTERM: without the exit hook, forever
+    done = subprocess.run(
+        [sys.executable, str(probe), str(small_demo)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )  # workers ignore SIGTERM: without the exit hook, forever
     assert done.returncode == 0 and not done.stderr, done.stderr
 
 
@@ -315,7 +423,9 @@ def test_stop_signals_are_caught_only_once_armed_and_a_second_one_stops_at_once(
         stop.arm()
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.received == signal.SIGINT
-        os.kill(os.getpid(), signal.SIGTERM)  # the same stop passed on twice (scheduler + torchrun): still one
+        os.kill(
+            os.getpid(), signal.SIGTERM
+        )  # the same stop passed on twice (scheduler + torchrun): still one
         assert stop.received == signal.SIGINT
         time.sleep(0.5)
         with pytest.raises(KeyboardInterrupt):

@@ -15,8 +15,10 @@ import helpers
 from distributed import seed_all
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = {p.stem if p.parent == REPO else f"network.{p.stem}".removesuffix(".__init__"): p
-           for p in [*REPO.glob("*.py"), *(REPO / "network").glob("*.py")]}
+MODULES = {
+    p.stem if p.parent == REPO else f"network.{p.stem}".removesuffix(".__init__"): p
+    for p in [*REPO.glob("*.py"), *(REPO / "network").glob("*.py")]
+}
 
 
 def _project_imports(path: Path) -> tuple[set[str], list[str]]:
@@ -30,9 +32,15 @@ def _project_imports(path: Path) -> tuple[set[str], list[str]]:
             found |= {n.split(".")[0] for n in names if n.split(".")[0] in top}
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            hidden += [f"{path.name}:{n.lineno}" for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))
-                       and any((a.name if isinstance(n, ast.Import) else n.module or "").split(".")[0] in top
-                               for a in n.names)]
+            hidden += [
+                f"{path.name}:{n.lineno}"
+                for n in ast.walk(fn)
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+                and any(
+                    (a.name if isinstance(n, ast.Import) else n.module or "").split(".")[0] in top
+                    for a in n.names
+                )
+            ]
     return found - {path.stem}, hidden
 
 
@@ -45,72 +53,113 @@ def test_no_import_circles_and_none_hidden_in_functions():
     assert hidden == []
 
     def reaches(start: str, goal: str, seen: set) -> bool:
-        return any(d == goal or (d not in seen and not seen.add(d) and reaches(d, goal, seen))
-                   for d in graph.get(start, ()))
+        return any(
+            d == goal or (d not in seen and not seen.add(d) and reaches(d, goal, seen))
+            for d in graph.get(start, ())
+        )
+
     assert [m for m in graph if reaches(m, m, set())] == []
 
 
-@pytest.mark.parametrize("module, forbidden", [
-    ("helpers", {"build_data", "engine", "network", "module_list", "options"}),
-    ("cli_flags", {"build_data", "engine", "network", "module_list", "options", "layouts"}),
-    ("module_list", {"build_data", "engine", "network", "transforms", "splits"}),
-    ("network", {"build_data", "engine", "module_list", "transforms", "splits"}),
-    ("preparation", {"engine", "network", "options", "distributed"}),
-    ("visual", {"engine", "options"}),
-    ("evaluate", {"engine", "options"}),
-    ("study", {"engine", "options", "network"}),
-    ("run_folder", {"engine", "options", "network", "figures"}),
-    ("build_data", {"engine", "network", "splits", "preparation", "layouts"}),
-    ("layouts", {"engine", "network", "splits", "preparation", "options"}),
-    ("dataset_card", {"build_data", "engine", "network", "module_list", "options"}),
-])
+@pytest.mark.parametrize(
+    "module, forbidden",
+    [
+        ("helpers", {"build_data", "engine", "network", "module_list", "options"}),
+        ("cli_flags", {"build_data", "engine", "network", "module_list", "options", "layouts"}),
+        ("module_list", {"build_data", "engine", "network", "transforms", "splits"}),
+        ("network", {"build_data", "engine", "module_list", "transforms", "splits"}),
+        ("preparation", {"engine", "network", "options", "distributed"}),
+        ("visual", {"engine", "options"}),
+        ("evaluate", {"engine", "options"}),
+        ("study", {"engine", "options", "network"}),
+        ("run_folder", {"engine", "options", "network", "figures"}),
+        ("build_data", {"engine", "network", "splits", "preparation", "layouts"}),
+        ("layouts", {"engine", "network", "splits", "preparation", "options"}),
+        ("dataset_card", {"build_data", "engine", "network", "module_list", "options"}),
+    ],
+)
 def test_importing_a_module_does_not_import_what_it_must_not(module, forbidden):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r}))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]", f"importing {module} imports {out.strip()}"
 
 
 # The files of a run (run_folder.py's docstring): no other module spells their names.
-RUN_FILES = ("config.json", "summary.json", "last.pth", "metrics.csv", ".npy", "curves.png", "visual.png",
-             "tensorboard")
+RUN_FILES = (
+    "config.json",
+    "summary.json",
+    "last.pth",
+    "metrics.csv",
+    ".npy",
+    "curves.png",
+    "visual.png",
+    "tensorboard",
+)
 SPLIT_FOLDER = re.compile(r"(?<![\w.-])split/|/split(?![\w.-])")  # the split/ folder, not the word or a flag
 
 
 def _run_file_names(path: Path) -> list[str]:
     """'file:line: text' of each string in the file's code (not its docstrings) that names a run's file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    documented = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and node.body and isinstance(node.body[0], ast.Expr)}
-    paths = {id(side) for node in ast.walk(tree) if isinstance(node, ast.BinOp)  # `folder / "split"`
-             and isinstance(node.op, ast.Div) for side in (node.left, node.right)}
-    return [f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in documented
-            and (any(name in node.value for name in RUN_FILES) or SPLIT_FOLDER.search(node.value)
-                 or (node.value == "split" and id(node) in paths))]
+    documented = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }
+    paths = {
+        id(side)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.BinOp)  # `folder / "split"`
+        and isinstance(node.op, ast.Div)
+        for side in (node.left, node.right)
+    }
+    return [
+        f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in documented
+        and (
+            any(name in node.value for name in RUN_FILES)
+            or SPLIT_FOLDER.search(node.value)
+            or (node.value == "split" and id(node) in paths)
+        )
+    ]
 
 
 def test_only_the_run_folder_module_names_a_runs_files():
     """The engine writes a run's files and the tools read them through run_folder.py, alone to name them."""
-    sources = [p for p in REPO.rglob("*.py") if p.name != "run_folder.py"
-               and not any(part.startswith(".") or part in ("tests", "site-packages")
-                           for part in p.relative_to(REPO).parts)]
+    sources = [
+        p
+        for p in REPO.rglob("*.py")
+        if p.name != "run_folder.py"
+        and not any(
+            part.startswith(".") or part in ("tests", "site-packages") for part in p.relative_to(REPO).parts
+        )
+    ]
     assert len(sources) > 20 and REPO / "engine.py" in sources
     assert [hit for path in sorted(sources) for hit in _run_file_names(path)] == []
     assert _run_file_names(REPO / "run_folder.py")  # the test sees the names where they are
 
 
 def _exit_of(main) -> tuple[int, str]:
-    code = (f"import helpers\ndef main(argv):\n    {main}\nhelpers.run_cli(main)\n")
+    code = f"import helpers\ndef main(argv):\n    {main}\nhelpers.run_cli(main)\n"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     return done.returncode, done.stderr
 
 
-@pytest.mark.parametrize("raise_line", [
-    "raise helpers.UserError('--flag 3 is wrong: pass 4')",
-    "import build_data; raise build_data.DataError('--flag 3 is wrong: pass 4')",
-    "open('/nonexistent-dir/--flag 3 is wrong: pass 4')",
-])
+@pytest.mark.parametrize(
+    "raise_line",
+    [
+        "raise helpers.UserError('--flag 3 is wrong: pass 4')",
+        "import build_data; raise build_data.DataError('--flag 3 is wrong: pass 4')",
+        "open('/nonexistent-dir/--flag 3 is wrong: pass 4')",
+    ],
+)
 def test_run_cli_turns_user_errors_into_one_line(raise_line):
     code, err = _exit_of(raise_line)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--flag 3 is wrong" in err
@@ -126,8 +175,11 @@ def test_data_errors_are_user_errors():
 
 
 def test_stream_seeds_are_distinct_per_stream_and_keys():
-    seeds = {helpers.stream_seed(s, *k) for s in ("init", "steps", "batches")
-             for k in [(0,), (0, 0), (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]}
+    seeds = {
+        helpers.stream_seed(s, *k)
+        for s in ("init", "steps", "batches")
+        for k in [(0,), (0, 0), (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    }
     assert len(seeds) == 18
     assert helpers.stream_seed("steps", 3, 1) == helpers.stream_seed("steps", 3, 1)
 

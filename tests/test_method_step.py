@@ -22,8 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("fixture", ["unimatch_step", "fixmatch_step"])
 def test_replay_matches_the_authors_code(fixture):
     """Two recorded optimiser steps of UniMatch's own unimatch.py / fixmatch.py, replayed in float64."""
-    command = [sys.executable, str(REPO / "bench" / "method_step.py"), "--fixture",
-               str(REPO / "tests" / "data" / fixture)]
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "method_step.py"),
+        "--fixture",
+        str(REPO / "tests" / "data" / fixture),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
@@ -32,8 +36,9 @@ def test_replay_matches_the_authors_code(fixture):
     assert result["init_match"] and result["images_match"] and result["lr_match"] and result["pseudo_match"]
     assert result["loss_rel_diff"] <= 1e-5, result["steps"]
     assert result["state_rel_diff"] <= 1e-4
-    assert len(result["steps"]) == 2 and all(len(s["losses"]) == (5 if fixture == "unimatch_step" else 3)
-                                             for s in result["steps"])
+    assert len(result["steps"]) == 2 and all(
+        len(s["losses"]) == (5 if fixture == "unimatch_step" else 3) for s in result["steps"]
+    )
 
 
 def test_poly_lr_has_unimatchs_off_by_one():
@@ -53,7 +58,9 @@ def test_optimizer_groups_backbone_and_head(backbone, prefix):
     assert len(group0) + len(group1) == len(names)
     methods.set_lr(optimizer, 0.002, 10.0)
     assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups] == [
-        (0.002, 0.9, 1e-4), (0.02, 0.9, 1e-4)]
+        (0.002, 0.9, 1e-4),
+        (0.02, 0.9, 1e-4),
+    ]
 
 
 def _ohem_by_sorting(pred, target, thresh, min_kept):
@@ -94,10 +101,20 @@ def _batch(method, batch=2, size=33, seed=1):
     two = method == "unimatch"
     labels = torch.randint(0, 4, (batch, size, size), generator=generator)
     labels = labels.masked_fill(mask(0.1), IGNORE_INDEX)
-    return methods.MethodBatch(images_x=image(), labels_x=labels, weak=image(), strong1=image(),
-                               strong2=image() if two else None, padding=mask(0.1), box1=mask(0.3),
-                               box2=mask(0.3) if two else None, mix_weak=image(), mix_strong1=image(),
-                               mix_strong2=image() if two else None, mix_padding=mask(0.1))
+    return methods.MethodBatch(
+        images_x=image(),
+        labels_x=labels,
+        weak=image(),
+        strong1=image(),
+        strong2=image() if two else None,
+        padding=mask(0.1),
+        box1=mask(0.3),
+        box2=mask(0.3) if two else None,
+        mix_weak=image(),
+        mix_strong1=image(),
+        mix_strong2=image() if two else None,
+        mix_padding=mask(0.1),
+    )
 
 
 def test_perturbed_forward_decodes_clean_and_dropped_features_together():
@@ -110,8 +127,9 @@ def test_perturbed_forward_decodes_clean_and_dropped_features_together():
     model.load_state_dict(state)  # the same BN state for the reference computation
     low, high = model.encode(x)
     dropped = [f * k[:, :, None, None] * 2 for f, k in zip((low, high), keep)]
-    expected, expected_rep = model.decode(torch.cat([low, dropped[0]]), torch.cat([high, dropped[1]]),
-                                          rep_rows=2)
+    expected, expected_rep = model.decode(
+        torch.cat([low, dropped[0]]), torch.cat([high, dropped[1]]), rep_rows=2
+    )
     assert torch.equal(logits, expected[:2]) and torch.equal(logits_fp, expected[2:])
     assert torch.equal(rep, expected_rep) and rep.shape[0] == 2
     drawn = net(x, perturb=True)  # masks drawn on the device
@@ -124,11 +142,22 @@ def test_step_runs_with_reco_on_top_and_reco_only_adds_its_weighted_term(method)
     batch = _batch(method)
     model = _tiny()
     keep = [torch.rand(4, 64) < 0.5, torch.rand(4, 512) < 0.5] if method == "unimatch" else None
-    plain = methods.method_step(methods.PerturbedNet(copy.deepcopy(model)), batch,
-                                methods.MethodSettings(method=method, conf_thresh=0.3), keep)
-    settings = methods.MethodSettings(method=method, conf_thresh=0.3, apply_reco=True, reco_weight=0.5,
-                                      strong_threshold=1.0, weak_threshold=0.0, num_queries=8,
-                                      num_negatives=8)
+    plain = methods.method_step(
+        methods.PerturbedNet(copy.deepcopy(model)),
+        batch,
+        methods.MethodSettings(method=method, conf_thresh=0.3),
+        keep,
+    )
+    settings = methods.MethodSettings(
+        method=method,
+        conf_thresh=0.3,
+        apply_reco=True,
+        reco_weight=0.5,
+        strong_threshold=1.0,
+        weak_threshold=0.0,
+        num_queries=8,
+        num_negatives=8,
+    )
     net = methods.PerturbedNet(model)
     out = methods.method_step(net, batch, settings, keep)
     terms = dict(zip(methods.TERMS[method], out.terms))
@@ -148,7 +177,6 @@ def test_unimatch_loss_by_hand_on_a_tiny_network():
     reference = copy.deepcopy(model)
     settings = methods.MethodSettings(conf_thresh=0.4)
     out = methods.method_step(methods.PerturbedNet(model), batch, settings, keep)
-
 
     def up(logits):
         return F.interpolate(logits, size=(33, 33), mode="bilinear", align_corners=True)
@@ -199,11 +227,24 @@ def test_mean_teacher_step_computes_what_it_did_and_weighs_reco(partial, reco, a
         labels = torch.randint(-1, 5, (4, 1, 5, 5), generator=g).float()
         labels = F.interpolate(labels, size=(33, 33), mode="nearest")[:, 0].long()
         settings = methods.MethodSettings(
-            method="meanteacher", apply_reco=reco, reco_weight=reco_weight, strong_threshold=0.3,
-            num_queries=16, num_negatives=32, apply_aug=aug, partial=partial, scale_range=(0.75, 1.25))
+            method="meanteacher",
+            apply_reco=reco,
+            reco_weight=reco_weight,
+            strong_threshold=0.3,
+            num_queries=16,
+            num_negatives=32,
+            apply_aug=aug,
+            partial=partial,
+            scale_range=(0.75, 1.25),
+        )
         torch.manual_seed(1)
-        out = methods.mean_teacher_step(methods.Views(model), methods.Views(teacher),
-                                        (images[:2], labels[:2]), (images[2:], labels[2:]), settings)
+        out = methods.mean_teacher_step(
+            methods.Views(model),
+            methods.Views(teacher),
+            (images[:2], labels[:2]),
+            (images[2:], labels[2:]),
+            settings,
+        )
         out.loss.backward()
         return out, sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None)
 

@@ -23,6 +23,7 @@ def seeded(seed: int) -> torch.Generator:
 # Losses
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def test_supervised_loss_ignores_and_means_over_valid_pixels():
     pred = torch.randn(2, 4, 3, 5, generator=seeded(0))
     target = torch.randint(0, 4, (2, 3, 5), generator=seeded(1))
@@ -40,7 +41,9 @@ def test_supervised_loss_low_precision_pred_and_all_ignored():
     target = torch.randint(0, 3, (1, 4, 4), generator=seeded(1))
     half = ml.compute_supervised_loss(pred.bfloat16(), target)
     assert half.dtype == torch.float32
-    assert half.item() == pytest.approx(ml.compute_supervised_loss(pred.bfloat16().float(), target).item(), rel=1e-6)
+    assert half.item() == pytest.approx(
+        ml.compute_supervised_loss(pred.bfloat16().float(), target).item(), rel=1e-6
+    )
     pred.requires_grad_(True)
     empty = ml.compute_supervised_loss(pred, torch.full_like(target, IGNORE_INDEX))
     empty.backward()
@@ -98,12 +101,13 @@ def test_label_onehot():
 # Mixing
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def box_of(mask):
     """(height, width, top, left) of the zero region of a [H,W] mask, checking that it is one rectangle."""
     rows = torch.nonzero((mask == 0).any(1)).flatten()
     cols = torch.nonzero((mask == 0).any(0)).flatten()
     h, w = len(rows), len(cols)
-    assert (mask[rows[0]:rows[0] + h, cols[0]:cols[0] + w] == 0).all() and (mask == 0).sum() == h * w
+    assert (mask[rows[0] : rows[0] + h, cols[0] : cols[0] + w] == 0).all() and (mask == 0).sum() == h * w
     return h, w, rows[0].item(), cols[0].item()
 
 
@@ -119,7 +123,7 @@ def test_cutout_mask_box_sizes_as_reference():
         assert 0 <= top <= height - h and 0 <= left <= width - w
         widths.append(w)
         tops.append((top, h))
-    counts = np.bincount(widths, minlength=width)[width // 2 + 1:width]
+    counts = np.bincount(widths, minlength=width)[width // 2 + 1 : width]
     assert stats.chisquare(counts).pvalue > 1e-3  # widths uniform over [W//2+1, W-1]
     # Top corner uniform over the valid positions, for the most common box height.
     h_mode = max(set(h for _, h in tops), key=[h for _, h in tops].count)
@@ -158,7 +162,9 @@ def test_unsup_data_cutout():
         h, w, _, _ = box_of((~cut).float())
         assert h == round(8 * 10 / 2 / w)
         assert (out_data[i][:, cut] == 0).all() and (out_target[i][cut] == IGNORE_INDEX).all()
-        assert torch.equal(out_data[i][:, ~cut], data[i][:, ~cut]) and torch.equal(out_target[i][~cut], target[i][~cut])
+        assert torch.equal(out_data[i][:, ~cut], data[i][:, ~cut]) and torch.equal(
+            out_target[i][~cut], target[i][~cut]
+        )
         assert torch.equal(out_conf[i][~cut], conf[i][~cut])
 
 
@@ -172,7 +178,9 @@ def test_unsup_data_mixes_with_next_image(mode):
         keep = out_conf[i] == conf[i]
         assert torch.equal(out_conf[i][~keep], conf[j][~keep])
         for out, src in ((out_data[i], data), (out_target[i], target)):
-            assert torch.equal(out[..., keep], src[i][..., keep]) and torch.equal(out[..., ~keep], src[j][..., ~keep])
+            assert torch.equal(out[..., keep], src[i][..., keep]) and torch.equal(
+                out[..., ~keep], src[j][..., ~keep]
+            )
         if mode == "cutmix":
             box_of(keep.float())
         else:  # the kept pixels are exactly those of floor(n/2) of image i's values
@@ -193,6 +201,7 @@ def test_unsup_data_unknown_mode_and_generator():
 # ----------------------------------------------------------------------------------------------------------------
 # EMA, PolyLR
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def conv_bn_pair():
     torch.manual_seed(0)
@@ -246,7 +255,9 @@ def test_tensor_list_ops_give_the_same_result_without_the_fused_private_op(fused
     shapes = [(3, 4), (5,), (), (2, 1, 3)]
     targets, sources = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
     with_fused = [t.clone() for t in targets]
-    ml.copy_tensors_(with_fused, sources) if fused == "_foreach_copy_" else ml.lerp_tensors_(with_fused, sources, 0.3)
+    ml.copy_tensors_(with_fused, sources) if fused == "_foreach_copy_" else ml.lerp_tensors_(
+        with_fused, sources, 0.3
+    )
     monkeypatch.delattr(torch, fused)  # a torch without the private op: the public loop
     public = [t.clone() for t in targets]
     ml.copy_tensors_(public, sources) if fused == "_foreach_copy_" else ml.lerp_tensors_(public, sources, 0.3)
@@ -286,6 +297,7 @@ def test_poly_lr_staircase_and_resume():
 # ----------------------------------------------------------------------------------------------------------------
 # ConfMatrix
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def test_confmatrix_matches_torchmetrics_and_reference_formula():
     from torchmetrics.classification import MulticlassJaccardIndex

@@ -19,12 +19,27 @@ REFERENCE = Path(__file__).resolve().parent / "data"
 # (backbone, classes, reference key file, sha256 of json.dumps(that file's list), number of entries):
 # the digests let the test run where the reference folder is absent.
 KEY_FILES = [
-    ("deeplabv3p", 21, "checkpoint_keys_deeplabv3p_21.json",
-     "45602a48e92d44335ffcef8f4c42887ddf2ea24ad098808c2e6ebc00d528a1e2", 682),
-    ("deeplabv3p", 19, "checkpoint_keys_deeplabv3p_19.json",
-     "0cc3eeaa277a522d9b4a84eec27676f047f44077589e5b9d5ac80230f571a669", 682),
-    ("deeplabv2", 21, "checkpoint_keys_deeplabv2_21.json",
-     "43bdfc7c614760f1c7b37e8976dc8a622d9bff7cd9f7dedc1fae2a0ce752fd69", 634),
+    (
+        "deeplabv3p",
+        21,
+        "checkpoint_keys_deeplabv3p_21.json",
+        "45602a48e92d44335ffcef8f4c42887ddf2ea24ad098808c2e6ebc00d528a1e2",
+        682,
+    ),
+    (
+        "deeplabv3p",
+        19,
+        "checkpoint_keys_deeplabv3p_19.json",
+        "0cc3eeaa277a522d9b4a84eec27676f047f44077589e5b9d5ac80230f571a669",
+        682,
+    ),
+    (
+        "deeplabv2",
+        21,
+        "checkpoint_keys_deeplabv2_21.json",
+        "43bdfc7c614760f1c7b37e8976dc8a622d9bff7cd9f7dedc1fae2a0ce752fd69",
+        634,
+    ),
 ]
 DTYPES = {"torch.float32": torch.float32, "torch.int64": torch.int64}
 
@@ -55,8 +70,12 @@ def test_reference_format_state_dict_loads_strictly(backbone, num_classes, name)
     state = {k: torch.empty(shape, dtype=DTYPES[dtype], device="meta") for k, shape, dtype in keys}
     model = _meta_model(backbone, num_classes)
     model.load_state_dict(state, strict=True, assign=True)
-    assert network.infer_config(state) == {"backbone": backbone, "resnet_depth": 101,
-                                           "num_classes": num_classes, "output_dim": 256}
+    assert network.infer_config(state) == {
+        "backbone": backbone,
+        "resnet_depth": 101,
+        "num_classes": num_classes,
+        "output_dim": 256,
+    }
     del state["representation.0.bias" if backbone == "deeplabv2" else "representation.3.bias"]
     with pytest.raises(RuntimeError, match="Missing key"):
         _meta_model(backbone, num_classes).load_state_dict(state, strict=True, assign=True)
@@ -73,12 +92,17 @@ def test_checkpoint_round_trip_is_strict_and_exact(tmp_path, backbone):
     x = torch.randn(1, 3, 49, 65)
     for a, b in zip(model(x), other(x)):
         assert torch.equal(a, b)
-    assert network.infer_config(other.state_dict()) == {"backbone": backbone, "resnet_depth": 18,
-                                                        "num_classes": 4, "output_dim": 8}
+    assert network.infer_config(other.state_dict()) == {
+        "backbone": backbone,
+        "resnet_depth": 18,
+        "num_classes": 4,
+        "output_dim": 8,
+    }
 
 
-@pytest.mark.parametrize("backbone,size,expected", [("deeplabv3p", 321, 81), ("deeplabv3p", 513, 129),
-                                                    ("deeplabv2", 321, 41)])
+@pytest.mark.parametrize(
+    "backbone,size,expected", [("deeplabv3p", 321, 81), ("deeplabv3p", 513, 129), ("deeplabv2", 321, 41)]
+)
 def test_output_strides(backbone, size, expected):
     model = network.build_model(backbone, 5, output_dim=16, resnet_depth=18).eval()
     with torch.no_grad():
@@ -88,8 +112,11 @@ def test_output_strides(backbone, size, expected):
 
 
 def _conv_config(layer):
-    return [(name, conv.stride, conv.dilation, conv.padding) for name, conv in layer.named_modules()
-            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)]
+    return [
+        (name, conv.stride, conv.dilation, conv.padding)
+        for name, conv in layer.named_modules()
+        if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
+    ]
 
 
 def test_resnet101_dilation_layout_deeplabv3p():
@@ -118,8 +145,12 @@ def test_resnet101_dilation_layout_deeplabv2():
 def test_basic_block_dilation_rule():
     resnet = torchvision.models.resnet18(weights=None)
     dilate_layer(resnet.layer4, 4)
-    assert _conv_config(resnet.layer4) == [("0.conv1", (1, 1), (2, 2), (2, 2)), ("0.conv2", (1, 1), (4, 4), (4, 4)),
-                                           ("1.conv1", (1, 1), (4, 4), (4, 4)), ("1.conv2", (1, 1), (4, 4), (4, 4))]
+    assert _conv_config(resnet.layer4) == [
+        ("0.conv1", (1, 1), (2, 2), (2, 2)),
+        ("0.conv2", (1, 1), (4, 4), (4, 4)),
+        ("1.conv1", (1, 1), (4, 4), (4, 4)),
+        ("1.conv2", (1, 1), (4, 4), (4, 4)),
+    ]
     assert resnet.layer4[0].downsample[0].stride == (1, 1)
 
 
@@ -234,9 +265,15 @@ def test_unimatch_keys_shapes_and_order_are_unimatchs_then_the_representation_he
     assert len(UNIMATCH_KEYS) == 386
     assert ours[:386] == UNIMATCH_KEYS
     assert [k for k, _, _ in ours[386:]] == [
-        "representation.0.weight", "representation.1.weight", "representation.1.bias",
-        "representation.1.running_mean", "representation.1.running_var",
-        "representation.1.num_batches_tracked", "representation.3.weight", "representation.3.bias"]
+        "representation.0.weight",
+        "representation.1.weight",
+        "representation.1.bias",
+        "representation.1.running_mean",
+        "representation.1.running_var",
+        "representation.1.num_batches_tracked",
+        "representation.3.weight",
+        "representation.3.bias",
+    ]
     # parameters without the ReCo head: 40.5 M (R50) and 59.5 M (R101), as UniMatch's logs say
     for depth, count in ((50, 40_475_957), (101, 59_468_085)):
         model = _meta_model("deeplabv3p_unimatch", 21, depth=depth)
@@ -280,8 +317,11 @@ def test_reco_deeplab_forward_is_encode_then_decode():
 def _unimatch_backbone_file(path, depth=50):
     """A backbone file as UniMatch ships it: key names without 'backbone.', an fc, no num_batches_tracked."""
     torch.manual_seed(3)
-    state = {k.removeprefix("backbone."): torch.randn(shape) for k, shape, _ in UNIMATCH_KEYS
-             if k.startswith("backbone.") and not k.endswith("num_batches_tracked")}
+    state = {
+        k.removeprefix("backbone."): torch.randn(shape)
+        for k, shape, _ in UNIMATCH_KEYS
+        if k.startswith("backbone.") and not k.endswith("num_batches_tracked")
+    }
     state["fc.weight"], state["fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
     torch.save(state, path)
     return state
@@ -289,19 +329,22 @@ def _unimatch_backbone_file(path, depth=50):
 
 def test_unimatch_backbone_file_loads_strictly(tmp_path):
     state = _unimatch_backbone_file(tmp_path / "resnet50.pth")
-    model = network.build_model("deeplabv3p_unimatch", 21, resnet_depth=50,
-                                pretrained=str(tmp_path / "resnet50.pth"))
+    model = network.build_model(
+        "deeplabv3p_unimatch", 21, resnet_depth=50, pretrained=str(tmp_path / "resnet50.pth")
+    )
     loaded = model.backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("fc."))
     del state["layer4.2.bn3.running_var"]  # one key short: refused, not half loaded
     torch.save(state, tmp_path / "short.pth")
     with pytest.raises(UserError, match="deep-stem"):
-        network.build_model("deeplabv3p_unimatch", 21, resnet_depth=50,
-                            pretrained=str(tmp_path / "short.pth"))
+        network.build_model(
+            "deeplabv3p_unimatch", 21, resnet_depth=50, pretrained=str(tmp_path / "short.pth")
+        )
 
 
-@pytest.mark.parametrize("source,found", [("torchvision", "7x7-stem torchvision ResNet"),
-                                          ("reco", "ReCo DeepLab checkpoint")])
+@pytest.mark.parametrize(
+    "source,found", [("torchvision", "7x7-stem torchvision ResNet"), ("reco", "ReCo DeepLab checkpoint")]
+)
 def test_wrong_architecture_for_unimatch_is_one_line_naming_the_family_and_fix(tmp_path, source, found):
     if source == "torchvision":
         state = torchvision.models.resnet18(weights=None).state_dict()
@@ -309,8 +352,9 @@ def test_wrong_architecture_for_unimatch_is_one_line_naming_the_family_and_fix(t
         state = network.build_model("deeplabv3p", 3, resnet_depth=18).state_dict()
     torch.save(state, tmp_path / "weights.pth")
     with pytest.raises(UserError) as error:
-        network.build_model("deeplabv3p_unimatch", 3, resnet_depth=18,
-                            pretrained=str(tmp_path / "weights.pth"))
+        network.build_model(
+            "deeplabv3p_unimatch", 3, resnet_depth=18, pretrained=str(tmp_path / "weights.pth")
+        )
     message = str(error.value)
     assert "\n" not in message and "weights.pth" in message and found in message
     assert "UniMatch's deep-stem ResNet (conv1.0" in message and "--backbone deeplabv3p" in message
@@ -336,7 +380,11 @@ def test_unimatch_checkpoint_loads_in_the_checkpoint_readers(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, with_rep=False)[0], model(x, with_rep=False)[0])
     assert network.infer_config(network.load_state_dict(tmp_path / "best.pth")) == {
-        "backbone": "deeplabv3p_unimatch", "resnet_depth": 18, "num_classes": 4, "output_dim": 256}
+        "backbone": "deeplabv3p_unimatch",
+        "resnet_depth": 18,
+        "num_classes": 4,
+        "output_dim": 256,
+    }
     meta = {k: torch.empty(shape, device="meta") for k, shape, _ in UNIMATCH_KEYS}
     assert network.infer_config(meta)["resnet_depth"] == 50
     del state["module.fuse.4.bias"]  # strict on every UniMatch key

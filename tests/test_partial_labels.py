@@ -151,8 +151,11 @@ def test_cityscapes_space_fill_zero_and_void_ids(labels):
 
 
 def tree_digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_pascal_script_idempotent_and_input_untouched(tmp_path, labels, run_script):
@@ -166,7 +169,8 @@ def test_pascal_script_idempotent_and_input_untouched(tmp_path, labels, run_scri
     assert tree_digest(tmp_path) == first  # same bytes, no leftovers
     assert tree_digest(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["SegmentationClassAug"] + [f"SegmentationClassAug_{s}_1" for s in SETTINGS])
+        ["SegmentationClassAug"] + [f"SegmentationClassAug_{s}_1" for s in SETTINGS]
+    )
     expected = naive_files(labels[:2], 1)
     assert (read(tmp_path / "SegmentationClassAug_p5_1" / f"{names[1]}.png") == expected["p5"][1]).all()
     code, _, err = run_script("pascal_preprocess.py", "--root", tmp_path / "nope")

@@ -16,8 +16,13 @@ from transforms import normalise
 
 NUM_CLASSES = build_data.DATASETS["demo"].num_classes
 # name -> (PIL mode, height, width); 'a' and 'd' share a padded size (49 x 65), so they are predicted together
-IMAGES = {"a.jpg": ("RGB", 40, 57), "b.png": ("L", 33, 33), "c.png": ("RGBA", 50, 41), "d.png": ("P", 45, 60),
-          "e.png": ("I;16", 20, 33)}
+IMAGES = {
+    "a.jpg": ("RGB", 40, 57),
+    "b.png": ("L", 33, 33),
+    "c.png": ("RGBA", 50, 41),
+    "d.png": ("P", 45, 60),
+    "e.png": ("I;16", 20, 33),
+}
 
 
 def spread_deeplab(seed: int = 0) -> torch.nn.Module:
@@ -31,7 +36,7 @@ def spread_deeplab(seed: int = 0) -> torch.nn.Module:
 
 def write_image(path, mode, height, width, rng):
     pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    pixels[height // 3:, : width // 2] //= 4  # some structure, so the mask is not noise
+    pixels[height // 3 :, : width // 2] //= 4  # some structure, so the mask is not noise
     image = Image.fromarray(pixels)
     if mode == "I;16":
         image = Image.fromarray((pixels[..., 0].astype(np.uint16) * 3))
@@ -80,10 +85,28 @@ def expected_mask(model, path, flip=False, window=None) -> np.ndarray:
     return logits[0].argmax(0)[:height, :width].numpy()
 
 
-def test_masks_are_the_models_prediction_and_unreadable_images_are_skipped(inputs, checkpoint, tmp_path, capsys):
+def test_masks_are_the_models_prediction_and_unreadable_images_are_skipped(
+    inputs, checkpoint, tmp_path, capsys
+):
     out = tmp_path / "masks"
-    code, stdout, err = run(["--checkpoint", checkpoint, "--input", inputs, "--output", out, "--dataset", "demo",
-                             "--overlay", "--batch_size", 2, "--device", "cpu"], capsys)
+    code, stdout, err = run(
+        [
+            "--checkpoint",
+            checkpoint,
+            "--input",
+            inputs,
+            "--output",
+            out,
+            "--dataset",
+            "demo",
+            "--overlay",
+            "--batch_size",
+            2,
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: 2 of 7 images could not be read") and "bad.jpg" in lines[-1]
@@ -99,20 +122,40 @@ def test_masks_are_the_models_prediction_and_unreadable_images_are_skipped(input
         stem = name.split(".")[0]
         mask = Image.open(out / f"{stem}.png")
         assert mask.mode == "P" and mask.size == (width, height)
-        assert np.array_equal(np.asarray(mask.getpalette(), np.uint8).reshape(-1, 3), palette[: len(mask.getpalette()) // 3])
+        assert np.array_equal(
+            np.asarray(mask.getpalette(), np.uint8).reshape(-1, 3), palette[: len(mask.getpalette()) // 3]
+        )
         np.testing.assert_array_equal(np.asarray(mask), expected_mask(model, inputs / name))
         classes |= set(np.unique(np.asarray(mask)).tolist())
         overlay = Image.open(out / f"{stem}_overlay.png")
         assert overlay.mode == "RGB" and overlay.size == (width, height)
     assert len(classes) > 1  # the comparison means something
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n.split('.')[0]}{s}.png" for n in IMAGES
-                                                           for s in ("", "_overlay"))  # nothing half-written
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{n.split('.')[0]}{s}.png" for n in IMAGES for s in ("", "_overlay")
+    )  # nothing half-written
 
 
 def test_flip_and_window_go_through_network_predict(inputs, checkpoint, tmp_path, capsys):
     out = tmp_path / "masks"
-    code, _, err = run(["--checkpoint", checkpoint, "--input", str(inputs / "[e]*.png"), "--output", out,
-                        "--dataset", "demo", "--flip", "--window", 17, 33, "--num_workers", 1], capsys)
+    code, _, err = run(
+        [
+            "--checkpoint",
+            checkpoint,
+            "--input",
+            str(inputs / "[e]*.png"),
+            "--output",
+            out,
+            "--dataset",
+            "demo",
+            "--flip",
+            "--window",
+            17,
+            33,
+            "--num_workers",
+            1,
+        ],
+        capsys,
+    )
     assert code == 0, err
     model = spread_deeplab()
     mask = np.asarray(Image.open(out / "e.png"))
@@ -128,31 +171,40 @@ def test_classes_come_from_the_run_folder_and_a_last_pth_gives_its_teacher(input
     (tmp_path / "model_weights").mkdir()
     best = tmp_path / "model_weights" / "demo_run.pth"
     torch.save(spread_deeplab(1).state_dict(), best)
-    torch.save({"model": spread_deeplab(2).state_dict(), "teacher": spread_deeplab(3).state_dict(), "epoch": 1},
-               run_dir / "last.pth")
+    torch.save(
+        {"model": spread_deeplab(2).state_dict(), "teacher": spread_deeplab(3).state_dict(), "epoch": 1},
+        run_dir / "last.pth",
+    )
     for path, seed in ((best, 1), (run_dir / "last.pth", 3)):
         out = tmp_path / f"out_{path.stem}"
         code, stdout, err = run(["--checkpoint", path, "--input", inputs / "b.png", "--output", out], capsys)
         assert code == 0, err
         assert f"from {run_dir / 'config.json'}" in stdout
-        np.testing.assert_array_equal(np.asarray(Image.open(out / "b.png")),
-                                      expected_mask(spread_deeplab(seed), inputs / "b.png"))
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(out / "b.png")), expected_mask(spread_deeplab(seed), inputs / "b.png")
+        )
 
 
-def test_a_checkpoint_without_run_folder_needs_dataset_and_its_class_count(inputs, checkpoint, tmp_path, capsys):
+def test_a_checkpoint_without_run_folder_needs_dataset_and_its_class_count(
+    inputs, checkpoint, tmp_path, capsys
+):
     out = tmp_path / "masks"
     code, _, err = run(["--checkpoint", checkpoint, "--input", inputs / "b.png", "--output", out], capsys)
     assert code == 2 and "pass --dataset NAME" in err and "5 classes" in err and "demo" in err
-    code, _, err = run(["--checkpoint", checkpoint, "--input", inputs / "b.png", "--output", out,
-                        "--dataset", "pascal"], capsys)
+    code, _, err = run(
+        ["--checkpoint", checkpoint, "--input", inputs / "b.png", "--output", out, "--dataset", "pascal"],
+        capsys,
+    )
     assert code == 2 and "predicts 5 classes but the dataset has 21" in err
     assert not out.exists()
 
 
 @pytest.mark.parametrize("output", ["", "sub", "sub/deeper"])
 def test_an_output_folder_in_an_input_folder_is_refused(inputs, checkpoint, capsys, output):
-    code, _, err = run(["--checkpoint", checkpoint, "--input", inputs, "--output", inputs / output,
-                        "--dataset", "demo"], capsys)
+    code, _, err = run(
+        ["--checkpoint", checkpoint, "--input", inputs, "--output", inputs / output, "--dataset", "demo"],
+        capsys,
+    )
     assert code == 2 and "input folder" in err and err.count("\n") == 1
     assert not (inputs / "sub").exists() and not (inputs / "b_overlay.png").exists()
 
@@ -163,10 +215,13 @@ def test_two_inputs_writing_one_file_are_refused_before_any_work(inputs, checkpo
     write_image(other / "b.jpg", "RGB", 20, 20, np.random.default_rng(1))
     write_image(other / "a_overlay.jpg", "RGB", 20, 20, np.random.default_rng(1))
     out = tmp_path / "masks"
-    for extra, clash in (([inputs / "b.png", other / "b.jpg"], "b.png"),
-                         ([inputs / "a.jpg", other / "a_overlay.jpg", "--overlay"], "a_overlay.png")):
-        code, _, err = run(["--checkpoint", checkpoint, "--output", out, "--dataset", "demo", "--input", *extra],
-                           capsys)
+    for extra, clash in (
+        ([inputs / "b.png", other / "b.jpg"], "b.png"),
+        ([inputs / "a.jpg", other / "a_overlay.jpg", "--overlay"], "a_overlay.png"),
+    ):
+        code, _, err = run(
+            ["--checkpoint", checkpoint, "--output", out, "--dataset", "demo", "--input", *extra], capsys
+        )
         assert code == 2 and f"would both write {out / clash}" in err
     assert not out.exists()
 
@@ -174,14 +229,32 @@ def test_two_inputs_writing_one_file_are_refused_before_any_work(inputs, checkpo
 def test_missing_inputs_empty_globs_and_a_file_as_output_are_named(inputs, checkpoint, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for source, expected in ((tmp_path / "nope.jpg", "does not exist"), (empty, "holds no images"),
-                             (str(empty / "*.jpg"), "matches no image")):
-        code, _, err = run(["--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "o",
-                            "--dataset", "demo"], capsys)
-        assert code == 2 and expected in err and str(empty if source != tmp_path / "nope.jpg" else source) in err
+    for source, expected in (
+        (tmp_path / "nope.jpg", "does not exist"),
+        (empty, "holds no images"),
+        (str(empty / "*.jpg"), "matches no image"),
+    ):
+        code, _, err = run(
+            ["--checkpoint", checkpoint, "--input", source, "--output", tmp_path / "o", "--dataset", "demo"],
+            capsys,
+        )
+        assert (
+            code == 2 and expected in err and str(empty if source != tmp_path / "nope.jpg" else source) in err
+        )
     (tmp_path / "a_file").write_text("")
-    code, _, err = run(["--checkpoint", checkpoint, "--input", inputs / "b.png", "--output", tmp_path / "a_file",
-                        "--dataset", "demo"], capsys)
+    code, _, err = run(
+        [
+            "--checkpoint",
+            checkpoint,
+            "--input",
+            inputs / "b.png",
+            "--output",
+            tmp_path / "a_file",
+            "--dataset",
+            "demo",
+        ],
+        capsys,
+    )
     assert code == 2 and f"--output {tmp_path / 'a_file'} is a file" in err
 
 
@@ -207,11 +280,24 @@ def test_a_folder_dataset_gives_its_classes_and_colours_through_the_run_folder(i
         model.classifier[3].weight.mul_(20)
     torch.save({"model": model.state_dict()}, run_dir / "last.pth")
     out = tmp_path / "masks"
-    code, _, err = run(["--checkpoint", run_dir / "last.pth", "--input", inputs / "c.png", "--output", out], capsys)
+    code, _, err = run(
+        ["--checkpoint", run_dir / "last.pth", "--input", inputs / "c.png", "--output", out], capsys
+    )
     assert code == 0, err
     mask = Image.open(out / "c.png")
     assert mask.getpalette()[:6] == [10, 20, 30, 200, 100, 0]
     np.testing.assert_array_equal(np.asarray(mask), expected_mask(model, inputs / "c.png"))
-    code, _, err = run(["--checkpoint", run_dir / "last.pth", "--input", inputs / "c.png", "--output", out,
-                        "--dataset", "demo"], capsys)
+    code, _, err = run(
+        [
+            "--checkpoint",
+            run_dir / "last.pth",
+            "--input",
+            inputs / "c.png",
+            "--output",
+            out,
+            "--dataset",
+            "demo",
+        ],
+        capsys,
+    )
     assert code == 2 and "predicts 2 classes but the dataset has 5" in err

@@ -18,8 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read(path):
@@ -27,6 +30,7 @@ def read(path):
 
 
 # --- demo ---
+
 
 def test_demo_dataset_content(demo_root):
     train = (demo_root / "train_aug.txt").read_text().split()
@@ -48,16 +52,30 @@ def test_demo_dataset_content(demo_root):
 
 def test_demo_script_is_deterministic(tmp_path, run_script):
     # A real `python dataset/X.py` run from the repo root, without PYTHONPATH.
-    cmd = [sys.executable, "dataset/demo_preprocess.py", "--root", str(tmp_path / "a"), "--seed", "3",
-           "--num_train", "5", "--num_val", "2"]
+    cmd = [
+        sys.executable,
+        "dataset/demo_preprocess.py",
+        "--root",
+        str(tmp_path / "a"),
+        "--seed",
+        "3",
+        "--num_train",
+        "5",
+        "--num_val",
+        "2",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     preparation.make_demo_dataset(tmp_path / "b", seed=3, num_train=5, num_val=2)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     # Re-running replaces a demo dataset; a foreign non-empty folder is refused.
-    assert run_script("demo_preprocess.py", "--root", tmp_path / "a", "--seed", 3, "--num_train", 5,
-                      "--num_val", 2)[0] == 0
+    assert (
+        run_script(
+            "demo_preprocess.py", "--root", tmp_path / "a", "--seed", 3, "--num_train", 5, "--num_val", 2
+        )[0]
+        == 0
+    )
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
@@ -76,10 +94,14 @@ def test_cityscapes_preprocess(tmp_path, run_script, cityscapes_source):
     args = ["--src", src, "--root", root, "--seeds", 0, "--workers", 1]
     code, _, err = run_script("cityscapes_preprocess.py", *args)
     assert code == 0, err
-    order = {"train": [("aachen", 3), ("aachen", 19), ("zurich", 3), ("zurich", 19)],
-             "val": [("lindau", 3), ("lindau", 19)]}
+    order = {
+        "train": [("aachen", 3), ("aachen", 19), ("zurich", 3), ("zurich", 19)],
+        "val": [("lindau", 3), ("lindau", 19)],
+    }
     for split, keys in order.items():
-        assert sorted(p.name for p in (root / "images" / split).iterdir()) == [f"{i}.png" for i in range(len(keys))]
+        assert sorted(p.name for p in (root / "images" / split).iterdir()) == [
+            f"{i}.png" for i in range(len(keys))
+        ]
         for i, key in enumerate(keys):
             colour, label = made[split][key]
             image = read(root / "images" / split / f"{i}.png")
@@ -112,13 +134,15 @@ def test_cityscapes_missing_label_is_a_clear_error(tmp_path, run_script, citysca
     src = tmp_path / "src"
     cityscapes_source(src)
     next((src / "gtFine_trainvaltest" / "gtFine" / "val" / "lindau").glob("*.png")).unlink()
-    code, _, err = run_script("cityscapes_preprocess.py", "--src", src, "--root", tmp_path / "out", "--seeds",
-                              "--workers", 1)
+    code, _, err = run_script(
+        "cityscapes_preprocess.py", "--src", src, "--root", tmp_path / "out", "--seeds", "--workers", 1
+    )
     assert code == 2 and err.startswith("error: label ") and "is missing" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # --- SUN RGB-D ---
+
 
 def make_sun_src(src):
     rng = np.random.default_rng(1)
@@ -128,7 +152,9 @@ def make_sun_src(src):
     for folder, ks in (("SUNRGBD-train_images", [1, 2, 3]), ("SUNRGBD-test_images", [1, 2, 3, 4])):
         for k in ks:
             colour = rng.integers(0, 256, size=3, dtype=np.uint8)
-            Image.fromarray(np.broadcast_to(colour, (30, 40, 3)).copy()).save(src / folder / f"img-{k:06d}.jpg")
+            Image.fromarray(np.broadcast_to(colour, (30, 40, 3)).copy()).save(
+                src / folder / f"img-{k:06d}.jpg"
+            )
             colours[(folder, k)] = colour
     for k in [1, 2, 3, 4, 5051, 5052, 5053]:
         label = rng.integers(0, 38, size=(30, 40)).astype(np.uint8)
@@ -152,8 +178,10 @@ def test_sun_preprocess(tmp_path, run_script):
     assert out_image.size == (512, 384) and out_image.format == "JPEG"
     assert np.abs(np.array(out_image, float).mean((0, 1)) - np.array(src_image, float).mean((0, 1))).max() < 4
     label = Image.open(src / "sunrgbd_train_test_labels" / "img-005052.png")
-    assert (read(root / "sunrgbd_train_test_labels" / "img-005052.png")
-            == np.array(label.resize((512, 384), Image.NEAREST))).all()
+    assert (
+        read(root / "sunrgbd_train_test_labels" / "img-005052.png")
+        == np.array(label.resize((512, 384), Image.NEAREST))
+    ).all()
     assert (root / "test_idx.txt").read_text() == "2\n4\n"
     # Training reads it: 5 train ids in numeric order, 2 test ids.
     assert resolve_dataset("sun", root).list_ids("train") == ["1", "3", "5051", "5052", "5053"]
@@ -169,6 +197,7 @@ def test_sun_refuses_in_place_and_preprocessed_input(tmp_path, run_script):
     code, _, err = run_script("sun_preprocess.py", "--src", src, "--root", src, "--workers", 1)
     assert code == 2 and "never changes its input" in err
     assert run_script("sun_preprocess.py", "--src", src, "--root", tmp_path / "sun", "--workers", 1)[0] == 0
-    code, _, err = run_script("sun_preprocess.py", "--src", tmp_path / "sun", "--root", tmp_path / "sun2",
-                              "--workers", 1)
+    code, _, err = run_script(
+        "sun_preprocess.py", "--src", tmp_path / "sun", "--root", tmp_path / "sun2", "--workers", 1
+    )
     assert code == 2 and "error: no label img-010101.png" in err

@@ -61,8 +61,15 @@ def direct_loss(rep, label, mask, prob, threshold, temp, anchors, queries, negat
             assert hard[pix], "a query must be a hard pixel of its class"
             keys = feats[negatives[row, q]].detach()
             assert all(valid[:, p].any() and not valid[c, p] for p in negatives[row, q].tolist())
-            logits = torch.cat([F.cosine_similarity(feats[pix], proto, dim=0)[None],
-                                F.cosine_similarity(feats[pix][None], keys, dim=1)]) / temp
+            logits = (
+                torch.cat(
+                    [
+                        F.cosine_similarity(feats[pix], proto, dim=0)[None],
+                        F.cosine_similarity(feats[pix][None], keys, dim=1),
+                    ]
+                )
+                / temp
+            )
             losses.append(torch.logsumexp(logits, 0) - logits[0])
         total = total + torch.stack(losses).mean()
     return total / len(present)
@@ -73,14 +80,24 @@ def test_value_and_gradient_match_direct_formula(monkeypatch, device):
     seen = record_draws(monkeypatch)
     rep, label, mask, prob = random_batch(device)
     rep.requires_grad_(True)
-    loss = compute_reco_loss(rep, label, mask, prob, 0.97, 0.5, num_queries=6, num_negatives=10,
-                             generator=torch.Generator(device).manual_seed(1))
+    loss = compute_reco_loss(
+        rep,
+        label,
+        mask,
+        prob,
+        0.97,
+        0.5,
+        num_queries=6,
+        num_negatives=10,
+        generator=torch.Generator(device).manual_seed(1),
+    )
     loss.backward()
     ours_grad = rep.grad.clone()
 
     rep.grad = None
-    expected = direct_loss(rep, label, mask, prob, 0.97, 0.5, seen["anchors"], seen["queries"].cpu(),
-                           seen["negatives"].cpu())
+    expected = direct_loss(
+        rep, label, mask, prob, 0.97, 0.5, seen["anchors"], seen["queries"].cpu(), seen["negatives"].cpu()
+    )
     expected.backward()
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -106,7 +123,12 @@ def test_class_distribution_is_softmax_of_prototype_cosines(monkeypatch):
 def test_hand_made_two_classes_exact():
     # Class 0: pixel a (hard) and b (easy); class 1: pixel c only (easy); pixel d is class 1 but masked out.
     # Every query is a, every negative is c, so the loss is deterministic: loss_a / 2 (two present classes).
-    a, b, c, d = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.5]), torch.tensor([3.0, 3.0])
+    a, b, c, d = (
+        torch.tensor([1.0, 0.0]),
+        torch.tensor([0.0, 1.0]),
+        torch.tensor([-1.0, 0.5]),
+        torch.tensor([3.0, 3.0]),
+    )
     rep = torch.stack([a, b, c, d], dim=1).view(1, 2, 2, 2).requires_grad_(True)
     label = label_onehot(torch.tensor([[[0, 0], [1, 1]]]), 3)
     mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
@@ -116,7 +138,10 @@ def test_hand_made_two_classes_exact():
     loss = compute_reco_loss(rep, label, mask, prob, 0.97, temp, num_queries=5, num_negatives=n)
     cos_pos = F.cosine_similarity(a, (a + b) / 2, dim=0)
     cos_neg = F.cosine_similarity(a, c, dim=0)
-    expected = -torch.log(torch.exp(cos_pos / temp) / (torch.exp(cos_pos / temp) + n * torch.exp(cos_neg / temp))) / 2
+    expected = (
+        -torch.log(torch.exp(cos_pos / temp) / (torch.exp(cos_pos / temp) + n * torch.exp(cos_neg / temp)))
+        / 2
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
     grad = rep.grad[0].permute(1, 2, 0).reshape(4, 2)
@@ -158,7 +183,9 @@ def test_divisor_counts_classes_without_hard_pixels(monkeypatch):
     prob = prob.clone()
     prob[:, 1:] = 1.0  # only class 0 can have hard pixels
     loss = compute_reco_loss(rep, label, mask, prob, 0.97, 0.5, 4, 6)
-    expected = direct_loss(rep, label, mask, prob, 0.97, 0.5, seen["anchors"], seen["queries"], seen["negatives"])
+    expected = direct_loss(
+        rep, label, mask, prob, 0.97, 0.5, seen["anchors"], seen["queries"], seen["negatives"]
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     present = int(((label * mask).sum((0, 2, 3)) > 0).sum())
     assert present == 5  # expected divides by 5 although only class 0 contributes
@@ -172,10 +199,13 @@ def test_shape_mismatch_is_a_clear_error():
 
 def test_fp32_under_autocast():
     rep, label, mask, prob = random_batch()
-    plain = compute_reco_loss(rep, label, mask, prob, 0.97, 0.5, 8, 16, generator=torch.Generator().manual_seed(3))
+    plain = compute_reco_loss(
+        rep, label, mask, prob, 0.97, 0.5, 8, 16, generator=torch.Generator().manual_seed(3)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = compute_reco_loss(rep, label, mask, prob.bfloat16(), 0.97, 0.5, 8, 16,
-                                  generator=torch.Generator().manual_seed(3))
+        mixed = compute_reco_loss(
+            rep, label, mask, prob.bfloat16(), 0.97, 0.5, 8, 16, generator=torch.Generator().manual_seed(3)
+        )
     assert mixed.dtype == torch.float32
     assert mixed.item() == pytest.approx(plain.item(), rel=1e-6)
 
@@ -183,8 +213,12 @@ def test_fp32_under_autocast():
 def test_same_generator_same_loss_and_no_numpy_rng():
     rep, label, mask, prob = random_batch()
     np_state = np.random.get_state()[1].copy()
-    first = compute_reco_loss(rep, label, mask, prob, 0.97, 0.5, 8, 16, generator=torch.Generator().manual_seed(5))
-    second = compute_reco_loss(rep, label, mask, prob, 0.97, 0.5, 8, 16, generator=torch.Generator().manual_seed(5))
+    first = compute_reco_loss(
+        rep, label, mask, prob, 0.97, 0.5, 8, 16, generator=torch.Generator().manual_seed(5)
+    )
+    second = compute_reco_loss(
+        rep, label, mask, prob, 0.97, 0.5, 8, 16, generator=torch.Generator().manual_seed(5)
+    )
     assert first.item() == second.item()
     assert (np.random.get_state()[1] == np_state).all()
 
@@ -193,21 +227,24 @@ def test_same_generator_same_loss_and_no_numpy_rng():
 # Sampling distributions of _reco_draws (fixed seeds: deterministic, so no flakiness)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def draw_setup():
     """4 classes over 40 pixels: class c owns pixels with p % 5 == c (class 3 also shares pixel 39 with class 2)."""
     pixels = torch.arange(40)
     valid = torch.stack([pixels % 5 == c for c in range(4)])
     valid[3, 37] = True  # pixel 37 (p % 5 == 2) is valid for classes 2 and 3
     hard = valid & (pixels % 3 == 0)
-    class_probs = torch.tensor([[0.0, 0.5, 0.3, 0.2], [0.6, 0.0, 0.1, 0.3], [0.25, 0.25, 0.0, 0.5],
-                                [0.1, 0.1, 0.8, 0.0]])
+    class_probs = torch.tensor(
+        [[0.0, 0.5, 0.3, 0.2], [0.6, 0.0, 0.1, 0.3], [0.25, 0.25, 0.0, 0.5], [0.1, 0.1, 0.8, 0.0]]
+    )
     return valid, hard, class_probs
 
 
 def test_queries_uniform_over_hard_pixels():
     valid, hard, class_probs = draw_setup()
-    queries, _ = module_list._reco_draws(valid, hard, class_probs, torch.tensor([0, 2]), 30000, 1,
-                                         generator=torch.Generator().manual_seed(0))
+    queries, _ = module_list._reco_draws(
+        valid, hard, class_probs, torch.tensor([0, 2]), 30000, 1, generator=torch.Generator().manual_seed(0)
+    )
     for row, c in enumerate([0, 2]):
         counts = torch.bincount(queries[row], minlength=40)
         assert counts[~hard[c]].sum() == 0
@@ -217,8 +254,15 @@ def test_queries_uniform_over_hard_pixels():
 def test_negative_classes_follow_class_distribution_and_keys_uniform_within_class():
     valid, hard, class_probs = draw_setup()
     num_q, num_n = 400, 300
-    _, negatives = module_list._reco_draws(valid, hard, class_probs, torch.tensor([0, 3]), num_q, num_n,
-                                           generator=torch.Generator().manual_seed(1))
+    _, negatives = module_list._reco_draws(
+        valid,
+        hard,
+        class_probs,
+        torch.tensor([0, 3]),
+        num_q,
+        num_n,
+        generator=torch.Generator().manual_seed(1),
+    )
     for row, i in enumerate([0, 3]):
         negs = negatives[row]  # [Q,N]
         per_pixel = torch.bincount(negs.flatten(), minlength=40)
@@ -245,6 +289,7 @@ def test_uniform_below_has_no_modulo_bias():
 # _SampledDot: the private fused op and the public tiled fallback
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def sampled_dot_inputs(rows=7, points=5, cols=13, dim=6, seed=0):
     """a [R,D], b [P,D], index [R,N] with P < N, so index values repeat within a row and across rows."""
     gen = torch.Generator().manual_seed(seed)
@@ -262,8 +307,11 @@ def requires_fused_op():
 
 
 # 7 rows x 13 columns x D = 6: one tile; tiles of 2 whole rows (the last one partial); tiles of 5 columns of a row.
-@pytest.mark.parametrize("tile, num_tiles", [(1 << 24, 1), (2 * 13 * 6, 4), (5 * 6, 7 * 3)],
-                         ids=["one_tile", "row_tiles", "column_tiles"])
+@pytest.mark.parametrize(
+    "tile, num_tiles",
+    [(1 << 24, 1), (2 * 13 * 6, 4), (5 * 6, 7 * 3)],
+    ids=["one_tile", "row_tiles", "column_tiles"],
+)
 def test_fallback_matches_fused_values_and_gradients(monkeypatch, tile, num_tiles):
     requires_fused_op()
     monkeypatch.setattr(module_list, "_GATHER_TILE_ELEMENTS", tile)
@@ -286,7 +334,9 @@ def test_fallback_matches_fused_values_and_gradients(monkeypatch, tile, num_tile
         results[fused] = out.detach(), grad
 
     # The fallback gathers every key once, in the expected tiles, never more than the bound at a time.
-    assert len(gathered) == num_tiles and max(gathered) <= tile and sum(gathered) == index.numel() * a.shape[1]
+    assert (
+        len(gathered) == num_tiles and max(gathered) <= tile and sum(gathered) == index.numel() * a.shape[1]
+    )
     torch.testing.assert_close(results[False][0], results[True][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[False][0], (a[:, None, :] * b[index]).sum(2), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[False][1], results[True][1], rtol=1e-5, atol=1e-6)
@@ -298,7 +348,9 @@ def test_reco_loss_same_with_fallback_forced(monkeypatch):
 
     def loss_and_grad():
         leaf = rep.clone().requires_grad_(True)
-        loss = compute_reco_loss(leaf, label, mask, prob, 0.97, 0.5, 6, 10, generator=torch.Generator().manual_seed(2))
+        loss = compute_reco_loss(
+            leaf, label, mask, prob, 0.97, 0.5, 6, 10, generator=torch.Generator().manual_seed(2)
+        )
         return loss.detach(), torch.autograd.grad(loss, leaf)[0]
 
     default = loss_and_grad()
@@ -325,13 +377,16 @@ def test_probe_rejects_missing_raising_or_wrong_op(monkeypatch, case):
     if case == "missing":
         monkeypatch.setattr(module_list, "_FUSED_SAMPLED_DOT_OP", "no_such_sampled_dot_op")
     else:
-        monkeypatch.setattr(module_list, "_sampled_dot_fused", raising_fused if case == "raises" else wrong_fused)
+        monkeypatch.setattr(
+            module_list, "_sampled_dot_fused", raising_fused if case == "raises" else wrong_fused
+        )
     assert module_list._fused_sampled_dot_works.__wrapped__() is False  # the uncached probe
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Accelerator: no host sync inside the loss
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_no_host_sync():

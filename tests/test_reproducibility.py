@@ -20,9 +20,29 @@ from network import build_model
 REPO = Path(__file__).resolve().parents[1]
 # ReCo at sizes where torch's CPU kernels split their work over threads (a gathered [A, Q, D] of >= 32768
 # elements): at the tiny sizes of the other tests every kernel runs on one thread and no order can vary.
-SEMI = ["--dataset", "demo", "--batch_size", "2", "--crop_size", "33", "33", "--num_labels", "6", "--apply_aug",
-        "classmix", "--apply_reco", "--num_queries", "256", "--output_dim", "128", "--num_negatives", "64",
-        "--no_visual", "--device", "cpu"]
+SEMI = [
+    "--dataset",
+    "demo",
+    "--batch_size",
+    "2",
+    "--crop_size",
+    "33",
+    "33",
+    "--num_labels",
+    "6",
+    "--apply_aug",
+    "classmix",
+    "--apply_reco",
+    "--num_queries",
+    "256",
+    "--output_dim",
+    "128",
+    "--num_negatives",
+    "64",
+    "--no_visual",
+    "--device",
+    "cpu",
+]
 NAME = "demo_label6_semi_classmix_reco_0"
 
 
@@ -35,13 +55,28 @@ def default_threads() -> dict:
 
 
 def train(out: Path, *extra: str) -> None:
-    subprocess.run([sys.executable, str(REPO / "train_semisup.py"), *SEMI, "--weights_dir", str(out / "w"),
-                    "--log_dir", str(out / "log"), *extra], cwd=REPO, env=default_threads(), check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train_semisup.py"),
+            *SEMI,
+            "--weights_dir",
+            str(out / "w"),
+            "--log_dir",
+            str(out / "log"),
+            *extra,
+        ],
+        cwd=REPO,
+        env=default_threads(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved file, by its path of keys."""
+
     def walk(value, prefix):
         if isinstance(value, torch.Tensor):
             yield prefix, value
@@ -51,6 +86,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
         elif isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
                 yield from walk(item, f"{prefix}/{i}")
+
     return dict(walk(torch.load(path, weights_only=True), ""))
 
 
@@ -86,20 +122,25 @@ def deterministic_off():
 
 
 def test_deterministic_on_the_cpu_changes_no_result_and_config_json_says_how_the_run_was_made(
-        demo_root, tmp_path, deterministic_off):
+    demo_root, tmp_path, deterministic_off
+):
     common = [*SEMI, "--data_root", str(demo_root), "--epochs", "1", "--iters_per_epoch", "2"]
     for out, extra in ((tmp_path / "a", []), (tmp_path / "b", ["--deterministic"])):
         engine.main("semi", [*common, "--weights_dir", str(out / "w"), "--log_dir", str(out / "log"), *extra])
         config = json.loads((out / "log" / NAME / "config.json").read_text())
         assert config["threads"] == torch.get_num_threads()
-        assert config["deterministic"] is bool(extra) and torch.are_deterministic_algorithms_enabled() is bool(extra)
+        assert config["deterministic"] is bool(
+            extra
+        ) and torch.are_deterministic_algorithms_enabled() is bool(extra)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
     assert_same_files(tmp_path / "a", tmp_path / "b")
 
 
 def test_an_operation_without_a_deterministic_kernel_is_named_in_one_line():
-    message = ("upsample_bilinear2d_backward_out_cuda does not have a deterministic implementation, but you set "
-               "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation.")
+    message = (
+        "upsample_bilinear2d_backward_out_cuda does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation."
+    )
     code = f"import helpers\ndef main(argv):\n    raise RuntimeError({message!r})\nhelpers.run_cli(main)\n"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
@@ -107,9 +148,12 @@ def test_an_operation_without_a_deterministic_kernel_is_named_in_one_line():
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
-@pytest.mark.parametrize("size_in, size_out", [((5, 7), (17, 9)), ((9, 9), (4, 6)), ((1, 1), (5, 3)), ((6, 4), (1, 1))])
-def test_bilinear_as_matrix_products_computes_torchs_values_and_gradients(monkeypatch, align_corners, size_in,
-                                                                           size_out):
+@pytest.mark.parametrize(
+    "size_in, size_out", [((5, 7), (17, 9)), ((9, 9), (4, 6)), ((1, 1), (5, 3)), ((6, 4), (1, 1))]
+)
+def test_bilinear_as_matrix_products_computes_torchs_values_and_gradients(
+    monkeypatch, align_corners, size_in, size_out
+):
     x = torch.randn(2, 3, *size_in, requires_grad=True)
     grad = torch.randn(2, 3, *size_out)
     expected = F.interpolate(x, size=size_out, mode="bilinear", align_corners=align_corners)

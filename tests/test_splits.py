@@ -154,7 +154,9 @@ def test_impossible_budgets_fail_fast():
     with pytest.raises(DataError, match="has 3000 images"):
         select_labelled(ids, {i: {0, 1, 2} for i in ids}, 3001, 0, 21, 3)
     with pytest.raises(DataError, match="cannot pick"):
-        select_labelled_sun(ids[:10], {i: {0} if i != "3" else set() for i in ids[:10]}, 10, 0, 4)  # "3": no class
+        select_labelled_sun(
+            ids[:10], {i: {0} if i != "3" else set() for i in ids[:10]}, 10, 0, 4
+        )  # "3": no class
 
 
 def test_sun_loop_matches_naive_transcription():
@@ -173,7 +175,9 @@ def test_sun_loop_matches_naive_transcription():
                 labelled, unlabelled = select_labelled_sun(ids, sets, num_labels, seed, num_classes)
             except DataError as error:
                 assert "cannot pick" in str(error)
-                assert num_labels > sum(1 for i in ids if sets[i])  # only when images without classes are needed
+                assert num_labels > sum(
+                    1 for i in ids if sets[i]
+                )  # only when images without classes are needed
             else:
                 assert len(set(labelled)) == num_labels and sorted(labelled + unlabelled) == sorted(ids)
         else:
@@ -247,7 +251,7 @@ def test_get_split_cityscapes_numeric_order_and_train_ids(tmp_path):
     for i in range(14):  # ids 10..13 sort before 2 as strings
         present = rng.choice(label_ids, size=int(rng.integers(10, 16)), replace=False)
         label = rng.choice(np.concatenate([present, [0, 4]]), size=(8, 8)).astype(np.uint8)
-        label.ravel()[:present.size] = present  # every chosen id appears
+        label.ravel()[: present.size] = present  # every chosen id appears
         Image.fromarray(label).save(tmp_path / "labels" / "train" / f"{i}.png")
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "train" / f"{i}.png")
         sets[str(i)] = {label_ids.index(v) for v in present.tolist()}

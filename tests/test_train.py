@@ -18,24 +18,63 @@ from network import build_model
 from splits import write_split_dir
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "demo", "--batch_size", "2", "--crop_size", "33", "33", "--iters_per_epoch", "2",
-        "--num_queries", "16", "--num_negatives", "32", "--output_dim", "16"]
+TINY = [
+    "--dataset",
+    "demo",
+    "--batch_size",
+    "2",
+    "--crop_size",
+    "33",
+    "33",
+    "--iters_per_epoch",
+    "2",
+    "--num_queries",
+    "16",
+    "--num_negatives",
+    "32",
+    "--output_dim",
+    "16",
+]
 
 
 def tiny_args(demo_root, tmp_path, *extra):
-    return TINY + ["--data_root", str(demo_root), "--weights_dir", str(tmp_path / "w"),
-                   "--log_dir", str(tmp_path / "log"), *extra]
+    return TINY + [
+        "--data_root",
+        str(demo_root),
+        "--weights_dir",
+        str(tmp_path / "w"),
+        "--log_dir",
+        str(tmp_path / "log"),
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("mode, extra, name, columns", [
-    ("sup", ["--num_labels", "6", "--apply_reco"], "demo_label6_sup_reco_0", 6),
-    ("semi", ["--num_labels", "6", "--apply_aug", "classmix", "--apply_reco"], "demo_label6_semi_classmix_reco_0", 10),
-    ("sup_partial", ["--partial", "p1"], "demo_p1_sup_0", 6),
-    ("semi_partial", ["--partial", "p0", "--apply_aug", "cutmix", "--apply_reco"], "demo_p0_semi_cutmix_reco_0", 10),
-    ("semi", ["--num_labels", "6", "--method", "fixmatch"], "demo_label6_fixmatch_0", 11),
-    ("semi", ["--num_labels", "6", "--method", "unimatch", "--apply_reco"], "demo_label6_unimatch_reco_0",
-     13),
-])
+@pytest.mark.parametrize(
+    "mode, extra, name, columns",
+    [
+        ("sup", ["--num_labels", "6", "--apply_reco"], "demo_label6_sup_reco_0", 6),
+        (
+            "semi",
+            ["--num_labels", "6", "--apply_aug", "classmix", "--apply_reco"],
+            "demo_label6_semi_classmix_reco_0",
+            10,
+        ),
+        ("sup_partial", ["--partial", "p1"], "demo_p1_sup_0", 6),
+        (
+            "semi_partial",
+            ["--partial", "p0", "--apply_aug", "cutmix", "--apply_reco"],
+            "demo_p0_semi_cutmix_reco_0",
+            10,
+        ),
+        ("semi", ["--num_labels", "6", "--method", "fixmatch"], "demo_label6_fixmatch_0", 11),
+        (
+            "semi",
+            ["--num_labels", "6", "--method", "unimatch", "--apply_reco"],
+            "demo_label6_unimatch_reco_0",
+            13,
+        ),
+    ],
+)
 def test_each_script_trains_and_leaves_its_outputs(mode, extra, name, columns, demo_root, tmp_path, capsys):
     engine.main(mode, tiny_args(demo_root, tmp_path, "--epochs", "2", "--no_visual", *extra))
     out = capsys.readouterr().out
@@ -53,12 +92,17 @@ def test_each_script_trains_and_leaves_its_outputs(mode, extra, name, columns, d
     csv = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(csv) == 3 and csv[0].split(",")[0] == "epoch" and len(csv[0].split(",")) == columns + 1
     labelled = (run_dir / "split/labelled.txt").read_text().split()
-    assert len(labelled) == (6 if "label6" in name else len((demo_root / "train_aug.txt").read_text().split()))
+    assert len(labelled) == (
+        6 if "label6" in name else len((demo_root / "train_aug.txt").read_text().split())
+    )
 
 
 def test_demo_run_draws_a_figure(demo_root, tmp_path):
-    result = engine.train(engine.get_args_parser("semi").parse_args(
-        tiny_args(demo_root, tmp_path, "--epochs", "1", "--apply_aug", "classmix")))
+    result = engine.train(
+        engine.get_args_parser("semi").parse_args(
+            tiny_args(demo_root, tmp_path, "--epochs", "1", "--apply_aug", "classmix")
+        )
+    )
     assert Path(result["figure"]).stat().st_size > 1000
 
 
@@ -79,7 +123,9 @@ def test_resume_refuses_nothing_and_foreign_runs(demo_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         engine.main("sup", argv + ["--resume", str(tmp_path / "garbage.pth")])
     err = capsys.readouterr().err
-    assert err.startswith("error: --resume: ") and "garbage.pth cannot be read" in err and err.count("\n") == 1
+    assert (
+        err.startswith("error: --resume: ") and "garbage.pth cannot be read" in err and err.count("\n") == 1
+    )
 
 
 def test_resume_refuses_another_teacher_rule(demo_root, tmp_path, capsys):
@@ -89,8 +135,11 @@ def test_resume_refuses_another_teacher_rule(demo_root, tmp_path, capsys):
         engine.main("semi", argv + ["--resume", "--ema_buffers"])
     assert "--ema_buffers False (now True)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        engine.main("semi", argv + ["--resume", str(tmp_path / "log/demo_label4_semi_cutout_0/last.pth"),
-                                    "--method", "fixmatch"])
+        engine.main(
+            "semi",
+            argv
+            + ["--resume", str(tmp_path / "log/demo_label4_semi_cutout_0/last.pth"), "--method", "fixmatch"],
+        )
     assert "--method meanteacher (now fixmatch)" in capsys.readouterr().err
     last = tmp_path / "log/demo_label4_semi_cutout_0/last.pth"  # as written before --method and --reco_weight
     state = torch.load(last, weights_only=True)
@@ -103,20 +152,31 @@ def test_resume_refuses_another_teacher_rule(demo_root, tmp_path, capsys):
 def test_an_output_folder_that_is_a_file_is_one_line(demo_root, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        engine.main("sup", tiny_args(demo_root, tmp_path, "--epochs", "1", "--log_dir", str(tmp_path / "afile")))
+        engine.main(
+            "sup", tiny_args(demo_root, tmp_path, "--epochs", "1", "--log_dir", str(tmp_path / "afile"))
+        )
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and "afile" in err and "Traceback" not in err
+    assert (
+        exit_info.value.code == 2 and err.startswith("error: ") and "afile" in err and "Traceback" not in err
+    )
 
 
 def test_split_dir_sets_the_budget_and_the_run_name(demo_root, tmp_path):
     ids = (demo_root / "train_aug.txt").read_text().split()
     write_split_dir(tmp_path / "split", ids[:3], ids[3:])
-    engine.main("sup", tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--split_dir",
-                                 str(tmp_path / "split")))
+    engine.main(
+        "sup",
+        tiny_args(
+            demo_root, tmp_path, "--epochs", "1", "--no_visual", "--split_dir", str(tmp_path / "split")
+        ),
+    )
     assert (tmp_path / "log/demo_label3_sup_0/split/labelled.txt").read_text().split() == ids[:3]
     with pytest.raises(UserError, match="--split_dir"):
-        engine.resolve_args(engine.get_args_parser("sup_partial").parse_args(
-            ["--dataset", "demo", "--split_dir", str(tmp_path / "split")]))
+        engine.resolve_args(
+            engine.get_args_parser("sup_partial").parse_args(
+                ["--dataset", "demo", "--split_dir", str(tmp_path / "split")]
+            )
+        )
 
 
 def test_unimatch_records_its_defaults_and_refuses_too_few_unlabelled_images(demo_root, tmp_path, capsys):
@@ -124,20 +184,29 @@ def test_unimatch_records_its_defaults_and_refuses_too_few_unlabelled_images(dem
     write_split_dir(tmp_path / "split", ids[:4], ids[4:7])
     argv = tiny_args(demo_root, tmp_path, "--split_dir", str(tmp_path / "split"), "--method", "unimatch")
     at = argv.index("--iters_per_epoch")
-    del argv[at:at + 2]  # unset: one pass over the 3 unlabelled images
+    del argv[at : at + 2]  # unset: one pass over the 3 unlabelled images
     engine.main("semi", [*argv, "--epochs", "1", "--no_visual"])
     config = json.loads((tmp_path / "log" / "demo_label4_unimatch_0" / "config.json").read_text())["args"]
     assert (config["iters_per_epoch"], config["lr"], config["lr_multi"], config["weight_decay"]) == (
-        1, 0.01, 1.0, 1e-4)
+        1,
+        0.01,
+        1.0,
+        1e-4,
+    )
     assert (config["method"], config["conf_thresh"], config["criterion"], config["reco_weight"]) == (
-        "unimatch", 0.95, "ce", 1.0)
+        "unimatch",
+        0.95,
+        "ce",
+        1.0,
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         engine.main("semi", [*argv, "--batch_size", "4"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("error: --method unimatch: 3 unlabelled image(s) make less than one batch "
-                          "(--batch_size 4)")
+    assert err.startswith(
+        "error: --method unimatch: 3 unlabelled image(s) make less than one batch (--batch_size 4)"
+    )
 
 
 def test_num_labels_larger_than_the_pool_is_refused(demo_root, tmp_path, capsys):
@@ -149,15 +218,37 @@ def test_num_labels_larger_than_the_pool_is_refused(demo_root, tmp_path, capsys)
 def script(name, argv, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("OMP_NUM_THREADS", None)  # torch's default threads: runs must repeat with them too
-    return subprocess.Popen([sys.executable, str(REPO / name), *argv], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / name), *argv],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_weights(demo_root, tmp_path):
-    common = ["--epochs", "3", "--iters_per_epoch", "4", "--no_visual", "--num_labels", "6", "--apply_aug", "cutmix",
-              "--apply_reco", "--device", "cpu",  # bit-identical on the CPU (CUDA kernels may use atomics)
-              "--num_queries", "256", "--output_dim", "128"]  # ReCo's backward large enough to use every thread
+    common = [
+        "--epochs",
+        "3",
+        "--iters_per_epoch",
+        "4",
+        "--no_visual",
+        "--num_labels",
+        "6",
+        "--apply_aug",
+        "cutmix",
+        "--apply_reco",
+        "--device",
+        "cpu",  # bit-identical on the CPU (CUDA kernels may use atomics)
+        "--num_queries",
+        "256",
+        "--output_dim",
+        "128",
+    ]  # ReCo's backward large enough to use every thread
     straight = script("train_semisup.py", tiny_args(demo_root, tmp_path / "a", *common))
     killed = script("train_semisup.py", tiny_args(demo_root, tmp_path / "b", *common))
     for line in killed.stdout:  # kill during the third epoch, after two epochs were saved
@@ -183,15 +274,31 @@ def test_sigkill_then_resume_gives_the_same_weights(demo_root, tmp_path):
 def torchrun(script, argv):
     """Run a script as 2 CPU processes under torchrun (gloo); it must succeed."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *argv], cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            *argv,
+        ],
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
 
 @pytest.mark.slow
 def test_torchrun_resume(demo_root, tmp_path):
-    argv = tiny_args(demo_root, tmp_path, "--epochs", "2", "--no_visual", "--num_labels", "6", "--device", "cpu")
+    argv = tiny_args(
+        demo_root, tmp_path, "--epochs", "2", "--no_visual", "--num_labels", "6", "--device", "cpu"
+    )
     torchrun(REPO / "train_semisup.py", argv)
     last = tmp_path / "log/demo_label6_semi_cutout_0/last.pth"
     state = torch.load(last, weights_only=True)
@@ -216,23 +323,64 @@ def test_torchrun_two_cpu_processes(demo_root, tmp_path):
         "    return evaluate(model, *a, **k)\n"
         "engine.evaluate = checked\n"
         "r = engine.train(engine.get_args_parser('semi').parse_args(sys.argv[1:]))\n"
-        "say('RANK', os.environ['RANK'], 'BEST', repr(r['best_miou']))\n")
-    argv = tiny_args(demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "6", "--apply_reco",
-                     "--device", "cpu")
+        "say('RANK', os.environ['RANK'], 'BEST', repr(r['best_miou']))\n"
+    )
+    argv = tiny_args(
+        demo_root,
+        tmp_path,
+        "--epochs",
+        "1",
+        "--no_visual",
+        "--num_labels",
+        "6",
+        "--apply_reco",
+        "--device",
+        "cpu",
+    )
     done = torchrun(probe, argv)
-    best = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "BEST" in l}
+    best = {
+        l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "BEST" in l
+    }
     assert set(best) == {"0", "1"} and best["0"] == best["1"], done.stdout
     # every rank evaluates the weights rank 0 saves (BN statistics included)
-    weights = {l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "WEIGHTS" in l}
+    weights = {
+        l.split()[1]: l.split()[3]
+        for l in done.stdout.splitlines()
+        if l.startswith("RANK") and "WEIGHTS" in l
+    }
     assert set(weights) == {"0", "1"} and weights["0"] == weights["1"], done.stdout
     assert done.stdout.count("EPOCH") == 1  # only rank 0 reports
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["demo_label6_semi_cutout_reco_0.pth"]
 
 
-@pytest.mark.parametrize("amp", ["bf16", pytest.param("fp16", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="fp16 kernels on a CPU are emulated and take a minute"))])
+@pytest.mark.parametrize(
+    "amp",
+    [
+        "bf16",
+        pytest.param(
+            "fp16",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="fp16 kernels on a CPU are emulated and take a minute"
+            ),
+        ),
+    ],
+)
 def test_mixed_precision_runs(amp, demo_root, tmp_path):
-    result = engine.train(engine.get_args_parser("semi").parse_args(tiny_args(
-        demo_root, tmp_path, "--epochs", "1", "--no_visual", "--num_labels", "6", "--apply_reco", "--amp", amp)))
+    result = engine.train(
+        engine.get_args_parser("semi").parse_args(
+            tiny_args(
+                demo_root,
+                tmp_path,
+                "--epochs",
+                "1",
+                "--no_visual",
+                "--num_labels",
+                "6",
+                "--apply_reco",
+                "--amp",
+                amp,
+            )
+        )
+    )
     metrics = np.load(tmp_path / "log" / "demo_label6_semi_cutout_reco_0.npy")
     assert np.isfinite(metrics).all() and 0 <= result["best_miou"] <= 1

@@ -201,16 +201,21 @@ def test_blur_matches_pillow(sigma):
     array, image = _noise(40, 44, 19)
     array[:, :3] = 255  # a bright border: Pillow replicates the edge at each of its passes
     image = torch.from_numpy(array).permute(2, 0, 1).float() / 255
-    params = uv.StrongParams(jitter=torch.tensor([False, False]), factors=torch.ones(2, 4),
-                             order=torch.arange(4).expand(2, 4), gray=torch.tensor([False, False]),
-                             blur=torch.tensor([True, False]), sigma=torch.tensor([sigma, sigma]))
+    params = uv.StrongParams(
+        jitter=torch.tensor([False, False]),
+        factors=torch.ones(2, 4),
+        order=torch.arange(4).expand(2, 4),
+        gray=torch.tensor([False, False]),
+        blur=torch.tensor([True, False]),
+        sigma=torch.tensor([sigma, sigma]),
+    )
     out = uv.strong_view(torch.stack([image, image]), params)
     pil = np.array(Image.fromarray(array).filter(ImageFilter.GaussianBlur(radius=sigma)))
     error = (out[0].permute(1, 2, 0).numpy() * 255 - pil).__abs__()
     assert error.mean() < 1.1 and error.max() < 3.5  # Pillow rounds to 8 bits after each of its 6 passes
     assert torch.equal(out[1], image)  # not blurred: exactly unchanged
     box = uv.pillow_box(torch.tensor([sigma]))
-    assert abs((box * torch.arange(-2.0, 3.0) ** 2).sum().item() * 3 - sigma ** 2) < 1e-6  # variance sigma^2
+    assert abs((box * torch.arange(-2.0, 3.0) ** 2).sum().item() * 3 - sigma**2) < 1e-6  # variance sigma^2
 
 
 def test_unlabelled_views_shapes_and_independence():

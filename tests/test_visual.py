@@ -46,8 +46,9 @@ def test_draw_figure_writes_a_png_cropped_to_the_image(tmp_path, pascal_layout, 
     labels[1][:, :20] = 255
     root = pascal_layout(tmp_path / "data", labels)
     checkpoints = [constant_checkpoint(tmp_path / "a.pth", 1), constant_checkpoint(tmp_path / "b.pth", 4)]
-    out = visual.draw_figure("demo", checkpoints, titles=["A", "B"], index=1, data_root=root,
-                             out=tmp_path / "fig" / "v.png")
+    out = visual.draw_figure(
+        "demo", checkpoints, titles=["A", "B"], index=1, data_root=root, out=tmp_path / "fig" / "v.png"
+    )
     assert out == tmp_path / "fig" / "v.png"
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > 300
@@ -60,15 +61,30 @@ def test_draw_figure_writes_a_png_cropped_to_the_image(tmp_path, pascal_layout, 
 def test_main_with_checkpoints_and_default_out_pattern(tmp_path, pascal_layout, constant_checkpoint):
     root = pascal_layout(tmp_path / "data", [np.ones((40, 40), np.uint8)])
     checkpoint = constant_checkpoint(tmp_path / "c.pth", 1)
-    written = visual.main(["--dataset", "demo", "--data_root", str(root), "--checkpoints", str(checkpoint),
-                           "--out", str(tmp_path / "visual_{dataset}.png")])
+    written = visual.main(
+        [
+            "--dataset",
+            "demo",
+            "--data_root",
+            str(root),
+            "--checkpoints",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "visual_{dataset}.png"),
+        ]
+    )
     assert written == [tmp_path / "visual_demo.png"] and written[0].is_file()
 
 
 def test_missing_published_checkpoint_names_file_and_download(tmp_path):
     """Run as a user would: exit code 2 and one line naming the file and its download link."""
-    done = subprocess.run([sys.executable, "visual.py", "--dataset", "pascal", "--weights_dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "visual.py", "--dataset", "pascal", "--weights_dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "pascal_label60_sup.pth" in done.stderr and "dropbox.com" in done.stderr
     assert done.stderr.count("\n") == 1
@@ -77,9 +93,11 @@ def test_missing_published_checkpoint_names_file_and_download(tmp_path):
 def test_missing_own_checkpoint_and_bad_index(tmp_path, capsys, pascal_layout, constant_checkpoint):
     root = pascal_layout(tmp_path / "data", [np.ones((40, 40), np.uint8)])
     checkpoint = constant_checkpoint(tmp_path / "c.pth", 1)
-    cases = [(["--checkpoints", str(tmp_path / "nope.pth")], "nope.pth"),
-             (["--checkpoints", str(checkpoint), "--index", "5"], "--index 5"),
-             (["--checkpoints", str(checkpoint), "--titles", "x", "y"], "--titles")]
+    cases = [
+        (["--checkpoints", str(tmp_path / "nope.pth")], "nope.pth"),
+        (["--checkpoints", str(checkpoint), "--index", "5"], "--index 5"),
+        (["--checkpoints", str(checkpoint), "--titles", "x", "y"], "--titles"),
+    ]
     for extra, expected in cases:
         with pytest.raises(SystemExit) as stop:
             helpers.run_cli(visual.main, ["--dataset", "demo", "--data_root", str(root), *extra])
@@ -102,7 +120,8 @@ def test_reference_figure_defaults_pascal_entry_961_and_published_names(tmp_path
         torch.save(model.state_dict(), weights / f"pascal_label60_{kind}.pth")
     monkeypatch.chdir(tmp_path)
     assert visual.main(["--dataset", "pascal", "--data_root", str(root), "--weights_dir", str(weights)]) == [
-        Path("logging/visual_pascal.png")]
+        Path("logging/visual_pascal.png")
+    ]
     assert (tmp_path / "logging" / "visual_pascal.png").is_file()
     _, photo, _, label = figures.load_sample(resolve_dataset("pascal", root), 961)
     assert photo.shape == (30, 40, 3) and label.shape == (513, 513) and (label[:30, :40] == 15).all()
