@@ -16,7 +16,7 @@ COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 LAYOUT_CHOICES = ("auto", "on", "off")
 # What --compile auto means per device type: the fastest measured with bench/train_step.py. On the 2-core CPU
 # compiling is not faster (docs/performance.md) and costs minutes; on CUDA no figure has been taken yet, so it
-# stays off until the bench shows a gain (`--compile reduce-overhead` is the mode made for launch-bound steps).
+# stays off until the bench shows a gain (`--compile reduce-overhead` is the mode for launch-bound steps).
 AUTO_COMPILE = {"cpu": "off", "cuda": "off"}
 # --channels_last auto: NHWC convolutions are what cuDNN's tensor-core kernels read (bf16/fp16/TF32); on the
 # CPU the gain was within the noise of the shared machine (docs/performance.md), so the default layout stays.
@@ -33,18 +33,18 @@ def compile_mode(requested: str, device: torch.device, world_size: int) -> tuple
         return "off", f"--compile {requested}: {missing}, so the model runs eagerly"
     if mode == "reduce-overhead" and device.type != "cuda":
         return "default", "--compile reduce-overhead: CUDA graphs exist on CUDA only; compiling without them"
-    if (
-        mode == "reduce-overhead" and world_size > 1
-    ):  # pytorch/pytorch#139207: BN buffers under DDP skip graphs
+    # pytorch/pytorch#139207: BN buffers under DDP skip graphs
+    if mode == "reduce-overhead" and world_size > 1:
         return (
             "default",
-            "--compile reduce-overhead: CUDA graphs are skipped for BatchNorm under DDP; compiling without them",
+            "--compile reduce-overhead: CUDA graphs are skipped for BatchNorm under DDP; "
+            "compiling without them",
         )
     return mode, None
 
 
 def _missing_compiler(device: torch.device) -> str | None:
-    """What the inductor backend lacks on this machine (Triton for CUDA, a C++ compiler for the CPU), or None."""
+    """What the inductor backend lacks on this machine (Triton for CUDA, a C++ compiler for CPU), or None."""
     if device.type == "cuda":
         return None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
     if any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
@@ -58,7 +58,7 @@ def compile_options(mode: str) -> dict:
 
 
 def compile_in_place(module: nn.Module, mode: str) -> None:
-    """Compile `module`'s forward (and, through AOTAutograd, its backward) in place: its state_dict keys stay."""
+    """Compile `module`'s forward (and, through AOTAutograd, its backward) in place; state_dict keys stay."""
     if mode != "off":
         module.compile(**compile_options(mode))
 
@@ -70,7 +70,7 @@ def memory_format(requested: str, device: torch.device) -> torch.memory_format:
 
 
 def step_begin(mode: str) -> None:
-    """Mark a new training iteration for CUDA graphs (their outputs of the previous step may be overwritten)."""
+    """Mark a new training iteration for CUDA graphs (the previous step's outputs may be overwritten)."""
     if mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
 

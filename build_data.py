@@ -43,7 +43,7 @@ CROPS = ("reference", "unimatch_labelled", "unimatch_unlabelled")  # training it
 
 
 def _voc_colours(n: int) -> list[tuple[int, int, int]]:
-    """Pascal VOC colours: the bits of a class index are spread, three at a time, over the high bits of R, G, B."""
+    """Pascal VOC colours: a class index's bits are spread, three at a time, over the high bits of R, G, B."""
     colours = []
     for index in range(n):
         rgb, value = [0, 0, 0], index
@@ -238,7 +238,7 @@ _SUN_NAMES = (
     "bathtub",
     "bag",
 )
-# The demo's classes, each a texture on a shape: '<texture>_<shape>' (the generator draws them by these names).
+# The demo's classes, each a texture on a shape: '<texture>_<shape>' (the generator draws them by name).
 _DEMO_NAMES = (
     "background",
     "striped_disc",
@@ -503,7 +503,7 @@ class DatasetFiles(abc.ABC):
 
 
 def _float_image(path: Path) -> DataError:
-    """PIL would clip a float image's values to 0..255 (data in 0..1 would read as black): ask for integers."""
+    """PIL would clip a float image's values to 0..255 (data in 0..1 reads as black): ask for integers."""
     return DataError(
         f"image {path} holds 32-bit floats, whose range is unknown: save it as an 8- or 16-bit "
         f"image (scaled to 0..255 or 0..65535)"
@@ -547,8 +547,9 @@ def read_image(info: DatasetInfo, path: Path) -> np.ndarray:
 
 
 def read_label_values(path: Path, hint: str) -> np.ndarray:
-    """The raw values of a single-channel label PNG (grayscale or palette: the stored indices), [H, W]: uint8,
-    or uint16 for 16/32-bit files with every value above 255 clipped to 256; errors name the file and `hint`."""
+    """The raw values of a single-channel label PNG (grayscale or palette: the stored indices), [H, W]:
+    uint8, or uint16 for 16/32-bit files with values above 255 clipped to 256; errors name the file and
+    `hint`."""
     image = _open(path, "label", hint)
     if image.mode == "1":  # a 1-bit PNG: black is 0, white is 1
         return np.asarray(image, np.uint8)
@@ -850,7 +851,7 @@ def build_test_loader(
     world_size: int = 1,
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """In order; with world_size > 1 rank r takes the r-th contiguous shard (shards are disjoint, no padding)."""
+    """In order; with world_size > 1 rank r takes the r-th contiguous shard (disjoint shards, no padding)."""
     n = len(dataset)
     shard = range(n * rank // world_size, n * (rank + 1) // world_size)
     return torch.utils.data.DataLoader(

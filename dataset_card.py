@@ -17,7 +17,7 @@ HELP = "docs/own_data.md"
 
 @dataclass(frozen=True)
 class DatasetCard:
-    """What classes.txt and dataset.json say; sizes are (H, W). Defaults are those of a folder that is silent."""
+    """What classes.txt and dataset.json say; sizes are (H, W). Defaults are those of a silent folder."""
 
     class_names: tuple[str, ...]
     colours: tuple[tuple[int, int, int], ...] | None  # None: classes.txt gives no colours

@@ -93,8 +93,9 @@ def seed_all(stream: str, *keys: int) -> None:
 
 
 def use_deterministic(on: bool) -> None:
-    """--deterministic on or off for this process (call it before CUDA starts): deterministic kernels only. Without
-    it, CUDA kernels that add with atomics (convolution backward, index_add, ...) make GPU runs differ run to run."""
+    """--deterministic on or off for this process (call it before CUDA starts): deterministic kernels only.
+    Without it, CUDA kernels that add with atomics (convolution backward, index_add, ...) make GPU runs
+    differ run to run."""
     if on:  # cuBLAS reads it when it creates its first handle: a fixed workspace keeps its sums in one order
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on)  # an op without a deterministic kernel raises, naming itself

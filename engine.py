@@ -66,7 +66,7 @@ from splits import get_split, load_split
 
 @dataclass
 class Run:
-    """Everything a training run holds; `student` is what the optimiser updates (DDP-wrapped if distributed)."""
+    """Everything a training run holds; `student` is what the optimiser updates (DDP-wrapped if needed)."""
 
     args: argparse.Namespace
     info: DatasetInfo
@@ -130,8 +130,9 @@ def train_one_epoch(
     stop: StopSignals,
     checkpoint: Callable[[EpochState], None],
 ) -> list[float] | None:
-    """The steps of one epoch from state.iteration on; returns the epoch's row of training metrics (reduced
-    over ranks), or None when a stop signal ended it early (after checkpoint(state) saved where it stopped)."""
+    """The steps of one epoch from state.iteration on; returns the epoch's row of training metrics
+    (reduced over ranks), or None when a stop signal ended it early (checkpoint(state) has then saved
+    where it stopped)."""
     args = run.args
     for loader in loaders:
         loader.set_epoch(epoch, state.iteration)  # a resumed epoch skips the batches it has trained on

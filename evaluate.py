@@ -1,7 +1,7 @@
 """Evaluate any checkpoint (ours or the reference's) on a dataset's val/test split.
 
-By default this is the reference's protocol: whole (padded) images, single scale, one confusion matrix over the
-whole set. --window H W slides a window over each image and --flip adds the mirrored pass.
+By default this is the reference's protocol: whole (padded) images, single scale, one confusion matrix over
+the whole set. --window H W slides a window over each image and --flip adds the mirrored pass.
 
     python evaluate.py --dataset pascal --checkpoint model_weights/pascal_label60_semi_classmix_reco.pth
 """
@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def format_report(class_names: Sequence[str], result: dict) -> str:
-    """Per-class IoU table, then mIoU and pixel accuracy (in %); classes absent from GT and prediction show '-'."""
+    """Per-class IoU table, then mIoU and pixel accuracy (in %); classes in neither GT nor prediction: '-'."""
     width = max(len("class"), *(len(name) for name in class_names))
     lines = [f"{'class':<{width}}  IoU (%)"]
     for name, iou in zip(class_names, result["iou_per_class"]):
@@ -70,7 +70,7 @@ def format_report(class_names: Sequence[str], result: dict) -> str:
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    """Evaluate --checkpoint on --dataset's test split; prints the report and returns {miou, acc, iou_per_class}."""
+    """Evaluate --checkpoint on --dataset's test split; prints, returns {miou, acc, iou_per_class}."""
     dataset, root, config = checkpoint_dataset(args.dataset, args.data_root, Path(args.checkpoint))
     if config:
         said = f"--dataset {dataset}" + (f" --data_root {root}" if root else "")

@@ -40,10 +40,10 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 @functools.cache
 def kill_loader_workers_at_exit() -> None:
-    """Once per process, before its first loader workers start: at exit, kill the workers still alive (a loader
-    kept until then by a reference cycle or an exception's traceback). They ignore SIGTERM, and multiprocessing's
-    own exit hook ends daemonic children with SIGTERM and then waits for them: forever, without this. Registered
-    after that hook (torch imports multiprocessing), so it runs first."""
+    """Once per process, before its first loader workers start: at exit, kill the workers still alive (a
+    loader kept until then by a reference cycle or an exception's traceback). They ignore SIGTERM, and
+    multiprocessing's own exit hook ends daemonic children with SIGTERM and then waits for them: forever,
+    without this. Registered after that hook (torch imports multiprocessing), so it runs first."""
     atexit.register(kill_daemonic_children)
 
 
@@ -57,11 +57,12 @@ def kill_daemonic_children() -> None:
 
 class StopSignals:
     """Inside its context and once armed (when training starts, in the main thread), the first SIGTERM or
-    SIGINT only records a stop request, so the current step can finish and be saved; a second one acts as if
-    no handler were installed (stop now). A repeat within `repeat_after` seconds of the first counts as the same
-    request: a scheduler that signals every process of a job (Slurm) while torchrun or study.py also passes the
-    signal on delivers it twice at once. Before arming (set-up, rendezvous) the signals keep their default
-    action, which also ends a process blocked in a collective, where a Python handler would never run."""
+    SIGINT only records a stop request, so the current step can finish and be saved; a second one acts as
+    if no handler were installed (stop now). A repeat within `repeat_after` seconds of the first counts as
+    the same request: a scheduler that signals every process of a job (Slurm) while torchrun or study.py
+    also passes the signal on delivers it twice at once. Before arming (set-up, rendezvous) the signals
+    keep their default action, which also ends a process blocked in a collective (a Python handler would
+    never run)."""
 
     def __init__(self, repeat_after: float = 3.0) -> None:
         self.received: int | None = None
@@ -114,7 +115,7 @@ class StepGuard:
         copy_tensors_(self.saved, self.kept)
 
     def decide(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """(skip the update, stop after this step), the same on every rank; a skip restores the kept tensors."""
+        """(skip the update, stop after this step), alike on every rank; a skip restores the kept tensors."""
         flags = torch.stack(
             [
                 (~torch.isfinite(loss.detach())).any().float(),
@@ -151,8 +152,8 @@ class EpochState:
             self.applied, self.streak = self.applied + 1, 0
 
     def state_dict(self) -> dict:
-        """The state as plain values and CPU tensors, for last.pth, with the sums of every rank (under torchrun
-        a collective: every rank calls it)."""
+        """The state as plain values and CPU tensors, for last.pth, with the sums of every rank (under
+        torchrun a collective: every rank calls it)."""
         return {
             "iteration": self.iteration,
             "applied": self.applied,
@@ -163,9 +164,9 @@ class EpochState:
         }
 
     def load_state_dict(self, state: dict, rank: int, world_size: int) -> None:
-        """Restore what state_dict() returned: each rank takes back its own sums (exact to the bit). Resumed by
-        another number of processes, rank 0 takes the totals and the others start from zero, so the epoch's
-        final all-reduce still counts every step once."""
+        """Restore what state_dict() returned: each rank takes back its own sums (exact to the bit).
+        Resumed by another number of processes, rank 0 takes the totals and the others start from
+        zero, so the epoch's final all-reduce still counts every step once."""
         self.iteration, self.applied = int(state["iteration"]), int(state["applied"])
         self.skipped, self.streak = int(state["skipped"]), int(state["streak"])
         for mine, saved in zip(

@@ -37,7 +37,7 @@ def blend(photo: np.ndarray, label: np.ndarray | torch.Tensor, palette: np.ndarr
 
 
 def load_sample(data: DatasetFiles, index: int) -> tuple[str, np.ndarray, torch.Tensor, torch.Tensor]:
-    """Test image `index`: (id, photo uint8 [h,w,3] at its own size, normalised padded image [3,H,W], label [H,W])."""
+    """Test image `index`: (id, photo uint8 [h,w,3], normalised padded image [3,H,W], label [H,W])."""
     ids = data.list_ids("test")
     if not 0 <= index < len(ids):
         raise UserError(
@@ -70,8 +70,8 @@ def draw_comparison(
     resnet_depth: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Path:
-    """Draw ground truth | one panel per checkpoint for test image `index` (a row per image when several indices
-    are given) and save it as a PNG at `out`."""
+    """Draw ground truth | one panel per checkpoint for test image `index` (a row per image when several
+    indices are given) and save it as a PNG at `out`."""
     if len(titles) != len(checkpoints):
         raise UserError(
             f"--titles has {len(titles)} entries for {len(checkpoints)} checkpoints: give one each"
@@ -117,8 +117,8 @@ def draw_comparison(
 
 
 def covering_choice(class_sets: Sequence[Collection[int]], count: int) -> list[int]:
-    """Indices of up to `count` images that together show the most classes, chosen greedily: each pick adds the
-    most classes not shown yet, then has the most classes, then the lowest index (deterministic)."""
+    """Indices of up to `count` images that together show the most classes, chosen greedily: each pick
+    adds the most classes not shown yet, then has the most classes, then the lowest index."""
     chosen: list[int] = []
     shown: set[int] = set()
     for _ in range(min(count, len(class_sets))):
@@ -144,9 +144,9 @@ def covering_test_images(data: DatasetFiles, count: int = 4) -> list[int]:
 
 
 def curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """(title, columns) of each curves.png panel: every loss on its own axis (their scales differ: ReCo about 5,
-    cross-entropy below 1), then the mIoUs, the accuracies and any ratios (FixMatch's and UniMatch's share of
-    confident pseudo-labels)."""
+    """(title, columns) of each curves.png panel: every loss on its own axis (their scales differ: ReCo
+    about 5, cross-entropy below 1), then the mIoUs, the accuracies and any ratios (FixMatch's and
+    UniMatch's share of confident pseudo-labels)."""
     losses = [(name, [name]) for name in columns if name.endswith("loss")]
     ratios = [name for name in columns if name.endswith("ratio")]
     scores = [(kind, [name for name in columns if name.endswith(kind)]) for kind in ("miou", "acc")]
@@ -154,7 +154,7 @@ def curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def plot_curves(metrics: np.ndarray, columns: Sequence[str], title: str, out: str | Path) -> None:
-    """Losses, mIoUs and accuracies per epoch (metrics [epochs, columns]) in one PNG at `out` (curve_panels)."""
+    """Losses, mIoUs, accuracies per epoch (metrics [epochs, columns]) in one PNG at `out` (curve_panels)."""
     epochs = np.arange(1, len(metrics) + 1)
     panels = curve_panels(columns)
     ncols = (len(panels) + 1) // 2

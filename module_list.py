@@ -24,7 +24,8 @@ MIX_MODES = ("cutout", "cutmix", "classmix")
 # pseudo-labels are the network's own predictions on a weak view (FixMatch, UniMatch; methods.py).
 ONLINE_METHODS = ("fixmatch", "unimatch")
 SEMI_METHODS = ("meanteacher", *ONLINE_METHODS)
-# ClassMix keeps a table of every label value per image: -1 (ignore) and classes 0..255 (labels come from 8-bit PNGs).
+# ClassMix keeps a table of every label value per image: -1 (ignore) and classes 0..255 (labels come from
+# 8-bit PNGs).
 _NUM_LABEL_VALUES = 257
 
 
@@ -36,9 +37,9 @@ def _uniform_below(n: Tensor, generator: torch.Generator | None = None) -> Tenso
     return u.long().clamp_(max=(n - 1).clamp_(min=0))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Losses
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def compute_supervised_loss(pred: Tensor, target: Tensor, reduction: bool = True) -> Tensor:
@@ -89,7 +90,7 @@ def compute_unsupervised_loss(pred: Tensor, target: Tensor, conf: Tensor, strong
 
 
 def _draw_pixels(weights: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
-    """[A,num] column indices drawn i.i.d. from each row of weights [A,P] (>= 0, every row with a positive sum).
+    """[A,num] column indices drawn i.i.d. from each row of weights [A,P] (>= 0, each row's sum positive).
 
     Inverse CDF in fp64: the normalised CDF ends at exactly 1 > u, and a pixel of weight 0 has an empty bin.
     """
@@ -110,18 +111,20 @@ def _reco_draws(
 ) -> tuple[Tensor, Tensor]:
     """Pixel indices of the queries [A,Q] and negative keys [A,Q,N] for the anchor classes `anchors` [A].
 
-    valid, hard: [C,P] bool pixel sets per class; class_probs: [C,C] negative-class distribution per anchor class
-    (rows with a positive sum). Queries are uniform over the anchor's hard pixels; each query's negatives are
-    num_negatives i.i.d. draws of a class from class_probs, then of a pixel uniform among that class's valid
-    pixels (all with replacement). An anchor without hard pixels gets arbitrary queries (the caller masks it).
+    valid, hard: [C,P] bool pixel sets per class; class_probs: [C,C] negative-class distribution per
+    anchor class (rows with a positive sum). Queries are uniform over the anchor's hard pixels; each
+    query's negatives are num_negatives i.i.d. draws of a class from class_probs, then of a pixel uniform
+    among that class's valid pixels (all with replacement). An anchor without hard pixels gets any
+    queries (the caller masks it).
     """
     num_classes, num_pixels = valid.shape
     device = valid.device
     hard_rows = hard[anchors].double()
     queries = _draw_pixels(hard_rows + ~hard_rows.any(1, keepdim=True), num_queries, generator)
 
-    # Per query, the class counts of its negatives ~ Multinomial(N, p), as a chain of binomials (one per class,
-    # on [A,Q]) instead of N categorical draws: count_j ~ Bin(N - earlier counts, p_j / (p_j + later p)).
+    # Per query, the class counts of its negatives ~ Multinomial(N, p), as a chain of binomials (one per
+    # class, on [A,Q]) instead of N categorical draws:
+    # count_j ~ Bin(N - earlier counts, p_j / (p_j + later p)).
     probs = class_probs[anchors].double()  # [A,C]
     tail = probs.flip(1).cumsum(1).flip(1)  # p_j + later p
     last = torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], dim=1) <= 0  # no mass after class j
@@ -142,7 +145,7 @@ def _reco_draws(
     marks = torch.zeros(*counts.shape[:2], num_negatives + 1, dtype=torch.long, device=device)
     slot_class = marks.scatter_add_(2, starts, torch.ones_like(starts))[:, :, :num_negatives].cumsum(2)
     del marks
-    # Then a pixel uniform among the valid pixels of that class: rows of valid_order list each class's pixels first.
+    # Then a pixel uniform among the valid pixels of that class: rows of valid_order list its pixels first.
     valid_order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
     rank = _uniform_below(valid.sum(1).take(slot_class), generator)
     negatives = valid_order.take(slot_class.mul_(num_pixels).add_(rank))  # [A,Q,N]
@@ -156,7 +159,7 @@ _GATHER_TILE_ELEMENTS = 1 << 24
 
 
 def _sampled_dot_fused(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
-    """out [R,N] with out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D], index [R,N], by a private ATen op."""
+    """out [R,N] with out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D], index [R,N]; private op."""
     rows, cols = index.shape
     offsets = torch.arange(0, rows * cols, cols, device=a.device)
     bag_of = torch.arange(rows, device=a.device).repeat_interleave(cols)
@@ -169,7 +172,7 @@ def _sampled_dot_fused(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
 
 
 def _sampled_dot_public(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
-    """out [R,N] with out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D], index [R,N], from public ops only."""
+    """out [R,N] with out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D], index [R,N]: public ops only."""
     rows, cols = index.shape
     dim = max(a.shape[1], 1)
     # Tiles of whole rows when a row's keys fit, else of one row and part of its columns: the gathered
@@ -187,7 +190,7 @@ def _sampled_dot_public(a: Tensor, b: Tensor, index: Tensor) -> Tensor:
 
 @functools.cache
 def _fused_sampled_dot_works() -> bool:
-    """Whether the private op of _sampled_dot_fused exists in this torch and is right on a small fixed CPU input."""
+    """Whether the private op of _sampled_dot_fused exists in this torch and is right on a fixed CPU input."""
     # Probed once per process, on the CPU, so no training step waits on a device; the op has CPU and CUDA
     # kernels under one schema, so the answer is reused on every device. Small integers: every product and sum
     # is exact in fp32, so a correct kernel gives exactly the definition's values.
@@ -207,8 +210,8 @@ def _fused_sampled_dot_works() -> bool:
 class _SampledDot(torch.autograd.Function):
     """out[r, n] = a[r] . b[index[r, n]] for a [R,D], b [P,D] (a constant), index [R,N]; gradient to a only.
 
-    A sampled matrix product that never builds the gathered [R,N,D] keys at once (a fused private kernel when it
-    works, else bounded tiles of public ops), and whose backward is one weighted embedding_bag
+    A sampled matrix product that never builds the gathered [R,N,D] keys at once (a fused private kernel
+    when it works, else bounded tiles of public ops), and whose backward is one weighted embedding_bag
     (grad_a[r] = sum_n grad[r, n] * b[index[r, n]]), so autograd keeps only index for it.
     """
 
@@ -238,13 +241,13 @@ def compute_reco_loss(
 ) -> Tensor:
     """ReCo loss (Liu et al. 2022): rep [B,D,h,w], label one-hot [B,C,h,w], mask [B,1,h,w], prob [B,C,h,w].
 
-    Valid pixels are label * mask; a class is present with >= 1 valid pixel in the batch. Per present class c:
-    num_queries hard queries (valid pixels with prob[c] < strong_threshold), drawn with replacement; a detached
-    prototype (mean feature of the class) as positive; num_negatives keys drawn per query, class by
-    softmax(cos(prototypes)/temp) over the other present classes, then uniformly among that class's valid
-    pixels; InfoNCE with target 0 at temperature temp, averaged over queries. Returns the sum over classes
-    divided by the number of present classes, 0 with fewer than two. Gradients reach the queries only.
-    Runs in fp32 even under autocast; no host sync on an accelerator.
+    Valid pixels are label * mask; a class is present with >= 1 valid pixel in the batch. Per present
+    class c: num_queries hard queries (valid pixels with prob[c] < strong_threshold), drawn with
+    replacement; a detached prototype (mean feature of the class) as positive; num_negatives keys drawn
+    per query, class by softmax(cos(prototypes)/temp) over the other present classes, then uniformly among
+    that class's valid pixels; InfoNCE with target 0 at temperature temp, averaged over queries. Returns
+    the sum over classes divided by the number of present classes, 0 with fewer than two. Gradients reach
+    the queries only. Runs in fp32 even under autocast; no host sync on an accelerator.
     """
     # Why this formulation: keys and prototypes are detached, so backward needs only the query side. The
     # [A,Q,N] negative logits come from a sampled matrix product (_SampledDot) that never builds the gathered
@@ -281,7 +284,7 @@ def compute_reco_loss(
             # Negative-class distribution: softmax over the other present classes of cos(prototypes) / temp.
             allowed = present[None, :] & ~torch.eye(num_classes, dtype=torch.bool, device=rep.device)
             relation = (protos @ protos.t() / temp).masked_fill(~allowed, float("-inf"))
-            # Rows with no allowed class (fewer than two present) are never used; keep them a valid distribution.
+            # Rows with no allowed class (fewer than two present) are unused; keep them a valid distribution.
             class_probs = torch.where(
                 allowed.any(1, keepdim=True), relation.softmax(1), torch.ones_like(relation)
             )
@@ -295,7 +298,7 @@ def compute_reco_loss(
             )
 
         # index_select, not feats[queries]: the CPU backward of advanced indexing accumulates repeated rows
-        # with atomic adds across threads (an order that follows the scheduler), index_select's in index order.
+        # with atomic adds across threads (in the scheduler's order), index_select's in index order.
         qn = F.normalize(feats.index_select(0, queries.view(-1)).view(*queries.shape, dim), dim=2)  # [A,Q,D]
         num_anchors = anchors.shape[0]
         positive = (qn * protos[anchors][:, None, :]).sum(2, keepdim=True)  # [A,Q,1]
@@ -308,9 +311,9 @@ def compute_reco_loss(
         return (per_query.sum(1) * scale).sum()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Mixing (CutOut, CutMix, ClassMix)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _box_masks(
@@ -340,12 +343,12 @@ def _box_masks(
 
 
 def _class_masks(labels: Tensor, generator: torch.Generator | None) -> Tensor:
-    """[B,H,W] float: 1 where labels [B,H,W] (values -1..255) holds one of floor(n/2) of its n values, at random."""
+    """[B,H,W] float: 1 where labels [B,H,W] (-1..255) holds one of floor(n/2) of its n values, random."""
     batch = labels.shape[0]
     flat = labels.reshape(batch, -1) + 1  # -1 (ignore / padding) counts as a value, as in the reference
     present = torch.zeros(batch, _NUM_LABEL_VALUES, dtype=torch.bool, device=labels.device)
     present.scatter_(1, flat, True)
-    # A random key per present value; the floor(n/2) smallest keys form a uniformly random subset of that size.
+    # A random key per present value; the floor(n/2) smallest keys form a uniform random subset of that size.
     keys = torch.rand(present.shape, generator=generator, device=labels.device, dtype=torch.float64)
     keys = keys.masked_fill(~present, 2.0)
     num_keep = present.sum(1) // 2
@@ -365,7 +368,7 @@ def generate_cutout_mask(
 
 
 def generate_class_mask(pseudo_label: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """[H,W] float mask: 1 on floor(n/2) of the n values (-1 included) of pseudo_label [H,W], chosen at random."""
+    """[H,W] float mask: 1 on floor(n/2) of the n values (-1 included) of pseudo_label [H,W], at random."""
     return _class_masks(pseudo_label[None], generator)[0]
 
 
@@ -374,8 +377,8 @@ def generate_unsup_data(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Mix an unlabelled batch: data [B,3,H,W], target [B,H,W] long, conf [B,H,W] -> the same three.
 
-    cutout: a random box of each image is cut (image 0, target IGNORE_INDEX, conf 0). cutmix / classmix: a box /
-    half of the classes of image i is kept and the rest comes from image (i+1) mod B.
+    cutout: a random box of each image is cut (image 0, target IGNORE_INDEX, conf 0). cutmix / classmix: a
+    box / half of the classes of image i is kept and the rest comes from image (i+1) mod B.
     """
     if mode not in MIX_MODES:
         raise ValueError(
@@ -396,9 +399,9 @@ def generate_unsup_data(
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Helpers, teacher, schedule, metric
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def label_onehot(labels: Tensor, num_classes: int) -> Tensor:
@@ -506,7 +509,7 @@ class ConfMatrix:
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        """Count pred [N..] long against target [N..] long; targets outside 0..C-1 are ignored. No host sync."""
+        """Count pred [N..] long against target [N..] long; targets outside 0..C-1 ignored. No host sync."""
         if self.mat.device != target.device:
             self.mat = self.mat.to(target.device)
         target, pred = target.reshape(-1), pred.reshape(-1)
@@ -530,7 +533,7 @@ class ConfMatrix:
         return self._iou().tolist()
 
     def get_metrics(self) -> tuple[float, float]:
-        """(mIoU over the classes present in ground truth or prediction, pixel accuracy); 0.0 without pixels."""
+        """(mIoU over the classes present in ground truth or prediction, pixel accuracy); 0 without pixels."""
         iou = self._iou()
         seen = ~iou.isnan()
         miou = iou[seen].mean().item() if bool(seen.any()) else 0.0

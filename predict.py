@@ -1,11 +1,12 @@
 """Segment images no one has labelled: a palette PNG of class ids per image, at the image's own size.
 
-    python predict.py --checkpoint model_weights/demo_label15_semi_classmix_reco_0.pth --input photos/ --output masks/
+    python predict.py --checkpoint model_weights/demo_label15_semi_classmix_reco_0.pth \
+        --input photos/ --output masks/
 
-Each image is padded (reflected, as evaluation pads) to the next size of 16k + 1 pixels, predicted, and cut back
-to its own size: at 16k + 1 pixels (the reference's 321 and 513 are such sizes) every feature of the network's
-coarsest stride (16) and the upsampled logits sit exactly on image pixels. Images whose padded sizes are equal
-are predicted together, --batch_size at a time.
+Each image is padded (reflected, as evaluation pads) to the next size of 16k + 1 pixels, predicted, and cut
+back to its own size: at 16k + 1 pixels (the reference's 321 and 513 are such sizes) every feature of the
+network's coarsest stride (16) and the upsampled logits sit exactly on image pixels. Images whose padded sizes
+are equal are predicted together, --batch_size at a time.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _is_image_name(path: Path) -> bool:
 
 
 def list_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[Path]]:
-    """(image files in the order given, each folder's and glob's sorted; repeats dropped, the folders they are in)."""
+    """(image files in the order given, each folder's and glob's sorted, no repeats; their folders)."""
     files, folders = [], []
     for pattern in patterns:
         path = Path(pattern)
@@ -178,7 +179,7 @@ def padded_size(height: int, width: int) -> tuple[int, int]:
 
 
 class Decoded(NamedTuple):
-    """One input as a loader worker returns it; `error` says why it was skipped (the tensors are then None)."""
+    """One input as a loader worker returns it; `error` says why it was skipped (tensors then None)."""
 
     index: int
     image: torch.Tensor | None  # normalised, padded [3, H', W']

@@ -357,9 +357,9 @@ _MARKER_SETTINGS = ("seed", "num_train", "num_val", "size")
 
 
 def demo_to_generate(root: Path) -> dict | None:
-    """make_demo_dataset's settings for a Pascal-layout demo folder that must be (re)written: {} where it has no
-    data yet, the marker's own settings where an older generator wrote it; None where it is current (or not a
-    generated demo, which is read as it is)."""
+    """make_demo_dataset's settings for a Pascal-layout demo folder that must be (re)written: {} where it
+    has no data yet, the marker's own settings where an older generator wrote it; None where it is current
+    (or not a generated demo, which is read as it is)."""
     if not (root / "train_aug.txt").is_file():
         return {}
     marker = root / _DEMO_MARKER
@@ -381,12 +381,13 @@ def make_demo_dataset(
     layout: str = "pascal",
     num_unlabelled: int = 0,
 ) -> Path:
-    """Generate the synthetic demo dataset under `root` (deterministic in `seed`), written aside and renamed
-    into place; returns root. Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, train_aug.txt,
-    val.txt and the partial labels SegmentationClassAug_{p0,p1,p5,p25}_{s}. Folder layout (--dataset folder):
-    images/{train,val}/{id}.jpg, labels/{train,val}/{id}.png, classes.txt, dataset.json (the demo's settings),
-    `num_unlabelled` images without masks in unlabelled/, and the partial labels labels/train_{p0,..}_{s}/.
-    Both: conditions.json, each image's file stem -> its site's nuisance levels (DEMO_SITES, docs/demo.md)."""
+    """Generate the synthetic demo dataset under `root` (deterministic in `seed`), written aside and
+    renamed into place; returns root. Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png,
+    train_aug.txt, val.txt and the partial labels SegmentationClassAug_{p0,p1,p5,p25}_{s}. Folder layout
+    (--dataset folder): images/{train,val}/{id}.jpg, labels/{train,val}/{id}.png, classes.txt,
+    dataset.json (the demo's settings), `num_unlabelled` images without masks in unlabelled/, and the
+    partial labels labels/train_{p0,..}_{s}/. Both: conditions.json, each image's file stem -> its site's
+    nuisance levels (DEMO_SITES, docs/demo.md)."""
     root = Path(root)
     if num_train < 1 or num_val < 1 or size < 16 or num_unlabelled < 0:
         raise DataError(
@@ -457,7 +458,7 @@ def make_demo_dataset(
 
 
 def _write_demo_card(root: Path) -> None:
-    """classes.txt (names and colours) and dataset.json (sizes and training defaults) of the demo's table entry."""
+    """classes.txt (names and colours) and dataset.json (sizes, training defaults) of the demo's entry."""
     demo = DATASETS["demo"]
     lines = [f"{name} {' '.join(map(str, demo.palette[c]))}" for c, name in enumerate(demo.class_names)]
     (root / CLASSES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")

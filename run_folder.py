@@ -245,7 +245,8 @@ def format_summary(name: str, summary: dict) -> str:
     return "\n".join(
         [
             f"{name} finished in {_duration(summary['wall_s'])}: best val mIoU {summary['best_miou']:.4f} "
-            f"(epoch {summary['best_epoch']}), final {summary['final_miou']:.4f} (epoch {summary['final_epoch']} "
+            f"(epoch {summary['best_epoch']}), final {summary['final_miou']:.4f} "
+            f"(epoch {summary['final_epoch']} "
             f"of {summary['epochs']})",
             f"  weights  {summary['weights']}  (epoch {summary['best_epoch']})",
             f"  log      {summary['npy']}",

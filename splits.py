@@ -174,8 +174,9 @@ def split_digest(labelled: Sequence[str], unlabelled: Sequence[str]) -> str:
 
 
 def read_split_dir(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(labelled, unlabelled) ids from a folder written by write_split_dir or dataset/make_splits.py. A run asks
-    twice (its flags take the budget from it, its loaders the ids): the files are read once while unchanged."""
+    """(labelled, unlabelled) ids from a folder written by write_split_dir or dataset/make_splits.py. A
+    run asks twice (its flags take the budget from it, its loaders the ids): the files are read once if
+    unchanged."""
     path = Path(path)
     stamps = []
     for name in SPLIT_FILES:

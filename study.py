@@ -1,6 +1,7 @@
 """Studies: a grid of ordinary training runs (methods x label budgets x seeds) and its paper-style report.
 
-python study.py run --out DIR --seeds 0 1 2 --num_labels 60 200 --methods sup classmix classmix+reco [-- flags]
+python study.py run --out DIR --seeds 0 1 2 --num_labels 60 200 \
+    --methods sup classmix classmix+reco [-- flags]
 python study.py report DIR [DIR ...]
 """
 
@@ -279,7 +280,7 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> tuple[bool, list[Cel
 
 
 def flag_values(tokens: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Training flags as {flag: values}, '--epochs 2' and '--epochs=2' alike; a repeated flag keeps its last."""
+    """Training flags as {flag: values}, '--epochs 2' and '--epochs=2' alike; a repeated flag: its last."""
     flags: dict[str, tuple[str, ...]] = {}
     name = ""
     for token in tokens:
@@ -343,7 +344,7 @@ def check_study_file(out: Path, partial: bool, extra: Sequence[str]) -> None:
 
 
 class CellProcesses:
-    """The running cells' processes and the GPUs free for the next one; study.py's stop signals go to the cells.
+    """The running cells' processes and the GPUs free for the next one; study.py's stop signals go to cells.
 
     Each cell runs in its own process group, so a terminal's Ctrl-C (or a kill of the study's group) reaches
     study.py alone, which passes it on once: the training scripts finish their step, save last.pth and stop
@@ -367,8 +368,8 @@ class CellProcesses:
 
 
 def run_cell(cell: Cell, command: list[str], cells: CellProcesses) -> int | None:
-    """Run one cell's command with its output appended to cell.log, on a free GPU if any; returns its exit code
-    (None: not started, the study was stopped first)."""
+    """Run one cell's command with its output appended to cell.log, on a free GPU if any; returns its exit
+    code (None: not started, the study was stopped first)."""
     gpu = cells.gpus.get()
     try:
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
@@ -439,7 +440,7 @@ def stopped_message(signum: int, results: Iterable[str]) -> str:
 
 
 def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    """study.py run: every cell not finished, one after another or one per GPU; a table of states at the end."""
+    """study.py run: every cell not finished, one after another or one per GPU; then a table of states."""
     extra = absolute_paths(extra)
     partial, cells = plan(args, extra)
     out = Path(args.out).resolve()
@@ -489,8 +490,8 @@ def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
     failed = [c for c in cells if not result[c].endswith("done") and not result[c].startswith("skipped")]
     if failed:
         print(
-            f"{len(failed)} of {len(cells)} cells failed or were stopped (their logs: <cell>/cell.log); fix the "
-            "cause and run the same command again: finished cells are skipped, stopped ones resume",
+            f"{len(failed)} of {len(cells)} cells failed or were stopped (their logs: <cell>/cell.log); "
+            "fix the cause and run the same command again: finished cells are skipped, stopped ones resume",
             file=sys.stderr,
         )
         raise SystemExit(1)
@@ -510,7 +511,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 @dataclass
 class RunLog:
-    """One run found on disk: where, which grid cell, the configuration it is compared by, its val mIoU per epoch."""
+    """One run found on disk: where, which grid cell, the configuration compared, its val mIoU per epoch."""
 
     source: Path  # the run folder (with config.json) or the .npy log (without)
     method: str
@@ -535,7 +536,7 @@ def run_log(record: RunRecord) -> RunLog:
     args = record.args
     miou, finished = record.val_miou()
     labels = int(args.get("num_labels") or 0)
-    # a shipped split by its name: the field has splits of one size drawn twice (pascal/1_16, pascal/u2pl_1_16)
+    # a shipped split by its name: the field has two splits of one size (pascal/1_16, pascal/u2pl_1_16)
     budget = args.get("partial") or args.get("split") or (str(labels) if labels else "all")
     own_data = args.get("dataset") == "folder"  # the folder is what names the dataset
     compared = None
@@ -552,7 +553,7 @@ def run_log(record: RunRecord) -> RunLog:
 
 
 def check_comparable(runs: Sequence[RunLog]) -> None:
-    """Refuse runs that differ in anything but the grid's axes, or that repeat a (method, budget, seed) cell."""
+    """Refuse runs that differ in anything but the grid's axes, or repeat a (method, budget, seed) cell."""
     if any(r.config is None for r in runs):  # runs known by name only: their name says the dataset, no more
         configs = [{"dataset": r.dataset} for r in runs]
     else:
@@ -568,7 +569,8 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
             differ.append(
                 f"{key if ' ' in key else '--' + key} "
                 + " vs ".join(
-                    f"{'unset' if v == 'null' else v} ({len(rs)} run{'s' if len(rs) > 1 else ''}, e.g. {rs[0].source})"
+                    f"{'unset' if v == 'null' else v} "
+                    f"({len(rs)} run{'s' if len(rs) > 1 else ''}, e.g. {rs[0].source})"
                     for v, rs in values.items()
                 )
             )
@@ -590,8 +592,8 @@ def check_comparable(runs: Sequence[RunLog]) -> None:
 
 
 def budget_columns(stats: dict) -> list[str]:
-    """Columns left to right: labelled-image budgets by size (splits of one size by name), then all labels, then
-    partial settings p0 < p1 < p5 < p25."""
+    """Columns left to right: labelled-image budgets by size (splits of one size by name), then all
+    labels, then partial settings p0 < p1 < p5 < p25."""
     sizes = {b: s.labels for (_, b), s in stats.items()}  # the published numbers are at the runs' budgets
 
     def order(budget: str) -> tuple[int, int, str]:
@@ -687,7 +689,7 @@ def markdown(
     folders: Sequence[Path],
     sources: Sequence[str] = (),
 ) -> str:
-    """report.md: the shared configuration, then best and final val mIoU tables (rows methods, columns budgets)."""
+    """report.md: the shared configuration, then best and final val mIoU tables (methods x budgets)."""
     methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
     budgets = budget_columns(stats)
     kind = budget_kind(budgets)
@@ -837,8 +839,8 @@ def report(args: argparse.Namespace) -> None:
     plot(stats, paper, out / "report.png")
     unfinished = f", {len(left_out)} unfinished left out" if left_out else ""
     print(
-        f"{len(runs)} runs ({len(stats)} method x budget cells{unfinished}) -> {out / 'report.md'}, report.csv, "
-        "report.png"
+        f"{len(runs)} runs ({len(stats)} method x budget cells{unfinished}) -> {out / 'report.md'}, "
+        "report.csv, report.png"
     )
 
 

@@ -50,7 +50,7 @@ def sample_params(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> AugmentParams:
-    """Draw every random number of one transform call at once, so a sample is a pure function of the RNG state."""
+    """Draw every random number of one transform call at once, so a sample depends on the RNG state only."""
     u = torch.rand(batch, 15, generator=generator, device=device, dtype=torch.float64)
 
     def uniform(column: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -141,9 +141,9 @@ def _take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
 
 
 def _taps_resample(image, w_y, taps_y, index_y, w_x, taps_x, index_x):
-    """One image [C, H, W] -> [C, crop_h, crop_w]: each output row (then column) the weighted sum of its K taps
-    (weights [L, K] of source pixels taps [L, K]), summed in tap order, elementwise; then index [crop] (or None)
-    picks each crop position's row (column). Works on [H, W, C]: whole rows move at once."""
+    """One image [C, H, W] -> [C, crop_h, crop_w]: each output row (then column) the weighted sum of its K
+    taps (weights [L, K] of source pixels taps [L, K]), summed in tap order, elementwise; then index
+    [crop] (or None) picks each crop position's row (column). Works on [H, W, C]: whole rows move at once."""
     (rows_out, k_y), (cols_out, k_x) = taps_y.shape, taps_x.shape
     picked = image.permute(1, 2, 0).index_select(0, taps_y.flatten()).unflatten(0, (rows_out, k_y))
     rows = sum(w_y[:, k, None, None] * picked[:, k] for k in range(k_y))  # [L_y, W, C]
@@ -307,7 +307,7 @@ def random_transform(
     augmentation: bool,
     generator: torch.Generator | None = None,
 ):
-    """The reference's joint train transform on [0, 1] images [B, 3, H, W], labels [B, H, W] long, conf [B, H, W].
+    """The reference's joint train transform on [0, 1] images [B, 3, H, W], labels [B, H, W] long and conf.
 
     Rescale -> pad -> random crop, then (augmentation) colour jitter, blur and flip. Labels and conf use
     nearest sampling only, so their values survive exactly; pads are ignore / 0. Returns the same three.
@@ -333,7 +333,7 @@ def batch_transform(
     augmentation: bool,
     generator: torch.Generator | None = None,
 ):
-    """Re-augment a normalised batch on its own device: images [B, 3, H, W], labels [B, H, W], conf [B, H, W]."""
+    """Re-augment a normalised batch on its own device: images [B, 3, H, W], labels and conf [B, H, W]."""
     images, labels, conf = random_transform(
         denormalise(images), labels, conf, crop_size, scale_range, augmentation, generator
     )

@@ -3,7 +3,7 @@
 With no --checkpoints it draws the reference's figures from the published weights in --weights_dir:
 Cityscapes val image 61 and Pascal val entry 961, Supervised | ClassMix | ClassMix + ReCo.
 
-    python visual.py                                   # logging/visual_cityscapes.png, logging/visual_pascal.png
+    python visual.py  # logging/visual_cityscapes.png, logging/visual_pascal.png
     python visual.py --dataset demo --checkpoints model_weights/demo_label20_semi_classmix_0.pth
 """
 

@@ -1,7 +1,7 @@
-"""Loader throughput on Pascal-sized data: crops/s of the labelled train loader for several worker counts, of the
-unlabelled train loader (plain crops at scale 1), and of batch_transform on a device batch (the unlabelled path).
-In a semi-supervised run each branch has its own loader and workers: at S s per step with batch B, each loader
-must deliver B / S crops/s (10 / 0.10 s = 100 crops/s at the Pascal defaults).
+"""Loader throughput on Pascal-sized data: crops/s of the labelled train loader for several worker counts, of
+the unlabelled train loader (plain crops at scale 1), and of batch_transform on a device batch (the unlabelled
+path). In a semi-supervised run each branch has its own loader and workers: at S s per step with batch B, each
+loader must deliver B / S crops/s (10 / 0.10 s = 100 crops/s at the Pascal defaults).
 
     python bench/dataloader.py [--images 64] [--iters 20] [--workers 0 1 2] [--json out.json]
 
@@ -46,7 +46,7 @@ def make_images(root: Path, count: int) -> list[str]:
 
 
 def loader_rate(dataset: bd.SegmentationDataset, workers: int, batch: int, iters: int) -> float:
-    """Crops per second over one epoch of `iters` batches, after a warm-up epoch (worker start-up excluded)."""
+    """Crops per second over one epoch of `iters` batches, after a warm-up epoch (no worker start-up)."""
     loader = bd.build_train_loader(dataset, batch, iters, num_workers=workers, seed=0)
     loader.set_epoch(0)
     for _ in loader:  # warm-up: starts the (persistent) workers

@@ -1,6 +1,7 @@
 """predict.py throughput: images/s end to end (decode, pad, predict, argmax, write the palette PNGs).
 
-    python bench/predict.py [--configs r101 r18] [--images 8] [--device cpu] [--amp off bf16] [--json out.json]
+    python bench/predict.py [--configs r101 r18] [--images 8] [--device cpu] [--amp off bf16] \
+        [--json out.json]
 
 r101: ResNet-101 DeepLabv3+, 21 classes (Pascal), synthetic 500x500 JPEGs (padded to 513x513), batch 4.
 r18:  ResNet-18 DeepLabv3+, 5 classes, the demo dataset's 96x96 images (padded to 97x97), batch 4.
@@ -125,7 +126,8 @@ def main() -> None:
     print(f"\n{'config':<6} {'image':>9} {'padded':>9} {'batch':>5} {'amp':>4} {'images/s':>9} {'cold':>7}")
     for r in rows:
         print(
-            f"{r['config']:<6} {'x'.join(map(str, r['image_hw'])):>9} {'x'.join(map(str, r['padded_hw'])):>9} "
+            f"{r['config']:<6} {'x'.join(map(str, r['image_hw'])):>9} "
+            f"{'x'.join(map(str, r['padded_hw'])):>9} "
             f"{r['batch']:>5} {r['amp']:>4} {r['images_per_s']:>9.2f} {r['cold_images_per_s']:>7.2f}"
         )
 

@@ -27,7 +27,7 @@ from module_list import compute_reco_loss  # noqa: E402
 def make_inputs(
     batch: int, size: int, num_classes: int, dim: int, present: int, device: torch.device, seed: int = 0
 ) -> tuple[torch.Tensor, ...]:
-    """Blocky labels over `present` of num_classes classes, 90 % valid pixels, soft (mostly hard) predictions."""
+    """Blocky labels over `present` of num_classes classes, 90 % valid pixels, soft (mostly hard) scores."""
     gen = torch.Generator().manual_seed(seed)
     classes = torch.randperm(num_classes, generator=gen)[:present]
     coarse = classes[torch.randint(0, present, (batch, 1, 6, 6), generator=gen)].float()

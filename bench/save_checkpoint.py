@@ -1,4 +1,4 @@
-"""Cost of one last.pth save (engine.save_last: student, teacher, SGD momentum, written and fsynced atomically).
+"""Cost of one last.pth save (engine.save_last: student, teacher, SGD momentum, fsynced atomically).
 
 python bench/save_checkpoint.py [--depths 18 101] [--repeats 3] [--out DIR]
 Prints JSON and a short table: the file size and the median seconds of one save per model.

@@ -2,9 +2,9 @@
 steps, with and without ReCo, compiled or not; the semi-supervised steps at one batch and crop.
 
 Runs the engine's own optimisation step on synthetic batches (so data loading is not measured):
-    python bench/train_step.py                       # CPU, small size, eager vs torch.compile
+    python bench/train_step.py               # CPU, small size, eager vs torch.compile
     python bench/train_step.py --device cuda --size pascal --amp off bf16 --compile off reduce-overhead \
-        --sync_check --kernels                       # the GPU table (12 rows, 6 compiled; --amp bf16 alone halves it)
+        --sync_check --kernels               # the GPU table (12 rows, 6 compiled; --amp bf16 alone halves it)
 Prints one JSON line per configuration and a table at the end. Compilation happens in engine.build_run
 (its seconds are the 'compile s' column), so the timed steps are the compiled ones. 'first losses' are the
 first step's logged losses from the same seed: equal within float noise across --compile and --channels_last.
@@ -327,15 +327,18 @@ def main() -> None:
                         print(json.dumps(row), flush=True)
                         rows.append(row)
     print(
-        f"\n{'config':14} {'amp':5} {'compile':15} {'guard':5} {'NHWC':5} {'batch':7} {'crop':9} {'s/iter':>8} {'CPU s':>7} {'peak GiB':>9}"
-        f" {'compile s':>9} {'launches':>8} {'kernels':>8} {'GPU ms':>8}  first losses  ({rows[0]['device_name']})"
+        f"\n{'config':14} {'amp':5} {'compile':15} {'guard':5} {'NHWC':5} {'batch':7} {'crop':9} "
+        f"{'s/iter':>8} {'CPU s':>7} {'peak GiB':>9} {'compile s':>9} {'launches':>8} {'kernels':>8} "
+        f"{'GPU ms':>8}  first losses  ({rows[0]['device_name']})"
     )
     for r in rows:
         print(
             f"{r['config']:14} {r['amp']:5} {r['compile']:15} {'on' if r['guard'] else 'off':5} "
             f"{'yes' if r['channels_last'] else 'no':5} "
-            f"{r['batch']:7} {'x'.join(map(str, r['crop'])):9} {r['s_per_iter']:8.3f} {r['cpu_s_per_iter']:7.3f} {r['peak_gib']:9.2f} "
-            f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r.get('launches_per_step', '-'):>8} {r.get('kernels_per_step', '-'):>8} "
+            f"{r['batch']:7} {'x'.join(map(str, r['crop'])):9} {r['s_per_iter']:8.3f} "
+            f"{r['cpu_s_per_iter']:7.3f} {r['peak_gib']:9.2f} "
+            f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} "
+            f"{r.get('launches_per_step', '-'):>8} {r.get('kernels_per_step', '-'):>8} "
             f"{r.get('gpu_busy_ms', '-'):>8}  {' '.join(f'{v:.4f}' for v in r['first_losses'])}"
         )
 

@@ -1,6 +1,6 @@
-"""Generate the synthetic demo dataset (Pascal layout, 7 classes of textured shapes under 16 nuisance conditions
-recorded per image in conditions.json, partial labels for seeds 0-2; docs/demo.md), or the same data as a
-dataset described by its folder (--layout folder: train with --dataset folder --data_root DIR).
+"""Generate the synthetic demo dataset (Pascal layout, 7 classes of textured shapes under 16 nuisance
+conditions recorded per image in conditions.json, partial labels for seeds 0-2; docs/demo.md), or the same
+data as a dataset described by its folder (--layout folder: train with --dataset folder --data_root DIR).
 
     python dataset/demo_preprocess.py [--root dataset/demo] [--seed 0]
     python dataset/demo_preprocess.py --layout folder --root demo_folder

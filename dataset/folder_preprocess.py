@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
     )
     print(
-        f"wrote labels/train_{{p0,p1,p5,p25}}_{{{','.join(map(str, args.seeds))}}} in {args.root}; train with "
-        f"train_sup_partial.py / train_semisup_partial.py --dataset folder --data_root {args.root} --partial p1"
+        f"wrote labels/train_{{p0,p1,p5,p25}}_{{{','.join(map(str, args.seeds))}}} in {args.root}; "
+        "train with train_sup_partial.py / train_semisup_partial.py --dataset folder "
+        f"--data_root {args.root} --partial p1"
     )
 
 

@@ -1,4 +1,5 @@
-"""Generate Pascal VOC partial labels: SegmentationClassAug_{p0,p1,p5,p25}_{seed}/ beside SegmentationClassAug/.
+"""Generate Pascal VOC partial labels beside SegmentationClassAug/:
+SegmentationClassAug_{p0,p1,p5,p25}_{seed}/.
 
     python dataset/pascal_preprocess.py [--root dataset/pascal] [--seeds 0 1 2]
 

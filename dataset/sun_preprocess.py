@@ -2,11 +2,11 @@
 
     python dataset/sun_preprocess.py --src DIR [--root dataset/sun]
 
-DIR holds the downloads as unpacked: SUNRGBD-train_images/img-k.jpg (k = 1..5285), SUNRGBD-test_images/img-k.jpg
-(k = 1..5050) and sunrgbd_train_test_labels/img-k.png (1..5050 test, 5051..10335 train). Train image k becomes
-img-(k+5050); test images not listed in test_idx.txt join the train set; images are resized with bicubic and
-labels with nearest. The input is never changed: a new tree is written aside and renamed into place in ROOT,
-so a re-run gives the same result.
+DIR holds the downloads as unpacked: SUNRGBD-train_images/img-k.jpg (k = 1..5285),
+SUNRGBD-test_images/img-k.jpg (k = 1..5050) and sunrgbd_train_test_labels/img-k.png (1..5050 test, 5051..10335
+train). Train image k becomes img-(k+5050); test images not listed in test_idx.txt join the train set; images
+are resized with bicubic and labels with nearest. The input is never changed: a new tree is written aside and
+renamed into place in ROOT, so a re-run gives the same result.
 """
 
 import argparse

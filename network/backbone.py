@@ -69,7 +69,8 @@ def _imagenet_state_dict(resnet_depth: int) -> dict[str, torch.Tensor]:
             torch.hub.download_url_to_file(weights.url, str(path), progress=True)
         except Exception as error:  # no network, proxy, disk: all end in the same instruction
             raise FileNotFoundError(
-                f"cannot download the ImageNet ResNet-{resnet_depth} weights ({type(error).__name__}: {error}); "
+                f"cannot download the ImageNet ResNet-{resnet_depth} weights "
+                f"({type(error).__name__}: {error}); "
                 f"put {weights.url} at {path}, or pass --pretrained none or --pretrained PATH to a local "
                 f"torchvision ResNet-{resnet_depth} state_dict."
             ) from None

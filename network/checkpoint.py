@@ -87,7 +87,7 @@ def model_from_state_dict(
 ) -> nn.Module:
     """Build the network a state_dict was saved from and load it strictly; flags left None are read from it.
 
-    source names the file in error messages; num_classes, if given, must match the checkpoint's (the dataset's).
+    source names the file in errors; num_classes, if given, must match the checkpoint's (the dataset's).
     """
     found = infer_config(state_dict)
     for flag, value in (("backbone", backbone), ("resnet_depth", resnet_depth), ("output_dim", output_dim)):
@@ -126,7 +126,7 @@ def load_model(
     resnet_depth: int | None = None,
     output_dim: int | None = None,
 ) -> nn.Module:
-    """The network a checkpoint file describes, with its weights (strict); flags left None are read from it."""
+    """The network a checkpoint file describes, with its weights (strict); flags left None are read."""
     return model_from_state_dict(
         load_state_dict(path), f"checkpoint {path}", num_classes, backbone, resnet_depth, output_dim
     )

@@ -14,7 +14,7 @@ from network.resize import resize_bilinear
 
 
 def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """[B, C, h, w] -> [B, C, H, W] float32 (float64 kept), bilinear with align_corners=True (the reference's)."""
+    """[B, C, h, w] -> [B, C, H, W] float32 (float64 kept), bilinear, align_corners=True (the reference's)."""
     return resize_bilinear(full_precision(logits), size, align_corners=True)
 
 
@@ -29,7 +29,7 @@ def _upsampled_logits(model: nn.Module, images: torch.Tensor, size: Sequence[int
 
 
 def _window_starts(length: int, window: int) -> list[int]:
-    """Start offsets of windows of `window` px over `length` px, 1/3 overlap, the last one flush with the end."""
+    """Start offsets of windows of `window` px over `length` px, 1/3 overlap, the last flush with the end."""
     if window >= length:
         return [0]
     stride = math.ceil(window * 2 / 3)

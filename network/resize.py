@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 
 def exact_backward_needed(x: torch.Tensor) -> bool:
-    """Whether x's gradient must avoid CUDA's atomic-add kernels: deterministic mode, on CUDA, with gradients."""
+    """Whether x's gradient must avoid CUDA's atomic-add kernels: deterministic mode, CUDA, gradients."""
     return x.requires_grad and x.is_cuda and torch.are_deterministic_algorithms_enabled()
 
 
 def _bilinear_matrix(size_in: int, size_out: int, align_corners: bool, device: torch.device) -> torch.Tensor:
-    """[size_out, size_in] fp32: each output position's two weights over the input, as F.interpolate places them."""
+    """[size_out, size_in] fp32: each output position's two input weights, as F.interpolate places them."""
     out = torch.arange(size_out, device=device, dtype=torch.float32)
     if align_corners:
         source = out * ((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0)
@@ -41,13 +41,13 @@ def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -
 
 
 def global_average(x: torch.Tensor, pool: torch.nn.Module) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C, 1, 1] by `pool` (an AdaptiveAvgPool2d(1)), or by a mean where exact_backward_needed(x)."""
+    """[B, C, H, W] -> [B, C, 1, 1] by `pool` (AdaptiveAvgPool2d(1)), or a mean if exact_backward_needed."""
     return x.mean((2, 3), keepdim=True) if exact_backward_needed(x) else pool(x)
 
 
 def pooled_branch(x: torch.Tensor, branch: torch.nn.Sequential, align_corners: bool) -> torch.Tensor:
-    """ASPP's image-pooling branch: `branch` (an AdaptiveAvgPool2d(1), then layers) on x, spread bilinearly back
-    over x's size; the average and the spread by global_average and resize_bilinear."""
+    """ASPP's image-pooling branch: `branch` (an AdaptiveAvgPool2d(1), then layers) on x, spread
+    bilinearly back over x's size; the average and the spread by global_average and resize_bilinear."""
     pool, *layers = branch
     y = global_average(x, pool)
     for layer in layers:

@@ -42,7 +42,7 @@ def run_script(capsys):
 
 
 def run_entry(main, args, capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of an entry point's main(argv) run through helpers.run_cli in this process."""
+    """(exit code, stdout, stderr) of an entry point's main(argv) run by helpers.run_cli in this process."""
     capsys.readouterr()
     try:
         helpers.run_cli(main, [str(a) for a in args])
@@ -63,7 +63,7 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_pascal_layout(root: Path, labels) -> Path:
-    """Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, val.txt (label arrays uint8 [H,W])."""
+    """Pascal layout: JPEGImages/{id}.jpg, SegmentationClassAug/{id}.png, val.txt (labels uint8 [H,W])."""
     (root / "JPEGImages").mkdir(parents=True)
     (root / "SegmentationClassAug").mkdir()
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Speed-ups change no result: compiled vs eager steps, the skipped representation head, channels-last, modes."""
+"""Speed-ups change no result: compiled vs eager steps, the skipped representation head, NHWC, modes."""
 
 import copy
 
@@ -62,8 +62,8 @@ def steps(run: engine.Run, semi: bool, count: int) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 def test_compiled_semi_reco_step_matches_eager(monkeypatch, capsys):
-    # Inductor's C++ code generation takes minutes on 2 cores; the aot_eager backend still runs Dynamo's capture
-    # and AOTAutograd's forward/backward graphs, which is where a compiled step could go wrong.
+    # Inductor's C++ code generation takes minutes on 2 cores; the aot_eager backend still runs Dynamo's
+    # capture and AOTAutograd's forward/backward graphs, which is where a compiled step could go wrong.
     monkeypatch.setattr(
         acceleration, "compile_options", lambda mode: {"backend": "aot_eager", "dynamic": False}
     )

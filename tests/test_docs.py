@@ -1,4 +1,4 @@
-"""The manual: a short README over docs/ pages, every relative link and anchor resolving, every page reachable."""
+"""The manual: a short README over docs/ pages, every relative link and anchor resolves, all reachable."""
 
 import re
 from collections import Counter
@@ -19,7 +19,7 @@ _EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # http:, https:, 
 
 
 def _prose(text: str) -> str:
-    """Markdown text without fenced code blocks and code spans (links and headings inside them do not count)."""
+    """Markdown text without fenced code blocks and code spans (links and headings in them do not count)."""
     return _CODE_SPAN.sub("", _FENCE.sub("", text))
 
 
@@ -42,7 +42,7 @@ def relative_links(path: Path) -> list[str]:
 
 
 def broken_links(path: Path, root: Path = REPO) -> list[str]:
-    """The relative links of a page whose file (inside root), or #anchor in a markdown file, does not exist."""
+    """The relative links of a page whose file (inside root), or #anchor in a markdown file, is missing."""
     broken = []
     for target in relative_links(path):
         file_part, _, anchor = target.partition("#")

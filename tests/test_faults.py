@@ -1,5 +1,5 @@
-"""Faults of long runs: a stop signal mid-epoch, non-finite losses, a full disk, bad checkpoints, and an elastic
-torchrun restart after a rank dies."""
+"""Faults of long runs: a stop signal mid-epoch, non-finite losses, a full disk, bad checkpoints, and an
+elastic torchrun restart after a rank dies."""
 
 import errno
 import json
@@ -355,7 +355,8 @@ JOB_SIGNAL = """\
 import os, signal, sys
 import engine
 evaluate, count = engine.evaluate, [0]
-def signalled_evaluate(*a, **k):  # SIGTERM to the whole job while the test loader's workers run, as Slurm sends it
+# SIGTERM to the whole job while the test loader's workers run, as Slurm sends it
+def signalled_evaluate(*a, **k):
     count[0] += 1
     if count[0] == 2:
         os.killpg(os.getpgid(0), signal.SIGTERM)

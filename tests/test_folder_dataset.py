@@ -1,5 +1,5 @@
 """A dataset described by its folder (--dataset folder --data_root DIR): the card, the checks before training,
-images of any mode, images without masks, the sampler with few classes, and every script on 2 and 7 classes."""
+images of any mode, images without masks, the sampler with few classes, every script on 2 and 7 classes."""
 
 import json
 import shutil

@@ -79,7 +79,10 @@ def test_no_import_circles_and_none_hidden_in_functions():
     ],
 )
 def test_importing_a_module_does_not_import_what_it_must_not(module, forbidden):
-    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r}))"
+    code = (
+        f"import sys, {module}; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r}))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
@@ -186,7 +189,7 @@ def test_stream_seeds_are_distinct_per_stream_and_keys():
 
 @pytest.mark.parametrize("epoch", [0, 1, 5])
 def test_an_epoch_step_stream_does_not_replay_its_labelled_batches(epoch):
-    """The global stream seeded for an epoch's steps and the labelled sampler of that epoch are independent."""
+    """The global stream seeded for an epoch's steps and that epoch's labelled sampler are independent."""
     sampler = build_data.EpochBatchSampler(num_items=1000, batch_size=4, iters_per_epoch=8, seed=0, rank=0)
     sampler.set_epoch(epoch)
     drawn = torch.tensor([[i for i, _ in batch] for batch in sampler])

@@ -229,7 +229,7 @@ def test_predict_flip_and_window_known_answers():
     torch.testing.assert_close(network.predict(_Echo(), x, (20, 31), flip=True), x + (width - 1) / 2)
     # windows are put back where they came from and overlaps are averaged: the identity model is exact
     torch.testing.assert_close(network.predict(lambda t, with_rep: (t, t), x, (20, 31), window=(8, 12)), x)
-    # each window's ramp restarts at 0: column 0 is only ever a window's first column, the last only a last one
+    # each window's ramp restarts at 0: column 0 is only ever a window's first column, the last a last one
     windowed = network.predict(_Echo(), x, (20, 31), window=(8, 12))
     torch.testing.assert_close(windowed[..., 0], x[..., 0])
     torch.testing.assert_close(windowed[..., -1], x[..., -1] + 11)

@@ -1,4 +1,4 @@
-"""predict.py end to end: a tiny model saved as a checkpoint, images of odd sizes and mixed modes, corrupt files."""
+"""predict.py end to end: a tiny model saved as a checkpoint, odd sizes and mixed modes, corrupt files."""
 
 import json
 
@@ -75,7 +75,7 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 
 def expected_mask(model, path, flip=False, window=None) -> np.ndarray:
-    """The model's own prediction: the image reflect-padded to 16k + 1 px, network.predict, argmax, cut back."""
+    """The model's own prediction: the image reflect-padded to 16k + 1 px, predict, argmax, cut back."""
     photo = build_data.read_image(build_data.DATASETS["demo"], path)
     height, width = photo.shape[:2]
     image = torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 255

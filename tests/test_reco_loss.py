@@ -1,4 +1,4 @@
-"""compute_reco_loss: value and gradient against the direct formula, sampling distributions, edge cases, AMP."""
+"""compute_reco_loss: value and gradient against the direct formula, sampling laws, edge cases, AMP."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def random_batch(device="cpu", batch=2, size=9, num_classes=6, dim=8, seed=0):
-    """rep, label (one-hot, class 4 absent), mask (some pixels invalid), prob (mix of hard and easy pixels)."""
+    """rep, label (one-hot, class 4 absent), mask (some pixels invalid), prob (hard and easy pixels)."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.tensor([0, 1, 2, 3, 5])[torch.randint(0, 5, (batch, size, size), generator=gen)]
     label = label_onehot(labels, num_classes)
@@ -223,13 +223,13 @@ def test_same_generator_same_loss_and_no_numpy_rng():
     assert (np.random.get_state()[1] == np_state).all()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Sampling distributions of _reco_draws (fixed seeds: deterministic, so no flakiness)
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def draw_setup():
-    """4 classes over 40 pixels: class c owns pixels with p % 5 == c (class 3 also shares pixel 39 with class 2)."""
+    """4 classes, 40 pixels: class c owns pixels with p % 5 == c (class 3 also has class 2's pixel 39)."""
     pixels = torch.arange(40)
     valid = torch.stack([pixels % 5 == c for c in range(4)])
     valid[3, 37] = True  # pixel 37 (p % 5 == 2) is valid for classes 2 and 3
@@ -266,7 +266,7 @@ def test_negative_classes_follow_class_distribution_and_keys_uniform_within_clas
     for row, i in enumerate([0, 3]):
         negs = negatives[row]  # [Q,N]
         per_pixel = torch.bincount(negs.flatten(), minlength=40)
-        # A negative pixel belongs to class j (and is uniform among j's pixels) with probability p_j / n_j each.
+        # A negative pixel belongs to class j (and is uniform among j's pixels) with probability p_j / n_j.
         prob_pixel = (class_probs[i, :, None] * valid / valid.sum(1, keepdim=True)).sum(0)
         assert per_pixel[prob_pixel == 0].sum() == 0  # never its own class only, never an invalid pixel
         expected = prob_pixel[prob_pixel > 0] * negs.numel()
@@ -285,9 +285,9 @@ def test_uniform_below_has_no_modulo_bias():
     assert module_list._uniform_below(torch.tensor([0, 1]), None).tolist() == [0, 0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # _SampledDot: the private fused op and the public tiled fallback
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def sampled_dot_inputs(rows=7, points=5, cols=13, dim=6, seed=0):
@@ -300,13 +300,13 @@ def sampled_dot_inputs(rows=7, points=5, cols=13, dim=6, seed=0):
 
 
 def requires_fused_op():
-    """Skip where this torch has no private op (only the fallback is then in use); else check the probe accepts it."""
+    """Skip if this torch has no private op (only the fallback is used); else the probe must accept it."""
     if not hasattr(torch.ops.aten, module_list._FUSED_SAMPLED_DOT_OP):
         pytest.skip("this torch has no fused sampled-dot op")
     assert module_list._fused_sampled_dot_works()
 
 
-# 7 rows x 13 columns x D = 6: one tile; tiles of 2 whole rows (the last one partial); tiles of 5 columns of a row.
+# 7 rows x 13 columns x D = 6: one tile; tiles of 2 whole rows (the last partial); tiles of 5 columns.
 @pytest.mark.parametrize(
     "tile, num_tiles",
     [(1 << 24, 1), (2 * 13 * 6, 4), (5 * 6, 7 * 3)],
@@ -383,9 +383,9 @@ def test_probe_rejects_missing_raising_or_wrong_op(monkeypatch, case):
     assert module_list._fused_sampled_dot_works.__wrapped__() is False  # the uncached probe
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Accelerator: no host sync inside the loss
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,6 +1,6 @@
-"""Reproducible runs (docs/reproducibility.md): the same command gives the same files at the default thread count
-however busy the CPU is; --deterministic is accepted on the CPU and changes nothing there; config.json says how
-the run was made; the network's deterministic formulations compute torch's values."""
+"""Reproducible runs (docs/reproducibility.md): the same command gives the same files at the default thread
+count however busy the CPU is; --deterministic is accepted on the CPU and changes nothing there; config.json
+says how the run was made; the network's deterministic formulations compute torch's values."""
 
 import json
 import os

@@ -1,5 +1,5 @@
-"""The shipped standard splits: --split NAME, the ids checked against the dataset, and Cityscapes' original names
-mapped to the preprocessed numbering through the record dataset/cityscapes_preprocess.py writes."""
+"""The shipped standard splits: --split NAME, the ids checked against the dataset, and Cityscapes' original
+names mapped to the preprocessed numbering through the record dataset/cityscapes_preprocess.py writes."""
 
 import subprocess
 from pathlib import Path

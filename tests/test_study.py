@@ -1,6 +1,6 @@
-"""study.py: a grid of real training runs that is stopped once (SIGTERM), fails once and is restarted, then its
-report checked against the runs' own .npy logs; --print; the refusal of mixed configurations; runs known only by
-name; --paper; and what a first study met (stop signals, flags, paths, split columns, missing seeds)."""
+"""study.py: a grid of real training runs that is stopped once (SIGTERM), fails once and is restarted, then
+its report checked against the runs' own .npy logs; --print; the refusal of mixed configurations; runs known
+only by name; --paper; what a first study met (stop signals, flags, paths, split columns, missing seeds)."""
 
 import csv
 import json
@@ -325,7 +325,10 @@ def test_run_refuses_a_bad_grid(argv, message, tmp_path):
 def test_run_refuses_to_continue_a_study_with_other_training_flags(tmp_path, capsys):
     grid = ["run", "--out", str(tmp_path), "--num_labels", "60", "--methods", "sup", "--seeds", "0"]
     study.check_study_file(tmp_path, False, ["--epochs", "2"])
-    changed = r"study.json: this study ran its cells with other training flags \(--epochs 2 before, --epochs 3 now\)"
+    changed = (
+        r"study.json: this study ran its cells with other training flags "
+        r"\(--epochs 2 before, --epochs 3 now\)"
+    )
     with pytest.raises(UserError, match=changed + ".*pass the same flags"):
         study.main(grid + ["--", "--epochs", "3"])
 

@@ -339,14 +339,16 @@ def test_torchrun_two_cpu_processes(demo_root, tmp_path):
     )
     done = torchrun(probe, argv)
     best = {
-        l.split()[1]: l.split()[3] for l in done.stdout.splitlines() if l.startswith("RANK") and "BEST" in l
+        line.split()[1]: line.split()[3]
+        for line in done.stdout.splitlines()
+        if line.startswith("RANK") and "BEST" in line
     }
     assert set(best) == {"0", "1"} and best["0"] == best["1"], done.stdout
     # every rank evaluates the weights rank 0 saves (BN statistics included)
     weights = {
-        l.split()[1]: l.split()[3]
-        for l in done.stdout.splitlines()
-        if l.startswith("RANK") and "WEIGHTS" in l
+        line.split()[1]: line.split()[3]
+        for line in done.stdout.splitlines()
+        if line.startswith("RANK") and "WEIGHTS" in line
     }
     assert set(weights) == {"0", "1"} and weights["0"] == weights["1"], done.stdout
     assert done.stdout.count("EPOCH") == 1  # only rank 0 reports

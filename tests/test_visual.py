@@ -106,7 +106,7 @@ def test_missing_own_checkpoint_and_bad_index(tmp_path, capsys, pascal_layout, c
 
 
 def test_reference_figure_defaults_pascal_entry_961_and_published_names(tmp_path, monkeypatch, pascal_layout):
-    """No --checkpoints: the three published file names in --weights_dir and val entry 961, as the reference."""
+    """No --checkpoints: the three published file names in --weights_dir, val entry 961, as the reference."""
     root = tmp_path / "pascal"
     ids = [f"id{i:04d}" for i in range(1000)]
     pascal_layout(root, [np.full((30, 40), 15, np.uint8)])  # writes img0; rename it to entry 961's id
