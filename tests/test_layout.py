@@ -202,3 +202,12 @@ def test_model_init_stream_differs_from_the_first_epoch():
     init = torch.rand(16)
     seed_all("steps", 0, 0, 0)
     assert not torch.equal(torch.rand(16), init)
+
+
+@pytest.mark.parametrize("command", [["format", "--check"], ["check"]])
+def test_code_is_ruff_formatted_and_lint_clean(command):
+    """The style (ruff.toml: `ruff format` at 110 columns, lint E/F/W/I) holds for every .py file."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, "--no-cache", "."], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
