@@ -54,7 +54,7 @@ def test_reference_defaults(mode, dataset, has):
         ("pascal", ((321, 321), 8, 0.001, 10.0, 80, 0.95, "ce", 1e-4)),
         ("cityscapes", ((801, 801), 8, 0.005, 1.0, 240, 0.0, "ohem", 1e-4)),
         ("sun", ((321, 321), 8, 0.001, 10.0, 80, 0.95, "ce", 1e-4)),
-        ("demo", ((65, 65), 4, 0.01, 1.0, 8, 0.95, "ce", 1e-4)),
+        ("demo", ((65, 65), 4, 0.01, 1.0, 12, 0.95, "ce", 1e-4)),
     ],
 )
 def test_fixmatch_and_unimatch_take_the_tables_defaults_and_flags_override_them(dataset, expected):

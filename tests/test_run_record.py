@@ -307,7 +307,7 @@ def test_a_split_folder_is_read_once_per_run_and_again_once_it_changes(small_dem
 
 
 def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the_same_split(tmp_path):
-    def run(name, mode, digest, best, data_root="/data/a"):
+    def run(name, mode, digest, best, data_root="data-a"):
         folder = tmp_path / name
         folder.mkdir()
         config = {
@@ -322,7 +322,7 @@ def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the
     semi = run("semi", "semi", "abc", 0.6)
     assert "not measured: `python train_sup.py`" in run_folder.baseline_line(semi, 0.6, tmp_path)
     run("other_split", "sup", "xyz", 0.1)
-    run("other_data", "sup", "abc", 0.2, data_root="/data/b")
+    run("other_data", "sup", "abc", 0.2, data_root="data-b")
     run("unfinished", "sup", "abc", 0.3)
     (tmp_path / "unfinished" / "summary.json").unlink()
     assert "not measured" in run_folder.baseline_line(semi, 0.6, tmp_path)
