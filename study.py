@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from build_data import ONLINE_DEFAULTED, PARTIAL_SETTINGS  # noqa: E402
+from dataset_table import ONLINE_DEFAULTED, PARTIAL_SETTINGS  # noqa: E402
 from faults import STOP_SIGNALS, exit_code  # noqa: E402
 from helpers import UserError, atomic_save, run_cli, write_json  # noqa: E402
 from module_list import MIX_MODES, ONLINE_METHODS  # noqa: E402
