@@ -72,6 +72,7 @@ def test_no_import_circles_and_none_hidden_in_functions():
         ("visual", {"engine", "options"}),
         ("evaluate", {"engine", "options"}),
         ("study", {"engine", "options", "network"}),
+        ("study_report", {"engine", "options", "network", "study"}),
         ("run_folder", {"engine", "options", "network", "figures"}),
         ("build_data", {"engine", "network", "splits", "preparation", "layouts"}),
         (
