@@ -20,12 +20,12 @@ from tqdm import tqdm
 from acceleration import compile_in_place, compile_mode, memory_format, step_begin, warm_up
 from build_data import (
     DatasetFiles,
-    DatasetInfo,
     SegmentationDataset,
     build_test_loader,
     build_train_loader,
     loader_workers,
 )
+from dataset_table import DatasetInfo
 from distributed import (
     Dist,
     all_reduce_sum,

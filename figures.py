@@ -15,14 +15,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from build_data import (
-    DatasetFiles,
-    SegmentationDataset,
-    color_map,
-    present_classes,  # noqa: E402
-    read_image,
-    read_label,
-)
+from build_data import DatasetFiles, SegmentationDataset, present_classes, read_image, read_label  # noqa: E402
+from dataset_table import color_map  # noqa: E402
 from helpers import UserError, atomic_save, resolve_device  # noqa: E402
 from module_list import IGNORE_INDEX  # noqa: E402
 from network import load_model, predict  # noqa: E402

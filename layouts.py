@@ -11,22 +11,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from build_data import (
+from build_data import IMAGE_SUFFIXES, DatasetFiles, file_stamp, image_size, read_label
+from dataset_card import CLASSES_FILE, HELP, OVERRIDES_FILE, DatasetCard, read_card
+from dataset_table import (
     DATASETS,
     FOLDER,
-    IMAGE_SUFFIXES,
     REPO_ROOT,
     UNLABELLED_DIR,
     VOID,
-    DatasetFiles,
     DatasetInfo,
-    file_stamp,
     folder_entry,
-    image_size,
-    read_label,
     void_values,
 )
-from dataset_card import CLASSES_FILE, HELP, OVERRIDES_FILE, DatasetCard, read_card
 from helpers import DataError
 
 _SPLIT_FOLDERS = {"train": "train", "test": "val"}  # the Cityscapes and folder layouts' names of the splits

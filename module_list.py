@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from helpers import full_precision
 
-# Ignore value inside label tensors (the reference's -1); on disk the void value is 255 (build_data.VOID).
+# Ignore value inside label tensors (the reference's -1); on disk the void value is 255 (dataset_table.VOID).
 IGNORE_INDEX = -1
 
 MIX_MODES = ("cutout", "cutmix", "classmix")

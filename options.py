@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import cli_flags
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES
-from build_data import PARTIAL_SETTINGS, DatasetInfo, check_partial
+from dataset_table import PARTIAL_SETTINGS, DatasetInfo, check_partial
 from helpers import UserError
 from layouts import resolve_dataset
 from methods import CRITERIA

@@ -25,7 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import cli_flags
-from build_data import DATASETS, IMAGE_SUFFIXES, DataError, DatasetInfo, loader_workers, read_image
+from build_data import IMAGE_SUFFIXES, DataError, loader_workers, read_image
+from dataset_table import DATASETS, DatasetInfo
 from figures import blend
 from helpers import UserError, atomic_save, autocast_for, resolve_device, run_cli
 from layouts import resolve_dataset

@@ -15,8 +15,9 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from build_data import DATASETS, FOLDER, UNLABELLED_DIR, VOID, DataError, present_classes, read_label_values
+from build_data import DataError, present_classes, read_label_values
 from dataset_card import CLASSES_FILE, OVERRIDES_FILE
+from dataset_table import DATASETS, FOLDER, UNLABELLED_DIR, VOID
 from helpers import replace_dir, staged_dir
 
 # Partial-label settings in the order the reference draws them: the first pass over all files

@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
-from build_data import FOLDER
+from dataset_table import FOLDER
 from helpers import UserError, atomic_save, save_file, write_json
 from module_list import MIX_MODES, ONLINE_METHODS
 from splits import split_digest, write_split_dir

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from build_data import REPO_ROOT, DataError, DatasetFiles, Sampler, file_stamp, present_classes, read_label
+from build_data import DataError, DatasetFiles, file_stamp, present_classes, read_label
+from dataset_table import REPO_ROOT, Sampler
 from helpers import UserError, atomic_save
 from layouts import name_record_path
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_data as bd  # noqa: E402
+import dataset_table as dt  # noqa: E402
 import transforms  # noqa: E402
 from layouts import resolve_dataset  # noqa: E402
 
@@ -39,7 +40,7 @@ def make_images(root: Path, count: int) -> list[str]:
         image = np.stack([127 + 120 * np.sin(xx / 37 + p + yy / 53) for p in phase], axis=-1)
         Image.fromarray(image.astype(np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
         label = ((xx // 50 + yy // 60) % 21).astype(np.uint8)
-        label[:, :5] = bd.VOID
+        label[:, :5] = dt.VOID
         Image.fromarray(label).save(root / "SegmentationClassAug" / f"{image_id}.png")
     (root / "train_aug.txt").write_text("\n".join(ids))
     return ids
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    info = bd.DATASETS["pascal"]
+    info = dt.DATASETS["pascal"]
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 import build_data  # noqa: E402
+import dataset_table  # noqa: E402
 import helpers  # noqa: E402
 import layouts  # noqa: E402
 import preparation  # noqa: E402
@@ -32,8 +33,8 @@ IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
 
 def void_label_ids() -> list[int]:
     """Label ids 0..33 that have no train id: never sampled for partial labels (as the reference)."""
-    table = build_data.DATASETS["cityscapes"].label_table
-    return [i for i in range(34) if table[i] == build_data.VOID]
+    table = dataset_table.DATASETS["cityscapes"].label_table
+    return [i for i in range(34) if table[i] == dataset_table.VOID]
 
 
 def list_pairs(image_dir: Path, label_dir: Path) -> list[tuple[Path, Path]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 # `python dataset/X.py` puts dataset/ on sys.path, not the repo root: add the root to import the project.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import build_data  # noqa: E402
+import dataset_table  # noqa: E402
 import helpers  # noqa: E402
 import layouts  # noqa: E402
 import preparation  # noqa: E402
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--layout",
         default="pascal",
-        choices=("pascal", build_data.FOLDER),
+        choices=("pascal", dataset_table.FOLDER),
         help="pascal (--dataset demo) or folder (--dataset folder --data_root ROOT)",
     )
     parser.add_argument(
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         help="images without masks in ROOT/unlabelled/ (folder layout only; default 48)",
     )
     args = parser.parse_args(argv)
-    folder = args.layout == build_data.FOLDER
+    folder = args.layout == dataset_table.FOLDER
     num_unlabelled = (48 if folder else 0) if args.num_unlabelled is None else args.num_unlabelled
     root = preparation.make_demo_dataset(
         args.root,

@@ -15,7 +15,7 @@ from pathlib import Path
 # `python dataset/X.py` puts dataset/ on sys.path, not the repo root: add the root to import the project.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import build_data  # noqa: E402
+import dataset_table  # noqa: E402
 import helpers  # noqa: E402
 import layouts  # noqa: E402
 import preparation  # noqa: E402
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         help="processes (one seed each; the output does not depend on it)",
     )
     args = parser.parse_args(argv)
-    data = layouts.resolve_dataset(build_data.FOLDER, args.root)
+    data = layouts.resolve_dataset(dataset_table.FOLDER, args.root)
     ids = data.list_ids("train")
     data.list_ids("test")
     files = sorted(data.label_path(i, "train") for i in ids)
-    [void] = build_data.void_values(data.info)
+    [void] = dataset_table.void_values(data.info)
     print(f"{len(files)} labels in {files[0].parent}, {data.info.num_classes} classes; seeds {args.seeds}")
     preparation.write_partial_labels(
         files,

@@ -13,7 +13,7 @@ from pathlib import Path
 # `python dataset/X.py` puts dataset/ on sys.path, not the repo root: add the root to import the project.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import build_data  # noqa: E402
+import dataset_table  # noqa: E402
 import helpers  # noqa: E402
 import layouts  # noqa: E402
 import splits  # noqa: E402
@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset", required=True, choices=[*sorted(build_data.DATASETS), build_data.FOLDER])
+    parser.add_argument(
+        "--dataset", required=True, choices=[*sorted(dataset_table.DATASETS), dataset_table.FOLDER]
+    )
     parser.add_argument(
         "--root",
         type=Path,

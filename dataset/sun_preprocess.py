@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 import build_data  # noqa: E402
+import dataset_table  # noqa: E402
 import helpers  # noqa: E402
 import layouts  # noqa: E402
 import preparation  # noqa: E402
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     test_idx = args.test_idx or next(
         (
             p
-            for p in (args.src / "test_idx.txt", build_data.REPO_ROOT / "dataset" / "sun" / "test_idx.txt")
+            for p in (args.src / "test_idx.txt", dataset_table.REPO_ROOT / "dataset" / "sun" / "test_idx.txt")
             if p.is_file()
         ),
         args.src / "test_idx.txt",

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-import build_data
+import dataset_table
 import helpers
 import network
 import preparation
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CLASSES = build_data.DATASETS["demo"].num_classes
+DEMO_CLASSES = dataset_table.DATASETS["demo"].num_classes
 
 
 @pytest.fixture(scope="session")

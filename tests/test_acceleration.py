@@ -11,7 +11,7 @@ import engine
 import eval_loop
 import network
 import options
-from build_data import DATASETS
+from dataset_table import DATASETS
 from module_list import ConfMatrix
 
 TINY = [

@@ -1,4 +1,4 @@
-"""Dataset table, label maps, files, SegmentationDataset and loaders (build_data, data-core section)."""
+"""Dataset table, label maps, files, SegmentationDataset and loaders (dataset_table, build_data)."""
 
 import dataclasses
 from pathlib import Path
@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import build_data as bd
+import dataset_table as dt
 import transforms as tf
 from layouts import PascalFiles, resolve_dataset
 from module_list import IGNORE_INDEX
@@ -28,14 +29,14 @@ def _save_pair(image_file: Path, label_file: Path, label: np.ndarray) -> None:
 def _as_palette(label: np.ndarray) -> Image.Image:
     """A 'P'-mode PNG whose indices are the label values (as the VOC SegmentationClass files)."""
     image = Image.frombytes("P", (label.shape[1], label.shape[0]), label.astype(np.uint8).tobytes())
-    image.putpalette(bd.DATASETS["pascal"].palette.flatten().tolist())
+    image.putpalette(dt.DATASETS["pascal"].palette.flatten().tolist())
     return image
 
 
 def make_pascal(root: Path, ids=("a", "b", "c", "d"), size=(20, 24), num_classes=21, lists=True) -> Path:
     for i, image_id in enumerate(ids):
         label = RNG.integers(0, num_classes, size)
-        label[0, :] = bd.VOID
+        label[0, :] = dt.VOID
         _save_pair(
             root / "JPEGImages" / f"{image_id}.jpg", root / "SegmentationClassAug" / f"{image_id}.png", label
         )
@@ -91,22 +92,22 @@ def test_table_matches_reference(name, classes, crop, eval_size, scale, batch, m
     assert (
         len(info.class_names) == classes and info.palette.shape == (256, 3) and info.palette.dtype == np.uint8
     )
-    assert data.root == bd.REPO_ROOT / "dataset" / name
-    assert info.sampler is (bd.Sampler.SUN if name == "sun" else bd.Sampler.BALANCED)
+    assert data.root == dt.REPO_ROOT / "dataset" / name
+    assert info.sampler is (dt.Sampler.SUN if name == "sun" else dt.Sampler.BALANCED)
 
 
 def test_training_defaults():
     assert all(
         (
-            bd.DATASETS[n].epochs,
-            bd.DATASETS[n].iters_per_epoch,
-            bd.DATASETS[n].resnet_depth,
-            bd.DATASETS[n].pretrained,
+            dt.DATASETS[n].epochs,
+            dt.DATASETS[n].iters_per_epoch,
+            dt.DATASETS[n].resnet_depth,
+            dt.DATASETS[n].pretrained,
         )
         == (200, 200, 101, "imagenet")
         for n in ("pascal", "cityscapes", "sun")
     )
-    demo = bd.DATASETS["demo"]
+    demo = dt.DATASETS["demo"]
     assert demo.class_names[0] == "background" and len(demo.class_names) == 7
     assert (demo.resnet_depth, demo.pretrained) == (18, "none")
 
@@ -117,7 +118,7 @@ def test_unknown_dataset_lists_valid_names():
 
 
 def test_palettes():
-    pascal, city, sun = (bd.DATASETS[n].palette for n in ("pascal", "cityscapes", "sun"))
+    pascal, city, sun = (dt.DATASETS[n].palette for n in ("pascal", "cityscapes", "sun"))
     assert pascal[:9].tolist() == [
         [0, 0, 0],
         [128, 0, 0],
@@ -138,12 +139,12 @@ def test_palettes():
 
 
 def test_color_map_paints_ignore_with_last_row():
-    palette = bd.DATASETS["pascal"].palette
+    palette = dt.DATASETS["pascal"].palette
     label = torch.tensor([[0, 1], [IGNORE_INDEX, 20]])
-    out = bd.color_map(label, palette)
+    out = dt.color_map(label, palette)
     assert out.shape == (2, 2, 3) and out.dtype == np.uint8
     assert out[1, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [128, 0, 0]
-    assert (bd.color_map(np.array([[255]]), palette) == out[1, 0]).all()
+    assert (dt.color_map(np.array([[255]]), palette) == out[1, 0]).all()
 
 
 def test_denormalise_inverts_normalise():
@@ -162,8 +163,8 @@ def _write_label(path: Path, values: np.ndarray) -> Path:
 
 def test_cityscapes_label_ids_to_train_ids(tmp_path):
     raw = np.arange(256).reshape(16, 16)
-    out = bd.read_label(bd.DATASETS["cityscapes"], _write_label(tmp_path / "l.png", raw)).ravel()
-    expected = np.full(256, bd.VOID)
+    out = bd.read_label(dt.DATASETS["cityscapes"], _write_label(tmp_path / "l.png", raw)).ravel()
+    expected = np.full(256, dt.VOID)
     for label_id, train_id in {
         7: 0,
         8: 1,
@@ -191,21 +192,21 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
 
 def test_sun_labels_minus_one(tmp_path):
     raw = np.array([[0, 1, 37, 20]])
-    out = bd.read_label(bd.DATASETS["sun"], _write_label(tmp_path / "l.png", raw))
-    assert out.tolist() == [[bd.VOID, 0, 36, 19]]
+    out = bd.read_label(dt.DATASETS["sun"], _write_label(tmp_path / "l.png", raw))
+    assert out.tolist() == [[dt.VOID, 0, 36, 19]]
     with pytest.raises(bd.DataError, match=r"l2.png.*\[38\]"):
-        bd.read_label(bd.DATASETS["sun"], _write_label(tmp_path / "l2.png", np.array([[1, 38]])))
+        bd.read_label(dt.DATASETS["sun"], _write_label(tmp_path / "l2.png", np.array([[1, 38]])))
 
 
 def test_pascal_labels_as_is_and_out_of_range_rejected(tmp_path):
     raw = np.array([[0, 20, 255, 7]])
     assert (
-        bd.read_label(bd.DATASETS["pascal"], _write_label(tmp_path / "l.png", raw)).tolist() == raw.tolist()
+        bd.read_label(dt.DATASETS["pascal"], _write_label(tmp_path / "l.png", raw)).tolist() == raw.tolist()
     )
     with pytest.raises(bd.DataError, match=r"bad.png.*\[21, 254\]"):
-        bd.read_label(bd.DATASETS["pascal"], _write_label(tmp_path / "bad.png", np.array([[0, 21, 254]])))
+        bd.read_label(dt.DATASETS["pascal"], _write_label(tmp_path / "bad.png", np.array([[0, 21, 254]])))
     with pytest.raises(bd.DataError, match="0..4"):
-        bd.read_label(bd.DATASETS["demo"], _write_label(tmp_path / "d.png", np.array([[5]])))
+        bd.read_label(dt.DATASETS["demo"], _write_label(tmp_path / "d.png", np.array([[5]])))
 
 
 def test_palette_and_grayscale_labels_decode_to_same_ids(tmp_path):
@@ -214,7 +215,7 @@ def test_palette_and_grayscale_labels_decode_to_same_ids(tmp_path):
     _as_palette(raw).save(tmp_path / "p.png")
     _write_label(tmp_path / "g.png", raw)
     assert Image.open(tmp_path / "p.png").mode == "P"
-    info = bd.DATASETS["pascal"]
+    info = dt.DATASETS["pascal"]
     assert np.array_equal(bd.read_label(info, tmp_path / "p.png"), bd.read_label(info, tmp_path / "g.png"))
     assert bd.read_label(info, tmp_path / "p.png").tolist() == raw.tolist()
 
@@ -222,13 +223,13 @@ def test_palette_and_grayscale_labels_decode_to_same_ids(tmp_path):
 def test_16bit_label(tmp_path):
     raw = np.array([[7, 33, 40, 1000]], dtype=np.uint16)
     Image.fromarray(raw).save(tmp_path / "l.png")
-    assert bd.read_label(bd.DATASETS["cityscapes"], tmp_path / "l.png").tolist() == [[0, 18, 255, 255]]
+    assert bd.read_label(dt.DATASETS["cityscapes"], tmp_path / "l.png").tolist() == [[0, 18, 255, 255]]
 
 
 def test_rgb_label_is_an_error(tmp_path):
     Image.fromarray(np.full((4, 4, 3), (200, 0, 0), np.uint8)).save(tmp_path / "rgb.png")  # colours, not grey
     with pytest.raises(bd.DataError, match="rgb.png is an RGB image of colours.*single-channel"):
-        bd.read_label(bd.DATASETS["pascal"], tmp_path / "rgb.png")
+        bd.read_label(dt.DATASETS["pascal"], tmp_path / "rgb.png")
 
 
 # --- ids and paths ----------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def test_train_items_are_cropped_and_reproducible(tmp_path):
 
 
 def test_test_items_pad_to_eval_size_at_origin(tmp_path):
-    info = dataclasses.replace(bd.DATASETS["pascal"], eval_size=(25, 30))
+    info = dataclasses.replace(dt.DATASETS["pascal"], eval_size=(25, 30))
     root = make_pascal(tmp_path, size=(20, 24))
     ds = bd.SegmentationDataset(PascalFiles(info, root), ["a"], "test")
     image, label = ds[0]
@@ -313,7 +314,7 @@ def test_test_items_pad_to_eval_size_at_origin(tmp_path):
 
 
 def test_cityscapes_and_sun_items(tmp_path):
-    info = bd.DATASETS["cityscapes"]
+    info = dt.DATASETS["cityscapes"]
     city = bd.SegmentationDataset(
         resolve_dataset("cityscapes", make_cityscapes(tmp_path / "c", 2, 1)),
         ["0"],
@@ -323,7 +324,7 @@ def test_cityscapes_and_sun_items(tmp_path):
     _, label = city[0]
     raw = np.asarray(Image.open(tmp_path / "c" / "labels" / "val" / "0.png"))
     expected = torch.from_numpy(info.label_table[raw]).long()
-    assert torch.equal(label, torch.where(expected == bd.VOID, IGNORE_INDEX, expected))
+    assert torch.equal(label, torch.where(expected == dt.VOID, IGNORE_INDEX, expected))
     sun = bd.SegmentationDataset(
         resolve_dataset("sun", make_sun(tmp_path / "s")), ["9"], "train", crop_size=(10, 10)
     )
@@ -334,7 +335,7 @@ def test_cityscapes_and_sun_items(tmp_path):
 def test_partial_labels_are_read(tmp_path):
     root = make_pascal(tmp_path)
     data = resolve_dataset("pascal", root)
-    partial = np.full((20, 24), bd.VOID)
+    partial = np.full((20, 24), dt.VOID)
     partial[5, 6] = 3
     (root / "SegmentationClassAug_p0_1").mkdir()
     _write_label(root / "SegmentationClassAug_p0_1" / "a.png", partial)
@@ -352,7 +353,7 @@ def test_bad_data_errors(tmp_path):
         bd.SegmentationDataset(nowhere, ["a"])
     with pytest.raises(bd.DataError, match="nowhere"):
         nowhere.list_ids("train")
-    nolists = dataclasses.replace(bd.DATASETS["demo"], name="no-such-dataset")
+    nolists = dataclasses.replace(dt.DATASETS["demo"], name="no-such-dataset")
     (tmp_path / "empty").mkdir()
     with pytest.raises(bd.DataError, match="train_aug.txt not found"):
         PascalFiles(nolists, tmp_path / "empty").list_ids("train")
@@ -454,7 +455,7 @@ def test_unimatchs_epoch_stretches_the_items_and_shares_one_shuffle_between_rank
 
 def test_test_loader_in_order_and_sharded(tmp_path):
     ids = [f"i{k}" for k in range(7)]
-    info = dataclasses.replace(bd.DATASETS["pascal"], eval_size=(20, 24))
+    info = dataclasses.replace(dt.DATASETS["pascal"], eval_size=(20, 24))
     ds = bd.SegmentationDataset(PascalFiles(info, make_pascal(tmp_path, ids=tuple(ids))), ids, "test")
     batches = list(bd.build_test_loader(ds))
     assert [len(y) for _, y in batches] == [4, 3]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-import build_data
+import dataset_table
 import options
 import preparation
 import splits
@@ -60,7 +60,7 @@ def test_the_labelled_split_covers_fewer_conditions_than_the_unlabelled_pool(dem
 
 def test_both_layouts_hold_the_same_images_labels_and_records(tmp_path):
     pascal = small(tmp_path / "p")
-    folder = small(tmp_path / "f", layout=build_data.FOLDER, num_unlabelled=3)
+    folder = small(tmp_path / "f", layout=dataset_table.FOLDER, num_unlabelled=3)
     for sub, id_list in (("train", "train_aug.txt"), ("val", "val.txt")):
         names = sorted(p.stem for p in (folder / "images" / sub).iterdir())
         assert names == (pascal / id_list).read_text().split()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import build_data
+import dataset_table
 import evaluate
 import helpers
 import network
@@ -29,7 +29,7 @@ def test_prediction_equal_to_ground_truth_gives_miou_one(tmp_path, pascal_layout
     written = json.loads(out.read_text())
     assert written["miou"] == 1.0 and written["acc"] == 1.0
     assert written["iou_per_class"] == [None, None, 1.0] + [None] * (
-        build_data.DATASETS["demo"].num_classes - 3
+        dataset_table.DATASETS["demo"].num_classes - 3
     )
     for extra in (["--flip"], ["--flip", "--window", "60", "33", "--batch_size", "1"]):
         assert evaluate.main(base + extra)["miou"] == 1.0
@@ -54,7 +54,7 @@ def test_hand_computed_confusion_matrix(tmp_path, capsys, pascal_layout, constan
     assert math.isnan(iou[2]) and math.isnan(iou[4])
     assert result["miou"] == pytest.approx(counts[1] / total / 3)
     report = capsys.readouterr().out
-    assert build_data.DATASETS["demo"].class_names[1] in report and "mIoU" in report
+    assert dataset_table.DATASETS["demo"].class_names[1] in report and "mIoU" in report
     assert f"{100 * result['miou']:.2f}" in report
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import build_data
+import dataset_table
 import engine
 import evaluate
 import layouts
@@ -136,7 +137,12 @@ def test_card_names_colours_overrides_and_defaults(tmp_path):
     assert info.class_names == ("back ground", "road sign", "car") and info.num_classes == 3
     assert info.palette[:3].tolist() == [[0, 0, 0], [10, 20, 30], [255, 0, 5]]
     assert info.eval_size == (50, 60) and info.scale_range == (0.8, 1.2) and info.min_classes == 2
-    assert info.label_table[[0, 2, 200, 255]].tolist() == [0, 2, build_data.VOID, 254]  # 255 is not void here
+    assert info.label_table[[0, 2, 200, 255]].tolist() == [
+        0,
+        2,
+        dataset_table.VOID,
+        254,
+    ]  # 255 is not void here
     assert (info.crop_size, info.batch_size, info.resnet_depth) == (
         (321, 321),
         10,
@@ -166,7 +172,7 @@ def test_card_files_from_windows_editors_read_as_written(tmp_path):
 
 def test_two_classes_default_to_voc_colours_and_min_classes_two(tmp_path):
     info = resolve_dataset("folder", make_folder(tmp_path / "d", 2)).info
-    assert info.palette[:2].tolist() == build_data.DATASETS["pascal"].palette[:2].tolist()
+    assert info.palette[:2].tolist() == dataset_table.DATASETS["pascal"].palette[:2].tolist()
     assert info.min_classes == 2 and info.num_classes == 2
 
 
@@ -445,7 +451,7 @@ def test_every_image_mode_reads_as_rgb_and_16_bit_is_scaled(tmp_path):
     assert raw.dtype == np.uint16 and np.array_equal(wide[..., 1], raw // 257) and wide.max() > 200
     # palette and grayscale labels read as their stored indices
     label = build_data.read_label(info, data.label_path("train_1.png", "train"))
-    assert set(np.unique(label)) == {1, 2, build_data.VOID}
+    assert set(np.unique(label)) == {1, 2, dataset_table.VOID}
 
 
 def test_grey_masks_saved_with_colour_or_alpha_channels_read_as_their_values(tmp_path):
@@ -693,7 +699,7 @@ def test_demo_in_the_folder_layout_holds_the_demo_data(tmp_path, run_script):
         pascal / "SegmentationClassAug_p1_0/train_00000.png"
     ).read_bytes()
     data = resolve_dataset("folder", tmp_path / "f")
-    info, demo = data.info, build_data.DATASETS["demo"]
+    info, demo = data.info, dataset_table.DATASETS["demo"]
     assert info.class_names == demo.class_names and np.array_equal(info.palette[:7], demo.palette[:7])
     assert (info.crop_size, info.eval_size, info.epochs, info.resnet_depth) == ((65, 65), (97, 97), 12, 18)
     assert len(data.unlabelled_ids()) == 2

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import build_data
+import dataset_table
 import network
 import predict
 from conftest import run_entry
 from transforms import normalise
 
-NUM_CLASSES = build_data.DATASETS["demo"].num_classes
+NUM_CLASSES = dataset_table.DATASETS["demo"].num_classes
 # name -> (PIL mode, height, width); 'a' and 'd' share a padded size (49 x 65), so they are predicted together
 IMAGES = {
     "a.jpg": ("RGB", 40, 57),
@@ -76,7 +77,7 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 def expected_mask(model, path, flip=False, window=None) -> np.ndarray:
     """The model's own prediction: the image reflect-padded to 16k + 1 px, predict, argmax, cut back."""
-    photo = build_data.read_image(build_data.DATASETS["demo"], path)
+    photo = build_data.read_image(dataset_table.DATASETS["demo"], path)
     height, width = photo.shape[:2]
     image = torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 255
     pad_h, pad_w = (-(height - 1)) % 16, (-(width - 1)) % 16
@@ -116,7 +117,7 @@ def test_masks_are_the_models_prediction_and_unreadable_images_are_skipped(
     assert [line for line in lines if line.startswith(f"skipped {inputs / 'trunc.png'}: ")] != []
     assert "wrote 5 masks and overlays" in stdout
     model = spread_deeplab()
-    palette = build_data.DATASETS["demo"].palette
+    palette = dataset_table.DATASETS["demo"].palette
     classes = set()
     for name, (_, height, width) in IMAGES.items():
         stem = name.split(".")[0]
@@ -265,7 +266,9 @@ def test_padded_sizes_and_batches():
     assert predict.size_batches(sizes, 2) == [[0, 2], [3], [1, 4]]  # 20 px pads to 33 too
 
 
-@pytest.mark.skipif(not hasattr(build_data, "FOLDER"), reason="needs --dataset folder (the own-data branch)")
+@pytest.mark.skipif(
+    not hasattr(dataset_table, "FOLDER"), reason="needs --dataset folder (the own-data branch)"
+)
 def test_a_folder_dataset_gives_its_classes_and_colours_through_the_run_folder(inputs, tmp_path, capsys):
     data = tmp_path / "mydata"
     data.mkdir()

@@ -18,6 +18,7 @@ import pytest
 
 import run_folder
 import study
+import study_report
 from helpers import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -745,4 +746,4 @@ def test_report_takes_each_methods_own_defaults_and_adds_unimatchs_published_num
         study.main(["report", str(tmp_path / "a"), str(tmp_path / "b")])
     fake_run(tmp_path / "c", "semi", 0, [0.5, 0.6], method="fixmatch", reco=True, config=False)
     record = run_folder.record_of_log(tmp_path / "c" / "demo_label60_fixmatch_reco_0.npy")
-    assert study.run_log(record).method == "fixmatch+reco"
+    assert study_report.run_log(record).method == "fixmatch+reco"

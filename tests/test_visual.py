@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import build_data
+import dataset_table
 import figures
 import helpers
 import network
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_blend_is_70_percent_colour_and_ignore_uses_row_255():
-    palette = build_data.DATASETS["pascal"].palette
+    palette = dataset_table.DATASETS["pascal"].palette
     photo = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
     label = np.array([[0, 1, 15, -1, 255, 20, 2]] * 6)
     expected = 0.3 * photo + 0.7 * palette[np.where(label < 0, 255, label)].astype(float)
