@@ -205,8 +205,8 @@ def test_pascal_labels_as_is_and_out_of_range_rejected(tmp_path):
     )
     with pytest.raises(bd.DataError, match=r"bad.png.*\[21, 254\]"):
         bd.read_label(dt.DATASETS["pascal"], _write_label(tmp_path / "bad.png", np.array([[0, 21, 254]])))
-    with pytest.raises(bd.DataError, match="0..4"):
-        bd.read_label(dt.DATASETS["demo"], _write_label(tmp_path / "d.png", np.array([[5]])))
+    with pytest.raises(bd.DataError, match="0..6"):
+        bd.read_label(dt.DATASETS["demo"], _write_label(tmp_path / "d.png", np.array([[7]])))
 
 
 def test_palette_and_grayscale_labels_decode_to_same_ids(tmp_path):

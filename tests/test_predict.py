@@ -191,12 +191,12 @@ def test_a_checkpoint_without_run_folder_needs_dataset_and_its_class_count(
 ):
     out = tmp_path / "masks"
     code, _, err = run(["--checkpoint", checkpoint, "--input", inputs / "b.png", "--output", out], capsys)
-    assert code == 2 and "pass --dataset NAME" in err and "5 classes" in err and "demo" in err
+    assert code == 2 and "pass --dataset NAME" in err and f"{NUM_CLASSES} classes" in err and "demo" in err
     code, _, err = run(
         ["--checkpoint", checkpoint, "--input", inputs / "b.png", "--output", out, "--dataset", "pascal"],
         capsys,
     )
-    assert code == 2 and "predicts 5 classes but the dataset has 21" in err
+    assert code == 2 and f"predicts {NUM_CLASSES} classes but the dataset has 21" in err
     assert not out.exists()
 
 
@@ -303,4 +303,4 @@ def test_a_folder_dataset_gives_its_classes_and_colours_through_the_run_folder(i
         ],
         capsys,
     )
-    assert code == 2 and "predicts 2 classes but the dataset has 5" in err
+    assert code == 2 and f"predicts 2 classes but the dataset has {NUM_CLASSES}" in err

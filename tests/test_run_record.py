@@ -208,7 +208,8 @@ def test_covering_test_images_read_the_val_labels(small_demo):
     ]
     chosen = figures.covering_test_images(resolve_dataset("demo", small_demo), count=4)
     assert chosen == figures.covering_choice(class_sets, 4) and len(set(chosen)) == 4
-    assert set().union(*(class_sets[i] for i in chosen)) == set().union(*class_sets) == {0, 1, 2, 3, 4}
+    assert set().union(*(class_sets[i] for i in chosen)) == set().union(*class_sets)
+    assert len(set().union(*class_sets)) >= 4  # the check would hold trivially on one class
 
 
 def test_curves_give_each_loss_its_own_panel(tmp_path):
