@@ -388,6 +388,10 @@ class RunRecord:
     semi: bool
     npy: Path
     world_size: int | None  # None: a run known by its name only
+    # Whether the same command repeats it to the bit on its machine (a CPU run, or --deterministic), and its
+    # CPU threads (part of the result); None: its config.json predates these records
+    repeatable: bool | None = None
+    threads: int | None = None
 
     def val_miou(self) -> tuple[np.ndarray, bool]:
         """(val mIoU of each filled epoch, whether every epoch is filled)."""
@@ -407,7 +411,11 @@ def record_of_folder(folder: Path) -> RunRecord | None:
     if not npy.is_file():  # the folder may have moved: the log lies beside it, as training wrote it
         npy = files.npy
     semi = config["mode"].startswith("semi")  # the modes are sup and semi, each also _partial (MODE_SCRIPTS)
-    return RunRecord(folder, config["args"], semi, npy, config.get("world_size", 1))
+    recorded = "threads" in config
+    repeatable = (config["deterministic"] or str(config["device"]).startswith("cpu")) if recorded else None
+    return RunRecord(
+        folder, config["args"], semi, npy, config.get("world_size", 1), repeatable, config.get("threads")
+    )
 
 
 def record_of_log(npy: Path) -> RunRecord | None:

@@ -102,6 +102,8 @@ class RunLog:
     dataset: str
     test_miou: np.ndarray  # the filled epochs' val mIoU
     finished: bool
+    repeatable: bool | None = None  # RunRecord.repeatable
+    threads: int | None = None
 
 
 def method_name(semi: bool, aug: str | None, reco: bool, method: str | None = None) -> str:
@@ -129,7 +131,19 @@ def run_log(record: RunRecord) -> RunLog:
             compared["data_root"] = args.get("data_root")
     dataset = str(args.get("dataset")) + (f" {args.get('data_root')}" if own_data else "")
     method = method_name(record.semi, args.get("apply_aug"), bool(args.get("apply_reco")), args.get("method"))
-    return RunLog(record.source, method, budget, labels, int(args["seed"]), compared, dataset, miou, finished)
+    return RunLog(
+        record.source,
+        method,
+        budget,
+        labels,
+        int(args["seed"]),
+        compared,
+        dataset,
+        miou,
+        finished,
+        record.repeatable,
+        record.threads,
+    )
 
 
 def check_comparable(runs: Sequence[RunLog]) -> None:
@@ -261,6 +275,26 @@ def paper_numbers(
     return numbers, [source for source, found in shown.items() if found]
 
 
+def repeatability_line(runs: Sequence[RunLog]) -> str:
+    """Which runs the same command repeats to the bit on their machine (CPU runs and --deterministic GPU
+    runs), and the CPU threads they ran with (a different count gives a different run)."""
+    cells = {
+        flag: [f"{r.method} {r.budget} seed {r.seed}" for r in runs if r.repeatable is flag]
+        for flag in (False, None)
+    }
+    repeatable = sum(r.repeatable is True for r in runs)
+    parts = [f"Repeatable to the bit on their machine: {repeatable} of {len(runs)} runs"]
+    if cells[False]:
+        parts.append(f"not (GPU without --deterministic): {', '.join(cells[False])}")
+    if cells[None]:
+        parts.append(f"not recorded (older runs): {', '.join(cells[None])}")
+    threads = sorted({r.threads for r in runs if r.threads is not None})
+    if threads:
+        differ = " (they differ)" if len(threads) > 1 else ""
+        parts.append(f"CPU threads: {', '.join(map(str, threads))}{differ}")
+    return "; ".join(parts) + "."
+
+
 def markdown(
     stats: dict,
     paper: dict,
@@ -294,6 +328,7 @@ def markdown(
             "",
             f"`{shared}`",
         ]
+        lines += ["", repeatability_line(runs)]
     else:
         lines += ["", f"Some runs have no {CONFIG}: they were grouped by their file names only."]
     for title, field in (("Best", "best"), ("Final", "final")):

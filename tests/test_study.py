@@ -747,3 +747,29 @@ def test_report_takes_each_methods_own_defaults_and_adds_unimatchs_published_num
     fake_run(tmp_path / "c", "semi", 0, [0.5, 0.6], method="fixmatch", reco=True, config=False)
     record = run_folder.record_of_log(tmp_path / "c" / "demo_label60_fixmatch_reco_0.npy")
     assert study_report.run_log(record).method == "fixmatch+reco"
+
+
+def test_the_report_says_which_runs_repeat_to_the_bit_and_their_threads(tmp_path):
+    def record(name, device, deterministic, threads):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"args": {"name": name, "seed": 0}, "mode": "sup", "device": device, "world_size": 1}
+        if threads is not None:  # configs written before the thread count was recorded lack both keys
+            config |= {"deterministic": deterministic, "threads": threads}
+        (folder / "config.json").write_text(json.dumps(config))
+        found = run_folder.record_of_folder(folder)
+        return study_report.RunLog(
+            folder, name, "15", 15, 0, {}, "demo", np.zeros(1), True, found.repeatable, found.threads
+        )
+
+    runs = [
+        record("cpu", "cpu", False, 2),
+        record("gpu_det", "cuda:0", True, 8),
+        record("gpu", "cuda:0", False, 8),
+        record("old", "cpu", None, None),
+    ]
+    assert [r.repeatable for r in runs] == [True, True, False, None]
+    line = study_report.repeatability_line(runs)
+    assert line.startswith("Repeatable to the bit on their machine: 2 of 4 runs")
+    assert "not (GPU without --deterministic): gpu 15 seed 0" in line
+    assert "not recorded (older runs): old 15 seed 0" in line and "CPU threads: 2, 8 (they differ)" in line
