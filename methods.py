@@ -160,6 +160,22 @@ def reco_inputs(
     return label_onehot(labels, num_classes), masks[:, None].float(), prob
 
 
+def settings_reco_loss(
+    rep: Tensor, onehot: Tensor, mask: Tensor, prob: Tensor, settings: MethodSettings
+) -> Tensor:
+    """ReCo's loss, unweighted, with the step's thresholds, temperature and sample sizes."""
+    return compute_reco_loss(
+        rep,
+        onehot,
+        mask,
+        prob,
+        settings.strong_threshold,
+        settings.temp,
+        settings.num_queries,
+        settings.num_negatives,
+    )
+
+
 def _confidence_and_label(logits: Tensor) -> tuple[Tensor, Tensor]:
     """(max softmax, argmax of the logits) over dim 1, as UniMatch takes them."""
     return logits.softmax(1).max(1).values, logits.argmax(1)
@@ -263,16 +279,7 @@ def method_step(
             onehot, mask, prob = reco_inputs(
                 labels, valid, torch.cat([logits_b[:count_x], logits_c]), logits_c.shape[1]
             )
-        reco_loss = compute_reco_loss(
-            torch.cat([rep_x, rep_c]),
-            onehot,
-            mask,
-            prob,
-            settings.strong_threshold,
-            settings.temp,
-            settings.num_queries,
-            settings.num_negatives,
-        )
+        reco_loss = settings_reco_loss(torch.cat([rep_x, rep_c]), onehot, mask, prob, settings)
         loss = loss + settings.reco_weight * reco_loss
 
     with torch.no_grad():
@@ -292,16 +299,7 @@ def supervised_step(net: nn.Module, images: Tensor, labels: Tensor, settings: Me
     if settings.apply_reco:
         with torch.no_grad():
             onehot, mask, prob = reco_inputs(labels, labels >= 0, logits, logits.shape[1])
-        loss = loss + settings.reco_weight * compute_reco_loss(
-            rep,
-            onehot,
-            mask,
-            prob,
-            settings.strong_threshold,
-            settings.temp,
-            settings.num_queries,
-            settings.num_negatives,
-        )
+        loss = loss + settings.reco_weight * settings_reco_loss(rep, onehot, mask, prob, settings)
     return StepOutput(loss, loss.detach()[None], logits_up.argmax(1), None)
 
 
@@ -354,16 +352,7 @@ def mean_teacher_step(
                 torch.cat([logits_l, logits_u]),
                 logits_l.shape[1],
             )
-        reco = compute_reco_loss(
-            torch.cat([rep_l, rep_u]),
-            onehot,
-            mask,
-            prob,
-            settings.strong_threshold,
-            settings.temp,
-            settings.num_queries,
-            settings.num_negatives,
-        )
+        reco = settings_reco_loss(torch.cat([rep_l, rep_u]), onehot, mask, prob, settings)
     loss = sup + unsup + settings.reco_weight * reco
     return StepOutput(loss, torch.stack([sup, unsup, reco]).detach(), logits_l_up.argmax(1), monitored)
 
