@@ -282,7 +282,9 @@ class DatasetInfo:
     setup_hint: str  # how a user gets the data, quoted by errors
     sampler: Sampler = Sampler.BALANCED
     value_fix: str | None = None  # how to fix label values outside the classes (None: see the preprocessing)
-    # Training defaults the engine uses for flags left unset.
+    # Training defaults the engine uses for flags left unset (the reference's, but for the demo).
+    num_labels: int = 15  # the label budget
+    lr: float = 2.5e-3  # sup and the mean teacher (FixMatch and UniMatch: online.lr)
     epochs: int = 200
     iters_per_epoch: int = 200
     resnet_depth: int = 101
@@ -363,6 +365,10 @@ DATASETS: dict[str, DatasetInfo] = {
         min_classes=2,
         partial_labels=True,
         setup_hint="generate it with `python dataset/demo_preprocess.py`",
+        # few enough labels that supervised training fits them within the schedule, and a learning rate for
+        # a network trained from scratch, shared by every method (docs/demo.md)
+        num_labels=5,
+        lr=0.01,
         epochs=12,
         iters_per_epoch=25,
         resnet_depth=18,

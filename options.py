@@ -64,8 +64,8 @@ RESUME_KEYS = (
     "lr_multi",
     "criterion",
 )
-# The reference's optimiser values (the mean teacher and the supervised scripts).
-REFERENCE_LR, REFERENCE_WEIGHT_DECAY = 2.5e-3, 5e-4
+# The reference's weight decay (the mean teacher and the supervised scripts).
+REFERENCE_WEIGHT_DECAY = 5e-4
 # Flags of FixMatch and UniMatch only: unset otherwise.
 ONLINE_FLAGS = ("conf_thresh", "lr_multi", "criterion")
 
@@ -83,8 +83,8 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=None,
-        help=f"learning rate (default {REFERENCE_LR}; fixmatch/unimatch: the backbone's, from "
-        "the dataset table)",
+        help="learning rate (default: the dataset table's, 2.5e-3 as the reference but 0.01 for the demo; "
+        "fixmatch/unimatch: the backbone's, from the table's values for them)",
     )
     ref.add_argument(
         "--weight_decay",
@@ -105,7 +105,13 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
     if partial:
         ref.add_argument("--partial", default="p0", choices=PARTIAL_SETTINGS)
     else:
-        ref.add_argument("--num_labels", type=int, default=15, help="labelled images; 0 = all")
+        ref.add_argument(
+            "--num_labels",
+            type=int,
+            default=None,
+            help="labelled images; 0 = all (default: the dataset table's, 15 as the reference's, 5 for the "
+            "demo)",
+        )
     ref.add_argument(
         "--apply_aug",
         default="cutout",
@@ -241,6 +247,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             )
     else:
         args.partial = None
+        if args.num_labels is None:
+            args.num_labels = info.num_labels
         if args.split_dir:  # the split's size is the label budget, so the run name says what was used
             args.num_labels = len(read_split_dir(args.split_dir)[0])
     online = resolve_method(args, info)
@@ -307,7 +315,7 @@ def resolve_method(args: argparse.Namespace, info: DatasetInfo) -> bool:
                 f"--{given[0]} is a flag of FixMatch and UniMatch: add --method unimatch (or "
                 "fixmatch) to train_semisup.py, or drop it"
             )
-        args.lr = REFERENCE_LR if args.lr is None else args.lr
+        args.lr = info.lr if args.lr is None else args.lr
         args.weight_decay = REFERENCE_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay
         return False
     table = info.online

@@ -43,9 +43,19 @@ def test_reference_defaults(mode, dataset, has):
         "cutout",
         False,
     )
-    assert getattr(args, has) == (15 if has == "num_labels" else "p0")
+    assert getattr(resolved, has) == (15 if has == "num_labels" else "p0")
     # the unused reference flags are still accepted
     parse(mode, "--mode", "x", "--port", "1", "--gpu", "0", "--id", "3")
+
+
+def test_the_demo_trains_every_method_on_its_own_label_budget_and_learning_rate():
+    runs = [("sup",), ("semi",), ("semi", "--method", "fixmatch"), ("semi", "--method", "unimatch")]
+    for mode, *method in runs:
+        args = options.resolve_args(parse(mode, "--dataset", "demo", *method))
+        assert (args.num_labels, args.lr) == (5, 0.01), method
+    args = options.resolve_args(parse("semi", "--dataset", "demo", "--num_labels", "15", "--lr", "0.1"))
+    assert (args.num_labels, args.lr, args.name) == (15, 0.1, "demo_label15_semi_cutout_0")
+    assert options.resolve_args(parse("sup", "--dataset", "demo", "--num_labels", "0")).num_labels == 0
 
 
 @pytest.mark.parametrize(
@@ -71,7 +81,7 @@ def test_fixmatch_and_unimatch_take_the_tables_defaults_and_flags_override_them(
     for method in ("fixmatch", "unimatch"):
         args = options.resolve_args(parse("semi", "--dataset", dataset, "--method", method))
         assert tuple(getattr(args, f) for f in flags) == expected and args.iters_per_epoch is None
-        assert args.name == f"{dataset}_label15_{method}_0"
+        assert args.name == f"{dataset}_label{5 if dataset == 'demo' else 15}_{method}_0"
     args = options.resolve_args(
         parse(
             "semi",
