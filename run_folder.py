@@ -273,20 +273,34 @@ def supervised_twin(config: dict, log_dir: Path) -> tuple[Path, dict] | None:
     return max(found, key=lambda item: item[0])[1:] if found else None
 
 
+# The flags that make two runs' numbers comparable beyond their data and split: the network and its schedule.
+MATCHED_FLAGS = ("backbone", "resnet_depth", "pretrained", "lr", "epochs", "iters_per_epoch", "crop_size")
+
+
 def baseline_line(config: dict, best_miou: float, log_dir: Path) -> str:
-    """A semi-supervised run's last line: its gain over the supervised run on the same labelled images, or the
-    command that measures it."""
+    """A semi-supervised run's last line: its gain over the supervised run on the same labelled images (and
+    the training flags on which the two differ, as the gain is then not the unlabelled images' alone), or
+    the command that measures it."""
     twin = supervised_twin(config, log_dir)
     if twin:
         folder, summary = twin
         alone = summary["best_miou"]
         gain = f"{best_miou - alone:+.4f} best val mIoU"
-        return f"  vs sup   {gain} over the same labelled images alone ({alone:.4f}, {folder}/)"
+        line = f"  vs sup   {gain} over the same labelled images alone ({alone:.4f}, {folder}/)"
+        theirs, ours = read_config(folder)["args"], config["args"]
+        differ = [
+            f"--{f} {_flag_text(theirs.get(f))} there" for f in MATCHED_FLAGS if theirs.get(f) != ours.get(f)
+        ]
+        return line + ("; not matched: " + ", ".join(differ) if differ else "")
     script = MODE_SCRIPTS[config["mode"].replace("semi", "sup")]
     return (
         f"  vs sup   not measured: `python {script}` with the same --dataset, --data_root, label flags "
         "and --seed trains on the labelled images alone; this line then gives the gain"
     )
+
+
+def _flag_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 class RunWriter:

@@ -308,11 +308,18 @@ def test_a_split_folder_is_read_once_per_run_and_again_once_it_changes(small_dem
 
 
 def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the_same_split(tmp_path):
-    def run(name, mode, digest, best, data_root="data-a"):
+    def run(name, mode, digest, best, data_root="data-a", lr=0.01):
         folder = tmp_path / name
         folder.mkdir()
         config = {
-            "args": {"dataset": "folder", "data_root": data_root, "split_dir": None},
+            "args": {
+                "dataset": "folder",
+                "data_root": data_root,
+                "split_dir": None,
+                "lr": lr,
+                "crop_size": [65, 65],
+                "epochs": 12,
+            },
             "mode": mode,
             "split_digest": digest,
         }
@@ -330,5 +337,9 @@ def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the
     run("twin", "sup", "abc", 0.45)
     line = run_folder.baseline_line(semi, 0.6, tmp_path)
     assert "+0.1500 best val mIoU" in line and "(0.4500" in line and str(tmp_path / "twin") in line
+    assert "not matched" not in line
+    run("twin_elsewise", "sup", "abc", 0.5, lr=0.03)  # newer: it is the twin, and its lr differs
+    line = run_folder.baseline_line(semi, 0.6, tmp_path)
+    assert line.endswith("(0.5000, " + str(tmp_path / "twin_elsewise") + "/); not matched: --lr 0.03 there")
     partial = run("semi_p", "semi_partial", "p", 0.5)
     assert "train_sup_partial.py" in run_folder.baseline_line(partial, 0.5, tmp_path)
