@@ -120,7 +120,7 @@ def test_resume_refuses_nothing_and_foreign_runs(demo_root, tmp_path, capsys):
     assert (tmp_path / "log" / "demo_label4_sup_0" / "config.json").is_file()
     with pytest.raises(SystemExit):
         engine.main("sup", argv + ["--resume", "--lr", "0.1"])
-    assert "--lr 0.0025 (now 0.1)" in capsys.readouterr().err
+    assert "--lr 0.01 (now 0.1)" in capsys.readouterr().err  # the demo's lr
     (tmp_path / "garbage.pth").write_text("not a checkpoint")
     with pytest.raises(SystemExit):
         engine.main("sup", argv + ["--resume", str(tmp_path / "garbage.pth")])
