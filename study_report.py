@@ -241,6 +241,35 @@ def cell_stats(runs: Sequence[RunLog]) -> dict[tuple[str, str], Stat]:
     }
 
 
+@dataclass
+class Gain:
+    """A method's best val mIoU minus sup's on the same seeds (points): mean, sample std, seeds, wins."""
+
+    mean: float
+    std: float
+    n: int
+    wins: int
+
+
+def gains_over_sup(runs: Sequence[RunLog]) -> dict[tuple[str, str], Gain]:
+    """(method, budget) -> Gain over the supervised run of the same budget and seed. A seed draws the same
+    labelled images for every method, so the differences leave the split's luck out of the spread."""
+    best = {(r.method, r.budget, r.seed): 100 * float(r.test_miou.max()) for r in runs}
+    paired: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for (method, budget, seed), value in sorted(best.items()):
+        if method != "sup" and ("sup", budget, seed) in best:
+            paired[(method, budget)].append(value - best[("sup", budget, seed)])
+    return {
+        key: Gain(
+            float(np.mean(d)),
+            float(np.std(d, ddof=1)) if len(d) > 1 else float("nan"),
+            len(d),
+            sum(x > 0 for x in d),
+        )
+        for key, d in paired.items()
+    }
+
+
 def flag_text(key: str, value) -> str:
     """A configuration entry as it reads on a command line: --key, --key v or --key v1 v2."""
     if value is True:
@@ -251,6 +280,12 @@ def flag_text(key: str, value) -> str:
 def cell_text(mean: float, std: float, n: int) -> str:
     """'45.12 ± 1.03 (3)': mean ± std (n seeds) in percent."""
     return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} (1)"
+
+
+def gain_text(gain: Gain) -> str:
+    """'+5.76 ± 5.36 (3, better on 3)'."""
+    spread = f" ± {gain.std:.2f}" if gain.n > 1 else ""
+    return f"{gain.mean:+.2f}{spread} ({gain.n}, better on {gain.wins})"
 
 
 def paper_numbers(
@@ -357,6 +392,24 @@ def markdown(
                     )
                     + " |"
                 )
+    gains = gains_over_sup(runs)
+    if gains:
+        paired = [b for b in budgets if any(key[1] == b for key in gains)]
+        lines += [
+            "",
+            f"## Gain over sup on the same labelled images (best val mIoU, points), columns: {kind}",
+            "",
+            "| method | " + " | ".join(paired) + " |",
+            "|---" * (len(paired) + 1) + "|",
+        ]
+        for method in sorted({m for m, _ in gains}, key=method_order):
+            row = [gain_text(gains[(method, b)]) if (method, b) in gains else "–" for b in paired]
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines += [
+            "",
+            "Each seed draws the same labelled images for every method: a gain is a method's run minus sup's "
+            "on that seed, mean ± std over seeds (n, and on how many seeds the method was better).",
+        ]
     lines += [
         "",
         "Best: the highest val mIoU over a run's epochs; final: its last epoch's. std: the sample "

@@ -577,6 +577,21 @@ def test_report_keeps_two_splits_of_one_size_apart_and_orders_columns_by_size(tm
     )
 
 
+def test_report_gives_each_methods_gain_over_sup_seed_by_seed(tmp_path):
+    for seed, (sup, semi) in enumerate([(0.30, 0.36), (0.40, 0.38), (0.35, 0.45)]):
+        fake_run(tmp_path, "sup", seed, [0.1, sup], num_labels=5)
+        fake_run(tmp_path, "semi", seed, [semi, 0.2], num_labels=5, reco=True)
+        fake_run(tmp_path, "sup", seed, [0.6, 0.6], num_labels=0)  # no semi run at this budget: no column
+    fake_run(tmp_path, "semi", 3, [0.9, 0.9], num_labels=5)  # no sup run of seed 3: nothing to pair with
+    study.main(["report", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    gains = np.array([6.0, -2.0, 10.0])
+    header = "## Gain over sup on the same labelled images (best val mIoU, points), columns: labelled images"
+    assert f"{header}\n\n| method | 5 |\n" in md
+    assert f"| classmix+reco | {gains.mean():+.2f} ± {gains.std(ddof=1):.2f} (3, better on 2) |" in md
+    assert "| classmix |" not in md.split("## Gain")[1]
+
+
 def test_report_names_an_own_data_folder_and_the_seeds_a_cell_lacks(tmp_path):
     for seed in (0, 1, 2):
         fake_run(tmp_path, "sup", seed, [0.3, 0.4], dataset="folder", data_root=str(tmp_path / "leaves"))
