@@ -16,6 +16,20 @@ import preparation
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLASSES = dataset_table.DATASETS["demo"].num_classes
+# A training run small enough for a test: the demo at 33 x 33 crops, 2 images a batch, and a ReCo head
+# and sampler a few hundred times smaller than the defaults.
+TINY_RUN = {"dataset": "demo", "batch_size": 2, "crop_size": (33, 33)}
+TINY_RECO = {"output_dim": 16, "num_queries": 16, "num_negatives": 32}
+
+
+def cli_args(**flags) -> list[str]:
+    """Command-line arguments from keyword flags: True is a bare switch, a tuple gives several values."""
+    argv = []
+    for name, value in flags.items():
+        argv.append(f"--{name}")
+        if value is not True:
+            argv += [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
+    return argv
 
 
 @pytest.fixture(scope="session")

@@ -19,38 +19,14 @@ import faults
 import helpers
 import methods
 from build_data import EpochBatchSampler
+from conftest import TINY_RECO, TINY_RUN, cli_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def argv_for(root, out, *extra):
-    return [
-        "--dataset",
-        "demo",
-        "--data_root",
-        str(root),
-        "--weights_dir",
-        str(out / "w"),
-        "--log_dir",
-        str(out / "log"),
-        "--batch_size",
-        "2",
-        "--crop_size",
-        "33",
-        "33",
-        "--num_labels",
-        "6",
-        "--output_dim",
-        "16",
-        "--num_queries",
-        "16",
-        "--num_negatives",
-        "32",
-        "--no_visual",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    run = {"data_root": root, "weights_dir": out / "w", "log_dir": out / "log", "num_labels": 6}
+    return [*cli_args(**TINY_RUN, **run, **TINY_RECO, no_visual=True, device="cpu"), *extra]
 
 
 def last(out, name):

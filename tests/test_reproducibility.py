@@ -15,34 +15,23 @@ import torch.nn.functional as F
 import distributed
 import engine
 import network.resize
+from conftest import TINY_RUN, cli_args
 from network import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 # ReCo at sizes where torch's CPU kernels split their work over threads (a gathered [A, Q, D] of >= 32768
 # elements): at the tiny sizes of the other tests every kernel runs on one thread and no order can vary.
-SEMI = [
-    "--dataset",
-    "demo",
-    "--batch_size",
-    "2",
-    "--crop_size",
-    "33",
-    "33",
-    "--num_labels",
-    "6",
-    "--apply_aug",
-    "classmix",
-    "--apply_reco",
-    "--num_queries",
-    "256",
-    "--output_dim",
-    "128",
-    "--num_negatives",
-    "64",
-    "--no_visual",
-    "--device",
-    "cpu",
-]
+SEMI = cli_args(
+    **TINY_RUN,
+    num_labels=6,
+    apply_aug="classmix",
+    apply_reco=True,
+    num_queries=256,
+    output_dim=128,
+    num_negatives=64,
+    no_visual=True,
+    device="cpu",
+)
 NAME = "demo_label6_semi_classmix_reco_0"
 
 

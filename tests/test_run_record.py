@@ -18,24 +18,11 @@ import figures
 import options
 import run_folder
 import splits
+from conftest import TINY_RUN, cli_args
 from helpers import UserError
 from layouts import resolve_dataset
 
-TINY = [
-    "--dataset",
-    "demo",
-    "--batch_size",
-    "2",
-    "--crop_size",
-    "33",
-    "33",
-    "--iters_per_epoch",
-    "1",
-    "--epochs",
-    "1",
-    "--num_labels",
-    "4",
-]
+TINY = cli_args(**TINY_RUN, iters_per_epoch=1, epochs=1, num_labels=4)
 CONFIG_KEYS = {
     "args",
     "split_digest",

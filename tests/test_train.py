@@ -13,29 +13,14 @@ import pytest
 import torch
 
 import engine
+from conftest import TINY_RECO, TINY_RUN, cli_args
 from dataset_table import DATASETS
 from helpers import UserError
 from network import build_model
 from splits import write_split_dir
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--dataset",
-    "demo",
-    "--batch_size",
-    "2",
-    "--crop_size",
-    "33",
-    "33",
-    "--iters_per_epoch",
-    "2",
-    "--num_queries",
-    "16",
-    "--num_negatives",
-    "32",
-    "--output_dim",
-    "16",
-]
+TINY = cli_args(**TINY_RUN, iters_per_epoch=2, **TINY_RECO)
 
 
 def tiny_args(demo_root, tmp_path, *extra):
