@@ -17,7 +17,7 @@ from dataset_table import INVALID, VOID, DatasetInfo, check_partial, void_values
 from faults import ignore_stop_signals, kill_loader_workers_at_exit
 from helpers import DataError, stream_seed
 from module_list import IGNORE_INDEX
-from transforms import normalise, pad_to, random_transform
+from transforms import HUE_JITTER, normalise, pad_to, random_transform
 from unimatch_views import labelled_crop, unlabelled_crops
 
 SPLITS = ("train", "test")
@@ -241,6 +241,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         scale_range: tuple[float, float] = (1.0, 1.0),
         augmentation: bool = False,
         crops: str = "reference",
+        hue_jitter: float = HUE_JITTER,
     ):
         _check_split(split)
         info = data.info
@@ -252,7 +253,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.data, self.info, self.ids, self.split = data, info, list(ids), split
         self.partial, self.partial_seed = partial, partial_seed
         self.crop_size = tuple(crop_size or (info.crop_size if split == "train" else info.eval_size))
-        self.scale_range, self.augmentation = tuple(scale_range), augmentation
+        self.scale_range, self.augmentation, self.hue_jitter = tuple(scale_range), augmentation, hue_jitter
         if partial is not None and self.ids:
             folder = data.label_path(self.ids[0], split, partial, partial_seed).parent
             if not folder.is_dir():
@@ -295,7 +296,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.crops == "unimatch_unlabelled":
             return unlabelled_crops(image, label, self.crop_size[0], generator)
         image, label, _ = random_transform(
-            image[None], label[None], None, self.crop_size, self.scale_range, self.augmentation, generator
+            image[None],
+            label[None],
+            None,
+            self.crop_size,
+            self.scale_range,
+            self.augmentation,
+            generator,
+            self.hue_jitter,
         )
         return normalise(image[0]), label[0]
 

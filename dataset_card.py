@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers import DataError
+from transforms import HUE_JITTER
 
 CLASSES_FILE = "classes.txt"
 OVERRIDES_FILE = "dataset.json"
@@ -31,6 +32,7 @@ class DatasetCard:
     iters_per_epoch: int = 200
     resnet_depth: int = 101
     pretrained: str = "imagenet"
+    hue_jitter: float = HUE_JITTER  # 0 when colour tells the classes apart
 
 
 def _size(key: str, value: Any, path: Path) -> tuple[int, int]:
@@ -75,6 +77,15 @@ def _byte(key: str, value: Any, path: Path) -> int:
     return value
 
 
+def _hue(key: str, value: Any, path: Path) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 0.5:
+        raise DataError(
+            f"{path}: {key!r} must be a hue rotation in turns from 0 (none) to 0.5, got {value!r}; "
+            "0 when colour tells your classes apart"
+        )
+    return float(value)
+
+
 def _text(key: str, value: Any, path: Path) -> str:
     if not isinstance(value, str) or not value:
         raise DataError(f"{path}: {key!r} must be a string (imagenet, none or a file), got {value!r}")
@@ -92,6 +103,7 @@ _OVERRIDES = {
     "iters_per_epoch": _positive,
     "resnet_depth": _positive,
     "pretrained": _text,
+    "hue_jitter": _hue,
 }
 
 

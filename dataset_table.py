@@ -13,6 +13,7 @@ import torch
 
 from dataset_card import CLASSES_FILE, HELP, DatasetCard
 from helpers import DataError
+from transforms import HUE_JITTER
 
 # Void value of label files on disk; it becomes IGNORE_INDEX in tensors.
 VOID = 255
@@ -285,6 +286,7 @@ class DatasetInfo:
     # Training defaults the engine uses for flags left unset (the reference's, but for the demo).
     num_labels: int = 15  # the label budget
     lr: float = 2.5e-3  # sup and the mean teacher (FixMatch and UniMatch: online.lr)
+    hue_jitter: float = HUE_JITTER  # every method's colour jitter
     epochs: int = 200
     iters_per_epoch: int = 200
     resnet_depth: int = 101
@@ -369,6 +371,8 @@ DATASETS: dict[str, DatasetInfo] = {
         # a network trained from scratch, shared by every method (docs/demo.md)
         num_labels=5,
         lr=0.01,
+        # its classes differ in colour: a hue rotation would turn one class's colours into another's
+        hue_jitter=0.0,
         epochs=12,
         iters_per_epoch=25,
         resnet_depth=18,
@@ -405,6 +409,7 @@ def folder_entry(card: DatasetCard, eval_size: tuple[int, int] | None, root: Pat
         iters_per_epoch=card.iters_per_epoch,
         resnet_depth=card.resnet_depth,
         pretrained=card.pretrained,
+        hue_jitter=card.hue_jitter,
         online=replace(PASCAL_LIKE, crop_size=(min(card.crop_size),) * 2, batch_size=card.batch_size),
     )
 

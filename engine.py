@@ -56,7 +56,7 @@ from module_list import EMA, ONLINE_METHODS, ConfMatrix, PolyLR
 from network import build_model
 from options import MODES, RESUME_KEYS, get_args_parser, online_iterations, resolve_args
 from preparation import demo_to_generate, make_demo_dataset
-from run_folder import LAST, RunFiles, RunWriter, metric_columns
+from run_folder import LAST, UNRECORDED, RunFiles, RunWriter, metric_columns
 from splits import get_split, load_split
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +238,7 @@ def build_loaders(args: argparse.Namespace, data: DatasetFiles, d: Dist):
                 scale_range=data.info.scale_range,
                 augmentation=True,
                 crops="unimatch_labelled" if online else "reference",
+                hue_jitter=args.hue_jitter,
                 **partial,
             ),
             batch,
@@ -293,6 +294,7 @@ def step_settings(
         apply_aug=args.apply_aug,
         partial=bool(args.partial),
         scale_range=info.scale_range,
+        hue_jitter=args.hue_jitter,
         autocast=autocast,
     )
 
@@ -424,8 +426,8 @@ def load_last(run: Run, path: Path) -> tuple[int, float, np.ndarray, dict | None
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"--resume: {path} is not a resume checkpoint ({LAST}) of this project")
     ours = resume_config(run.args)
-    # written before --method and --reco_weight existed: the reference's method, ReCo at weight 1
-    theirs = {"method": "meanteacher" if run.ema is not None else None, "reco_weight": 1.0} | state["config"]
+    # written before --method existed: the reference's method
+    theirs = {"method": "meanteacher" if run.ema is not None else None} | UNRECORDED | state["config"]
     differ = [k for k in ours if theirs.get(k) != ours[k]]
     if differ:
         detail = ", ".join(f"--{k} {theirs.get(k)} (now {ours[k]})" for k in differ)

@@ -28,7 +28,7 @@ from module_list import (
     label_onehot,
 )
 from network import upsample
-from transforms import batch_transform
+from transforms import HUE_JITTER, batch_transform
 from unimatch_views import unlabelled_views
 
 # The names of the logged terms each step returns, in order ('sup': the supervised scripts' step).
@@ -76,6 +76,7 @@ class MethodSettings(NamedTuple):
     apply_aug: str = "cutout"  # the mean teacher's mixing (module_list.MIX_MODES)
     partial: bool = False  # the mean teacher on partial labels
     scale_range: tuple[float, float] = (1.0, 1.0)  # the mean teacher's rescaling of the unlabelled batch
+    hue_jitter: float = HUE_JITTER  # the strong views' (mean teacher: the second batch_transform's) jitter
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around the forwards
 
 
@@ -329,7 +330,9 @@ def mean_teacher_step(
             images_u, pseudo_u, conf_u, crop, settings.scale_range, False
         )
         images_u, pseudo_u, conf_u = generate_unsup_data(images_u, pseudo_u, conf_u, settings.apply_aug)
-        images_u, pseudo_u, conf_u = batch_transform(images_u, pseudo_u, conf_u, crop, (1.0, 1.0), True)
+        images_u, pseudo_u, conf_u = batch_transform(
+            images_u, pseudo_u, conf_u, crop, (1.0, 1.0), True, hue=settings.hue_jitter
+        )
 
     with settings.autocast():
         (logits_l, rep_l), (logits_u, rep_u) = student(images_l, images_u, with_rep=settings.apply_reco)
@@ -357,14 +360,16 @@ def mean_teacher_step(
     return StepOutput(loss, torch.stack([sup, unsup, reco]).detach(), logits_l_up.argmax(1), monitored)
 
 
-def online_batch(method: str, labelled: Sequence[Tensor], unlabelled: Sequence[Tensor]) -> MethodBatch:
+def online_batch(
+    method: str, labelled: Sequence[Tensor], unlabelled: Sequence[Tensor], hue: float = HUE_JITTER
+) -> MethodBatch:
     """A MethodBatch from the loaders' items on the training device: labelled (images normalised, labels)
     and unlabelled (weak crops in [0, 1], their padding, labels, the mix batch's weak crops and padding); the
-    strong views and CutMix boxes are drawn here, from the device's RNG."""
+    strong views (largest hue rotation: hue) and CutMix boxes are drawn here, from the device's RNG."""
     images_x, labels_x = labelled
     weak, padding, _, mix_weak, mix_padding = unlabelled
-    weak, strong1, strong2, _, box1, box2 = unlabelled_views(weak, padding)
-    mix_weak, mix_strong1, mix_strong2, *_ = unlabelled_views(mix_weak, mix_padding)
+    weak, strong1, strong2, _, box1, box2 = unlabelled_views(weak, padding, hue=hue)
+    mix_weak, mix_strong1, mix_strong2, *_ = unlabelled_views(mix_weak, mix_padding, hue=hue)
     two = method == "unimatch"  # FixMatch's loader makes the second view too, and leaves it unused
     return MethodBatch(
         images_x,
@@ -395,7 +400,8 @@ def training_step(
         return supervised_step(student, *batch[0], settings), [batch[0][1]]
     if method == "meanteacher":
         return mean_teacher_step(student, teacher, batch[0], batch[1], settings), [batch[0][1], batch[1][1]]
-    return method_step(student, online_batch(method, *batch), settings), [batch[0][1], batch[1][2]]
+    step_batch = online_batch(method, *batch, hue=settings.hue_jitter)
+    return method_step(student, step_batch, settings), [batch[0][1], batch[1][2]]
 
 
 def method_optimizer(

@@ -46,6 +46,7 @@ RESUME_KEYS = (
     "seed",
     "batch_size",
     "crop_size",
+    "hue_jitter",
     "epochs",
     "iters_per_epoch",
     "lr",
@@ -163,6 +164,13 @@ def get_args_parser(mode: str) -> argparse.ArgumentParser:
         new, "images per branch per process; supervised scripts use twice this", batch_size=None
     )
     new.add_argument("--crop_size", type=int, nargs=2, metavar=("H", "W"), default=None)
+    new.add_argument(
+        "--hue_jitter",
+        type=float,
+        default=None,
+        help="the colour jitter's largest hue rotation, in turns, 0 to 0.5 (the table's: 0.25 as the "
+        "reference and UniMatch, 0 for the demo, whose classes differ in colour); 0 keeps every hue",
+    )
     new.add_argument("--epochs", type=int, default=None, help="epochs (the poly schedule's length)")
     new.add_argument("--iters_per_epoch", type=int, default=None)
     new.add_argument("--resnet_depth", type=int, default=None, choices=RESNET_DEPTHS)
@@ -262,6 +270,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, flag) is None:
             setattr(args, flag, table_value)
     args.crop_size = tuple(args.crop_size or info.crop_size)
+    args.hue_jitter = info.hue_jitter if args.hue_jitter is None else args.hue_jitter
+    if not 0 <= args.hue_jitter <= 0.5:
+        raise UserError(
+            f"--hue_jitter {args.hue_jitter}: a hue rotation in turns from 0 (none) to 0.5 (any hue); "
+            "the reference's is 0.25"
+        )
     cli_flags.check_loader_flags(args.batch_size, args.num_workers)
     positive = ["epochs", "log_interval"]
     positive += ["iters_per_epoch"] * (args.iters_per_epoch is not None)  # FixMatch, UniMatch: set later

@@ -27,6 +27,7 @@ from dataset_table import FOLDER
 from helpers import UserError, atomic_save, save_file, write_json
 from module_list import MIX_MODES, ONLINE_METHODS
 from splits import split_digest, write_split_dir
+from transforms import HUE_JITTER
 
 CONFIG = "config.json"  # the resolved configuration ({"args": {...}, ...}), written at the start
 SUMMARY = "summary.json"  # the outcome, written at the end
@@ -273,8 +274,20 @@ def supervised_twin(config: dict, log_dir: Path) -> tuple[Path, dict] | None:
     return max(found, key=lambda item: item[0])[1:] if found else None
 
 
+# Flags added after runs were first recorded, with the value the runs that lack them trained at.
+UNRECORDED = {"reco_weight": 1.0, "hue_jitter": HUE_JITTER}
+
 # The flags that make two runs' numbers comparable beyond their data and split: the network and its schedule.
-MATCHED_FLAGS = ("backbone", "resnet_depth", "pretrained", "lr", "epochs", "iters_per_epoch", "crop_size")
+MATCHED_FLAGS = (
+    "backbone",
+    "resnet_depth",
+    "pretrained",
+    "lr",
+    "epochs",
+    "iters_per_epoch",
+    "crop_size",
+    "hue_jitter",
+)
 
 
 def baseline_line(config: dict, best_miou: float, log_dir: Path) -> str:
@@ -287,7 +300,7 @@ def baseline_line(config: dict, best_miou: float, log_dir: Path) -> str:
         alone = summary["best_miou"]
         gain = f"{best_miou - alone:+.4f} best val mIoU"
         line = f"  vs sup   {gain} over the same labelled images alone ({alone:.4f}, {folder}/)"
-        theirs, ours = read_config(folder)["args"], config["args"]
+        theirs, ours = (UNRECORDED | c["args"] for c in (read_config(folder), config))
         differ = [
             f"--{f} {_flag_text(theirs.get(f))} there" for f in MATCHED_FLAGS if theirs.get(f) != ours.get(f)
         ]

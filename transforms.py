@@ -14,7 +14,10 @@ from module_list import IGNORE_INDEX
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 _JITTER_P, _BLUR_P, _FLIP_P = 0.8, 0.5, 0.5
-_JITTER_RANGE, _HUE_RANGE = (0.75, 1.25), (-0.25, 0.25)
+_JITTER_RANGE = (0.75, 1.25)
+# The colour jitter's largest hue rotation, in turns: the reference's and UniMatch's. --hue_jitter sets it
+# per run: data whose classes are told apart by colour want a smaller one (0 keeps every hue).
+HUE_JITTER = 0.25
 _SIGMA_RANGE, _BLUR_RADIUS = (0.15, 1.15), 4  # kernel radius covers 3 sigma of the largest sigma
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
@@ -49,14 +52,17 @@ def sample_params(
     scale_range: tuple[float, float],
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    hue: float = HUE_JITTER,
 ) -> AugmentParams:
-    """Draw every random number of one transform call at once, so a sample depends on the RNG state only."""
+    """Draw every random number of one transform call at once, so a sample depends on the RNG state only.
+
+    hue: the largest hue rotation; it scales a draw, so every hue draws the same random numbers."""
     u = torch.rand(batch, 15, generator=generator, device=device, dtype=torch.float64)
 
     def uniform(column: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * column
 
-    factors = torch.cat([uniform(u[:, 4:7], *_JITTER_RANGE), uniform(u[:, 7:8], *_HUE_RANGE)], dim=1)
+    factors = torch.cat([uniform(u[:, 4:7], *_JITTER_RANGE), uniform(u[:, 7:8], -hue, hue)], dim=1)
     return AugmentParams(
         scale=uniform(u[:, 0], *scale_range),
         offset_u=u[:, 1:3],
@@ -306,13 +312,15 @@ def random_transform(
     scale_range: tuple[float, float],
     augmentation: bool,
     generator: torch.Generator | None = None,
+    hue: float = HUE_JITTER,
 ):
     """The reference's joint train transform on [0, 1] images [B, 3, H, W], labels [B, H, W] long and conf.
 
     Rescale -> pad -> random crop, then (augmentation) colour jitter, blur and flip. Labels and conf use
-    nearest sampling only, so their values survive exactly; pads are ignore / 0. Returns the same three.
+    nearest sampling only, so their values survive exactly; pads are ignore / 0. hue: the jitter's largest
+    hue rotation. Returns the same three.
     """
-    params = sample_params(images.shape[0], scale_range, generator, images.device)
+    params = sample_params(images.shape[0], scale_range, generator, images.device, hue)
     images, labels, conf = _resample(images, labels, conf, crop_size, params.scale, params.offset_u)
     if augmentation:
         images = colour_jitter(images, params.jitter, params.factors, params.order)
@@ -332,10 +340,11 @@ def batch_transform(
     scale_range: tuple[float, float],
     augmentation: bool,
     generator: torch.Generator | None = None,
+    hue: float = HUE_JITTER,
 ):
     """Re-augment a normalised batch on its own device: images [B, 3, H, W], labels and conf [B, H, W]."""
     images, labels, conf = random_transform(
-        denormalise(images), labels, conf, crop_size, scale_range, augmentation, generator
+        denormalise(images), labels, conf, crop_size, scale_range, augmentation, generator, hue
     )
     return normalise(images), labels, conf
 

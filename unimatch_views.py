@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from transforms import colour_jitter, luma, normalise, resize_pad_crop, separable_blur
+from transforms import HUE_JITTER, colour_jitter, luma, normalise, resize_pad_crop, separable_blur
 
 PADDING = 255  # the ignore mask's value on padded pixels (0 elsewhere), the authors' convention
 _RESIZE_RANGE = (0.5, 2.0)  # of the long side
 _FLIP_P, _JITTER_P, _GRAY_P, _BLUR_P, _BOX_P = 0.5, 0.8, 0.2, 0.5, 0.5
-_JITTER_RANGE, _HUE_RANGE, _SIGMA_RANGE = (0.5, 1.5), (-0.25, 0.25), (0.1, 2.0)
+_JITTER_RANGE, _SIGMA_RANGE = (0.5, 1.5), (0.1, 2.0)  # the hue's: transforms.HUE_JITTER
 _BLUR_PASSES, _BOX_BLUR_REACH = 3, 2  # Pillow's box passes; each reaches 2 pixels for sigma < 2.45
 _BOX_AREA, _BOX_RATIO = (0.02, 0.4), (0.3, 1 / 0.3)  # of S^2; h / w, uniform
 _BOX_TRIES = 512  # candidates per CutMix box: see cutmix_boxes
@@ -119,12 +119,15 @@ class StrongParams:
 
 
 def sample_strong_params(
-    batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    batch: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    hue: float = HUE_JITTER,
 ) -> StrongParams:
-    """Colour jitter (0.5, 0.5, 0.5, 0.25) with p 0.8 in a random order, grayscale p 0.2, blur p 0.5 with
-    sigma U(0.1, 2.0): every draw of a batch at once."""
+    """Colour jitter (0.5, 0.5, 0.5, hue) with p 0.8 in a random order, grayscale p 0.2, blur p 0.5 with
+    sigma U(0.1, 2.0): every draw of a batch at once (the same ones whatever the hue)."""
     u = torch.rand(batch, 12, generator=generator, device=device, dtype=torch.float64)
-    factors = torch.cat([_uniform(u[:, 1:4], *_JITTER_RANGE), _uniform(u[:, 4:5], *_HUE_RANGE)], dim=1)
+    factors = torch.cat([_uniform(u[:, 1:4], *_JITTER_RANGE), _uniform(u[:, 4:5], -hue, hue)], dim=1)
     return StrongParams(
         jitter=u[:, 0] < _JITTER_P,
         factors=factors.float(),
@@ -194,14 +197,20 @@ def cutmix_boxes(
     return (rows[:, :, None] & cols[:, None, :]).float()
 
 
-def unlabelled_views(weak: torch.Tensor, padding: torch.Tensor, generator: torch.Generator | None = None):
+def unlabelled_views(
+    weak: torch.Tensor,
+    padding: torch.Tensor,
+    generator: torch.Generator | None = None,
+    hue: float = HUE_JITTER,
+):
     """Weak crops [B, 3, S, S] in [0, 1] and their padding bool [B, S, S], on the training device ->
     (weak, strong 1, strong 2) normalised, the ignore mask long [B, S, S] (PADDING on padding, else 0) and two
-    CutMix boxes float [B, S, S]: the authors' unlabelled item, for the unlabelled and the mix batch alike."""
+    CutMix boxes float [B, S, S]: the authors' unlabelled item, for the unlabelled and the mix batch alike.
+    hue: the strong views' largest hue rotation."""
     batch, size, device = weak.shape[0], weak.shape[-1], weak.device
     strong, boxes = [], []
     for _ in range(2):  # two independent views, each with its own box
-        strong.append(normalise(strong_view(weak, sample_strong_params(batch, generator, device))))
+        strong.append(normalise(strong_view(weak, sample_strong_params(batch, generator, device, hue))))
         boxes.append(cutmix_boxes(batch, size, generator, device))
     ignore = padding.long() * PADDING
     return normalise(weak), strong[0], strong[1], ignore, boxes[0], boxes[1]

@@ -365,3 +365,26 @@ def test_on_cuda_without_host_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(t.device.type == "cuda" for t in out) and out[0].shape == (10, 3, 33, 33)
+
+
+def _red(n):
+    return torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(n, 3, 9, 9).clone()
+
+
+def test_hue_jitter_scales_the_hue_draw_and_keeps_every_other_draw():
+    wide, none = (tf.sample_params(N, (0.5, 1.5), _gen(9), hue=hue) for hue in (0.25, 0.0))
+    assert torch.equal(none.factors[:, 3], torch.zeros(N)) and wide.factors[:, 3].abs().max() > 0.24
+    narrow = tf.sample_params(N, (0.5, 1.5), _gen(9), hue=0.1)
+    assert torch.allclose(narrow.factors[:, 3], wide.factors[:, 3] * 0.4)
+    for field in ("scale", "offset_u", "jitter", "order", "blur", "sigma", "flip"):
+        assert torch.equal(getattr(none, field), getattr(wide, field)), field
+    assert torch.equal(none.factors[:, :3], wide.factors[:, :3])
+
+
+def test_without_hue_jitter_red_stays_red():
+    """Brightness, contrast and saturation keep a pure red's green and blue equal; a hue rotation does not."""
+    labels = torch.zeros(64, 9, 9, dtype=torch.long)
+    for hue, stays in ((0.0, True), (0.25, False)):
+        out, _, _ = tf.random_transform(_red(64), labels, None, (9, 9), (1.0, 1.0), True, _gen(10), hue)
+        same = (out[:, 1] == out[:, 2]).all() & (out[:, 0] > out[:, 1]).all()
+        assert bool(same) == stays, hue

@@ -1,6 +1,7 @@
 """Flag handling (options), helpers and pieces of the training engine (no training here)."""
 
 import argparse
+import contextlib
 
 import numpy as np
 import pytest
@@ -56,6 +57,28 @@ def test_the_demo_trains_every_method_on_its_own_label_budget_and_learning_rate(
     args = options.resolve_args(parse("semi", "--dataset", "demo", "--num_labels", "15", "--lr", "0.1"))
     assert (args.num_labels, args.lr, args.name) == (15, 0.1, "demo_label15_semi_cutout_0")
     assert options.resolve_args(parse("sup", "--dataset", "demo", "--num_labels", "0")).num_labels == 0
+
+
+def test_hue_jitter_comes_from_the_table_and_reaches_the_loaders_and_the_step(demo_root):
+    runs = [("sup", "demo", 0.0), ("semi", "demo", "--method", "unimatch", 0.0), ("semi", "pascal", 0.25)]
+    for mode, dataset, *method, hue in runs:
+        args = options.resolve_args(parse(mode, "--dataset", dataset, *method))
+        assert args.hue_jitter == hue, (dataset, method)
+        info = resolve_dataset(dataset).info
+        settings = engine.step_settings(args, info, contextlib.nullcontext, args.method)
+        assert settings.hue_jitter == hue
+    argv = ("--dataset", "demo", "--data_root", str(demo_root), "--hue_jitter", "0.1", "--num_workers", "0")
+    args = options.resolve_args(parse("semi", *argv))
+    loaders = engine.build_loaders(
+        args, resolve_dataset("demo", demo_root), distributed.Dist(0, 1, torch.device("cpu"))
+    )[1]
+    labelled = loaders[0].dataset  # the labelled crops' jitter (the unlabelled images': the step's)
+    crops = [labelled[(0, seed)][0] for seed in range(4)]
+    labelled.hue_jitter = 0.0
+    assert any(not torch.equal(crop, labelled[(0, seed)][0]) for seed, crop in enumerate(crops))
+    for bad in ("0.6", "-0.1"):
+        with pytest.raises(helpers.UserError, match=f"--hue_jitter {bad}: a hue rotation in turns from 0"):
+            options.resolve_args(parse("semi", "--dataset", "demo", "--hue_jitter", bad))
 
 
 @pytest.mark.parametrize(

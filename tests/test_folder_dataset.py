@@ -130,13 +130,17 @@ def train_argv(root: Path, tmp_path: Path, *extra) -> list[str]:
 
 def test_card_names_colours_overrides_and_defaults(tmp_path):
     root = make_folder(
-        tmp_path / "d", 3, val=3, card={"void": 200, "scale_range": [0.8, 1.2], "eval_size": [50, 60]}
+        tmp_path / "d",
+        3,
+        val=3,
+        card={"void": 200, "scale_range": [0.8, 1.2], "eval_size": [50, 60], "hue_jitter": 0},
     )
     (root / "classes.txt").write_text("back ground 0 0 0\nroad sign 10 20 30\ncar 255 0 5\n\n")
     info = resolve_dataset("folder", root).info
     assert info.class_names == ("back ground", "road sign", "car") and info.num_classes == 3
     assert info.palette[:3].tolist() == [[0, 0, 0], [10, 20, 30], [255, 0, 5]]
     assert info.eval_size == (50, 60) and info.scale_range == (0.8, 1.2) and info.min_classes == 2
+    assert info.hue_jitter == 0.0 and read_card(root).hue_jitter == 0.0  # colour tells these classes apart
     assert info.label_table[[0, 2, 200, 255]].tolist() == [
         0,
         2,
@@ -151,6 +155,7 @@ def test_card_names_colours_overrides_and_defaults(tmp_path):
     (root / "dataset.json").unlink()
     info = resolve_dataset("folder", root).info
     assert info.eval_size == (45, 41)  # the largest val image (H, W) when dataset.json is silent
+    assert info.hue_jitter == 0.25  # the reference's
     assert info.palette[:3].tolist() == [[0, 0, 0], [10, 20, 30], [255, 0, 5]]
     assert read_card(root).min_classes == 2 and read_card(root).void == 255
     (root / "classes.txt").write_text("grade 1\ngrade 2 5\nsky 0 0\n")  # fewer than three numbers: a name
@@ -281,6 +286,10 @@ BAD_DATA = {
         "'batch_size' must be a whole number >= 2",
     ),
     "void zero": (lambda r: (r / "dataset.json").write_text('{"void": 0}'), "'void' 0 must lie in 3..255"),
+    "hue out of range": (
+        lambda r: (r / "dataset.json").write_text('{"hue_jitter": 0.75}'),
+        "'hue_jitter' must be a hue rotation in turns from 0 (none) to 0.5, got 0.75",
+    ),
     "label named after the image file": (
         lambda r: (r / "labels/train/train_1.png").rename(r / "labels/train/train_1.png.png"),
         "train_1.png.png has no image of the same stem in ",

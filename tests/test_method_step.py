@@ -256,3 +256,27 @@ def test_mean_teacher_step_computes_what_it_did_and_weighs_reco(partial, reco, a
     doubled, _ = step(2.0)
     assert torch.equal(doubled.terms, out.terms)  # the logged ReCo term is unweighted
     assert doubled.loss.item() == pytest.approx(out.loss.item() + terms[2], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["meanteacher", "unimatch"])
+def test_the_step_jitters_the_unlabelled_images_by_the_runs_hue(method, monkeypatch):
+    hues = []
+
+    def record(real):
+        def wrapper(*args, **kwargs):
+            if method == "unimatch" or args[5]:  # the mean teacher: the augmenting transform only
+                hues.append(kwargs.get("hue"))
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(methods, "batch_transform", record(methods.batch_transform))
+    monkeypatch.setattr(methods, "unlabelled_views", record(methods.unlabelled_views))
+    model = methods.Views(_tiny("deeplabv3p")) if method == "meanteacher" else methods.PerturbedNet(_tiny())
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.rand(2, 3, 33, 33, generator=g), torch.randint(0, 4, (2, 33, 33), generator=g)
+    padding = torch.zeros(2, 33, 33, dtype=torch.bool)
+    unlabelled = (images, labels) if method == "meanteacher" else (images, padding, labels, images, padding)
+    settings = methods.MethodSettings(method=method, hue_jitter=0.1)
+    methods.training_step(method, model, copy.deepcopy(model), [(images, labels), unlabelled], settings)
+    assert hues == ([0.1] if method == "meanteacher" else [0.1, 0.1])

@@ -300,3 +300,17 @@ def test_device_views_on_cuda_without_host_syncs():
     assert all(o.device.type == "cuda" for o in out) and out[1].shape == (8, 3, 65, 65)
     cpu = uv.unlabelled_views(weak.cpu(), padding.cpu(), _gen(0))
     assert all(o.shape == c.shape and o.dtype == c.dtype for o, c in zip(out, cpu))
+
+
+def test_strong_views_follow_hue_jitter():
+    """At hue 0 a pure red stays red or turns grey (grayscale), with green and blue equal; at 0.25 not."""
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(64, 3, 9, 9).clone()
+    wide, none = (uv.sample_strong_params(64, _gen(19), hue=hue) for hue in (0.25, 0.0))
+    assert torch.equal(none.factors[:, 3], torch.zeros(64))
+    assert torch.equal(none.factors[:, :3], wide.factors[:, :3])
+    padding = torch.zeros(64, 9, 9, dtype=torch.bool)
+    for hue, stays in ((0.0, True), (0.25, False)):
+        for out in uv.unlabelled_views(red, padding, _gen(20), hue)[1:3]:
+            out = tf.denormalise(out)
+            red_or_grey = ((out[:, 1] - out[:, 2]).abs() < 1e-5).all() & (out[:, 0] >= out[:, 1] - 1e-5).all()
+            assert bool(red_or_grey) == stays
