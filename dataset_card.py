@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from helpers import DataError
-from transforms import HUE_JITTER
 
 CLASSES_FILE = "classes.txt"
 OVERRIDES_FILE = "dataset.json"
@@ -32,7 +31,8 @@ class DatasetCard:
     iters_per_epoch: int = 200
     resnet_depth: int = 101
     pretrained: str = "imagenet"
-    hue_jitter: float = HUE_JITTER  # 0 when colour tells the classes apart
+    # None: the reference's (transforms.HUE_JITTER); 0 when colour tells the classes apart
+    hue_jitter: float | None = None
 
 
 def _size(key: str, value: Any, path: Path) -> tuple[int, int]:

@@ -13,7 +13,6 @@ import torch
 
 from dataset_card import CLASSES_FILE, HELP, DatasetCard
 from helpers import DataError
-from transforms import HUE_JITTER
 
 # Void value of label files on disk; it becomes IGNORE_INDEX in tensors.
 VOID = 255
@@ -286,7 +285,7 @@ class DatasetInfo:
     # Training defaults the engine uses for flags left unset (the reference's, but for the demo).
     num_labels: int = 15  # the label budget
     lr: float = 2.5e-3  # sup and the mean teacher (FixMatch and UniMatch: online.lr)
-    hue_jitter: float = HUE_JITTER  # every method's colour jitter
+    hue_jitter: float | None = None  # every method's colour jitter (None: the reference's, transforms')
     epochs: int = 200
     iters_per_epoch: int = 200
     resnet_depth: int = 101

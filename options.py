@@ -17,6 +17,7 @@ from module_list import MIX_MODES, ONLINE_METHODS, SEMI_METHODS
 from network import BACKBONES, RESNET_DEPTHS
 from run_folder import LAST, MODE_SCRIPTS, run_name
 from splits import read_split_dir, shipped_split_dir
+from transforms import HUE_JITTER
 
 
 class Mode(NamedTuple):
@@ -270,7 +271,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, flag) is None:
             setattr(args, flag, table_value)
     args.crop_size = tuple(args.crop_size or info.crop_size)
-    args.hue_jitter = info.hue_jitter if args.hue_jitter is None else args.hue_jitter
+    if args.hue_jitter is None:
+        args.hue_jitter = HUE_JITTER if info.hue_jitter is None else info.hue_jitter
     if not 0 <= args.hue_jitter <= 0.5:
         raise UserError(
             f"--hue_jitter {args.hue_jitter}: a hue rotation in turns from 0 (none) to 0.5 (any hue); "

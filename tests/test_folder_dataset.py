@@ -155,7 +155,7 @@ def test_card_names_colours_overrides_and_defaults(tmp_path):
     (root / "dataset.json").unlink()
     info = resolve_dataset("folder", root).info
     assert info.eval_size == (45, 41)  # the largest val image (H, W) when dataset.json is silent
-    assert info.hue_jitter == 0.25  # the reference's
+    assert info.hue_jitter is None  # the reference's, filled in by the training flags
     assert info.palette[:3].tolist() == [[0, 0, 0], [10, 20, 30], [255, 0, 5]]
     assert read_card(root).min_classes == 2 and read_card(root).void == 255
     (root / "classes.txt").write_text("grade 1\ngrade 2 5\nsky 0 0\n")  # fewer than three numbers: a name
