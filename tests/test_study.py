@@ -33,7 +33,7 @@ def training_flags(root: Path) -> list[str]:
         "--data_root",
         str(root),
         "--epochs",
-        "3",
+        "2",
         "--iters_per_epoch",
         "1",
         "--batch_size",

@@ -222,7 +222,7 @@ def test_sigkill_then_resume_gives_the_same_weights(demo_root, tmp_path):
         "--epochs",
         "3",
         "--iters_per_epoch",
-        "4",
+        "2",
         "--no_visual",
         "--num_labels",
         "6",
