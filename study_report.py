@@ -282,6 +282,12 @@ def cell_text(mean: float, std: float, n: int) -> str:
     return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} (1)"
 
 
+def table_head(title: str, columns: Sequence[str]) -> list[str]:
+    """The markdown lines that open a section's method-by-column table."""
+    header = "| method | " + " | ".join(columns) + " |"
+    return ["", f"## {title}", "", header, "|---" * (len(columns) + 1) + "|"]
+
+
 def gain_text(gain: Gain) -> str:
     """'+5.76 ± 5.36 (3, better on 3)'."""
     spread = f" ± {gain.std:.2f}" if gain.n > 1 else ""
@@ -367,13 +373,7 @@ def markdown(
     else:
         lines += ["", f"Some runs have no {CONFIG}: they were grouped by their file names only."]
     for title, field in (("Best", "best"), ("Final", "final")):
-        lines += [
-            "",
-            f"## {title} val mIoU (%), mean ± std (seeds), columns: {kind}",
-            "",
-            "| method | " + " | ".join(budgets) + " |",
-            "|---" * (len(budgets) + 1) + "|",
-        ]
+        lines += table_head(f"{title} val mIoU (%), mean ± std (seeds), columns: {kind}", budgets)
         for method in methods:
             row = [
                 cell_text(*getattr(stats[(method, b)], field), len(stats[(method, b)].seeds))
@@ -395,13 +395,9 @@ def markdown(
     gains = gains_over_sup(runs)
     if gains:
         paired = [b for b in budgets if any(key[1] == b for key in gains)]
-        lines += [
-            "",
-            f"## Gain over sup on the same labelled images (best val mIoU, points), columns: {kind}",
-            "",
-            "| method | " + " | ".join(paired) + " |",
-            "|---" * (len(paired) + 1) + "|",
-        ]
+        lines += table_head(
+            f"Gain over sup on the same labelled images (best val mIoU, points), columns: {kind}", paired
+        )
         for method in sorted({m for m, _ in gains}, key=method_order):
             row = [gain_text(gains[(method, b)]) if (method, b) in gains else "–" for b in paired]
             lines.append(f"| {method} | " + " | ".join(row) + " |")

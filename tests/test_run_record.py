@@ -330,9 +330,8 @@ def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the
     run("twin_elsewise", "sup", "abc", 0.5, lr=0.03)  # newer: it is the twin, and its lr differs
     line = run_folder.baseline_line(semi, 0.6, tmp_path)
     assert line.endswith("(0.5000, " + str(tmp_path / "twin_elsewise") + "/); not matched: --lr 0.03 there")
-    semi["args"]["hue_jitter"] = (
-        0.0  # the twin's config.json predates the flag: it trained at the reference's
-    )
+    # the twin's config.json predates the flag: it trained at the reference's
+    semi["args"]["hue_jitter"] = 0.0
     line = run_folder.baseline_line(semi, 0.6, tmp_path)
     assert line.endswith("not matched: --lr 0.03 there, --hue_jitter 0.25 there")
     partial = run("semi_p", "semi_partial", "p", 0.5)
