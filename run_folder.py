@@ -290,21 +290,34 @@ MATCHED_FLAGS = (
 )
 
 
+def labelled_crops(config: dict) -> int:
+    """Labelled crops a run's optimiser step takes over all processes: the supervised scripts take twice
+    --batch_size (the reference's baseline sees as many images a step as the semi-supervised step)."""
+    per_process = config["args"]["batch_size"] * (1 if config["mode"].startswith("semi") else 2)
+    return per_process * config.get("world_size", 1)
+
+
 def baseline_line(config: dict, best_miou: float, log_dir: Path) -> str:
-    """A semi-supervised run's last line: its gain over the supervised run on the same labelled images (and
-    the training flags on which the two differ, as the gain is then not the unlabelled images' alone), or
-    the command that measures it."""
+    """A semi-supervised run's last line: its gain over the supervised run on the same labelled images, the
+    training flags on which the two differ (the gain is then not the unlabelled images' alone) and the
+    labelled crops a step of each where they differ; or the command that measures it."""
     twin = supervised_twin(config, log_dir)
     if twin:
         folder, summary = twin
         alone = summary["best_miou"]
         gain = f"{best_miou - alone:+.4f} best val mIoU"
         line = f"  vs sup   {gain} over the same labelled images alone ({alone:.4f}, {folder}/)"
-        theirs, ours = (UNRECORDED | c["args"] for c in (read_config(folder), config))
+        their_config = read_config(folder)
+        theirs, ours = (UNRECORDED | c["args"] for c in (their_config, config))
         differ = [
             f"--{f} {_flag_text(theirs.get(f))} there" for f in MATCHED_FLAGS if theirs.get(f) != ours.get(f)
         ]
-        return line + ("; not matched: " + ", ".join(differ) if differ else "")
+        crops = labelled_crops(their_config), labelled_crops(config)
+        return (
+            line
+            + ("; not matched: " + ", ".join(differ) if differ else "")
+            + ("; labelled crops a step: {} there, {} here".format(*crops) if crops[0] != crops[1] else "")
+        )
     script = MODE_SCRIPTS[config["mode"].replace("semi", "sup")]
     return (
         f"  vs sup   not measured: `python {script}` with the same --dataset, --data_root, label flags "

@@ -297,7 +297,7 @@ def test_a_split_folder_is_read_once_per_run_and_again_once_it_changes(small_dem
 
 
 def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the_same_split(tmp_path):
-    def run(name, mode, digest, best, data_root="data-a", lr=0.01):
+    def run(name, mode, digest, best, data_root="data-a", lr=0.01, batch_size=4):
         folder = tmp_path / name
         folder.mkdir()
         config = {
@@ -308,6 +308,7 @@ def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the
                 "lr": lr,
                 "crop_size": [65, 65],
                 "epochs": 12,
+                "batch_size": batch_size,
             },
             "mode": mode,
             "split_digest": digest,
@@ -323,16 +324,21 @@ def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the
     run("unfinished", "sup", "abc", 0.3)
     (tmp_path / "unfinished" / "summary.json").unlink()
     assert "not measured" in run_folder.baseline_line(semi, 0.6, tmp_path)
-    run("twin", "sup", "abc", 0.45)
+    run("twin", "sup", "abc", 0.45, batch_size=2)  # twice --batch_size: the semi run's 4 labelled crops
     line = run_folder.baseline_line(semi, 0.6, tmp_path)
     assert "+0.1500 best val mIoU" in line and "(0.4500" in line and str(tmp_path / "twin") in line
-    assert "not matched" not in line
-    run("twin_elsewise", "sup", "abc", 0.5, lr=0.03)  # newer: it is the twin, and its lr differs
+    assert "not matched" not in line and "crops" not in line
+    run("twin_elsewise", "sup", "abc", 0.5, lr=0.03)  # newer: it is the twin, its lr and crops differ
     line = run_folder.baseline_line(semi, 0.6, tmp_path)
-    assert line.endswith("(0.5000, " + str(tmp_path / "twin_elsewise") + "/); not matched: --lr 0.03 there")
+    assert line.endswith(
+        "(0.5000, " + str(tmp_path / "twin_elsewise") + "/); not matched: --lr 0.03 there; "
+        "labelled crops a step: 8 there, 4 here"
+    )
     # the twin's config.json predates the flag: it trained at the reference's
     semi["args"]["hue_jitter"] = 0.0
     line = run_folder.baseline_line(semi, 0.6, tmp_path)
-    assert line.endswith("not matched: --lr 0.03 there, --hue_jitter 0.25 there")
+    assert "not matched: --lr 0.03 there, --hue_jitter 0.25 there;" in line
+    semi["world_size"] = 2  # torchrun: 4 crops in each of 2 processes, as the twin's 8
+    assert "crops" not in run_folder.baseline_line(semi, 0.6, tmp_path)
     partial = run("semi_p", "semi_partial", "p", 0.5)
     assert "train_sup_partial.py" in run_folder.baseline_line(partial, 0.5, tmp_path)
