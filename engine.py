@@ -56,7 +56,7 @@ from module_list import EMA, ONLINE_METHODS, ConfMatrix, PolyLR
 from network import build_model
 from options import MODES, RESUME_KEYS, get_args_parser, online_iterations, resolve_args
 from preparation import demo_to_generate, make_demo_dataset
-from run_folder import LAST, UNRECORDED, RunFiles, RunWriter, metric_columns
+from run_folder import LAST, UNRECORDED, RunFiles, RunWriter, labelled_batch, metric_columns
 from splits import get_split, load_split
 
 # ---------------------------------------------------------------------------------------------
@@ -221,9 +221,7 @@ def build_loaders(args: argparse.Namespace, data: DatasetFiles, d: Dist):
         num_workers=workers, rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda"
     )
     partial = dict(partial=args.partial, partial_seed=args.seed)
-    batch = (
-        args.batch_size if semi else 2 * args.batch_size
-    )  # the reference doubles it without unlabelled data
+    batch = labelled_batch(args.batch_size, semi)
     online = args.method in ONLINE_METHODS
     if online:
         online_iterations(args, len(unlabelled), d.world_size)
@@ -367,7 +365,7 @@ def warm_up_calls(
     UniMatch's eval-mode forward of the mix batch compiles in the first step."""
     crop, batch, reco = (3, *args.crop_size), args.batch_size, args.apply_reco
     if method == "sup":
-        return [(student, [(2 * batch, *crop)], dict(with_rep=reco), True)]
+        return [(student, [(labelled_batch(batch, semi=False), *crop)], dict(with_rep=reco), True)]
     if method == "meanteacher":
         return [
             (student, [(batch, *crop)] * 2, dict(with_rep=reco), True),

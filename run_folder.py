@@ -290,11 +290,16 @@ MATCHED_FLAGS = (
 )
 
 
+def labelled_batch(batch_size: int, semi: bool) -> int:
+    """Labelled crops a step takes per process: the supervised scripts take twice --batch_size, as the
+    reference does, to see as many images a step as the semi-supervised step's labelled + unlabelled."""
+    return batch_size if semi else 2 * batch_size
+
+
 def labelled_crops(config: dict) -> int:
-    """Labelled crops a run's optimiser step takes over all processes: the supervised scripts take twice
-    --batch_size (the reference's baseline sees as many images a step as the semi-supervised step)."""
-    per_process = config["args"]["batch_size"] * (1 if config["mode"].startswith("semi") else 2)
-    return per_process * config.get("world_size", 1)
+    """Labelled crops a recorded run's optimiser step took over all processes."""
+    semi = config["mode"].startswith("semi")
+    return labelled_batch(config["args"]["batch_size"], semi) * config.get("world_size", 1)
 
 
 def baseline_line(config: dict, best_miou: float, log_dir: Path) -> str:

@@ -34,6 +34,7 @@ import distributed  # noqa: E402
 import engine  # noqa: E402
 import helpers  # noqa: E402
 import options  # noqa: E402
+import run_folder  # noqa: E402
 from acceleration import COMPILE_CHOICES, LAYOUT_CHOICES  # noqa: E402
 from faults import StopSignals  # noqa: E402
 from layouts import resolve_dataset  # noqa: E402
@@ -163,7 +164,7 @@ def bench(
     run = engine.build_run(args, info, distributed.Dist(0, 1, torch.device(device)))
     run.student.train()
     g = torch.Generator().manual_seed(0)
-    per_loader = args.batch_size if mode == "semi" else 2 * args.batch_size
+    per_loader = run_folder.labelled_batch(args.batch_size, semi=mode == "semi")
     batch = [
         synthetic_batch(per_loader, args.crop_size, info.num_classes, device, g)
         for _ in range(2 if mode == "semi" else 1)
