@@ -26,6 +26,12 @@ from module_list import ConfMatrix, copy_tensors_
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def stop_signals_to_catch() -> tuple[int, ...]:
+    """The stop signals this process was not started ignoring: a shell starts `cmd &` with SIGINT ignored,
+    so that a Ctrl-C meant for the foreground job leaves it running, and catching SIGINT would undo that."""
+    return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
 def exit_code(signum: int) -> int:
     """The process exit code after a graceful stop on signal `signum`."""
     return 128 + signum
@@ -76,9 +82,10 @@ class StopSignals:
         return self
 
     def arm(self) -> None:
-        """Start catching the stop signals (only inside the context, and in the main thread)."""
+        """Start catching the stop signals not ignored (stop_signals_to_catch), only inside the context and in
+        the main thread."""
         if self._entered and not self._previous and threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in stop_signals_to_catch()}
 
     def __exit__(self, *exc) -> None:
         self._entered = False

@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dataset_table import PARTIAL_SETTINGS
-from faults import STOP_SIGNALS, exit_code
+from faults import STOP_SIGNALS, exit_code, stop_signals_to_catch
 from helpers import UserError, run_cli, write_json
 from module_list import ONLINE_METHODS
 from run_folder import LAST, MODE_SCRIPTS, RunFiles
@@ -388,7 +388,7 @@ def run_study(args: argparse.Namespace, extra: Sequence[str]) -> None:
     result = {cell: "skipped (finished before)" for cell in cells if states[cell] == "done"}
     print(start_line(out, states, args.gpus), flush=True)
     pool = ThreadPoolExecutor(max_workers=len(args.gpus or [None]))
-    previous = {signum: signal.signal(signum, processes.stop) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, processes.stop) for signum in stop_signals_to_catch()}
     try:
         futures = {
             pool.submit(

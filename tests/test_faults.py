@@ -393,7 +393,16 @@ def test_a_process_ends_while_a_cycle_still_holds_its_loaders(small_demo, tmp_pa
     assert done.returncode == 0 and not done.stderr, done.stderr
 
 
-def test_stop_signals_are_caught_only_once_armed_and_a_second_one_stops_at_once():
+@pytest.fixture
+def default_sigint():
+    """SIGINT at Python's default (KeyboardInterrupt) for one test, whatever the suite was started with (a
+    shell's `pytest &` starts it ignoring SIGINT), and restored after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_stop_signals_are_caught_only_once_armed_and_a_second_one_stops_at_once(default_sigint):
     before = signal.getsignal(signal.SIGINT)
     with faults.StopSignals(repeat_after=0.5) as stop:
         assert signal.getsignal(signal.SIGINT) is before  # set-up keeps the default action
@@ -409,3 +418,15 @@ def test_stop_signals_are_caught_only_once_armed_and_a_second_one_stops_at_once(
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_stop_signal_the_process_was_started_ignoring_stays_ignored(default_sigint):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts `python train_sup.py ... &`
+    with faults.StopSignals() as stop:
+        stop.arm()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C meant for the foreground job
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop is still caught
+        assert stop.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

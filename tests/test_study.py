@@ -496,6 +496,49 @@ def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(
     assert f"stopped by {signal.Signals(signum).name}" in err and "run the same command again" in err
 
 
+def test_a_study_started_ignoring_sigint_leaves_it_ignored_and_stops_on_sigterm(
+    tmp_path, capsys, monkeypatch
+):
+    script = tmp_path / "cell.py"
+    script.write_text(FAKE_CELL)
+    monkeypatch.setattr(
+        study.Cell, "command", lambda cell, *_: [sys.executable, str(script), str(cell.folder)]
+    )
+    cell = tmp_path / "study" / "cells" / "sup" / "4" / "seed0"
+
+    def signal_the_study() -> None:  # a Ctrl-C meant for the foreground job, then a scheduler's stop
+        while not ((cell / "cell.log").is_file() and "pgid" in (cell / "cell.log").read_text()):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts `python study.py run ... &`
+    thread = threading.Thread(target=signal_the_study)
+    thread.start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            study.main(
+                [
+                    "run",
+                    "--out",
+                    str(tmp_path / "study"),
+                    "--seeds",
+                    "0",
+                    "--num_labels",
+                    "4",
+                    "--methods",
+                    "sup",
+                ]
+            )
+        thread.join()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert (cell / "signals").read_text() == f"{int(signal.SIGTERM)}\n"  # SIGINT never reached the cell
+
+
 def test_print_records_the_training_flags_and_a_change_is_refused_by_name(tmp_path, capsys):
     grid = [
         "run",
