@@ -15,11 +15,13 @@ from typing import Sequence
 
 import cli_flags
 from build_data import SegmentationDataset, build_test_loader, loader_workers
+from condition_groups import format_groups, group_results
 from eval_loop import evaluate
 from helpers import resolve_device, run_cli, write_json
 from layouts import resolve_dataset
 from network import BACKBONES, RESNET_DEPTHS, check_window, load_model
-from run_folder import CONFIG, LAST, checkpoint_dataset
+from run_folder import CONFIG, LAST, SPLIT, checkpoint_dataset, checkpoint_split
+from splits import read_split_dir
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,7 +53,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli_flags.add_loader_flags(p, "test images per forward pass (default: %(default)s)")
     cli_flags.add_device_flag(p)
     cli_flags.add_amp_flag(p)
-    p.add_argument("--json", default=None, metavar="FILE", help="also write {miou, acc, iou_per_class} here")
+    p.add_argument(
+        "--groups",
+        default=None,
+        metavar="FILE",
+        help="also the mIoU by condition: a JSON file {image id: {factor: level}} such as the demo's "
+        "conditions.json (docs/evaluation.md#by-condition)",
+    )
+    p.add_argument(
+        "--split_dir",
+        default=None,
+        help="with --groups: the split trained on (its labelled.txt), to mark the levels the labelled "
+        f"images show; default: the run's {SPLIT}/ beside its {CONFIG}",
+    )
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="also write {miou, acc, iou_per_class[, groups]} here"
+    )
     return p
 
 
@@ -105,16 +122,34 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         flip=args.flip,
         window=tuple(args.window) if args.window else None,
         progress=True,
+        per_image=bool(args.groups),
     )
+    groups = by_condition(args, ids, result["per_image_confusion"]) if args.groups else None
     result = {"miou": result["miou"], "acc": result["acc"], "iou_per_class": list(result["iou_per_class"])}
     print(format_report(info.class_names, result), flush=True)
+    if groups is not None:
+        result["groups"] = groups[0]
+        print(groups[1], flush=True)
     if args.json:
         path = Path(args.json)
         # NaN (a class absent from GT and prediction) is not JSON: write null
         iou = [None if math.isnan(v) else v for v in result["iou_per_class"]]
-        write_json(path, {"miou": result["miou"], "acc": result["acc"], "iou_per_class": iou}, indent=1)
+        write_json(path, result | {"iou_per_class": iou}, indent=1)
         print(f"wrote {path}")
     return result
+
+
+def by_condition(args: argparse.Namespace, ids: Sequence[str], per_image_conf) -> tuple[dict, str]:
+    """(--groups' results, their table): the labelled images are --split_dir's, or the run's split/."""
+    split = Path(args.split_dir) if args.split_dir else checkpoint_split(Path(args.checkpoint))
+    labelled = read_split_dir(split)[0] if split else None
+    results = group_results(Path(args.groups), ids, per_image_conf, labelled)
+    source = f"{args.groups}; " + (
+        f"* = a level the labelled images in {split}/labelled.txt show"
+        if split
+        else "no split: pass --split_dir"
+    )
+    return results, format_groups(results, source)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -32,6 +32,7 @@ from transforms import HUE_JITTER
 CONFIG = "config.json"  # the resolved configuration ({"args": {...}, ...}), written at the start
 SUMMARY = "summary.json"  # the outcome, written at the end
 LAST = "last.pth"  # the resume checkpoint (engine.save_last's dict)
+SPLIT = "split"  # the split trained on: labelled.txt and unlabelled.txt (splits.write_split_dir)
 LOG_SUFFIX = ".npy"
 MODE_SCRIPTS = {
     "sup": "train_sup.py",
@@ -162,8 +163,8 @@ class RunFiles:
 
     @property
     def split(self) -> Path:
-        """The split trained on: labelled.txt and unlabelled.txt (splits.write_split_dir)."""
-        return self.folder / "split"
+        """The split trained on (SPLIT)."""
+        return self.folder / SPLIT
 
     def finished(self) -> bool:
         """Whether the run ended: its summary is written, or every epoch of its .npy log is filled (a run
@@ -507,6 +508,13 @@ def checkpoint_config(checkpoint: Path) -> tuple[Path, dict] | None:
         if config is not None:
             return folder / CONFIG, config
     return None
+
+
+def checkpoint_split(checkpoint: Path) -> Path | None:
+    """The split folder of the run a checkpoint came from (None: no run folder, or one from before splits
+    were recorded)."""
+    found = checkpoint_config(checkpoint)
+    return found[0].parent / SPLIT if found and (found[0].parent / SPLIT).is_dir() else None
 
 
 def checkpoint_dataset(

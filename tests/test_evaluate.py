@@ -92,3 +92,98 @@ def test_the_dataset_comes_from_the_checkpoints_run_folder(
     (run_dir / "config.json").write_text(json.dumps({"args": {"dataset": "demo", "data_root": str(root)}}))
     assert evaluate.main(["--checkpoint", str(run_dir / "last.pth")])["miou"] == 1.0
     assert f"--dataset demo --data_root {root} (from {run_dir / 'config.json'})" in capsys.readouterr().out
+
+
+def test_groups_give_the_miou_of_each_condition_and_mark_what_the_labelled_images_show(
+    tmp_path, capsys, pascal_layout, constant_checkpoint
+):
+    rng = np.random.default_rng(5)
+    labels = [rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(24, 30)) for _ in range(3)]
+    root = pascal_layout(tmp_path / "data", labels)  # ids img0, img1, img2
+    conditions = {
+        "img0": {"site": "a", "light": "dim"},
+        "img1": {"site": "a", "light": "even"},
+        "img2": {"site": "b", "light": "dim"},
+        "train0": {"site": "a", "light": "bright"},  # the labelled image: shows site a, no test light
+    }
+    groups = tmp_path / "conditions.json"
+    groups.write_text(json.dumps(conditions))
+    run_dir = tmp_path / "logging" / "demo_label1_sup_0"
+    (run_dir / "split").mkdir(parents=True)
+    (run_dir / "split" / "labelled.txt").write_text("train0\n")
+    (run_dir / "split" / "unlabelled.txt").write_text("train1\n")
+    (run_dir / "config.json").write_text(json.dumps({"args": {"dataset": "demo", "data_root": str(root)}}))
+    constant_checkpoint(run_dir / "last.pth", 1)  # class 1 at every pixel
+
+    def miou(chosen):  # mIoU over the classes in ground truth or prediction, from numpy
+        target = np.concatenate([labels[i].ravel() for i in chosen])
+        target = target[target != 255]
+        ious = [(target == 1).sum() / target.size if c == 1 else 0.0 for c in np.unique([*target, 1])]
+        return np.mean(ious)
+
+    out = tmp_path / "result.json"
+    result = evaluate.main(
+        [
+            "--checkpoint",
+            str(run_dir / "last.pth"),
+            "--groups",
+            str(groups),
+            "--json",
+            str(out),
+            "--batch_size",
+            "2",
+        ]
+    )
+    site, light = result["groups"]["site"], result["groups"]["light"]
+    assert list(site) == ["a", "b", "[shown]", "[not shown]"] and list(light) == [
+        "dim",
+        "even",
+        "[not shown]",
+    ]
+    for rows, level, chosen, shown in (
+        (site, "a", [0, 1], True),
+        (site, "b", [2], False),
+        (site, "[shown]", [0, 1], True),
+        (site, "[not shown]", [2], False),
+        (light, "dim", [0, 2], False),
+        (light, "even", [1], False),
+        (light, "[not shown]", [0, 1, 2], False),
+    ):
+        assert rows[level]["images"] == len(chosen) and rows[level]["shown"] is shown
+        assert rows[level]["miou"] == pytest.approx(miou(chosen)), (level, chosen)
+    assert json.loads(out.read_text())["groups"]["site"]["a"]["images"] == 2
+    table = capsys.readouterr().out
+    assert f"{run_dir / 'split'}/labelled.txt" in table
+    assert "site    a*" in table and f"{100 * miou([2]):8.2f}" in table
+
+    # no split beside a bare checkpoint: every level unmarked, no summary rows
+    bare = constant_checkpoint(tmp_path / "bare.pth", 1)
+    flags = [
+        "--dataset",
+        "demo",
+        "--data_root",
+        str(root),
+        "--checkpoint",
+        str(bare),
+        "--groups",
+        str(groups),
+    ]
+    site = evaluate.main(flags)["groups"]["site"]
+    assert list(site) == ["a", "b"] and site["a"]["shown"] is None
+    assert (
+        list(evaluate.main(flags + ["--split_dir", str(run_dir / "split")])["groups"]["site"])[2] == "[shown]"
+    )
+
+    del conditions["img2"]
+    groups.write_text(json.dumps(conditions))
+    for text, expected in (
+        (None, "no conditions for 1 of the 3 test images (e.g. img2)"),
+        ("[1, 2]", "expected"),
+    ):
+        if text:
+            groups.write_text(text)
+        with pytest.raises(SystemExit) as stop:
+            helpers.run_cli(evaluate.main, flags)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--groups {groups}" in err and expected in err
