@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -435,54 +436,50 @@ time.sleep(15)  # the study stops it long before
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(
-    signum, tmp_path, capsys, monkeypatch
-):
+def signalled_study(tmp_path: Path, monkeypatch, signals: Sequence[int], *budgets: str) -> tuple[int, Path]:
+    """(exit code, first cell's folder) of a study of fake cells (FAKE_CELL) that this process sends
+    `signals`, 0.3 s apart, once the first cell runs: as `kill PID`, or Ctrl-C (the cell is in another
+    process group)."""
     script = tmp_path / "cell.py"
     script.write_text(FAKE_CELL)
     monkeypatch.setattr(
         study.Cell, "command", lambda cell, *_: [sys.executable, str(script), str(cell.folder)]
     )
-    first = tmp_path / "study" / "cells" / "sup" / "4" / "seed0"
+    first = tmp_path / "study" / "cells" / "sup" / budgets[0] / "seed0"
 
-    def signal_the_study() -> (
-        None
-    ):  # as `kill PID`, or Ctrl-C (the cell is in another process group: see below)
+    def signal_the_study() -> None:
         while not ((first / "cell.log").is_file() and "pgid" in (first / "cell.log").read_text()):
             time.sleep(0.02)
-        os.kill(os.getpid(), signum)
+        for signum in signals:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.3)
 
+    thread = threading.Thread(target=signal_the_study)
+    thread.start()
+    with pytest.raises(SystemExit) as stopped:
+        argv = ["run", "--out", str(tmp_path / "study"), "--seeds", "0", "--num_labels", *budgets]
+        study.main([*argv, "--methods", "sup"])
+    thread.join()
+    return stopped.value.code, first
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(
+    signum, tmp_path, capsys, monkeypatch
+):
     missed = []  # a signal the study did not catch lands here, not in pytest
 
     def fallback(signum: int, frame: object) -> None:
         missed.append(signum)
 
     previous = {s: signal.signal(s, fallback) for s in (signal.SIGTERM, signal.SIGINT)}
-    thread = threading.Thread(target=signal_the_study)
-    thread.start()
     try:
-        with pytest.raises(SystemExit) as stopped:
-            study.main(
-                [
-                    "run",
-                    "--out",
-                    str(tmp_path / "study"),
-                    "--seeds",
-                    "0",
-                    "--num_labels",
-                    "4",
-                    "8",
-                    "--methods",
-                    "sup",
-                ]
-            )
-        thread.join()
+        code, first = signalled_study(tmp_path, monkeypatch, [signum], "4", "8")
         assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == fallback  # restored
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    assert missed == [] and stopped.value.code == 128 + signum
+    assert missed == [] and code == 128 + signum
     assert (first / "signals").read_text() == f"{int(signum)}\n"  # passed on once
     # a terminal's Ctrl-C reaches the study's process group only, so the cell does not get it twice
     assert int((first / "cell.log").read_text().split("pgid ")[1].split()[0]) != os.getpgid(0)
@@ -496,46 +493,14 @@ def test_a_stop_signal_reaches_the_running_cell_once_and_no_further_cell_starts(
     assert f"stopped by {signal.Signals(signum).name}" in err and "run the same command again" in err
 
 
-def test_a_study_started_ignoring_sigint_leaves_it_ignored_and_stops_on_sigterm(
-    tmp_path, capsys, monkeypatch
-):
-    script = tmp_path / "cell.py"
-    script.write_text(FAKE_CELL)
-    monkeypatch.setattr(
-        study.Cell, "command", lambda cell, *_: [sys.executable, str(script), str(cell.folder)]
-    )
-    cell = tmp_path / "study" / "cells" / "sup" / "4" / "seed0"
-
-    def signal_the_study() -> None:  # a Ctrl-C meant for the foreground job, then a scheduler's stop
-        while not ((cell / "cell.log").is_file() and "pgid" in (cell / "cell.log").read_text()):
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.3)
-        os.kill(os.getpid(), signal.SIGTERM)
-
+def test_a_study_started_ignoring_sigint_leaves_it_ignored_and_stops_on_sigterm(tmp_path, monkeypatch):
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts `python study.py run ... &`
-    thread = threading.Thread(target=signal_the_study)
-    thread.start()
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            study.main(
-                [
-                    "run",
-                    "--out",
-                    str(tmp_path / "study"),
-                    "--seeds",
-                    "0",
-                    "--num_labels",
-                    "4",
-                    "--methods",
-                    "sup",
-                ]
-            )
-        thread.join()
+    try:  # a Ctrl-C meant for the foreground job, then a scheduler's stop
+        code, cell = signalled_study(tmp_path, monkeypatch, [signal.SIGINT, signal.SIGTERM], "4")
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert stopped.value.code == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGTERM
     assert (cell / "signals").read_text() == f"{int(signal.SIGTERM)}\n"  # SIGINT never reached the cell
 
 
