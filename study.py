@@ -488,6 +488,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--out", help="where the report goes (default: the first folder)")
     rep.add_argument(
+        "--baseline",
+        nargs="+",
+        metavar="FOLDER",
+        help="folders of supervised runs at other flags (e.g. a study of --methods sup at --batch_size 2, "
+        "the semi-supervised step's labelled crops): adds each method's gain over them, seed by seed",
+    )
+    rep.add_argument(
         "--paper",
         choices=sorted(PAPER),
         help="add the published mIoU at the runs' budgets: the reference ReCo README's, and "

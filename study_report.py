@@ -251,14 +251,18 @@ class Gain:
     wins: int
 
 
-def gains_over_sup(runs: Sequence[RunLog]) -> dict[tuple[str, str], Gain]:
-    """(method, budget) -> Gain over the supervised run of the same budget and seed. A seed draws the same
-    labelled images for every method, so the differences leave the split's luck out of the spread."""
+def gains_over_sup(
+    runs: Sequence[RunLog], baseline: Sequence[RunLog] | None = None
+) -> dict[tuple[str, str], Gain]:
+    """(method, budget) -> Gain over the supervised run of the same budget and seed: the study's own, or
+    (every method, sup too) that in `baseline`. A seed draws the same labelled images for every method, so
+    the differences leave the split's luck out of the spread."""
     best = {(r.method, r.budget, r.seed): 100 * float(r.test_miou.max()) for r in runs}
+    base = {(r.budget, r.seed): 100 * float(r.test_miou.max()) for r in baseline or runs if r.method == "sup"}
     paired: dict[tuple[str, str], list[float]] = defaultdict(list)
     for (method, budget, seed), value in sorted(best.items()):
-        if method != "sup" and ("sup", budget, seed) in best:
-            paired[(method, budget)].append(value - best[("sup", budget, seed)])
+        if (method != "sup" or baseline is not None) and (budget, seed) in base:
+            paired[(method, budget)].append(value - base[(budget, seed)])
     return {
         key: Gain(
             float(np.mean(d)),
@@ -336,6 +340,42 @@ def repeatability_line(runs: Sequence[RunLog]) -> str:
     return "; ".join(parts) + "."
 
 
+@dataclass
+class Baseline:
+    """study.py report --baseline: a folder's supervised runs and the flags in which they differ from the
+    study's supervised runs (without those, from its first method's: the flags that follow --method are
+    left out when that is FixMatch or UniMatch)."""
+
+    folder: Path
+    runs: list[RunLog]
+    differ: str
+
+
+def read_baseline(folder: Path, runs: Sequence[RunLog]) -> Baseline:
+    """The finished supervised runs in folder, comparable among themselves; a UserError naming --baseline
+    for a folder without any."""
+    found = [r for r in map(run_log, find_runs([folder])) if r.finished and r.method == "sup"]
+    if not found:
+        raise UserError(
+            f"--baseline {folder}: no finished supervised run in it; give a study of --methods sup"
+        )
+    check_comparable(found)
+    if {r.dataset for r in found} != {r.dataset for r in runs}:
+        raise UserError(
+            f"--baseline {folder}: its runs are on {found[0].dataset}, the study's on {runs[0].dataset}; "
+            "a baseline must train on the same data"
+        )
+    reference = min(runs, key=lambda r: method_order(r.method))
+    skip = ONLINE_DEFAULTED if parse_method(reference.method)[0] in ONLINE_METHODS else ()
+    ours, theirs = reference.config or {}, found[0].config or {}
+    differ = [
+        flag_text(key, theirs.get(key)) + ("" if key in ours else " (unrecorded here)")
+        for key in sorted(set(ours) | set(theirs))
+        if " " not in key and key not in skip and theirs.get(key) != ours.get(key)
+    ]
+    return Baseline(folder, found, " ".join(differ) or "the same flags")
+
+
 def markdown(
     stats: dict,
     paper: dict,
@@ -343,6 +383,7 @@ def markdown(
     left_out: Sequence[RunLog],
     folders: Sequence[Path],
     sources: Sequence[str] = (),
+    baselines: Sequence[Baseline] = (),
 ) -> str:
     """report.md: the shared configuration, then best and final val mIoU tables (methods x budgets)."""
     methods = sorted({m for m, _ in stats} | {m for m, _ in paper}, key=method_order)
@@ -392,15 +433,17 @@ def markdown(
                     )
                     + " |"
                 )
-    gains = gains_over_sup(runs)
-    if gains:
+    tables = [("Gain over sup on the same labelled images", gains_over_sup(runs))] + [
+        (f"Gain over sup in {b.folder}, which ran at {b.differ}", gains_over_sup(runs, b.runs))
+        for b in baselines
+    ]
+    for title, gains in [(title, gains) for title, gains in tables if gains]:
         paired = [b for b in budgets if any(key[1] == b for key in gains)]
-        lines += table_head(
-            f"Gain over sup on the same labelled images (best val mIoU, points), columns: {kind}", paired
-        )
+        lines += table_head(f"{title} (best val mIoU, points), columns: {kind}", paired)
         for method in sorted({m for m, _ in gains}, key=method_order):
             row = [gain_text(gains[(method, b)]) if (method, b) in gains else "–" for b in paired]
             lines.append(f"| {method} | " + " | ".join(row) + " |")
+    if any(gains for _, gains in tables):
         lines += [
             "",
             "Each seed draws the same labelled images for every method: a gain is a method's run minus sup's "
@@ -495,9 +538,10 @@ def report(args: argparse.Namespace) -> None:
     check_comparable(runs)
     stats = cell_stats(runs)
     paper, sources = paper_numbers(args.paper, runs)
+    baselines = [read_baseline(Path(folder), runs) for folder in args.baseline or []]
     out = Path(args.out or folders[0])
     left_out = [r for r in found if not r.finished]
-    text = markdown(stats, paper, runs, left_out, folders, sources)
+    text = markdown(stats, paper, runs, left_out, folders, sources, baselines)
     atomic_save(lambda tmp: tmp.write_text(text, encoding="utf-8"), out / "report.md")
     atomic_save(lambda tmp: tmp.write_text(csv_text(stats, paper), encoding="utf-8"), out / "report.csv")
     plot(stats, paper, out / "report.png")

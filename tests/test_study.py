@@ -601,6 +601,30 @@ def test_report_gives_each_methods_gain_over_sup_seed_by_seed(tmp_path):
     assert "| classmix |" not in md.split("## Gain")[1]
 
 
+def test_report_adds_the_gain_over_the_supervised_runs_of_a_baseline_folder(tmp_path, capsys):
+    study_dir, base = tmp_path / "study", tmp_path / "sup_b2"
+    for seed, (sup, semi, alone) in enumerate([(0.40, 0.36, 0.30), (0.42, 0.38, 0.37), (0.50, 0.45, 0.41)]):
+        fake_run(study_dir, "sup", seed, [0.1, sup], num_labels=5, batch_size=4)
+        fake_run(study_dir, "semi", seed, [semi, 0.2], num_labels=5, batch_size=4)
+        fake_run(base, "sup", seed, [alone, 0.1], num_labels=5, batch_size=2)
+    fake_run(base, "sup", 7, [0.9, 0.9], num_labels=5, batch_size=2)  # no study run of seed 7: no pair
+    study.main(["report", str(study_dir), "--baseline", str(base)])
+    md = (study_dir / "report.md").read_text()
+    assert f"## Gain over sup in {base}, which ran at --batch_size 2 (best val mIoU, points)" in md
+    table = md.split(f"## Gain over sup in {base}")[1]
+    for method, gains in (("sup", [10.0, 5.0, 9.0]), ("classmix", [6.0, 1.0, 4.0])):
+        g = np.array(gains)
+        assert f"| {method} | {g.mean():+.2f} ± {g.std(ddof=1):.2f} (3, better on 3) |" in table
+    # the study's own gain table is unchanged by it
+    assert "| classmix | -4.33 ± 0.58 (3, better on 0) |" in md.split("## Gain over sup on the same")[1]
+
+    fake_run(tmp_path / "semi_only", "semi", 0, [0.5, 0.5], num_labels=5)
+    fake_run(tmp_path / "other_data", "sup", 0, [0.5, 0.5], num_labels=5, dataset="pascal")
+    for folder, expected in (("semi_only", "no finished supervised run"), ("other_data", "on pascal")):
+        with pytest.raises(UserError, match=f"--baseline {tmp_path / folder}: .*{expected}"):
+            study.main(["report", str(study_dir), "--baseline", str(tmp_path / folder)])
+
+
 def test_report_names_an_own_data_folder_and_the_seeds_a_cell_lacks(tmp_path):
     for seed in (0, 1, 2):
         fake_run(tmp_path, "sup", seed, [0.3, 0.4], dataset="folder", data_root=str(tmp_path / "leaves"))
