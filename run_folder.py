@@ -318,12 +318,13 @@ def baseline_line(config: dict, best_miou: float, log_dir: Path) -> str:
         differ = [
             f"--{f} {_flag_text(theirs.get(f))} there" for f in MATCHED_FLAGS if theirs.get(f) != ours.get(f)
         ]
+        line += "; not matched: " + ", ".join(differ) if differ else ""
         crops = labelled_crops(their_config), labelled_crops(config)
-        return (
-            line
-            + ("; not matched: " + ", ".join(differ) if differ else "")
-            + ("; labelled crops a step: {} there, {} here".format(*crops) if crops[0] != crops[1] else "")
-        )
+        if crops[0] != crops[1]:
+            line += "; labelled crops a step: {} there, {} here".format(*crops)
+            batch, odd = divmod(crops[1], labelled_batch(1, semi=False) * their_config.get("world_size", 1))
+            line += f" (--batch_size {batch} there would match them)" if batch and not odd else ""
+        return line
     script = MODE_SCRIPTS[config["mode"].replace("semi", "sup")]
     return (
         f"  vs sup   not measured: `python {script}` with the same --dataset, --data_root, label flags "

@@ -332,7 +332,7 @@ def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the
     line = run_folder.baseline_line(semi, 0.6, tmp_path)
     assert line.endswith(
         "(0.5000, " + str(tmp_path / "twin_elsewise") + "/); not matched: --lr 0.03 there; "
-        "labelled crops a step: 8 there, 4 here"
+        "labelled crops a step: 8 there, 4 here (--batch_size 2 there would match them)"
     )
     # the twin's config.json predates the flag: it trained at the reference's
     semi["args"]["hue_jitter"] = 0.0
@@ -340,5 +340,7 @@ def test_a_semi_supervised_run_ends_with_its_gain_over_the_supervised_run_on_the
     assert "not matched: --lr 0.03 there, --hue_jitter 0.25 there;" in line
     semi["world_size"] = 2  # torchrun: 4 crops in each of 2 processes, as the twin's 8
     assert "crops" not in run_folder.baseline_line(semi, 0.6, tmp_path)
+    semi["world_size"], semi["args"]["batch_size"] = 1, 3  # no supervised batch gives 3 crops
+    assert run_folder.baseline_line(semi, 0.6, tmp_path).endswith("labelled crops a step: 8 there, 3 here")
     partial = run("semi_p", "semi_partial", "p", 0.5)
     assert "train_sup_partial.py" in run_folder.baseline_line(partial, 0.5, tmp_path)
