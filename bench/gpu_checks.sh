@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1  # a check stopped at its limit keeps the lines it pri
 OUT=${1:-gpu_checks}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-pascal}
-mkdir -p "$OUT"
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd) || exit 1  # absolute, so the cd below keeps it where it was meant
 cd "$(dirname "$0")/.."
 
 check() {  # check NAME SECONDS COMMAND...: run it with a time limit, output to OUT/NAME.txt, exit code noted
