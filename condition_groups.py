@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,14 +33,33 @@ def read_conditions(path: Path) -> dict[str, dict[str, str]]:
     return {str(k): {str(f): str(v) for f, v in r.items()} for k, r in records.items()}
 
 
-def _levels(records: dict, ids: Sequence[str], path: Path, what: str) -> list[dict[str, str]]:
-    missing = [i for i in ids if i not in records]
-    if missing:
-        raise DataError(
-            f"--groups {path} has no conditions for {len(missing)} of the {len(ids)} {what} "
-            f"(e.g. {missing[0]}): list every one of them"
-        )
-    return [records[i] for i in ids]
+@dataclass
+class Conditions:
+    """The recorded conditions of the test images, in their order, and of the labelled images (None: not
+    known); read before evaluating, so that a file that does not cover them fails at once."""
+
+    test: list[dict[str, str]]
+    labelled: list[dict[str, str]] | None
+
+
+def read_groups(path: Path, test_ids: Sequence[str], labelled_ids: Sequence[str] | None) -> Conditions:
+    """The conditions of the test (and labelled) images from --groups' file; a DataError naming the file if
+    it misses any of them."""
+    records = read_conditions(path)
+
+    def levels(ids: Sequence[str], what: str) -> list[dict[str, str]]:
+        missing = [i for i in ids if i not in records]
+        if missing:
+            raise DataError(
+                f"--groups {path} has no conditions for {len(missing)} of the {len(ids)} {what} "
+                f"(e.g. {missing[0]}): list every one of them"
+            )
+        return [records[i] for i in ids]
+
+    return Conditions(
+        levels(test_ids, "test images"),
+        levels(labelled_ids, "labelled images") if labelled_ids is not None else None,
+    )
 
 
 def _row(per_image_conf: torch.Tensor, chosen: list[bool], shown: bool | None) -> dict:
@@ -49,17 +69,11 @@ def _row(per_image_conf: torch.Tensor, chosen: list[bool], shown: bool | None) -
     return {"images": sum(chosen), "miou": matrix.get_metrics()[0], "shown": shown}
 
 
-def group_results(
-    path: Path,
-    test_ids: Sequence[str],
-    per_image_conf: torch.Tensor,
-    labelled_ids: Sequence[str] | None,
-) -> dict[str, dict[str, dict]]:
-    """{factor: {level: {images, miou, shown}}} over the test images (per_image_conf [N, C, C] in test_ids'
-    order); with labelled_ids also the factor's SHOWN and NOT_SHOWN rows (shown: None without them)."""
-    records = read_conditions(path)
-    test = _levels(records, test_ids, path, "test images")
-    labelled = _levels(records, labelled_ids, path, "labelled images") if labelled_ids is not None else None
+def group_results(conditions: Conditions, per_image_conf: torch.Tensor) -> dict[str, dict[str, dict]]:
+    """{factor: {level: {images, miou, shown}}} over the test images (per_image_conf [N, C, C] in their
+    order); with the labelled images' conditions also the factor's SHOWN and NOT_SHOWN rows (shown: None
+    without them)."""
+    test, labelled = conditions.test, conditions.labelled
     results: dict[str, dict[str, dict]] = {}
     for factor in sorted({f for r in test for f in r}):
         at = [r.get(factor, "-") for r in test]

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import cli_flags
 from build_data import SegmentationDataset, build_test_loader, loader_workers
-from condition_groups import format_groups, group_results
+from condition_groups import Conditions, format_groups, group_results, read_groups
 from eval_loop import evaluate
-from helpers import resolve_device, run_cli, write_json
+from helpers import UserError, resolve_device, run_cli, write_json
 from layouts import resolve_dataset
 from network import BACKBONES, RESNET_DEPTHS, check_window, load_model
 from run_folder import CONFIG, LAST, SPLIT, checkpoint_dataset, checkpoint_split
@@ -98,9 +98,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     cli_flags.check_loader_flags(args.batch_size, args.num_workers)
     check_window(args.window)
     device = resolve_device(args.device)
+    ids = data.list_ids("test")
+    groups = condition_records(args, ids)
     model = load_model(args.checkpoint, info.num_classes, args.backbone, args.resnet_depth, args.output_dim)
     model.to(device)
-    ids = data.list_ids("test")
     loader = build_test_loader(
         SegmentationDataset(data, ids, "test"),
         batch_size=args.batch_size,
@@ -122,14 +123,15 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         flip=args.flip,
         window=tuple(args.window) if args.window else None,
         progress=True,
-        per_image=bool(args.groups),
+        per_image=groups is not None,
     )
-    groups = by_condition(args, ids, result["per_image_confusion"]) if args.groups else None
+    per_image_conf = result.get("per_image_confusion")
     result = {"miou": result["miou"], "acc": result["acc"], "iou_per_class": list(result["iou_per_class"])}
     print(format_report(info.class_names, result), flush=True)
     if groups is not None:
-        result["groups"] = groups[0]
-        print(groups[1], flush=True)
+        conditions, source = groups
+        result["groups"] = group_results(conditions, per_image_conf)
+        print(format_groups(result["groups"], source), flush=True)
     if args.json:
         path = Path(args.json)
         # NaN (a class absent from GT and prediction) is not JSON: write null
@@ -139,17 +141,23 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     return result
 
 
-def by_condition(args: argparse.Namespace, ids: Sequence[str], per_image_conf) -> tuple[dict, str]:
-    """(--groups' results, their table): the labelled images are --split_dir's, or the run's split/."""
+def condition_records(args: argparse.Namespace, ids: Sequence[str]) -> tuple[Conditions, str] | None:
+    """--groups' conditions of the test images and of the labelled ones (--split_dir's, or the run's split/),
+    with the line that says where they came from; None without --groups."""
+    if not args.groups:
+        if args.split_dir:
+            raise UserError(
+                "--split_dir only marks what the labelled images show in --groups' table: add --groups FILE"
+            )
+        return None
     split = Path(args.split_dir) if args.split_dir else checkpoint_split(Path(args.checkpoint))
     labelled = read_split_dir(split)[0] if split else None
-    results = group_results(Path(args.groups), ids, per_image_conf, labelled)
     source = f"{args.groups}; " + (
         f"* = a level the labelled images in {split}/labelled.txt show"
         if split
         else "no split: pass --split_dir"
     )
-    return results, format_groups(results, source)
+    return read_groups(Path(args.groups), ids, labelled), source
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

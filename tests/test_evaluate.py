@@ -174,6 +174,7 @@ def test_groups_give_the_miou_of_each_condition_and_mark_what_the_labelled_image
         list(evaluate.main(flags + ["--split_dir", str(run_dir / "split")])["groups"]["site"])[2] == "[shown]"
     )
 
+    capsys.readouterr()
     del conditions["img2"]
     groups.write_text(json.dumps(conditions))
     for text, expected in (
@@ -185,5 +186,10 @@ def test_groups_give_the_miou_of_each_condition_and_mark_what_the_labelled_image
         with pytest.raises(SystemExit) as stop:
             helpers.run_cli(evaluate.main, flags)
         assert stop.value.code == 2
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert f"--groups {groups}" in err and expected in err
+        assert "test images" not in out  # refused before the model is loaded and the images evaluated
+
+    with pytest.raises(SystemExit) as stop:
+        helpers.run_cli(evaluate.main, flags[:-2] + ["--split_dir", str(run_dir / "split")])
+    assert stop.value.code == 2 and "--split_dir only marks" in capsys.readouterr().err
